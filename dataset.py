@@ -1,0 +1,265 @@
+"""Files -> tensors for zero-shot SBIR: dataset layout checks, image loading, triplet sampling.
+
+    data = scan_dataset("data/demo")                 # checks the layout, lists every image
+    train, val = split_seen(data, val_fraction=0.1)   # seeded hold-out of seen-class images
+    triplets = TripletDataset(train, image_size=64, class_embeddings=data.train_embeddings)
+
+Layout: DATA/sketches/<class>/*, DATA/photos/<class>/*, DATA/train_labels.txt (seen classes),
+DATA/test_labels.txt (unseen classes), optional DATA/train_embeddings.npy / test_embeddings.npy
+(class-name vectors, rows aligned with the label files). This module knows nothing of models or of
+the command line; every problem with the user's data raises DataError with a one-line message.
+"""
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Errors Pillow raises on files that are not (complete) images.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# torchvision's ImageNet weights expect inputs normalised with these statistics.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """Something is wrong with the user's data; the message says what and what to do."""
+
+
+# ----------------------------------------------------------------------------------- images
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow image -> 8-bit RGB. Transparency is composited onto white; 16-bit and
+    32-bit grey levels are scaled to 0..255; CMYK and palettes are converted."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" and arr.max() <= 1.0 else (255.0 if arr.max() <= 255 else 65535.0)
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" or (im.mode in ("L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return im.convert("RGB")
+
+
+def load_image(path: str) -> Image.Image:
+    """Read an image file of any common format and mode as 8-bit RGB (raises IMAGE_ERRORS)."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
+def is_readable_image(path: str) -> bool:
+    """Cheap integrity check: the header parses and Pillow's verify() finds no damage."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except IMAGE_ERRORS:
+        return False
+
+
+def build_transform(image_size: int, train: bool) -> transforms.Compose:
+    """PIL RGB -> normalised tensor (3, S, S). Training adds mild crops and flips."""
+    if train:
+        geometry = [transforms.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.85, 1.18), antialias=True),
+                    transforms.RandomHorizontalFlip()]
+    else:
+        geometry = [transforms.Resize((image_size, image_size), antialias=True)]
+    return transforms.Compose(geometry + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# ----------------------------------------------------------------------------------- layout
+
+@dataclass
+class SBIRData:
+    """Every usable image of a dataset, by domain and class."""
+    root: str
+    seen: list                      # seen (training) class names, in label-file order
+    unseen: list                    # unseen (test) class names, in label-file order
+    sketches: dict                  # class -> sorted list of sketch paths
+    photos: dict                    # class -> sorted list of photo paths
+    train_embeddings: np.ndarray | None = None   # (len(seen), E) class-name vectors
+    test_embeddings: np.ndarray | None = None    # (len(unseen), E)
+    skipped: list = field(default_factory=list)  # unreadable files that were left out
+
+
+def read_labels(path: str) -> list:
+    """Class names, one per line; blank lines ignored; duplicates and empty files rejected."""
+    if not os.path.isfile(path):
+        raise DataError(f"label file {path} not found; it must list one class per line "
+                        "(bash download_data.sh demo writes an example)")
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise DataError(f"label file {path} is empty; list one class name per line")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"label file {path} lists {dupes[0]!r} more than once; keep one line per class")
+    return names
+
+
+def _read_embeddings(path: str, classes: list) -> np.ndarray | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        emb = np.load(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read class embeddings {path} ({e}); delete it or regenerate it") from None
+    if emb.ndim != 2 or emb.shape[0] != len(classes):
+        raise DataError(f"class embeddings {path} have shape {emb.shape}, expected ({len(classes)}, E) rows "
+                        "aligned with the label file; regenerate them or delete the file")
+    return emb.astype(np.float32)
+
+
+def list_images(folder: str) -> list:
+    """Image files directly inside a folder (extension in any case), sorted."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+
+
+def scan_dataset(root: str, check_images: bool = True) -> SBIRData:
+    """Check the layout of a dataset folder and list its images; raises DataError on problems.
+
+    Unreadable image files are skipped and recorded in ``SBIRData.skipped``.
+    """
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root} does not exist; create the demo data with "
+                        "`bash download_data.sh demo` or pass --data_dir pointing at your dataset")
+    seen = read_labels(os.path.join(root, "train_labels.txt"))
+    unseen = read_labels(os.path.join(root, "test_labels.txt"))
+    both = sorted(set(seen) & set(unseen))
+    if both:
+        raise DataError(f"class {both[0]!r} is in both train_labels.txt and test_labels.txt; "
+                        "a zero-shot split needs disjoint seen and unseen classes")
+    data = SBIRData(root, seen, unseen, {}, {},
+                    _read_embeddings(os.path.join(root, "train_embeddings.npy"), seen),
+                    _read_embeddings(os.path.join(root, "test_embeddings.npy"), unseen))
+    for domain, table in (("sketches", data.sketches), ("photos", data.photos)):
+        for c in seen + unseen:
+            folder = os.path.join(root, domain, c)
+            if not os.path.isdir(folder):
+                raise DataError(f"class {c!r} is listed in a label file but {folder} does not exist; "
+                                "add its images or remove it from the label file")
+            paths = list_images(folder)
+            if check_images:
+                bad = [p for p in paths if not is_readable_image(p)]
+                data.skipped += bad
+                paths = [p for p in paths if p not in bad]
+            if not paths:
+                raise DataError(f"{folder} holds no readable image ({', '.join(IMAGE_EXTENSIONS)}); "
+                                "add images or remove the class from the label file")
+            table[c] = paths
+    return data
+
+
+def split_seen(data: SBIRData, val_fraction: float, seed: int = 0) -> tuple[dict, dict]:
+    """Hold out a fixed, seeded fraction of every seen class's sketches and photos.
+
+    Returns ``train`` and ``val``, each {"sketches": {class: paths}, "photos": {class: paths}}.
+    A class keeps at least one image of each domain for training; with val_fraction > 0 every
+    class with two or more images also gives at least one to validation.
+    """
+    rng = np.random.default_rng(seed)
+    train, val = {"sketches": {}, "photos": {}}, {"sketches": {}, "photos": {}}
+    for domain in ("sketches", "photos"):
+        for c in data.seen:
+            paths = getattr(data, domain)[c]
+            order = rng.permutation(len(paths))
+            n_val = int(round(val_fraction * len(paths)))
+            if val_fraction > 0 and len(paths) >= 2:
+                n_val = min(max(n_val, 1), len(paths) - 1)
+            else:
+                n_val = 0
+            val[domain][c] = [paths[i] for i in sorted(order[:n_val])]
+            train[domain][c] = [paths[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def flatten(by_class: dict, classes: list) -> tuple[list, list]:
+    """{class: paths} -> (paths, integer labels by position in ``classes``)."""
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        paths += by_class.get(c, [])
+        labels += [i] * len(by_class.get(c, []))
+    return paths, labels
+
+
+# ----------------------------------------------------------------------------------- datasets
+
+def negative_class_probs(num_classes: int, class_embeddings: np.ndarray | None, temperature: float) -> np.ndarray:
+    """(C, C) matrix: row c is the distribution of the negative's class for an anchor of class c.
+
+    Without embeddings: uniform over the other classes. With class-name embeddings e_c:
+    p(c' | c) ∝ exp(cos(e_c, e_c') / temperature) for c' != c, so classes whose names are closer are
+    drawn more often (harder negatives). The diagonal is always 0.
+    """
+    if class_embeddings is None:
+        logits = np.zeros((num_classes, num_classes))
+    else:
+        e = class_embeddings / np.maximum(np.linalg.norm(class_embeddings, axis=1, keepdims=True), 1e-12)
+        logits = (e @ e.T) / temperature
+    np.fill_diagonal(logits, -np.inf)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+class TripletDataset(Dataset):
+    """(anchor sketch, positive photo of its class, negative photo of another seen class).
+
+    One epoch visits every training sketch once as the anchor. Sampling is O(1) per item: the
+    class -> photo lists and the negative-class distributions are built once here. The randomness
+    of item i in epoch e comes from a generator seeded with (seed, e, i), so it does not depend on
+    the number of loader workers; call ``set_epoch`` before each epoch.
+    """
+
+    def __init__(self, split: dict, classes: list, image_size: int, class_embeddings: np.ndarray | None = None,
+                 temperature: float = 0.1, seed: int = 0, train: bool = True):
+        self.classes = classes
+        self.sketches, self.labels = flatten(split["sketches"], classes)
+        self.photos = [split["photos"][c] for c in classes]
+        self.neg_cdf = np.cumsum(negative_class_probs(len(classes), class_embeddings, temperature), axis=1)
+        self.transform = build_transform(image_size, train)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sketches)
+
+    def sample(self, index: int) -> tuple[str, str, str, int, int]:
+        """Paths and classes of the triplet at ``index`` (no image I/O)."""
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        c = self.labels[index]
+        u_pos, u_cls, u_neg = rng.random(3)
+        pos = self.photos[c][int(u_pos * len(self.photos[c]))]
+        n = min(int(np.searchsorted(self.neg_cdf[c], u_cls, side="right")), len(self.classes) - 1)
+        neg = self.photos[n][int(u_neg * len(self.photos[n]))]
+        return self.sketches[index], pos, neg, c, n
+
+    def __getitem__(self, index: int):
+        sketch, pos, neg, c, n = self.sample(index)
+        imgs = [self.transform(load_image(p)) for p in (sketch, pos, neg)]  # 3 x (3, S, S)
+        return imgs[0], imgs[1], imgs[2], c, n
+
+
+class ImageListDataset(Dataset):
+    """Images of a list of paths, for embedding: returns (image (3, S, S), label)."""
+
+    def __init__(self, paths: list, labels: list, image_size: int):
+        self.paths, self.labels = paths, labels
+        self.transform = build_transform(image_size, train=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_image(self.paths[index])), self.labels[index]
+

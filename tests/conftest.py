@@ -1,0 +1,44 @@
+"""Shared test fixtures: the repository on sys.path and a tiny on-disk SBIR dataset."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_tiny_dataset(root: str, seen=("tri", "square", "pent", "hexa"), unseen=("circle", "star"),
+                      per_class: int = 6, size: int = 32, seed: int = 0) -> str:
+    """Write a tiny dataset in the project layout: outline sketches and filled photos of shapes."""
+    rng = np.random.default_rng(seed)
+    sides = {"tri": 3, "square": 4, "pent": 5, "hexa": 6, "circle": 24, "star": 10}
+    for ci, c in enumerate(list(seen) + list(unseen)):
+        k = sides.get(c, 3 + ci)
+        for domain in ("sketches", "photos"):
+            folder = os.path.join(root, domain, c)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                im = Image.new("RGB", (size, size), "white")
+                draw = ImageDraw.Draw(im)
+                phase = rng.random()
+                radii = [0.35 * size * (0.5 if (c == "star" and j % 2) else 1.0) for j in range(k)]
+                pts = [(size / 2 + r * np.cos(2 * np.pi * (j / k + phase)), size / 2 + r * np.sin(2 * np.pi * (j / k + phase)))
+                       for j, r in enumerate(radii)]
+                if domain == "sketches":
+                    draw.polygon(pts, outline="black", width=2)
+                else:
+                    draw.polygon(pts, fill=tuple(int(v) for v in rng.integers(0, 200, 3)))
+                im.save(os.path.join(folder, f"{c}_{i}.png"))
+    with open(os.path.join(root, "train_labels.txt"), "w") as f:
+        f.write("\n".join(seen) + "\n")
+    with open(os.path.join(root, "test_labels.txt"), "w") as f:
+        f.write("\n".join(unseen) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return make_tiny_dataset(str(tmp_path / "data"))

@@ -1,0 +1,217 @@
+"""dataset.py: image modes, layout checks, the seen-class hold-out, the triplet sampler."""
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset as D
+from conftest import make_tiny_dataset
+
+RED = (255, 0, 0)
+
+
+def _red_square(mode: str) -> Image.Image:
+    """A 16x16 image in ``mode``: a red (or dark) square in the middle of a white background."""
+    rgb = Image.new("RGB", (16, 16), "white")
+    rgb.paste(RED, (4, 4, 12, 12))
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode,ext", [("RGB", ".png"), ("RGB", ".JPEG"), ("L", ".png"), ("P", ".png"),
+                                      ("P", ".gif"), ("CMYK", ".jpg"), ("RGB", ".Jpg"), ("RGB", ".bmp"),
+                                      ("RGB", ".webp"), ("1", ".png"), ("L", ".tif")])
+def test_load_image_any_mode_gives_the_same_rgb(tmp_path, mode, ext):
+    path = str(tmp_path / f"img{ext}")
+    im = _red_square(mode)
+    lossy = ext.lower() in (".jpg", ".jpeg")
+    im.save(path, **({"quality": 100} if lossy else {"lossless": True} if ext == ".webp" else {}))
+    out = D.load_image(path)
+    assert out.mode == "RGB" and out.size == (16, 16)
+    arr = np.asarray(out).astype(int)
+    expected = np.asarray(im.convert("RGB")).astype(int)
+    if lossy:  # compare away from the square's edges, where JPEG's chroma subsampling blurs
+        assert np.abs(arr[7:9, 7:9] - expected[7:9, 7:9]).max() <= 40
+        assert np.abs(arr[0:2, 0:2] - expected[0:2, 0:2]).max() <= 12
+    else:
+        assert np.array_equal(arr, expected)
+    assert arr[0, 0].min() >= 240  # white background stays white
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparency_is_composited_onto_white(tmp_path, mode):
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))  # transparent black everywhere ...
+    rgba.paste((20, 20, 20, 255), (4, 4, 12, 12))     # ... but an opaque dark square
+    path = str(tmp_path / "t.png")
+    rgba.convert(mode).save(path)
+    arr = np.asarray(D.load_image(path)).astype(int)
+    assert (arr[0, 0] == 255).all()          # transparent -> white, not black
+    assert arr[8, 8].max() <= 30             # opaque stroke kept
+
+
+def test_palette_with_transparent_index_and_16_bit_grey(tmp_path):
+    p = Image.new("P", (8, 8), 0)
+    p.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    p.paste(1, (2, 2, 6, 6))
+    p.save(tmp_path / "p.png", transparency=0)
+    arr = np.asarray(D.load_image(str(tmp_path / "p.png"))).astype(int)
+    assert tuple(arr[0, 0]) == (255, 255, 255) and tuple(arr[4, 4]) == (200, 0, 0)
+
+    grey16 = np.full((8, 8), 65535, dtype=np.uint16)
+    grey16[2:6, 2:6] = 32768
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")  # really a 16-bit file
+    arr = np.asarray(D.load_image(str(tmp_path / "g16.png"))).astype(int)
+    assert tuple(arr[0, 0]) == (255, 255, 255) and abs(int(arr[4, 4, 0]) - 128) <= 1
+
+
+def test_scan_lists_images_case_insensitively_and_ignores_other_files(tiny_data):
+    folder = os.path.join(tiny_data, "photos", "tri")
+    _red_square("RGB").save(os.path.join(folder, "upper.JPEG"))
+    open(os.path.join(folder, "notes.txt"), "w").write("not an image")
+    data = D.scan_dataset(tiny_data)
+    assert data.seen == ["tri", "square", "pent", "hexa"] and data.unseen == ["circle", "star"]
+    assert os.path.join(folder, "upper.JPEG") in data.photos["tri"]
+    assert len(data.photos["tri"]) == 7 and len(data.sketches["tri"]) == 6
+    assert data.skipped == [] and data.train_embeddings is None
+
+
+def _message(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(D.DataError) as e:
+        D.scan_dataset(str(tmp_path / "nope"))
+    assert "does not exist" in _message(e) and "download_data.sh" in _message(e)
+
+
+def test_missing_label_file(tiny_data):
+    os.remove(os.path.join(tiny_data, "test_labels.txt"))
+    with pytest.raises(D.DataError) as e:
+        D.scan_dataset(tiny_data)
+    assert "test_labels.txt not found" in _message(e)
+
+
+def test_class_in_label_file_without_folder(tiny_data):
+    with open(os.path.join(tiny_data, "test_labels.txt"), "a") as f:
+        f.write("zebra\n")
+    with pytest.raises(D.DataError) as e:
+        D.scan_dataset(tiny_data)
+    assert "'zebra'" in _message(e) and "does not exist" in _message(e)
+
+
+def test_class_in_both_label_files(tiny_data):
+    with open(os.path.join(tiny_data, "test_labels.txt"), "a") as f:
+        f.write("tri\n")
+    with pytest.raises(D.DataError) as e:
+        D.scan_dataset(tiny_data)
+    assert "'tri' is in both" in _message(e)
+
+
+def test_empty_class_folder(tiny_data):
+    folder = os.path.join(tiny_data, "sketches", "star")
+    for f in os.listdir(folder):
+        os.remove(os.path.join(folder, f))
+    with pytest.raises(D.DataError) as e:
+        D.scan_dataset(tiny_data)
+    assert "holds no readable image" in _message(e)
+
+
+def test_corrupt_images_are_skipped_and_recorded(tiny_data):
+    bad = os.path.join(tiny_data, "photos", "hexa", "broken.png")
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n garbage")
+    truncated = os.path.join(tiny_data, "sketches", "tri", "truncated.png")
+    good = open(os.path.join(tiny_data, "sketches", "tri", "tri_0.png"), "rb").read()
+    with open(truncated, "wb") as f:
+        f.write(good[: len(good) // 2])
+    data = D.scan_dataset(tiny_data)
+    assert sorted(data.skipped) == sorted([bad, truncated])
+    assert bad not in data.photos["hexa"] and len(data.photos["hexa"]) == 6
+
+
+def test_class_embeddings_must_align_with_labels(tiny_data):
+    np.save(os.path.join(tiny_data, "train_embeddings.npy"), np.ones((4, 5), np.float32))
+    assert D.scan_dataset(tiny_data).train_embeddings.shape == (4, 5)
+    np.save(os.path.join(tiny_data, "train_embeddings.npy"), np.ones((3, 5), np.float32))
+    with pytest.raises(D.DataError) as e:
+        D.scan_dataset(tiny_data)
+    assert "(4, E)" in _message(e)
+
+
+def test_split_seen_is_seeded_disjoint_and_keeps_training_images(tiny_data):
+    data = D.scan_dataset(tiny_data)
+    train, val = D.split_seen(data, 0.34, seed=0)
+    train2, val2 = D.split_seen(data, 0.34, seed=0)
+    assert train == train2 and val == val2
+    for domain in ("sketches", "photos"):
+        for c in data.seen:
+            assert len(val[domain][c]) == 2 and len(train[domain][c]) == 4
+            assert set(val[domain][c]).isdisjoint(train[domain][c])
+            assert sorted(val[domain][c] + train[domain][c]) == getattr(data, domain)[c]
+        assert set(val[domain]) == set(data.seen)  # unseen classes never enter the hold-out
+    _, none = D.split_seen(data, 0.0)
+    assert all(len(v) == 0 for v in none["sketches"].values())
+
+
+def _sample_many(ds, epochs=40):
+    out = []
+    for e in range(epochs):
+        ds.set_epoch(e)
+        out += [ds.sample(i) for i in range(len(ds))]
+    return out
+
+
+def test_triplet_sampler_positive_same_class_negative_other_class_balanced(tmp_path):
+    root = make_tiny_dataset(str(tmp_path / "d"), seen=("a", "b", "c", "d", "e"), per_class=4)
+    data = D.scan_dataset(root)
+    train, _ = D.split_seen(data, 0.0)
+    ds = D.TripletDataset(train, data.seen, image_size=32, seed=1)
+    triplets = _sample_many(ds)
+    cls_of = {p: c for c in data.seen for p in data.photos[c]}
+    neg_counts = Counter()
+    for sketch, pos, neg, c, n in triplets:
+        assert os.path.basename(os.path.dirname(sketch)) == data.seen[c]
+        assert cls_of[pos] == data.seen[c]          # positive: a photo of the anchor's class
+        assert cls_of[neg] == data.seen[n] != data.seen[c]  # negative: a photo of another class
+        neg_counts[(c, n)] += 1
+    # uniform over the 4 other classes: each (anchor class, negative class) pair ~ 1/4 of 160 draws
+    for c in range(5):
+        counts = np.array([neg_counts[(c, n)] for n in range(5) if n != c])
+        expected = counts.sum() / 4
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 16.3, counts  # chi-square, 3 dof, p = 0.001
+    # every photo of a class is used as a positive
+    assert {pos for _, pos, _, _, _ in triplets} == set(cls_of)
+
+
+def test_semantic_negatives_prefer_closer_classes(tmp_path):
+    root = make_tiny_dataset(str(tmp_path / "d"), seen=("a", "b", "c"), per_class=4)
+    data = D.scan_dataset(root)
+    train, _ = D.split_seen(data, 0.0)
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])  # a is close to b, far from c
+    probs = D.negative_class_probs(3, emb, temperature=0.2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    assert np.all(np.diag(probs) == 0) and probs[0, 1] > 0.9
+    ds = D.TripletDataset(train, data.seen, 32, class_embeddings=emb, temperature=0.2)
+    negs = Counter(n for _, _, _, c, n in _sample_many(ds, epochs=50) if c == 0)
+    assert negs[1] > 5 * negs[2]
+
+
+def test_triplet_sampling_is_reproducible_per_epoch_and_item(tiny_data):
+    data = D.scan_dataset(tiny_data)
+    train, _ = D.split_seen(data, 0.0)
+    a = D.TripletDataset(train, data.seen, 32, seed=3)
+    b = D.TripletDataset(train, data.seen, 32, seed=3)
+    b.set_epoch(1)
+    b.set_epoch(0)
+    assert [a.sample(i) for i in range(len(a))] == [b.sample(i) for i in reversed(range(len(b)))][::-1]
+    b.set_epoch(1)
+    assert [a.sample(i) for i in range(len(a))] != [b.sample(i) for i in range(len(b))]
+    s, p, n, c, k = a[0]
+    assert s.shape == p.shape == n.shape == (3, 32, 32) and c != k

@@ -1,0 +1,124 @@
+"""model.py: gradient reversal, the lambda schedule, encoders, losses, one training step."""
+import math
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+import model as M
+
+
+def test_gradient_reversal_is_identity_forward_and_scales_gradient_by_minus_lambda():
+    x = torch.randn(5, 7, requires_grad=True)
+    y = M.GradientReversal.apply(x, 0.37)
+    assert torch.equal(y, x)
+    w = torch.randn(5, 7)
+    (y * w).sum().backward()
+    torch.testing.assert_close(x.grad, -0.37 * w)
+
+
+@pytest.mark.parametrize("lambd", [0.0, 0.5, 1.0])
+def test_domain_classifier_reverses_the_gradient_reaching_the_embedding(lambd):
+    torch.manual_seed(0)
+    clf = M.DomainClassifier(8)
+    emb = torch.randn(4, 8, requires_grad=True)
+    clf(emb, lambd).sum().backward()
+    reversed_grad = emb.grad.clone()
+    emb.grad = None
+    clf.mlp(emb).sum().backward()  # the same classifier without the reversal layer
+    torch.testing.assert_close(reversed_grad, -lambd * emb.grad)
+
+
+def test_grl_lambda_schedule():
+    total, start = 1000, 200
+    assert M.grl_lambda(0, total, start) == 0.0
+    assert M.grl_lambda(199, total, start) == 0.0
+    assert M.grl_lambda(200, total, start) == 0.0  # p = 0
+    mid = M.grl_lambda(600, total, start)          # p = 0.5
+    assert mid == pytest.approx(2 / (1 + math.exp(-5)) - 1)
+    assert M.grl_lambda(1000, total, start) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert M.grl_lambda(5000, total, start) == M.grl_lambda(1000, total, start)  # p clipped at 1
+    values = [M.grl_lambda(s, total, start) for s in range(0, 1001, 10)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert M.grl_lambda(10, 100, 100) == 0.0  # threshold at or after the end: never reversed
+
+
+@pytest.mark.parametrize("backbone", sorted(M.BACKBONES))
+def test_encoder_gives_unit_embeddings(backbone):
+    torch.manual_seed(0)
+    enc = M.Encoder(backbone, embedding_dim=12, pretrained=False).eval()
+    with torch.no_grad():
+        out = enc(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 12)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
+
+
+def test_unknown_backbone_is_rejected():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        M.build_trunk("alexnet9", pretrained=False)
+
+
+def test_missing_pretrained_weights_give_one_actionable_line(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with pytest.raises(M.PretrainedWeightsUnavailable) as err:
+        M.build_trunk("resnet18", pretrained=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "--no-pretrained" in msg and "resnet18-f37072fd.pth" in msg
+    assert torch.hub.get_dir() in msg
+
+
+def test_losses_triplet_and_balanced_domain_terms():
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel("resnet18", 16, pretrained=False)
+    x = torch.randn(3, 3, 32, 32)
+    out = M.sbir_losses(net, x, x.clone(), torch.randn(3, 3, 32, 32), lambd=0.0, margin=0.2)
+    assert set(out) == {"triplet", "domain", "domain_acc"}
+    assert out["triplet"].item() >= 0 and math.isfinite(out["domain"].item())
+    assert 0.0 <= out["domain_acc"].item() <= 1.0
+    # a huge margin makes every triplet active: loss = margin + d(s, p) - d(s, n)
+    big = M.sbir_losses(net.eval(), x, x, x, lambd=0.0, margin=5.0)
+    assert big["triplet"].item() == pytest.approx(5.0, abs=1e-4)
+
+
+def test_losses_under_cpu_autocast_are_finite_float32():
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel("resnet18", 16, pretrained=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = M.sbir_losses(net, x, x, x, lambd=0.5, margin=0.2)
+    assert out["domain"].dtype == torch.float32 and torch.isfinite(out["domain"])
+
+
+def test_one_training_step_updates_every_part_and_reverses_domain_gradient():
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel("resnet18", 16, pretrained=False)
+    s, p, n = (torch.randn(4, 3, 32, 32) for _ in range(3))
+
+    def encoder_grad_from_domain(lambd):
+        net.eval()  # no dropout: the three passes see the same network
+        net.zero_grad()
+        M.sbir_losses(net, s, p, n, lambd=lambd, margin=0.2)["domain"].backward()
+        return net.sketch_encoder.head[1].weight.grad.clone(), net.domain_classifier.mlp[0].weight.grad.clone()
+
+    g0, c0 = encoder_grad_from_domain(0.0)
+    g1, c1 = encoder_grad_from_domain(1.0)
+    g2, c2 = encoder_grad_from_domain(2.0)
+    assert torch.count_nonzero(g0) == 0            # lambda 0: the domain loss does not move the encoder
+    torch.testing.assert_close(g2, 2 * g1)         # the encoder's domain gradient scales with lambda
+    torch.testing.assert_close(c1, c0)             # the classifier's own gradient does not depend on lambda
+    assert torch.count_nonzero(c0) > 0
+
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt.zero_grad()
+    out = M.sbir_losses(net, s, p, n, lambd=0.5, margin=0.2)
+    (out["triplet"] + 0.5 * out["domain"]).backward()
+    opt.step()
+    after = net.state_dict()
+    for part in ("sketch_encoder.head.1.weight", "photo_encoder.head.1.weight", "domain_classifier.mlp.0.weight",
+                 "sketch_encoder.trunk.0.weight", "photo_encoder.trunk.0.weight"):
+        assert not torch.equal(before[part], after[part]), part

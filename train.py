@@ -1,0 +1,223 @@
+"""Train a zero-shot sketch-based image retrieval model (triplet loss + domain-adversarial loss).
+
+    python train.py --data_dir data/sketchy --batch_size 32 --checkpoint_dir ckpt --epochs 30
+    python train.py --data_dir data/demo --backbone resnet18 --no-pretrained --image_size 64 --epochs 8
+    python train.py --data_dir data/sketchy --checkpoint_dir ckpt --epochs 30 --resume ckpt/last.pth
+
+Seen classes (DATA/train_labels.txt) are split once, seeded, into training images and a held-out
+validation set; seen-class validation mAP@all selects ckpt/best.pth, so model selection never
+looks at the unseen classes. ckpt/last.pth is written after every epoch (atomically), with the
+optimizer and scaler states, for --resume.
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import dataset
+import metrics
+import utils
+from model import BACKBONES, PretrainedWeightsUnavailable, ZSSBIRModel, grl_lambda, sbir_losses
+
+VAL_SPLIT_SEED = 0  # the seen-class validation hold-out never changes with --seed
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_dir", type=str, required=True, help="dataset folder (see README: data layout)")
+    p.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="where checkpoints and logs go")
+    p.add_argument("--epochs", type=int, default=30, help="total number of epochs")
+    p.add_argument("--batch_size", type=int, default=32, help="triplets per step")
+    p.add_argument("--triplet_loss_ratio", type=float, default=1.0, help="weight of the triplet loss")
+    p.add_argument("--domain_loss_ratio", type=float, default=0.5, help="weight of the domain loss (0 disables it)")
+    p.add_argument("--grl_threshold_epoch", type=int, default=5,
+                   help="epoch (0-based) from which the gradient reversal lambda ramps up from 0")
+    p.add_argument("--print_every", type=int, default=100, help="log losses every N steps")
+    p.add_argument("--backbone", type=str, default="vgg16", choices=sorted(BACKBONES), help="CNN of both branches")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from torchvision's ImageNet weights")
+    p.add_argument("--image_size", type=int, default=224, help="input side in pixels")
+    p.add_argument("--embedding_dim", type=int, default=512, help="size of the shared embedding")
+    p.add_argument("--margin", type=float, default=0.2, help="triplet margin on unit-norm embeddings")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--warmup_epochs", type=float, default=0.5, help="linear LR warm-up, then cosine decay")
+    p.add_argument("--grad_clip", type=float, default=10.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--val_fraction", type=float, default=0.1,
+                   help="fraction of each seen class's sketches and photos held out for model selection")
+    p.add_argument("--semantic_negatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw negatives by class-name similarity when DATA/train_embeddings.npy exists")
+    p.add_argument("--semantic_temperature", type=float, default=0.2,
+                   help="softmax temperature of class-name cosine similarity for negative sampling")
+    p.add_argument("--workers", type=int, default=4, help="data loader processes")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision (autocast + GradScaler) on CUDA; ignored on CPU")
+    p.add_argument("--resume", type=str, default="", help="checkpoint (e.g. ckpt/last.pth) to continue from")
+    return p
+
+
+def check_args(args) -> None:
+    for name in ("epochs", "batch_size", "print_every", "image_size", "embedding_dim"):
+        if getattr(args, name) < 1:
+            raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "margin"):
+        if not getattr(args, name) > 0:
+            raise utils.UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("triplet_loss_ratio", "domain_loss_ratio", "weight_decay", "grad_clip", "warmup_epochs",
+                 "grl_threshold_epoch", "workers"):
+        if getattr(args, name) < 0:
+            raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if not 0 <= args.val_fraction < 1:
+        raise utils.UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.image_size < 32:
+        raise utils.UserError(f"--image_size must be at least 32 pixels, got {args.image_size}")
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up to base_lr, then cosine decay to 1% of it at the last step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def validate(model, val: dict, classes: list, args, device) -> float:
+    """Seen-class validation mAP@all: held-out sketches against held-out photos."""
+    sk_paths, sk_labels = dataset.flatten(val["sketches"], classes)
+    ph_paths, ph_labels = dataset.flatten(val["photos"], classes)
+    if not sk_paths or not ph_paths:
+        return float("nan")
+    common = dict(image_size=args.image_size, batch_size=2 * args.batch_size, workers=args.workers,
+                  device=device, amp=args.amp)
+    q = utils.embed_images(model.sketch_encoder, sk_paths, desc="val sketches", **common)
+    g = utils.embed_images(model.photo_encoder, ph_paths, desc="val photos", **common)
+    return metrics.retrieval_metrics(q, torch.tensor(sk_labels), g, torch.tensor(ph_labels), ks=())["map_all"]
+
+
+def make_checkpoint(model, optimizer, scaler, epoch, step, args, best) -> dict:
+    return {"models": {name: m.state_dict() for name, m in model.named_children()},
+            "optimizers": {"adamw": optimizer.state_dict()}, "scaler": scaler.state_dict(),
+            "epoch": epoch, "step": step, "args": vars(args), "best": best}
+
+
+def resume_from(path: str, args, model, optimizer, scaler) -> tuple[int, int, float]:
+    """Restore states from a checkpoint; return (first epoch to run, global step, best val mAP)."""
+    ckpt = utils.load_checkpoint(path)
+    for key in ("backbone", "embedding_dim"):
+        if ckpt["args"].get(key) != getattr(args, key):
+            raise utils.UserError(f"{path} was trained with --{key} {ckpt['args'].get(key)} but this run uses "
+                                  f"--{key} {getattr(args, key)}; pass the same value to resume")
+    utils.load_model_state(model, ckpt, path)
+    optimizer.load_state_dict(ckpt["optimizers"]["adamw"])
+    scaler.load_state_dict(ckpt["scaler"])
+    print(f"resumed from {path}: {ckpt['epoch']} epoch(s) done, step {ckpt['step']}, best val mAP {ckpt['best']:.4f}")
+    return ckpt["epoch"], ckpt["step"], ckpt["best"]
+
+
+def main(args) -> None:
+    check_args(args)
+    utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
+    info = utils.print_banner("train.py", args)
+    utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
+    device = utils.get_device(args.device)
+    amp = args.amp and device.type == "cuda"
+    utils.seed_everything(args.seed)
+
+    data = dataset.scan_dataset(args.data_dir)
+    if data.skipped:
+        print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
+    train, val = dataset.split_seen(data, args.val_fraction, seed=VAL_SPLIT_SEED)
+    n_train = [sum(map(len, train[d].values())) for d in ("sketches", "photos")]
+    n_val = [sum(map(len, val[d].values())) for d in ("sketches", "photos")]
+    print(f"data {args.data_dir}: {len(data.seen)} seen / {len(data.unseen)} unseen classes; "
+          f"train {n_train[0]} sketches + {n_train[1]} photos; val {n_val[0]} sketches + {n_val[1]} photos")
+    semantic = data.train_embeddings if args.semantic_negatives else None
+    print("negatives: " + ("by class-name similarity (train_embeddings.npy)" if semantic is not None
+                           else "uniform over the other seen classes"))
+    triplets = dataset.TripletDataset(train, data.seen, args.image_size, semantic, args.semantic_temperature,
+                                      seed=args.seed)
+    if len(triplets) < args.batch_size:
+        raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {len(triplets)} training "
+                              "sketches; lower it")
+    loader = torch.utils.data.DataLoader(
+        triplets, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+        pin_memory=device.type == "cuda", worker_init_fn=utils.seed_worker,
+        generator=torch.Generator().manual_seed(args.seed))
+
+    model = ZSSBIRModel(args.backbone, args.embedding_dim, args.pretrained).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    start_epoch, step, best = 0, 0, -1.0
+    if args.resume:
+        start_epoch, step, best = resume_from(args.resume, args, model, optimizer, scaler)
+        if start_epoch >= args.epochs:
+            print(f"nothing to do: {args.resume} already has {start_epoch} of --epochs {args.epochs}")
+            return
+    steps_per_epoch = len(loader)
+    total_steps = args.epochs * steps_per_epoch
+    grl_start = args.grl_threshold_epoch * steps_per_epoch
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    log_path = os.path.join(args.checkpoint_dir, "log.jsonl")
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        triplets.set_epoch(epoch)
+        loader.generator.manual_seed(args.seed * 1000 + epoch)  # a resumed epoch shuffles the same way
+        sums = {"triplet": 0.0, "domain": 0.0, "domain_acc": 0.0}
+        t0 = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)
+        for i, (sketch, pos, neg, _, _) in enumerate(bar):
+            sketch, pos, neg = (x.to(device, non_blocking=True) for x in (sketch, pos, neg))
+            lambd = grl_lambda(step, total_steps, grl_start)
+            lr = lr_at(step, total_steps, warmup, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, enabled=amp):
+                out = sbir_losses(model, sketch, pos, neg, lambd, args.margin)
+            loss = args.triplet_loss_ratio * out["triplet"] + args.domain_loss_ratio * out["domain"]
+            if not torch.isfinite(loss):
+                raise utils.UserError(f"the loss became {loss.item()} at step {step} (epoch {epoch + 1}); "
+                                      "lower --lr or use --no-amp; last.pth holds the last good epoch")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            vals = {k: out[k].item() for k in sums}
+            for k in sums:
+                sums[k] += vals[k]
+            bar.set_postfix(triplet=f"{vals['triplet']:.3f}", domain=f"{vals['domain']:.3f}")
+            if step % args.print_every == 0:
+                print(f"epoch {epoch + 1} step {step}: triplet {vals['triplet']:.4f}  domain {vals['domain']:.4f}  "
+                      f"domain_acc {vals['domain_acc']:.3f}  lambda {lambd:.3f}  lr {lr:.2e}")
+                utils.append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, "lambda": lambd,
+                                              "lr": lr, **vals})
+        train_s = time.time() - t0
+        val_map = validate(model, val, data.seen, args, device)
+        means = {k: v / steps_per_epoch for k, v in sums.items()}
+        improved = math.isnan(val_map) or val_map > best  # without a validation set, the last epoch is best
+        best = val_map if improved else best
+        print(f"epoch {epoch + 1}/{args.epochs}: triplet {means['triplet']:.4f}  domain {means['domain']:.4f}  "
+              f"domain_acc {means['domain_acc']:.3f}  lambda {lambd:.3f}  val mAP@all {val_map:.4f}"
+              f"{'  (best)' if improved else ''}  [{train_s:.0f}s, {steps_per_epoch * args.batch_size / train_s:.1f} triplets/s]")
+        utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
+                                      "lambda": lambd, "train_seconds": train_s, **means})
+        ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best)
+        if improved:
+            utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
+        utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "last.pth"))
+        utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
+    print(f"done: best seen-class val mAP@all {best:.4f} -> {os.path.join(args.checkpoint_dir, 'best.pth')}")
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, get_args_parser(), (dataset.DataError, PretrainedWeightsUnavailable))

@@ -1,0 +1,218 @@
+"""What train.py and evaluate.py share: errors, seeding, devices, run banner, checkpoints, logs.
+
+    utils.seed_everything(0)
+    utils.save_checkpoint(ckpt, "ckpt/last.pth")     # atomic: temp file + os.replace
+    ckpt = utils.load_checkpoint("ckpt/last.pth")    # map_location="cpu", clear errors
+"""
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+import torchvision
+
+
+class UserError(Exception):
+    """A mistake in the user's input; printed as one line, without a traceback."""
+
+
+def run_cli(main, parser, user_errors: tuple = ()) -> None:
+    """Parse arguments and run ``main(args)``; user errors print one line and exit with 2."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except (UserError, *user_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------- setup
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: derive numpy's and random's seeds from torch's worker seed."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def get_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else CPU; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+    return device
+
+
+def git_commit() -> str:
+    """The repository's current commit (with '+dirty' when modified), or 'unknown'."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty=+dirty", "--abbrev=12"], cwd=here,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def print_banner(script: str, args) -> dict:
+    """Print the arguments, commit and library versions; return them as a dict."""
+    info = {"script": script, "commit": git_commit(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "args": vars(args)}
+    print(f"{script} | commit {info['commit']} | torch {info['torch']} | torchvision {info['torchvision']}")
+    print("args: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    return info
+
+
+def ensure_dir(path: str, what: str) -> None:
+    """Create an output folder, or say clearly why it cannot be."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {what} {path} ({e.strerror}); choose another folder") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{what} {path} is not writable; choose another folder")
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(file_object)`` on a temp file beside ``path``, then rename it into place,
+    so a crash or a full disk never leaves a truncated file where a good one was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(ckpt: dict, path: str) -> None:
+    """torch.save a checkpoint dict atomically."""
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+CHECKPOINT_KEYS = ("models", "optimizers", "scaler", "epoch", "step", "args", "best")
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint written by train.py onto the CPU; raise UserError if it is not one."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found; pass the .pth file written by train.py "
+                        "(e.g. ckpt/best.pth)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+                        "pass a .pth file written by train.py") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise UserError(f"{path} is not a checkpoint written by train.py (keys {CHECKPOINT_KEYS} expected)")
+    return ckpt
+
+
+def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:
+    """Load the checkpoint's weights into ``model``; a shape or key mismatch is a UserError."""
+    try:
+        for name, module in model.named_children():
+            module.load_state_dict(ckpt["models"][name])
+    except (KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"the weights in {path} do not fit a {ckpt['args'].get('backbone')} model "
+                        f"({first}); the checkpoint may be corrupt or from another version") from None
+
+
+# ----------------------------------------------------------------------------------- logs
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append one JSON object as a line (the machine-readable training log)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str) -> list:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
+
+
+def plot_training_curves(records: list, path: str) -> None:
+    """PNG of the step-wise losses, domain accuracy and lambda, and the per-epoch validation mAP."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if r.get("kind") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    x = [r["step"] for r in steps]
+    axes[0].plot(x, [r["triplet"] for r in steps], label="triplet")
+    axes[0].plot(x, [r["domain"] for r in steps], label="domain")
+    axes[0].set_title("losses")
+    axes[0].legend()
+    axes[1].plot(x, [r["domain_acc"] for r in steps])
+    axes[1].axhline(0.5, color="grey", ls="--", lw=0.8)
+    axes[1].set_title("domain classifier accuracy")
+    axes[2].plot(x, [r["lambda"] for r in steps])
+    axes[2].set_title("GRL lambda")
+    axes[3].plot([r["epoch"] for r in epochs], [r["val_map"] for r in epochs], marker="o")
+    axes[3].set_title("seen-class validation mAP@all")
+    for ax in axes[:3]:
+        ax.set_xlabel("step")
+    axes[3].set_xlabel("epoch")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- embedding
+
+@torch.no_grad()
+def embed_images(encoder: torch.nn.Module, paths: list, image_size: int, batch_size: int, workers: int,
+                 device: torch.device, amp: bool, desc: str = "embed") -> torch.Tensor:
+    """Embed images batch by batch; only the embeddings (N, D) are kept, on the CPU."""
+    from tqdm import tqdm
+    from dataset import ImageListDataset
+
+    loader = torch.utils.data.DataLoader(
+        ImageListDataset(paths, [0] * len(paths), image_size), batch_size=batch_size, shuffle=False,
+        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for images, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            out.append(encoder(images).float().cpu())  # (B, D)
+    encoder.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)
