@@ -1,0 +1,154 @@
+"""Tests for demo_data.py on a tiny dataset (3 sketches + 3 photos per class, 32 px)."""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import demo_data
+
+TINY = ["--sketches_per_class", "3", "--photos_per_class", "3", "--image_size", "32"]
+
+
+def generate(out, *extra):
+    args = demo_data.get_args_parser().parse_args(["--out", str(out), *TINY, *extra])
+    demo_data.main(args)
+    return Path(out)
+
+
+def digests(root):
+    """{relative path: sha1} of every image, label and embedding file (not the marker)."""
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != demo_data.MARKER}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("data") / "demo", "--workers", "1")
+
+
+def read_labels(path):
+    return path.read_text().splitlines()
+
+
+def test_defaults_match_usage():
+    args = demo_data.get_args_parser().parse_args(["--out", "x"])
+    assert (args.seed, args.image_size, args.sketches_per_class, args.photos_per_class,
+            args.workers) == (0, 64, 60, 60, 2)
+
+
+def test_layout_and_counts(tiny):
+    train, test = read_labels(tiny / "train_labels.txt"), read_labels(tiny / "test_labels.txt")
+    classes = sorted(train + test)
+    for domain, ext, mode in (("sketches", "png", "L"), ("photos", "jpg", "RGB")):
+        assert sorted(p.name for p in (tiny / domain).iterdir()) == classes
+        for c in classes:
+            files = sorted(p.name for p in (tiny / domain / c).iterdir())
+            assert files == [f"{c}_{i:04d}.{ext}" for i in range(3)]
+        with Image.open(tiny / domain / classes[0] / f"{classes[0]}_0000.{ext}") as im:
+            assert (im.mode, im.size) == (mode, (32, 32))
+    marker = json.loads((tiny / demo_data.MARKER).read_text())
+    assert marker["image_size"] == 32 and marker["seed"] == 0
+    assert not [p for p in tiny.parent.iterdir() if p.name.startswith(".demo.")]
+
+
+def test_labels_split(tiny):
+    train, test = read_labels(tiny / "train_labels.txt"), read_labels(tiny / "test_labels.txt")
+    assert train == sorted(train) and test == sorted(test)
+    assert not set(train) & set(test)
+    assert len(train) + len(test) >= 40 and len(test) >= 10
+    assert test == sorted(demo_data.UNSEEN)
+    assert sorted(train + test) == demo_data.class_names()
+
+
+def test_embeddings_aligned_and_normalised(tiny):
+    dims = set()
+    for split in ("train", "test"):
+        emb = np.load(tiny / f"{split}_embeddings.npy")
+        labels = read_labels(tiny / f"{split}_labels.txt")
+        assert emb.dtype == np.float32 and emb.shape[0] == len(labels)
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+        np.testing.assert_array_equal(emb, demo_data.class_embeddings(labels))
+        dims.add(emb.shape[1])
+    assert len(dims) == 1
+
+
+def test_embeddings_reflect_shape_similarity():
+    names = demo_data.class_names()
+    emb = demo_data.class_embeddings(names)
+    sim = emb @ emb.T
+    assert sim[np.triu_indices(len(names), 1)].max() < 0.9999  # every class distinct
+
+    def s(a, b):
+        return sim[names.index(a), names.index(b)]
+
+    assert s("hexagon", "pentagon") > s("hexagon", "arrow_thin")
+    assert s("hexagon", "pentagon") > s("hexagon", "star6")
+    assert s("star5", "star4") > s("star5", "letter_l")
+    assert s("ellipse", "circle") > s("ellipse", "square")
+    for c in demo_data.UNSEEN:  # each unseen class has a seen class of its own family
+        family = demo_data.class_table()[c][0]
+        assert any(demo_data.class_table()[o][0] == family for o in names
+                   if o not in demo_data.UNSEEN)
+
+
+def test_deterministic_across_workers_and_seed_sensitive(tiny, tmp_path):
+    reference = digests(tiny)
+    again = generate(tmp_path / "again", "--workers", "2")
+    assert digests(again) == reference
+    other = digests(generate(tmp_path / "other", "--seed", "1", "--workers", "1"))
+    images = [k for k in other if k.endswith((".png", ".jpg"))]
+    assert len(images) == 2 * 3 * len(demo_data.class_names())
+    assert all(other[k] != reference[k] for k in images)
+    assert other["train_embeddings.npy"] == reference["train_embeddings.npy"]
+
+
+def test_domains_look_different(tiny):
+    sketches = [np.asarray(Image.open(p), np.float32) for p in tiny.glob("sketches/*/*.png")]
+    photos = [np.asarray(Image.open(p), np.float32) for p in tiny.glob("photos/*/*.jpg")]
+    assert all(s.mean() > 200 for s in sketches)  # mostly white ...
+    assert all(s.min() < 150 for s in sketches)  # ... with dark strokes
+    colour = [p.std(axis=2).mean() for p in photos]  # spread of R, G, B at each pixel
+    assert np.mean(colour) > 15 and min(colour) > 3
+    assert np.mean([p.mean() for p in photos]) < 180
+
+
+def test_refuses_foreign_folder(tmp_path, capsys):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exc:
+        generate(foreign)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a demo dataset" in err and len(err.splitlines()) == 1
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+
+
+def test_bad_argument_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        generate(tmp_path / "x", "--image_size", "8")
+    assert exc.value.code == 2 and "--image_size" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_replaces_previous_demo_dataset(tmp_path, capsys):
+    out = generate(tmp_path / "demo", "--workers", "1")
+    (out / "sketches" / "circle" / "stray.png").write_bytes(b"old")
+    capsys.readouterr()
+    args = demo_data.get_args_parser().parse_args(
+        ["--out", str(out), "--sketches_per_class", "2", "--photos_per_class", "1",
+         "--image_size", "32", "--workers", "1"])
+    demo_data.main(args)
+    assert sorted(p.name for p in (out / "sketches" / "circle").iterdir()) == [
+        "circle_0000.png", "circle_0001.png"]
+    assert len(list(out.glob("photos/*/*.jpg"))) == len(demo_data.class_names())
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temp folders left behind
+    n = len(demo_data.class_names())
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and f"{n} classes (" in lines[0]
+    assert f"{2 * n} sketches, {n} photos" in lines[0]
