@@ -111,14 +111,33 @@ class DomainClassifier(nn.Module):
         return self.mlp(self.grl(emb, lambd)).squeeze(1)  # (B,)
 
 
-class ZSSBIRModel(nn.Module):
-    """Sketch encoder, photo encoder and domain classifier of the zero-shot SBIR model."""
+class ClassProxies(nn.Module):
+    """One learnable unit vector per seen class: embeddings (B, D) -> cosine logits (B, C) / T."""
 
-    def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool = True):
+    def __init__(self, embedding_dim: int, num_classes: int, temperature: float = 0.1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, embedding_dim))
+        self.temperature = temperature
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb @ F.normalize(self.weight, dim=1).t() / self.temperature  # (B, C)
+
+
+class ZSSBIRModel(nn.Module):
+    """Sketch encoder, photo encoder and domain classifier of the zero-shot SBIR model.
+
+    With ``num_classes`` > 0 it also holds seen-class proxies for the optional class loss; they
+    are created last, so the encoders' initialisation does not depend on them.
+    """
+
+    def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool = True,
+                 num_classes: int = 0):
         super().__init__()
         self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained)
         self.photo_encoder = Encoder(backbone, embedding_dim, pretrained)
         self.domain_classifier = DomainClassifier(embedding_dim)
+        if num_classes > 0:
+            self.class_proxies = ClassProxies(embedding_dim, num_classes)
 
 
 def grl_lambda(step: int, total_steps: int, start_step: int) -> float:
@@ -136,23 +155,29 @@ def grl_lambda(step: int, total_steps: int, start_step: int) -> float:
     return 2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0
 
 
-def sbir_losses(model: ZSSBIRModel, sketch: torch.Tensor, positive: torch.Tensor,
-                negative: torch.Tensor, lambd: float, margin: float) -> dict:
-    """Triplet and domain losses for a batch of (sketch, positive photo, negative photo).
+def sbir_losses(model: ZSSBIRModel, sketch: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                lambd: float, margin: float, labels: torch.Tensor | None = None,
+                neg_labels: torch.Tensor | None = None) -> dict:
+    """Losses for a batch of (sketch, positive photo, negative photo) triplets, images (B, 3, H, W).
 
-    Triplet: max(0, margin + |s - p| - |s - n|) on unit embeddings, mean over the batch.
-    Domain: BCE with logits of the domain classifier (sketch = 0, photo = 1), the sketch and the
-    photo terms weighted equally although a batch holds twice as many photos. Also returns the
-    domain classifier's (equally weighted) accuracy.
+    triplet: max(0, margin + |s - p| - |s - n|) on unit embeddings, mean over the batch.
+    domain:  BCE with logits of the domain classifier (sketch = 0, photo = 1), the sketch and the
+             photo terms weighted equally although a batch holds twice as many photos.
+    class:   (only with class proxies and labels) cross-entropy of the cosine logits of all 3B
+             embeddings against their seen classes; sketches and photos share the proxies.
+    Also returns the domain classifier's (equally weighted) accuracy.
     """
     b = sketch.shape[0]
     s = model.sketch_encoder(sketch)                               # (B, D)
     photos = model.photo_encoder(torch.cat([positive, negative]))  # (2B, D)
     p, n = photos[:b], photos[b:]
-    triplet = F.triplet_margin_loss(s, p, n, margin=margin)
+    out = {"triplet": F.triplet_margin_loss(s, p, n, margin=margin)}
     logits = model.domain_classifier(torch.cat([s, photos]), lambd).float()  # (3B,)
     ls, lp = logits[:b], logits[b:]
-    domain = 0.5 * (F.binary_cross_entropy_with_logits(ls, torch.zeros_like(ls))
-                    + F.binary_cross_entropy_with_logits(lp, torch.ones_like(lp)))
-    acc = 0.5 * ((ls.detach() < 0).float().mean() + (lp.detach() > 0).float().mean())
-    return {"triplet": triplet, "domain": domain, "domain_acc": acc}
+    out["domain"] = 0.5 * (F.binary_cross_entropy_with_logits(ls, torch.zeros_like(ls))
+                           + F.binary_cross_entropy_with_logits(lp, torch.ones_like(lp)))
+    out["domain_acc"] = 0.5 * ((ls.detach() < 0).float().mean() + (lp.detach() > 0).float().mean())
+    if hasattr(model, "class_proxies") and labels is not None:
+        class_logits = model.class_proxies(torch.cat([s, photos])).float()  # (3B, C)
+        out["class"] = F.cross_entropy(class_logits, torch.cat([labels, labels, neg_labels]))
+    return out

@@ -34,6 +34,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32, help="triplets per step")
     p.add_argument("--triplet_loss_ratio", type=float, default=1.0, help="weight of the triplet loss")
     p.add_argument("--domain_loss_ratio", type=float, default=0.5, help="weight of the domain loss (0 disables it)")
+    p.add_argument("--class_loss_ratio", type=float, default=0.0,
+                   help="weight of an auxiliary seen-class loss on shared class proxies (0: off, as in the "
+                        "original triplet + domain recipe)")
     p.add_argument("--grl_threshold_epoch", type=int, default=5,
                    help="epoch (0-based) from which the gradient reversal lambda ramps up from 0")
     p.add_argument("--print_every", type=int, default=100, help="log losses every N steps")
@@ -69,7 +72,7 @@ def check_args(args) -> None:
     for name in ("lr", "margin"):
         if not getattr(args, name) > 0:
             raise utils.UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("triplet_loss_ratio", "domain_loss_ratio", "weight_decay", "grad_clip", "warmup_epochs",
+    for name in ("triplet_loss_ratio", "domain_loss_ratio", "class_loss_ratio", "weight_decay", "grad_clip", "warmup_epochs",
                  "grl_threshold_epoch", "workers"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
@@ -150,7 +153,8 @@ def main(args) -> None:
         pin_memory=device.type == "cuda", worker_init_fn=utils.seed_worker,
         generator=torch.Generator().manual_seed(args.seed))
 
-    model = ZSSBIRModel(args.backbone, args.embedding_dim, args.pretrained).to(device)
+    model = ZSSBIRModel(args.backbone, args.embedding_dim, args.pretrained,
+                        num_classes=len(data.seen) if args.class_loss_ratio > 0 else 0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     start_epoch, step, best = 0, 0, -1.0
@@ -168,19 +172,24 @@ def main(args) -> None:
     for epoch in range(start_epoch, args.epochs):
         model.train()
         triplets.set_epoch(epoch)
-        loader.generator.manual_seed(args.seed * 1000 + epoch)  # a resumed epoch shuffles the same way
-        sums = {"triplet": 0.0, "domain": 0.0, "domain_acc": 0.0}
+        epoch_seed = args.seed * 1000 + epoch  # a resumed epoch draws the same shuffle, augmentations, dropout
+        utils.seed_everything(epoch_seed)
+        loader.generator.manual_seed(epoch_seed)
+        sums = {k: 0.0 for k in ("triplet", "domain", "domain_acc") + (("class",) if args.class_loss_ratio > 0 else ())}
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)
-        for i, (sketch, pos, neg, _, _) in enumerate(bar):
-            sketch, pos, neg = (x.to(device, non_blocking=True) for x in (sketch, pos, neg))
+        for sketch, pos, neg, labels, neg_labels in bar:
+            sketch, pos, neg, labels, neg_labels = (x.to(device, non_blocking=True)
+                                                    for x in (sketch, pos, neg, labels, neg_labels))
             lambd = grl_lambda(step, total_steps, grl_start)
             lr = lr_at(step, total_steps, warmup, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, enabled=amp):
-                out = sbir_losses(model, sketch, pos, neg, lambd, args.margin)
+                out = sbir_losses(model, sketch, pos, neg, lambd, args.margin, labels, neg_labels)
             loss = args.triplet_loss_ratio * out["triplet"] + args.domain_loss_ratio * out["domain"]
+            if "class" in out:
+                loss = loss + args.class_loss_ratio * out["class"]
             if not torch.isfinite(loss):
                 raise utils.UserError(f"the loss became {loss.item()} at step {step} (epoch {epoch + 1}); "
                                       "lower --lr or use --no-amp; last.pth holds the last good epoch")
@@ -197,8 +206,8 @@ def main(args) -> None:
                 sums[k] += vals[k]
             bar.set_postfix(triplet=f"{vals['triplet']:.3f}", domain=f"{vals['domain']:.3f}")
             if step % args.print_every == 0:
-                print(f"epoch {epoch + 1} step {step}: triplet {vals['triplet']:.4f}  domain {vals['domain']:.4f}  "
-                      f"domain_acc {vals['domain_acc']:.3f}  lambda {lambd:.3f}  lr {lr:.2e}")
+                print(f"epoch {epoch + 1} step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in vals.items())
+                      + f"  lambda {lambd:.3f}  lr {lr:.2e}")
                 utils.append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, "lambda": lambd,
                                               "lr": lr, **vals})
         train_s = time.time() - t0
@@ -206,8 +215,8 @@ def main(args) -> None:
         means = {k: v / steps_per_epoch for k, v in sums.items()}
         improved = math.isnan(val_map) or val_map > best  # without a validation set, the last epoch is best
         best = val_map if improved else best
-        print(f"epoch {epoch + 1}/{args.epochs}: triplet {means['triplet']:.4f}  domain {means['domain']:.4f}  "
-              f"domain_acc {means['domain_acc']:.3f}  lambda {lambd:.3f}  val mAP@all {val_map:.4f}"
+        print(f"epoch {epoch + 1}/{args.epochs}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+              + f"  lambda {lambd:.3f}  val mAP@all {val_map:.4f}"
               f"{'  (best)' if improved else ''}  [{train_s:.0f}s, {steps_per_epoch * args.batch_size / train_s:.1f} triplets/s]")
         utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
                                       "lambda": lambd, "train_seconds": train_s, **means})

@@ -122,3 +122,23 @@ def test_one_training_step_updates_every_part_and_reverses_domain_gradient():
     for part in ("sketch_encoder.head.1.weight", "photo_encoder.head.1.weight", "domain_classifier.mlp.0.weight",
                  "sketch_encoder.trunk.0.weight", "photo_encoder.trunk.0.weight"):
         assert not torch.equal(before[part], after[part]), part
+
+
+def test_class_loss_uses_shared_proxies_for_both_domains():
+    torch.manual_seed(0)
+    plain = M.ZSSBIRModel("resnet18", 16, pretrained=False)
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel("resnet18", 16, pretrained=False, num_classes=5).eval()
+    # proxies are created last: the encoders start exactly as without them
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, net.state_dict()[key]), key
+    x = torch.randn(2, 3, 32, 32)
+    labels, neg_labels = torch.tensor([0, 3]), torch.tensor([1, 4])
+    assert "class" not in M.sbir_losses(plain, x, x, x, 0.0, 0.2, labels, neg_labels)
+    out = M.sbir_losses(net, x, x, x, 0.0, 0.2, labels, neg_labels)
+    s, ph = net.sketch_encoder(x), net.photo_encoder(torch.cat([x, x]))
+    logits = torch.cat([s, ph]) @ torch.nn.functional.normalize(net.class_proxies.weight, dim=1).t() / 0.1
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3, 0, 3, 1, 4]))
+    torch.testing.assert_close(out["class"], expected)
+    out["class"].backward()
+    assert net.class_proxies.weight.grad.abs().sum() > 0

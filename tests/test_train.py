@@ -1,0 +1,215 @@
+"""train.py and evaluate.py end to end on tiny data: outputs, resume, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import train
+import utils
+from conftest import ROOT, make_tiny_dataset
+
+TINY = ["--backbone", "resnet18", "--no-pretrained", "--image_size", "32", "--embedding_dim", "16",
+        "--batch_size", "4", "--workers", "0", "--print_every", "2", "--lr", "1e-3"]
+
+
+def train_args(data, ckpt, *extra):
+    return train.get_args_parser().parse_args(["--data_dir", data, "--checkpoint_dir", ckpt, *TINY, *extra])
+
+
+def eval_args(model, data, *extra):
+    return evaluate.get_args_parser().parse_args(["--model", model, "--data", data, "--workers", "0", *extra])
+
+
+def run_script(*argv, cwd=ROOT):
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny 2-epoch training run shared by the tests that only read its outputs."""
+    root = tmp_path_factory.mktemp("run")
+    data = make_tiny_dataset(str(root / "data"))
+    ckpt = str(root / "ckpt")
+    train.main(train_args(data, ckpt, "--epochs", "2", "--grl_threshold_epoch", "1"))
+    return data, ckpt
+
+
+def test_training_writes_checkpoints_logs_and_curves(trained):
+    data, ckpt = trained
+    for name in ("best.pth", "last.pth", "log.jsonl", "curves.png", "args.json"):
+        assert os.path.getsize(os.path.join(ckpt, name)) > 0, name
+    last = utils.load_checkpoint(os.path.join(ckpt, "last.pth"))
+    assert last["epoch"] == 2 and last["step"] == 2 * 5  # 20 training sketches / batch 4 = 5 steps
+    assert last["args"]["backbone"] == "resnet18" and set(last["models"]) == {
+        "sketch_encoder", "photo_encoder", "domain_classifier"}
+    records = utils.read_jsonl(os.path.join(ckpt, "log.jsonl"))
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10] and len(epochs) == 2
+    assert all(r["lambda"] == 0.0 for r in steps if r["step"] <= 5)  # before --grl_threshold_epoch 1
+    assert steps[-1]["lambda"] > 0.9
+    assert all(0 <= r["val_map"] <= 1 for r in epochs)
+    assert {"triplet", "domain", "domain_acc", "lr"} <= set(steps[0])
+    assert not [f for f in os.listdir(ckpt) if f.endswith(".tmp")]  # no temp file left behind
+
+
+def test_evaluate_end_to_end(trained, tmp_path):
+    data, ckpt = trained
+    out = str(tmp_path / "eval")
+    evaluate.main(eval_args(os.path.join(ckpt, "best.pth"), data, "--output_dir", out, "--num_sketches", "3",
+                            "--num_images", "4", "--compare_untrained"))
+    res = json.load(open(os.path.join(out, "results.json")))
+    for key in ("map_all", "p@100", "map@200", "p@200", "chance_map_all"):
+        assert 0 <= res[key] <= 1, key
+    assert set(res["per_class_ap"]) == {"circle", "star"}
+    assert res["num_queries"] == 12 and res["num_gallery"] == 12
+    assert res["untrained"]["map_all"] != res["map_all"]
+    assert len(res["grids"]) == 3 and all(os.path.getsize(g) > 1000 for g in res["grids"])
+
+
+def test_untrained_baseline_is_the_training_initialisation(trained, tmp_path):
+    """evaluate --compare_untrained rebuilds exactly the network train.py started from."""
+    data, _ = trained
+    ckpt = str(tmp_path / "ck")
+    args = train_args(data, ckpt, "--epochs", "1", "--lr", "1e-12", "--weight_decay", "0", "--val_fraction", "0",
+                      "--class_loss_ratio", "1")
+    train.main(args)
+    saved = utils.load_checkpoint(os.path.join(ckpt, "last.pth"))
+    rebuilt = evaluate.build_model(saved, "x", trained=False)
+    for name, module in rebuilt.named_children():
+        for key, value in module.state_dict().items():
+            if value.is_floating_point() and "running" not in key:
+                torch.testing.assert_close(value, saved["models"][name][key], atol=1e-6, rtol=0)
+
+
+def test_resume_continues_at_the_right_epoch_with_the_optimizer_state(trained, tmp_path):
+    data, ckpt = trained
+    resumed = str(tmp_path / "resumed")
+    train.main(train_args(data, resumed, "--epochs", "1"))
+    first = utils.load_checkpoint(os.path.join(resumed, "last.pth"))
+    train.main(train_args(data, resumed, "--epochs", "2", "--resume", os.path.join(resumed, "last.pth")))
+    b = utils.load_checkpoint(os.path.join(resumed, "last.pth"))
+    assert first["epoch"] == 1 and first["step"] == 5
+    assert b["epoch"] == 2 and b["step"] == 10
+    # AdamW's per-parameter step counter and moments carried over: a fresh optimizer would be at 5 steps
+    assert {float(s["step"]) for s in b["optimizers"]["adamw"]["state"].values()} == {10.0}
+    epochs = [r["epoch"] for r in utils.read_jsonl(os.path.join(resumed, "log.jsonl")) if r["kind"] == "epoch"]
+    assert epochs == [1, 2]
+    # resuming a finished run trains nothing and leaves its checkpoint alone
+    before = os.path.getmtime(os.path.join(resumed, "last.pth"))
+    train.main(train_args(data, resumed, "--epochs", "2", "--resume", os.path.join(resumed, "last.pth")))
+    assert os.path.getmtime(os.path.join(resumed, "last.pth")) == before
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+def test_cli_missing_data_folder(tmp_path):
+    proc = run_script("train.py", "--data_dir", str(tmp_path / "missing"), "--checkpoint_dir", str(tmp_path / "c"), *TINY)
+    assert_one_line_error(proc, "does not exist", "download_data.sh")
+
+
+def test_cli_missing_label_file(tmp_path):
+    data = make_tiny_dataset(str(tmp_path / "data"))
+    os.remove(os.path.join(data, "train_labels.txt"))
+    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
+    assert_one_line_error(proc, "train_labels.txt not found")
+
+
+def test_cli_class_without_folder(tmp_path):
+    data = make_tiny_dataset(str(tmp_path / "data"))
+    with open(os.path.join(data, "train_labels.txt"), "a") as f:
+        f.write("unicorn\n")
+    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
+    assert_one_line_error(proc, "'unicorn'", "does not exist")
+
+
+def test_cli_class_in_both_label_files(tmp_path):
+    data = make_tiny_dataset(str(tmp_path / "data"))
+    with open(os.path.join(data, "test_labels.txt"), "a") as f:
+        f.write("square\n")
+    proc = run_script("evaluate.py", "--model", "whatever.pth", "--data", data)
+    assert_one_line_error(proc, "checkpoint whatever.pth not found")  # the model is checked first
+    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
+    assert_one_line_error(proc, "'square' is in both")
+
+
+def test_cli_empty_class_folder(tmp_path):
+    data = make_tiny_dataset(str(tmp_path / "data"))
+    folder = os.path.join(data, "photos", "pent")
+    for f in os.listdir(folder):
+        os.remove(os.path.join(folder, f))
+    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
+    assert_one_line_error(proc, "photos/pent holds no readable image")
+
+
+@pytest.mark.parametrize("flag,value,fragment", [("--epochs", "0", "--epochs must be at least 1"),
+                                                 ("--batch_size", "-4", "--batch_size must be at least 1")])
+def test_cli_bad_numbers(tmp_path, flag, value, fragment):
+    args = TINY + [flag, value] if flag not in TINY else [a if a != TINY[TINY.index(flag) + 1] else value for a in TINY]
+    proc = run_script("train.py", "--data_dir", str(tmp_path), "--checkpoint_dir", str(tmp_path / "c"), *args, flag, value)
+    assert_one_line_error(proc, fragment)
+    assert not os.path.exists(tmp_path / "c")  # nothing was created
+
+
+def test_cli_corrupt_image_is_skipped_with_a_warning(trained, tmp_path):
+    _, ckpt = trained
+    data = make_tiny_dataset(str(tmp_path / "data"))
+    with open(os.path.join(data, "photos", "circle", "corrupt.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    proc = run_script("evaluate.py", "--model", os.path.join(ckpt, "last.pth"), "--data", data, "--workers", "0",
+                      "--num_sketches", "1", "--output_dir", str(tmp_path / "e"))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: skipped 1 unreadable image file(s)" in proc.stdout and "corrupt.jpg" in proc.stdout
+    assert "12 gallery photos" in proc.stdout
+
+
+def test_cli_checkpoint_of_another_backbone(trained, tmp_path):
+    data, ckpt = trained
+    last = os.path.join(ckpt, "last.pth")
+    args = [a if a != "resnet18" else "mobilenet_v3_small" for a in TINY]
+    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *args,
+                      "--epochs", "3", "--resume", last)
+    assert_one_line_error(proc, "--backbone resnet18", "--backbone mobilenet_v3_small")
+    # a checkpoint whose weights do not fit the backbone its arguments name
+    bad = utils.load_checkpoint(last)
+    bad["args"]["backbone"] = "resnet34"
+    utils.save_checkpoint(bad, str(tmp_path / "bad.pth"))
+    proc = run_script("evaluate.py", "--model", str(tmp_path / "bad.pth"), "--data", data)
+    assert_one_line_error(proc, "do not fit a resnet34 model")
+
+
+def test_cli_file_that_is_not_a_checkpoint(trained, tmp_path):
+    data, _ = trained
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"definitely not a torch file")
+    proc = run_script("evaluate.py", "--model", str(junk), "--data", data)
+    assert_one_line_error(proc, "is not a readable checkpoint")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "other.pth")
+    proc = run_script("evaluate.py", "--model", str(tmp_path / "other.pth"), "--data", data)
+    assert_one_line_error(proc, "is not a checkpoint written by train.py")
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    path = str(tmp_path / "last.pth")
+    utils.save_checkpoint({"good": torch.ones(3)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        utils.save_checkpoint({"bad": Boom()}, path)
+    assert torch.equal(torch.load(path)["good"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["last.pth"]
