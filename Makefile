@@ -8,7 +8,7 @@ DEMO_RUN := runs/demo
 # The demo's recipe: a small torchvision backbone from scratch at 64 px, so it trains on 2 CPU cores in minutes.
 DEMO_TRAIN_ARGS := --backbone shufflenet_v2_x1_0 --no-pretrained --image_size 64 --embedding_dim 128 \
 	--epochs 10 --batch_size 64 --lr 3e-3 --grl_threshold_epoch 3 --domain_loss_ratio 0.1 --class_loss_ratio 1 \
-	--print_every 100 --workers 1
+	--print_every 10 --workers 1
 EXTRA_TRAIN_ARGS :=
 
 .PHONY: demo test venv clean

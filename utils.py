@@ -101,6 +101,9 @@ def atomic_write(path: str, write) -> None:
     so a crash or a full disk never leaves a truncated file where a good one was."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -167,7 +170,8 @@ def write_json(path: str, obj) -> None:
 
 
 def plot_training_curves(records: list, path: str) -> None:
-    """PNG of the step-wise losses, domain accuracy and lambda, and the per-epoch validation mAP."""
+    """PNG of the losses, domain accuracy and lambda (every logged step as a line, epoch means as
+    dots at each epoch's last step) and of the per-epoch seen-class validation mAP."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -175,20 +179,22 @@ def plot_training_curves(records: list, path: str) -> None:
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    x = [r["step"] for r in steps]
-    axes[0].plot(x, [r["triplet"] for r in steps], label="triplet")
-    axes[0].plot(x, [r["domain"] for r in steps], label="domain")
-    axes[0].set_title("losses")
+    panels = [(axes[0], ("triplet", "domain", "class"), "losses"),
+              (axes[1], ("domain_acc",), "domain classifier accuracy"), (axes[2], ("lambda",), "GRL lambda")]
+    for ax, keys, title in panels:
+        for key in keys:
+            if not any(key in r for r in steps + epochs):
+                continue
+            line = ax.plot([r["step"] for r in steps if key in r], [r[key] for r in steps if key in r],
+                           lw=1, label=key)[0]
+            ax.plot([r["step"] for r in epochs if key in r], [r[key] for r in epochs if key in r], "o",
+                    color=line.get_color(), ms=4)
+        ax.set_title(title)
+        ax.set_xlabel("step")
     axes[0].legend()
-    axes[1].plot(x, [r["domain_acc"] for r in steps])
     axes[1].axhline(0.5, color="grey", ls="--", lw=0.8)
-    axes[1].set_title("domain classifier accuracy")
-    axes[2].plot(x, [r["lambda"] for r in steps])
-    axes[2].set_title("GRL lambda")
     axes[3].plot([r["epoch"] for r in epochs], [r["val_map"] for r in epochs], marker="o")
     axes[3].set_title("seen-class validation mAP@all")
-    for ax in axes[:3]:
-        ax.set_xlabel("step")
     axes[3].set_xlabel("epoch")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
