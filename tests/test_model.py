@@ -64,7 +64,7 @@ def test_missing_pretrained_weights_give_one_actionable_line(monkeypatch):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torchvision.models, "get_model", offline)
     with pytest.raises(M.PretrainedWeightsUnavailable) as err:
-        M.build_trunk("resnet18", pretrained=True)
+        M.build_trunk("resnet18", True)  # ask for ImageNet weights
     msg = str(err.value)
     assert "\n" not in msg and "--no-pretrained" in msg and "resnet18-f37072fd.pth" in msg
     assert torch.hub.get_dir() in msg
