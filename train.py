@@ -175,7 +175,7 @@ def main(args) -> None:
         epoch_seed = args.seed * 1000 + epoch  # a resumed epoch draws the same shuffle, augmentations, dropout
         utils.seed_everything(epoch_seed)
         loader.generator.manual_seed(epoch_seed)
-        sums = {k: 0.0 for k in ("triplet", "domain", "domain_acc") + (("class",) if args.class_loss_ratio > 0 else ())}
+        sums = {}  # per-epoch sums of whatever sbir_losses returns
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)
         for sketch, pos, neg, labels, neg_labels in bar:
@@ -201,9 +201,9 @@ def main(args) -> None:
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            vals = {k: out[k].item() for k in sums}
-            for k in sums:
-                sums[k] += vals[k]
+            vals = {k: v.item() for k, v in out.items()}
+            for k, v in vals.items():
+                sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(triplet=f"{vals['triplet']:.3f}", domain=f"{vals['domain']:.3f}")
             if step % args.print_every == 0:
                 print(f"epoch {epoch + 1} step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in vals.items())
