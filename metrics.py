@@ -1,27 +1,41 @@
-"""Retrieval metrics for zero-shot sketch-based image retrieval.
+"""Retrieval metrics for zero-shot sketch-based image retrieval, under the literature's conventions.
 
 Every query (sketch) ranks the whole gallery (photos); a photo is relevant when its class equals
-the query's class. Definitions (docs/metrics.md has them in full):
+the query's class. docs/metrics.md defines everything in full; in short, with ties forming one
+threshold:
 
     s_g       = cos(query, g)                        score, higher = more similar
     R         = #{relevant g}                         queries with R = 0 are excluded and counted
     rank(g)   = #{h : s_h >= s_g}                     a tie group takes the rank of its last position
     hits(g)   = #{relevant h : s_h >= s_g}
-    AP        = (1/R) * sum_{relevant g} hits(g) / rank(g)          = sklearn average_precision_score
-    P@K       = #{relevant g : rank(g) <= K} / min(K, N)
-    AP@K      = (1/min(R, K)) * sum_{relevant g, rank(g) <= K} hits(g) / rank(g)
-    mAP, mAP@K, P@K are means over queries; per-class AP is the mean AP of a class's queries.
-    E[AP] of a random ranking = (1/N) * (H_N + (R-1)/(N-1) * (N - H_N)),  H_N = sum_{k<=N} 1/k
+    P(g)      = hits(g) / rank(g)                     precision at a relevant item
+    Pint(g)   = max{P(i) : i relevant, s_i <= s_g}    VOC-interpolated precision
+    top K     = {g : rank(g) <= K},  hits@K = #{relevant g in top K}
 
-Ties are resolved as one threshold, so the numbers do not depend on the gallery's order.
-Everything is vectorised in torch and processed in chunks of queries (memory O(chunk_size * N)),
-on whatever device the embeddings live on.
+    protocol       AP                  AP@K                                       P@K
+    standard       (1/R) sum P         (1/min(R,K)) sum_{top K} P                 hits@K / min(K, N)
+    sem-pcyc       (1/R) sum P         (1/hits@K) sum_{top K} P  (0 if no hit)    hits@K / min(K, N)
+    doodle2search  (1/R) sum P         -                                          hits@K / min(R, K)
+    sake           (1/R) sum Pint      (1/min(R,K)) sum_{top K} Pint@K            hits@K / min(K, N)
+    zse-sbir       (1/R) sum Pint      (1/min(R,K)) sum_{top K} Pint@K            hits@min(R,K) / min(R,K)
+
+Pint@K interpolates within the top K only. Every mean is over the queries with R > 0.
+E[AP] of a random ranking = (1/N) * (H_N + (R-1)/(N-1) * (N - H_N)),  H_N = sum_{k<=N} 1/k.
+
+Speed: no row is ever sorted. Queries are processed class by class (all queries of a class share
+the same relevant photos); for each chunk only the R relevant scores are sorted, and the rank of
+each relevant item is found by counting how many gallery scores fall between consecutive
+relevant scores (see _ranks_of_relevant). Memory is O(chunk_size * N) on the embeddings' device.
 """
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+PROTOCOLS = ("standard", "sake", "sem-pcyc", "doodle2search", "zse-sbir")
+_VOC = {"sake", "zse-sbir"}  # VOC-interpolated AP
+_RANK_ROWS = 64  # queries ranked at once inside a chunk
 
 
 def _unit(emb: Tensor) -> Tensor:
@@ -45,87 +59,226 @@ def _count_relevant(query_labels: Tensor, gallery_labels: Tensor) -> Tensor:
     return torch.where(classes[pos] == query_labels, counts[pos], torch.zeros_like(counts[pos]))
 
 
+def _sort_rows(x: Tensor) -> Tensor:
+    """x sorted along dim 1, ascending. float32 is sorted as order-preserving int32 keys (faster)."""
+    if x.dtype != torch.float32:
+        return x.sort(dim=1).values
+    bits = x.contiguous().view(torch.int32)
+    keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse their order
+    keys = keys.sort(dim=1).values
+    return torch.where(keys < 0, keys ^ 0x7FFFFFFF, keys).view(torch.float32)
+
+
+def _ranks_of_relevant(scores: Tensor, start: int, stop: int, grid: float = 0.5) -> tuple[Tensor, Tensor]:
+    """rank(g) and hits(g) of the relevant items, which are the columns [start, stop) of scores.
+
+    Args:
+        scores: (B, N) scores of B queries that share their relevant columns.
+        grid: bins per gallery item of the counting grid (a speed knob; results do not depend on it).
+    Returns:
+        rank, hits: (B, R) int64, relevant items in decreasing score order.
+
+    With rel_0 <= ... <= rel_{R-1} a row's sorted relevant scores, hits(rel_j) = #{i : rel_i >= rel_j}
+    and rank(rel_j) = hits(rel_j) + (N - R) - c_j, where c_j = #{irrelevant h : s_h < rel_j}.
+    A monotone map sends every score to one of L = grid * N equal-width bins over [rel_0, rel_{R-1}].
+    An irrelevant item in a bin without relevant scores is below rel_j exactly when its bin is
+    below rel_j's bin, so those items are counted by a histogram of bins. An item sharing a bin
+    with relevant scores is placed among them by comparison (usually with just one):
+    p(h) = #{j : rel_j <= s_h}, and it is below rel_j exactly when p(h) <= j.
+    """
+    b, n = scores.shape
+    r = stop - start
+    dev = scores.device
+    rel = _sort_rows(scores[:, start:stop])  # (B, R) ascending
+    tie_start = torch.ones_like(rel, dtype=torch.bool)
+    tie_start[:, 1:] = rel[:, 1:] != rel[:, :-1]
+    hits = r - (torch.arange(r, device=dev) * tie_start).cummax(1).values  # (B, R) #{i : rel_i >= rel_j}
+
+    num_bins = max(int(n * grid), 1)
+    width = num_bins + 3  # per row: bins 0 .. L + 1, and bin L + 2 that parks the relevant items
+    lo, hi = rel[:, :1], rel[:, -1:]  # (B, 1)
+    inv = num_bins / (hi - lo)
+    inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))  # all relevant tied: one bin
+    offset = (torch.arange(b, device=dev, dtype=scores.dtype) * width)[:, None]  # (B, 1)
+    shift = (1.0 - lo * inv) + offset
+    top = offset + num_bins + 1
+
+    def to_bins(x: Tensor) -> Tensor:  # a separate multiply and add, each correctly rounded: one
+        y = x * inv                    # monotone function of the score wherever it sits in the row
+        y += shift
+        return torch.clamp(y, min=offset, max=top).to(torch.int64)  # flat bin ids
+
+    bins = to_bins(scores)  # (B, N)
+    rel_bins = to_bins(rel)  # (B, R) the same values, so the same bins, in increasing order
+    rel_count = torch.bincount(rel_bins.view(-1), minlength=b * width)  # (B * W,)
+    occupied = rel_count > 0
+    bins[:, start:stop] = offset.long() + width - 1  # the relevant items leave the count
+    bins = bins.view(-1)
+    lone = torch.bincount(bins, minlength=b * width).masked_fill_(occupied, 0)  # (B * W,)
+    lone[width - 1::width] = 0
+    lone_below = lone.view(b, width).cumsum(1).view(-1) - lone
+    c = lone_below.index_select(0, rel_bins.view(-1)).view(b, r)  # (B, R) lone items below rel_j
+
+    shared = occupied.index_select(0, bins).nonzero().squeeze(1)  # (M,) items sharing a bin
+    if shared.numel():
+        # Positions in a flat (B, R + 1) layout: that of rel padded with +inf and of the p histogram.
+        first = (rel_count.view(b, width).cumsum(1) - rel_count.view(b, width)
+                 + torch.arange(b, device=dev)[:, None] * (r + 1)).view(-1)  # (B * W,)
+        rel_pad = torch.cat([rel, rel.new_full((b, 1), float("inf"))], dim=1).view(-1)  # (B * (R + 1),)
+        s = scores.reshape(-1).index_select(0, shared)  # (M,)
+        bin_ = bins.index_select(0, shared)
+        pos = first.index_select(0, bin_)  # the bin's lowest relevant score
+        pos += rel_pad.index_select(0, pos) <= s  # settles every bin that holds one relevant score
+        many = rel_count.index_select(0, bin_) > 1
+        more = (many & (pos > first.index_select(0, bin_))).nonzero().squeeze(1)
+        if more.numel():  # binary search among the bin's other relevant scores
+            lo_k, s_m, bin_m = pos[more], s[more], bin_[more]
+            hi_k = first.index_select(0, bin_m) + rel_count.index_select(0, bin_m)
+            for _ in range(int((hi_k - lo_k).max()).bit_length()):
+                mid = (lo_k + hi_k) >> 1
+                le = rel_pad.index_select(0, mid) <= s_m
+                active = lo_k < hi_k
+                lo_k = torch.where(active & le, mid + 1, lo_k)
+                hi_k = torch.where(active & ~le, mid, hi_k)
+            pos[more] = lo_k
+        p_hist = torch.bincount(pos, minlength=b * (r + 1)).view(b, r + 1)
+        c += p_hist.cumsum(1)[:, :r]  # shared items with p(h) <= j
+    rank = hits + (n - r) - c  # (B, R) ascending scores
+    return rank.flip(1), hits.flip(1)
+
+
+def _suffix_max(x: Tensor) -> Tensor:
+    """max over positions >= t along dim 1."""
+    return x.flip(1).cummax(1).values.flip(1)
+
+
+def _chunk_values(rank: Tensor, hits: Tensor, n: int, ks: Sequence[int], protocols, pr_points: int) -> dict:
+    """Per-query values of every protocol for B queries with the same R, from (B, R) rank and hits."""
+    r = rank.shape[1]
+    prec = hits.double() / rank  # (B, R) P(g), decreasing score order
+    interp = _suffix_max(prec)  # (B, R) Pint(g)
+    out = {}
+    if pr_points:
+        recall_hits = (torch.arange(pr_points, device=rank.device) * r + pr_points - 2) // (pr_points - 1)
+        out["pr"] = interp[:, (recall_hits - 1).clamp(min=0)]  # (B, P) interpolated precision at recall i/(P-1)
+    for name in protocols:
+        vals = {"ap": (interp if name in _VOC else prec).sum(1) / r}
+        for k in ks:
+            top = rank <= k  # (B, R)
+            hits_k = top.sum(1)
+            if name == "standard":
+                vals[f"ap@{k}"] = (prec * top).sum(1) / min(r, k)
+            elif name == "sem-pcyc":
+                vals[f"ap@{k}"] = (prec * top).sum(1) / hits_k.clamp(min=1)
+            elif name in _VOC:
+                vals[f"ap@{k}"] = (_suffix_max(prec * top) * top).sum(1) / min(r, k)
+            if name == "doodle2search":
+                vals[f"p@{k}"] = hits_k.double() / min(r, k)
+            elif name == "zse-sbir":
+                vals[f"p@{k}"] = (rank <= min(r, k)).sum(1).double() / min(r, k)
+            else:
+                vals[f"p@{k}"] = hits_k.double() / min(k, n)
+        out[name] = vals
+    return out
+
+
 def retrieval_metrics(
     query_emb: Tensor,
     query_labels: Tensor,
     gallery_emb: Tensor,
     gallery_labels: Tensor,
     ks: Sequence[int] = (100, 200),
-    chunk_size: int = 1024,
+    protocols: Sequence[str] = ("standard",),
+    chunk_size: int = 512,
+    pr_points: int = 0,
 ) -> dict:
-    """AP, mAP, P@K and mAP@K of cosine retrieval, ties counted as one threshold.
+    """AP, mAP, P@K and mAP@K of cosine retrieval under each requested protocol.
 
     Args:
         query_emb: (Q, D) query embeddings; query_labels: (Q,) int class labels.
         gallery_emb: (N, D) gallery embeddings; gallery_labels: (N,) int class labels.
         ks: cut-offs for P@K and mAP@K.
-        chunk_size: queries scored at once; peak memory is about 50 * chunk_size * N bytes.
+        protocols: names from PROTOCOLS (docs/metrics.md defines each).
+        chunk_size: queries scored at once; peak memory is about 4 * chunk_size * N bytes plus
+            a fixed 2.5 MB * N / 1000 for the counting.
+        pr_points: if > 1, also the mean interpolated precision at recall 0, 1/(P-1), ..., 1.
 
     Returns:
-        A dict with python floats for the means over the used queries ("map_all", "p@K", "map@K"),
-        CPU float64 per-query tensors of shape (Q,) ("ap", "per_query_p@K", "per_query_ap@K"; 0 for
-        excluded queries), "num_relevant" (Q,) int64 (R per query), "per_class_ap"
-        {label: mean AP of its queries}, "num_queries" (queries with R > 0) and
-        "num_queries_without_relevant" (queries with R = 0, excluded from every mean).
+        {"num_queries": queries with R > 0, "num_queries_without_relevant": queries with R = 0
+        (excluded from every mean and per-class AP), "num_relevant": (Q,) int64 R per query,
+        "protocols": {name: {"map_all", "p@K", "map@K" (python floats; no mAP@K for
+        doodle2search), "ap", "per_query_p@K", "per_query_ap@K" ((Q,) float64 on the CPU, 0 for
+        excluded queries), "per_class_ap": {label: mean AP of its queries}}},
+        and with pr_points "pr_curve": {"recall": (P,), "precision": (P,)} float64}.
     """
     if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
         raise ValueError(f"expected (Q, D) and (N, D) embeddings, got {tuple(query_emb.shape)} and "
                          f"{tuple(gallery_emb.shape)}")
     if query_labels.shape != query_emb.shape[:1] or gallery_labels.shape != gallery_emb.shape[:1]:
         raise ValueError("need one label per embedding")
+    if gallery_emb.shape[0] == 0:
+        raise ValueError("the gallery is empty")
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocol {unknown[0]!r}; choose from {', '.join(PROTOCOLS)}")
     if not (torch.isfinite(query_emb).all() and torch.isfinite(gallery_emb).all()):
         raise ValueError("embeddings contain NaN or inf")
-    if any(int(k) < 1 for k in ks) or chunk_size < 1:
-        raise ValueError("ks and chunk_size must be positive")
+    if any(int(k) < 1 for k in ks) or chunk_size < 1 or pr_points == 1 or pr_points < 0:
+        raise ValueError("ks and chunk_size must be positive and pr_points 0 or at least 2")
     device = query_emb.device
     query_labels = query_labels.to(device=device, dtype=torch.long)
     gallery_labels = gallery_labels.to(device=device, dtype=torch.long)
-    gallery = _unit(gallery_emb.to(device))  # (N, D)
-    n = gallery.shape[0]
+    num_q, n = query_emb.shape[0], gallery_emb.shape[0]
+    # Gallery sorted by class: every class's photos are one contiguous block of columns.
+    gallery_labels, g_order = gallery_labels.sort(stable=True)
+    gallery = _unit(gallery_emb.to(device)[g_order])  # (N, D)
+    g_classes, g_counts = torch.unique_consecutive(gallery_labels, return_counts=True)
+    g_stop = g_counts.cumsum(0)
+    block = {c: (int(e - k), int(e)) for c, k, e in zip(g_classes.tolist(), g_counts.tolist(), g_stop.tolist())}
 
-    ap, p_at, ap_at, num_rel = [], {k: [] for k in ks}, {k: [] for k in ks}, []
-    for start in range(0, query_emb.shape[0], chunk_size):
-        labels = query_labels[start:start + chunk_size]  # (B,)
-        scores = _unit(query_emb[start:start + chunk_size]) @ gallery.T  # (B, N)
-        rel = labels[:, None] == gallery_labels[None, :]  # (B, N) bool
-        sorted_scores, idx = scores.sort(dim=1)  # ascending, (B, N)
-        del scores
-        rel_sorted = rel.gather(1, idx)  # (B, N)
-        del idx, rel
-        below = torch.searchsorted(sorted_scores, sorted_scores, side="left")  # (B, N) #{s_h < s_g}
-        del sorted_scores
-        rank = n - below  # (B, N) #{h : s_h >= s_g}
-        suffix = rel_sorted.flip(1).cumsum(1).flip(1)  # (B, N) relevant items at or after a position
-        hits = suffix.gather(1, below)  # (B, N) #{relevant h : s_h >= s_g}
-        del suffix, below
-        prec = hits.double().div_(rank).mul_(rel_sorted)  # (B, N) float64 hits/rank, 0 if irrelevant
-        del hits
-        r = rel_sorted.sum(1)  # (B,)
-        num_rel.append(r)
-        ap.append(prec.sum(1) / r.clamp(min=1))
-        for k in ks:
-            top = rank <= k  # (B, N)
-            p_at[k].append((rel_sorted & top).sum(1).double() / min(k, n))
-            ap_at[k].append((prec * top).sum(1) / r.clamp(min=1, max=k))
-
-    num_rel = torch.cat(num_rel).cpu()  # (Q,)
+    num_rel = _count_relevant(query_labels.cpu(), gallery_labels.cpu())  # (Q,)
     valid = num_rel > 0
     if not valid.any():
         raise ValueError("no query has a relevant item in the gallery: check that the query and "
                          "gallery classes are the same split")
-    out = {"ap": torch.cat(ap).cpu(), "num_relevant": num_rel,
-           "num_queries": int(valid.sum()), "num_queries_without_relevant": int((~valid).sum())}
-    out["map_all"] = out["ap"][valid].mean().item()
-    for k in ks:
-        out[f"per_query_p@{k}"] = torch.cat(p_at[k]).cpu()
-        out[f"per_query_ap@{k}"] = torch.cat(ap_at[k]).cpu()
-        out[f"p@{k}"] = out[f"per_query_p@{k}"][valid].mean().item()
-        out[f"map@{k}"] = out[f"per_query_ap@{k}"][valid].mean().item()
+    keys = {name: ["ap"] + [f"p@{k}" for k in ks] + ([] if name == "doodle2search" else [f"ap@{k}" for k in ks])
+            for name in protocols}
+    per_query = {name: {key: torch.zeros(num_q, dtype=torch.float64) for key in keys[name]} for name in protocols}
+    pr_sum = torch.zeros(max(pr_points, 0), dtype=torch.float64)
+    q_labels_cpu = query_labels.cpu()
+    for c, (start, stop) in block.items():
+        idx = (q_labels_cpu == c).nonzero().squeeze(1)  # (Qc,) queries of this class
+        for s in range(0, idx.numel(), chunk_size):
+            rows = idx[s:s + chunk_size]
+            scores = _unit(query_emb[rows.to(device)]) @ gallery.T  # (B, N)
+            for t in range(0, rows.numel(), _RANK_ROWS):  # small blocks keep the counting in cache
+                rank, hits = _ranks_of_relevant(scores[t:t + _RANK_ROWS], start, stop)
+                vals = _chunk_values(rank, hits, n, ks, protocols, pr_points)
+                if pr_points:
+                    pr_sum += vals.pop("pr").sum(0).cpu()
+                for name in protocols:
+                    for key in keys[name]:
+                        per_query[name][key][rows[t:t + _RANK_ROWS]] = vals[name][key].cpu()
+            del scores
 
-    classes, inverse = torch.unique(query_labels.cpu()[valid], return_inverse=True)  # (C,), (Qv,)
-    sums = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, out["ap"][valid])
+    out = {"num_relevant": num_rel, "num_queries": int(valid.sum()),
+           "num_queries_without_relevant": int((~valid).sum()), "protocols": {}}
+    classes, inverse = torch.unique(q_labels_cpu[valid], return_inverse=True)  # (C,), (Qv,)
     counts = torch.bincount(inverse, minlength=len(classes))  # (C,)
-    out["per_class_ap"] = dict(zip(classes.tolist(), (sums / counts).tolist()))
+    for name in protocols:
+        res = {"ap": per_query[name]["ap"], "map_all": per_query[name]["ap"][valid].mean().item()}
+        for k in ks:
+            res[f"per_query_p@{k}"] = per_query[name][f"p@{k}"]
+            res[f"p@{k}"] = res[f"per_query_p@{k}"][valid].mean().item()
+            if name != "doodle2search":
+                res[f"per_query_ap@{k}"] = per_query[name][f"ap@{k}"]
+                res[f"map@{k}"] = res[f"per_query_ap@{k}"][valid].mean().item()
+        sums = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, res["ap"][valid])
+        res["per_class_ap"] = dict(zip(classes.tolist(), (sums / counts).tolist()))
+        out["protocols"][name] = res
+    if pr_points:
+        out["pr_curve"] = {"recall": torch.linspace(0, 1, pr_points, dtype=torch.float64),
+                           "precision": pr_sum / out["num_queries"]}
     return out
 
 

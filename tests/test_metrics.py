@@ -1,22 +1,40 @@
-"""Tests of metrics.py against plain per-query loops that follow docs/metrics.md word for word."""
+"""Tests of metrics.py against plain per-query loops that follow docs/metrics.md word for word.
+
+The references below never call metrics internals: scores are cosines computed here in float64,
+tie groups are built with a dict, and every protocol's AP, AP@K, P@K and the PR curve are written
+out from their definitions. A second, more literal reference replays the peers' code (a sorted
+list, cumsums and the VOC rule) on data without ties.
+"""
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
 import metrics
 
+PROTOCOLS = metrics.PROTOCOLS
+VOC = ("sake", "zse-sbir")
 GALLERY_CLASS_SIZES = (1, 2, 5, 20, 60, 100)  # R from 1 to 100, N = 188
-KS = (1, 3, 10, 50, 150, 1000)  # K above some R, and K = 1000 above N
+KS = (1, 3, 10, 50, 100, 150, 1000)  # K = 1, K below some R, K = R = 100, K = 1000 above N
+PR_POINTS = 11
+
+
+def test_protocol_names():
+    assert PROTOCOLS == ("standard", "sake", "sem-pcyc", "doodle2search", "zse-sbir")
+
+
+# ----------------------------------------------------------------------------------------- data
 
 
 def dyadic_embeddings(n: int, gen: torch.Generator, dim: int = 16) -> torch.Tensor:
     """Rows with 1, 4 or 16 non-zeros of magnitude 1, 1/2 or 1/4 (unit norm), scaled by 2^{-1..2}.
 
-    Every cosine score is then a multiple of 1/16, computed exactly in float32 whatever the
-    summation order, so many scores tie and the ties are identical on any device or chunking.
+    Every cosine score is then a multiple of 1/16, computed exactly in float32 (and float64)
+    whatever the summation order, so many scores tie and the ties are identical on any device,
+    chunking or reference.
     """
     emb = torch.zeros(n, dim)
     for i in range(n):
@@ -28,20 +46,54 @@ def dyadic_embeddings(n: int, gen: torch.Generator, dim: int = 16) -> torch.Tens
     return emb * scale  # (n, dim)
 
 
-def make_data(seed: int, num_queries_per_class: int = 8):
-    gen = torch.Generator().manual_seed(seed)
+def class_labels(num_queries_per_class: int = 8):
     gallery_labels = torch.cat([torch.full((size,), c) for c, size in enumerate(GALLERY_CLASS_SIZES)])
     query_labels = torch.arange(len(GALLERY_CLASS_SIZES)).repeat_interleave(num_queries_per_class)
+    return query_labels, gallery_labels
+
+
+def make_data(seed: int, num_queries_per_class: int = 8):
+    """Dyadic embeddings: scores full of ties. Classes of sizes GALLERY_CLASS_SIZES."""
+    gen = torch.Generator().manual_seed(seed)
+    query_labels, gallery_labels = class_labels(num_queries_per_class)
     query_emb = dyadic_embeddings(len(query_labels), gen)
     gallery_emb = dyadic_embeddings(len(gallery_labels), gen)
     return query_emb, query_labels, gallery_emb, gallery_labels
 
 
-def reference_query(scores: list, rel: list, ks) -> dict:
-    """One query, by the written definitions: tie groups in decreasing score, each group ranked at
-    its last position."""
+def make_continuous_data(seed: int, dim: int = 8, spread: float = 1.0):
+    """float64 embeddings near a per-class centre, so APs spread over (0, 1]; no ties."""
+    gen = torch.Generator().manual_seed(seed)
+    query_labels, gallery_labels = class_labels()
+    centres = torch.randn(len(GALLERY_CLASS_SIZES), dim, generator=gen, dtype=torch.float64)
+    query_emb = centres[query_labels] + spread * torch.randn(len(query_labels), dim, generator=gen,
+                                                             dtype=torch.float64)
+    gallery_emb = centres[gallery_labels] + spread * torch.randn(len(gallery_labels), dim, generator=gen,
+                                                                 dtype=torch.float64)
+    return query_emb, query_labels, gallery_emb, gallery_labels
+
+
+def cosine_scores(query_emb: torch.Tensor, gallery_emb: torch.Tensor) -> list:
+    """Cosine of every query with every gallery item, in float64 numpy, as nested lists."""
+    q = query_emb.double().numpy()
+    g = gallery_emb.double().numpy()
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    return (q @ g.T).tolist()
+
+
+# ------------------------------------------------------------------ reference from the definitions
+
+
+def reference_query(scores: list, rel: list, ks, pr_points: int = 0) -> dict:
+    """One query with R > 0, by the written definitions, in plain Python.
+
+    Tie groups in decreasing score order; every member of a group gets rank = items in this and
+    all higher groups, hits = relevant items in this and all higher groups.
+    """
     n, r = len(scores), sum(rel)
-    groups = {}
+    assert r > 0
+    groups = {}  # score -> relevance flags of its tie group (-0.0 and 0.0 are one key)
     for s, is_rel in zip(scores, rel):
         groups.setdefault(s, []).append(is_rel)
     rank, hits = {}, {}
@@ -50,111 +102,411 @@ def reference_query(scores: list, rel: list, ks) -> dict:
         seen += len(groups[s])
         seen_rel += sum(groups[s])
         rank[s], hits[s] = seen, seen_rel
-    out = {"ap": sum(hits[s] / rank[s] for s, is_rel in zip(scores, rel) if is_rel) / r}
+    relevant = [s for s, is_rel in zip(scores, rel) if is_rel]  # one score per relevant item
+    prec = {s: hits[s] / rank[s] for s in relevant}  # P(g)
+
+    def interpolated(s, pool):  # max of P(i) over relevant i in pool with score <= s
+        return max(prec[i] for i in pool if i <= s)
+
+    ap = sum(prec[s] for s in relevant) / r
+    ap_voc = sum(interpolated(s, relevant) for s in relevant) / r
+    out = {"standard": {"ap": ap}, "sem-pcyc": {"ap": ap}, "doodle2search": {"ap": ap},
+           "sake": {"ap": ap_voc}, "zse-sbir": {"ap": ap_voc}}
     for k in ks:
-        top = [s for s, is_rel in zip(scores, rel) if is_rel and rank[s] <= k]
-        out[f"p@{k}"] = len(top) / min(k, n)
-        out[f"ap@{k}"] = sum(hits[s] / rank[s] for s in top) / min(r, k)
+        top = [s for s in relevant if rank[s] <= k]  # relevant items in the top K
+        hits_k, m = len(top), min(r, k)
+        hits_m = sum(1 for s in relevant if rank[s] <= m)  # hits@min(R, K)
+        sum_p = sum(prec[s] for s in top)
+        sum_pint = sum(interpolated(s, top) for s in top)  # Pint@K: within the top K only
+        out["standard"].update({f"ap@{k}": sum_p / m, f"p@{k}": hits_k / min(k, n)})
+        out["sem-pcyc"].update({f"ap@{k}": sum_p / hits_k if hits_k else 0.0, f"p@{k}": hits_k / min(k, n)})
+        out["doodle2search"].update({f"p@{k}": hits_k / m})
+        out["sake"].update({f"ap@{k}": sum_pint / m, f"p@{k}": hits_k / min(k, n)})
+        out["zse-sbir"].update({f"ap@{k}": sum_pint / m, f"p@{k}": hits_m / m})
+    if pr_points:
+        # Interpolated precision at recall i / (P - 1): max P(g) over relevant g with
+        # hits(g) / R >= i / (P - 1), compared exactly in integers.
+        out["pr"] = [max(prec[s] for s in relevant if hits[s] * (pr_points - 1) >= i * r)
+                     for i in range(pr_points)]
     return out
 
 
-def reference_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks) -> dict:
-    scores = metrics.similarity(query_emb, gallery_emb).tolist()
-    per_query, per_class, skipped = [], {}, 0
+def reference_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks, pr_points: int = 0) -> dict:
+    """Every protocol for every query; means over queries with R > 0."""
+    scores = cosine_scores(query_emb, gallery_emb)
+    g_labels = gallery_labels.tolist()
+    per_query, skipped, num_relevant = {}, [], []
     for q, label in enumerate(query_labels.tolist()):
-        rel = [g == label for g in gallery_labels.tolist()]
+        rel = [g == label for g in g_labels]
+        num_relevant.append(sum(rel))
         if not any(rel):
-            skipped += 1
+            skipped.append(q)
             continue
-        result = reference_query(scores[q], rel, ks)
-        per_query.append((q, result))
-        per_class.setdefault(label, []).append(result["ap"])
-    mean = lambda key: sum(res[key] for _, res in per_query) / len(per_query)
-    out = {"map_all": mean("ap"), "num_queries": len(per_query), "num_queries_without_relevant": skipped,
-           "per_class_ap": {c: sum(v) / len(v) for c, v in per_class.items()}, "per_query": per_query}
-    for k in ks:
-        out[f"p@{k}"], out[f"map@{k}"] = mean(f"p@{k}"), mean(f"ap@{k}")
+        per_query[q] = reference_query(scores[q], rel, ks, pr_points)
+    out = {"num_queries": len(per_query), "num_queries_without_relevant": len(skipped),
+           "num_relevant": num_relevant, "skipped": skipped, "protocols": {}}
+    q_labels = query_labels.tolist()
+    for name in PROTOCOLS:
+        values = {q: res[name] for q, res in per_query.items()}
+        keys = next(iter(values.values())).keys()
+        means = {key: sum(v[key] for v in values.values()) / len(values) for key in keys}
+        per_class = {}
+        for q, v in values.items():
+            per_class.setdefault(q_labels[q], []).append(v["ap"])
+        out["protocols"][name] = {
+            "per_query": values,
+            "map_all": means["ap"],
+            **{f"p@{k}": means[f"p@{k}"] for k in ks},
+            **{f"map@{k}": means[f"ap@{k}"] for k in ks if name != "doodle2search"},
+            "per_class_ap": {c: sum(v) / len(v) for c, v in per_class.items()},
+        }
+    if pr_points:
+        out["pr_curve"] = [sum(res["pr"][i] for res in per_query.values()) / len(per_query)
+                           for i in range(pr_points)]
     return out
 
 
-def assert_matches_reference(got: dict, ref: dict, ks) -> None:
+def expected_keys(name: str, ks) -> set:
+    keys = {"map_all", "ap", "per_class_ap"} | {f"p@{k}" for k in ks} | {f"per_query_p@{k}" for k in ks}
+    if name != "doodle2search":
+        keys |= {f"map@{k}" for k in ks} | {f"per_query_ap@{k}" for k in ks}
+    return keys
+
+
+def assert_per_query(got: torch.Tensor, expected: dict, num_q: int, what: str, tol: float = 1e-9) -> None:
+    """got: (Q,) float64 on the CPU; expected: {q: value} for the queries with R > 0, else 0."""
+    assert got.shape == (num_q,) and got.dtype == torch.float64 and got.device.type == "cpu", what
+    want = [expected.get(q, 0.0) for q in range(num_q)]
+    for q, (a, b) in enumerate(zip(got.tolist(), want)):
+        assert a == pytest.approx(b, abs=tol), f"{what}, query {q}: got {a}, expected {b}"
+
+
+def assert_matches_reference(got: dict, ref: dict, ks, protocols=PROTOCOLS, tol: float = 1e-9) -> None:
+    num_q = len(ref["num_relevant"])
     assert got["num_queries"] == ref["num_queries"]
     assert got["num_queries_without_relevant"] == ref["num_queries_without_relevant"]
-    assert got["map_all"] == pytest.approx(ref["map_all"], abs=1e-9)
-    for k in ks:
-        assert got[f"p@{k}"] == pytest.approx(ref[f"p@{k}"], abs=1e-9)
-        assert got[f"map@{k}"] == pytest.approx(ref[f"map@{k}"], abs=1e-9)
-    for q, res in ref["per_query"]:
-        assert got["ap"][q].item() == pytest.approx(res["ap"], abs=1e-9)
+    assert got["num_relevant"].dtype == torch.int64
+    assert got["num_relevant"].tolist() == ref["num_relevant"]
+    assert set(got["protocols"]) == set(protocols)
+    for name in protocols:
+        res, exp = got["protocols"][name], ref["protocols"][name]
+        assert set(res) == expected_keys(name, ks), name
+        pq = exp["per_query"]
+        assert res["map_all"] == pytest.approx(exp["map_all"], abs=tol), name
+        assert_per_query(res["ap"], {q: v["ap"] for q, v in pq.items()}, num_q, f"{name} ap", tol)
         for k in ks:
-            assert got[f"per_query_p@{k}"][q].item() == pytest.approx(res[f"p@{k}"], abs=1e-9)
-            assert got[f"per_query_ap@{k}"][q].item() == pytest.approx(res[f"ap@{k}"], abs=1e-9)
-    assert got["per_class_ap"].keys() == ref["per_class_ap"].keys()
-    for c, value in ref["per_class_ap"].items():
-        assert got["per_class_ap"][c] == pytest.approx(value, abs=1e-9)
+            assert res[f"p@{k}"] == pytest.approx(exp[f"p@{k}"], abs=tol), (name, k)
+            assert_per_query(res[f"per_query_p@{k}"], {q: v[f"p@{k}"] for q, v in pq.items()}, num_q,
+                             f"{name} p@{k}", tol)
+            if name != "doodle2search":
+                assert res[f"map@{k}"] == pytest.approx(exp[f"map@{k}"], abs=tol), (name, k)
+                assert_per_query(res[f"per_query_ap@{k}"], {q: v[f"ap@{k}"] for q, v in pq.items()}, num_q,
+                                 f"{name} ap@{k}", tol)
+        assert res["per_class_ap"].keys() == exp["per_class_ap"].keys(), name
+        for c, value in exp["per_class_ap"].items():
+            assert res["per_class_ap"][c] == pytest.approx(value, abs=tol), (name, c)
+    if "pr_curve" in ref:
+        p = len(ref["pr_curve"])
+        assert torch.equal(got["pr_curve"]["recall"], torch.linspace(0, 1, p, dtype=torch.float64))
+        assert got["pr_curve"]["precision"].dtype == torch.float64
+        assert got["pr_curve"]["precision"].tolist() == pytest.approx(ref["pr_curve"], abs=tol)
+    else:
+        assert "pr_curve" not in got
 
 
-def assert_same_results(a: dict, b: dict, atol: float = 0.0) -> None:
-    """Equal keys and values; atol > 0 allows float64 rounding from a different summation order."""
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        if isinstance(value, torch.Tensor):
-            assert value.dtype == b[key].dtype and torch.allclose(value, b[key], rtol=0.0, atol=atol), key
-        elif isinstance(value, float):
-            assert value == pytest.approx(b[key], rel=0.0, abs=atol), key
-        elif isinstance(value, dict):
-            assert value.keys() == b[key].keys(), key
-            assert list(value.values()) == pytest.approx(list(b[key].values()), rel=0.0, abs=atol), key
+def assert_same_results(a, b, atol: float = 0.0, path: str = "") -> None:
+    """Equal nested results; atol > 0 allows float64 rounding from a different summation order."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for key in a:
+            assert_same_results(a[key], b[key], atol, f"{path}/{key}")
+    elif isinstance(a, torch.Tensor):
+        b = b.cpu()
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        if a.is_floating_point():
+            assert torch.allclose(a.cpu(), b, rtol=0.0, atol=atol), path
         else:
-            assert value == b[key], key
+            assert torch.equal(a.cpu(), b), path
+    elif isinstance(a, float):
+        assert isinstance(b, float) and a == pytest.approx(b, rel=0.0, abs=atol), path
+    else:
+        assert a == b, path
+
+
+# ------------------------------------------------------------------ 1, 2: against the reference
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_reference_loop_on_tied_scores(seed):
     data = make_data(seed)
-    scores = metrics.similarity(data[0], data[2])  # (Q, N)
+    scores = torch.tensor(cosine_scores(data[0], data[2]))  # (Q, N)
+    assert torch.equal(scores * 16, (scores * 16).round())  # exact multiples of 1/16
     distinct = torch.tensor([len(set(row)) for row in scores.tolist()], dtype=torch.float)
     assert distinct.mean() < scores.shape[1] / 5  # the data really is full of ties
-    got = metrics.retrieval_metrics(*data, ks=KS, chunk_size=5)
-    assert_matches_reference(got, reference_metrics(*data, ks=KS), KS)
+    got = metrics.retrieval_metrics(*data, ks=KS, protocols=PROTOCOLS, chunk_size=5, pr_points=PR_POINTS)
+    ref = reference_metrics(*data, ks=KS, pr_points=PR_POINTS)
+    assert_matches_reference(got, ref, KS)
+    # The protocols really differ on this data, so a mix-up of two of them would be caught.
+    p = got["protocols"]
+    assert not torch.allclose(p["standard"]["ap"], p["sake"]["ap"])
+    assert not torch.allclose(p["standard"]["per_query_ap@50"], p["sem-pcyc"]["per_query_ap@50"])
+    assert not torch.allclose(p["standard"]["per_query_ap@50"], p["sake"]["per_query_ap@50"])
+    assert not torch.allclose(p["standard"]["per_query_p@50"], p["doodle2search"]["per_query_p@50"])
+    assert not torch.allclose(p["doodle2search"]["per_query_p@50"], p["zse-sbir"]["per_query_p@50"])
 
 
-def test_matches_reference_loop_on_continuous_scores_with_duplicate_rows():
+@pytest.mark.parametrize("protocols", [("sake",), ("doodle2search", "standard")])
+def test_subset_of_protocols(protocols):
+    data = make_data(9)
+    got = metrics.retrieval_metrics(*data, ks=(1, 50), protocols=protocols, chunk_size=3)
+    assert_matches_reference(got, reference_metrics(*data, ks=(1, 50)), (1, 50), protocols=protocols)
+    default = metrics.retrieval_metrics(*data, ks=(1, 50))
+    assert set(default["protocols"]) == {"standard"} and "pr_curve" not in default
+
+
+@pytest.mark.parametrize("chunk_size", [5, 512])
+def test_matches_reference_loop_on_continuous_scores_with_duplicate_rows(chunk_size):
     gen = torch.Generator().manual_seed(2)
-    _, query_labels, _, gallery_labels = make_data(2)
+    query_labels, gallery_labels = class_labels()
     query_emb = torch.randn(len(query_labels), 8, generator=gen, dtype=torch.float64)
     gallery_emb = torch.randn(len(gallery_labels), 8, generator=gen, dtype=torch.float64)
     gallery_emb[1::3] = gallery_emb[0:-1:3]  # every third row repeats its predecessor: exact ties
-    gallery_emb[5] *= 3.0  # a multiple of a row ties with it under cosine
+    gallery_emb[2] = 4.0 * gallery_emb[0]  # a power-of-2 multiple ties exactly under cosine
     query_emb[1] = query_emb[0]
-    got = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=KS)
-    ref = reference_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=KS)
+    scores = cosine_scores(query_emb, gallery_emb)
+    assert all(len(set(row)) < len(row) * 3 // 4 for row in scores)  # many exact ties in every row
+    got = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=KS,
+                                    protocols=PROTOCOLS, chunk_size=chunk_size, pr_points=7)
+    ref = reference_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=KS, pr_points=7)
     assert_matches_reference(got, ref, KS)
+
+
+# ------------------------------------------------------- 3, 4: the peers' code, scikit-learn
+
+
+def sorted_relevance(scores: list, rel: list) -> np.ndarray:
+    """Relevance flags of the gallery ordered by decreasing score (the data has no ties)."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    return np.asarray(rel, dtype=np.float64)[order]
+
+
+def voc_ap_peer(rel_sorted: np.ndarray, tot_pos: int) -> float:
+    """SAKE / ZSE-SBIR: cumsums over a sorted list, then the VOC rule."""
+    tp = np.cumsum(rel_sorted)
+    fp = np.cumsum(1.0 - rel_sorted)
+    rec = tp / tot_pos
+    prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    for i in range(mpre.size - 1, 0, -1):
+        mpre[i - 1] = np.maximum(mpre[i - 1], mpre[i])
+    i = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+@pytest.mark.parametrize("seed,dim,spread", [(10, 8, 1.0), (11, 3, 0.5), (12, 16, 3.0)])
+def test_matches_peer_code_on_tie_free_data(seed, dim, spread):
+    query_emb, query_labels, gallery_emb, gallery_labels = make_continuous_data(seed, dim, spread)
+    scores = cosine_scores(query_emb, gallery_emb)
+    n = len(gallery_labels)
+    assert all(len(set(row)) == n for row in scores)  # no ties
+    got = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=KS,
+                                    protocols=PROTOCOLS, chunk_size=4)
+    p = got["protocols"]
+    aps = []
+    for q, label in enumerate(query_labels.tolist()):
+        rel = (gallery_labels == label).numpy()
+        r = int(rel.sum())
+        rel_sorted = sorted_relevance(scores[q], rel)
+        ap_voc = voc_ap_peer(rel_sorted, r)
+        ap_sk = average_precision_score(rel, np.asarray(scores[q]))
+        aps.append(ap_sk)
+        for name in VOC:
+            assert p[name]["ap"][q].item() == pytest.approx(ap_voc, abs=1e-12), (name, q)
+        for name in ("standard", "sem-pcyc", "doodle2search"):
+            assert p[name]["ap"][q].item() == pytest.approx(ap_sk, abs=1e-12), (name, q)
+        for k in KS:
+            top_rel = rel_sorted[:k]  # the top L = K items (all N when K > N)
+            ap_voc_k = voc_ap_peer(top_rel, min(k, r))
+            for name in VOC:
+                assert p[name][f"per_query_ap@{k}"][q].item() == pytest.approx(ap_voc_k, abs=1e-12), (name, q, k)
+            order = np.argsort(-np.asarray(scores[q]), kind="stable")[:k]
+            if rel[order].any():
+                sem_k = average_precision_score(rel[order], np.asarray(scores[q])[order])
+            else:
+                sem_k = 0.0
+            assert p["sem-pcyc"][f"per_query_ap@{k}"][q].item() == pytest.approx(sem_k, abs=1e-12), (q, k)
+            hits_k = top_rel.sum()
+            assert p["standard"][f"per_query_p@{k}"][q].item() == pytest.approx(hits_k / min(k, n), abs=1e-15)
+            assert p["sake"][f"per_query_p@{k}"][q].item() == pytest.approx(hits_k / min(k, n), abs=1e-15)
+            assert p["doodle2search"][f"per_query_p@{k}"][q].item() == pytest.approx(hits_k / min(r, k), abs=1e-15)
+            assert p["zse-sbir"][f"per_query_p@{k}"][q].item() == pytest.approx(
+                rel_sorted[:min(k, r)].mean(), abs=1e-15)
+    assert 0.2 < np.mean(aps) < 0.95  # the rankings are neither random nor perfect
 
 
 def test_ap_matches_sklearn_with_ties():
     query_emb, query_labels, gallery_emb, gallery_labels = make_data(3)
-    got = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels)
-    scores = metrics.similarity(query_emb, gallery_emb)  # (Q, N)
+    got = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels,
+                                    protocols=("standard", "sem-pcyc", "doodle2search"))
+    scores = np.asarray(cosine_scores(query_emb, gallery_emb))  # (Q, N)
     for q in range(len(query_labels)):
         rel = (gallery_labels == query_labels[q]).numpy()
-        expected = average_precision_score(rel, scores[q].numpy())
-        assert got["ap"][q].item() == pytest.approx(expected, abs=1e-9)
+        expected = average_precision_score(rel, scores[q])
+        for name in ("standard", "sem-pcyc", "doodle2search"):
+            assert got["protocols"][name]["ap"][q].item() == pytest.approx(expected, abs=1e-12), (name, q)
 
 
-def test_chunk_size_does_not_change_results():
-    data = make_data(4)
-    results = [metrics.retrieval_metrics(*data, ks=KS, chunk_size=c) for c in (1, 7, 10000)]
-    assert_same_results(results[0], results[1])
-    assert_same_results(results[0], results[2])
+# ------------------------------------------------------------------------- 5: _ranks_of_relevant
+
+
+def brute_force_ranks(scores: torch.Tensor, start: int, stop: int):
+    """rank = #{h : s_h >= s_j}, hits = #{relevant h : s_h >= s_j}, sorted by decreasing score."""
+    rel = scores[:, start:stop]  # (B, R)
+    rank = (scores[:, None, :] >= rel[:, :, None]).sum(2)  # (B, R)
+    hits = (rel[:, None, :] >= rel[:, :, None]).sum(2)  # (B, R)
+    order = rel.argsort(dim=1, descending=True, stable=True)
+    return rank.gather(1, order), hits.gather(1, order)
+
+
+def random_scores(kind: str, b: int, n: int, dtype, gen: torch.Generator) -> torch.Tensor:
+    if kind == "randn":
+        return torch.randn(b, n, generator=gen, dtype=dtype)
+    if kind == "integers":  # heavily tied
+        hi = int(torch.randint(1, 6, (1,), generator=gen))
+        return torch.randint(-hi, hi + 1, (b, n), generator=gen).to(dtype)
+    if kind == "equal":  # every row one value
+        return torch.randn(b, 1, generator=gen, dtype=dtype).expand(b, n).clone()
+    if kind == "signed_zeros":  # -0.0 and 0.0 both present, and other values
+        values = torch.tensor([-0.0, 0.0, 0.0, -0.0, 1.0, -1.0, 0.5], dtype=dtype)
+        return values[torch.randint(len(values), (b, n), generator=gen)]
+    if kind == "ulps":  # scores a few ulps apart: the counting grid cannot separate them
+        ulp = 2.0 ** (-24 if dtype == torch.float32 else -53)
+        return (0.75 + torch.randint(0, 5, (b, n), generator=gen).double() * ulp).to(dtype)
+    if kind == "mixed":  # a row of each kind, and relevant block tied while the rest varies
+        rows = [random_scores(k, 1, n, dtype, gen) for k in ("randn", "integers", "equal", "signed_zeros", "ulps")]
+        return torch.cat(rows * (b // 5 + 1))[:b]
+    raise ValueError(kind)
+
+
+KINDS = ("randn", "integers", "equal", "signed_zeros", "ulps", "mixed")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_ranks_of_relevant_matches_brute_force(kind, dtype):
+    gen = torch.Generator().manual_seed(KINDS.index(kind) + 100 * (dtype == torch.float64))
+    shapes = [(1, 1, 0, 1), (3, 1, 0, 1), (2, 7, 0, 7), (2, 7, 6, 7), (5, 300, 0, 300), (70, 200, 150, 151)]
+    for _ in range(20):  # (B, N, start, stop): N in [1, 300], R in [1, N], the block anywhere
+        n = int(torch.randint(1, 301, (1,), generator=gen))
+        r = int(torch.randint(1, n + 1, (1,), generator=gen))
+        start = int(torch.randint(0, n - r + 1, (1,), generator=gen))
+        b = int(torch.randint(1, 9, (1,), generator=gen))
+        shapes.append((b, n, start, start + r))
+    for b, n, start, stop in shapes:
+        scores = random_scores(kind, b, n, dtype, gen)
+        if kind == "mixed" and stop - start > 1:  # the relevant block of the first row ties
+            scores[0, start:stop] = scores[0, start]
+        want_rank, want_hits = brute_force_ranks(scores, start, stop)
+        grids = [float(3.0 * (1.0 - torch.rand(1, generator=gen))), 3.0, 1e-3]  # in (0, 3]
+        for grid in grids:
+            rank, hits = metrics._ranks_of_relevant(scores, start, stop, grid=grid)
+            case = f"kind={kind} dtype={dtype} B={b} N={n} start={start} stop={stop} grid={grid}"
+            assert rank.dtype == torch.int64 and hits.dtype == torch.int64, case
+            assert rank.shape == (b, stop - start) and hits.shape == (b, stop - start), case
+            assert torch.equal(rank, want_rank), case
+            assert torch.equal(hits, want_hits), case
+        default_rank, default_hits = metrics._ranks_of_relevant(scores, start, stop)
+        assert torch.equal(default_rank, want_rank) and torch.equal(default_hits, want_hits)
+
+
+def test_ranks_of_relevant_small_example():
+    scores = torch.tensor([[0.9, 0.5, 0.5, 0.2, 0.5, 0.9, -0.0, 0.0]])
+    rank, hits = metrics._ranks_of_relevant(scores, 1, 4)  # relevant: 0.5, 0.5, 0.2
+    assert rank.tolist() == [[5, 5, 6]]  # 0.9, 0.9, then the group 0.5 x 3; then 0.2
+    assert hits.tolist() == [[2, 2, 3]]
+    rank, hits = metrics._ranks_of_relevant(scores, 6, 8)  # relevant: -0.0 and 0.0 tie
+    assert rank.tolist() == [[8, 8]] and hits.tolist() == [[2, 2]]
+
+
+# ------------------------------------------------------------------------------- 6: PR curve
+
+
+def test_pr_curve_shape_and_limits():
+    data = make_data(13)
+    for points in (2, 3, 11, 101):
+        got = metrics.retrieval_metrics(*data, ks=(10,), pr_points=points)
+        curve = got["pr_curve"]
+        assert torch.equal(curve["recall"], torch.linspace(0, 1, points, dtype=torch.float64))
+        prec = curve["precision"]
+        assert prec.shape == (points,) and prec.dtype == torch.float64
+        assert prec[0] >= prec[-1]
+        assert (prec[:-1] >= prec[1:]).all()  # interpolated precision never rises with recall
+        assert ((prec > 0) & (prec <= 1)).all()
+        assert got["pr_curve"]["precision"].tolist() == pytest.approx(
+            reference_metrics(*data, ks=(10,), pr_points=points)["pr_curve"], abs=1e-12)
+
+
+def perfect_ranking_data(tilt: bool = True):
+    """Query c is the one-hot of class c; gallery items are their class's one-hot (times 2), plus a
+    tiny distinct tilt per item (tilt=True) or nothing (the relevant items then form one tie group)."""
+    num_classes = len(GALLERY_CLASS_SIZES)
+    query_labels, gallery_labels = class_labels(1)
+    n = len(gallery_labels)
+    one_hot = torch.eye(num_classes)[gallery_labels] * 2.0  # (N, C)
+    extra = torch.arange(n, dtype=torch.float)[:, None] / n if tilt else torch.zeros(n, 1)
+    gallery_emb = torch.cat([one_hot, extra], dim=1)
+    queries = torch.cat([torch.eye(num_classes), torch.zeros(num_classes, 1)], dim=1)  # (C, C + 1)
+    return queries, query_labels, gallery_emb, gallery_labels
+
+
+@pytest.mark.parametrize("tilt", [True, False])
+def test_pr_curve_of_perfect_ranking_is_one(tilt):
+    got = metrics.retrieval_metrics(*perfect_ranking_data(tilt), ks=(10,), pr_points=21)
+    assert got["pr_curve"]["precision"].tolist() == [1.0] * 21
+
+
+# ---------------------------------------------------------------- 7: chunk size, gallery order
+
+
+@pytest.mark.parametrize("queries_per_class,chunk_sizes", [(8, (1, 7, 10000)), (70, (64, 65, 10000))])
+def test_chunk_size_does_not_change_results(queries_per_class, chunk_sizes):
+    data = make_data(4, num_queries_per_class=queries_per_class)  # 70: more than one rank block (64)
+    results = [metrics.retrieval_metrics(*data, ks=KS, protocols=PROTOCOLS, chunk_size=c, pr_points=PR_POINTS)
+               for c in chunk_sizes]
+    for other in results[1:]:
+        assert_same_results(results[0], other, atol=1e-12)  # pr sums are added in chunk order
+        for name in PROTOCOLS:  # per-query values are exact
+            for key, value in results[0]["protocols"][name].items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, other["protocols"][name][key]), (name, key)
 
 
 def test_gallery_order_does_not_change_results():
     query_emb, query_labels, gallery_emb, gallery_labels = make_data(5)
     perm = torch.randperm(len(gallery_labels), generator=torch.Generator().manual_seed(0))
-    a = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=KS)
-    b = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb[perm], gallery_labels[perm], ks=KS)
+    kw = dict(ks=KS, protocols=PROTOCOLS, pr_points=PR_POINTS)
+    a = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, **kw)
+    b = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb[perm], gallery_labels[perm], **kw)
     assert_same_results(a, b, atol=1e-12)  # ranks and hits are exact; only float64 sums may reorder
+
+
+def test_query_order_permutes_per_query_results():
+    query_emb, query_labels, gallery_emb, gallery_labels = make_data(14)
+    perm = torch.randperm(len(query_labels), generator=torch.Generator().manual_seed(1))
+    a = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=KS, protocols=PROTOCOLS)
+    b = metrics.retrieval_metrics(query_emb[perm], query_labels[perm], gallery_emb, gallery_labels, ks=KS,
+                                  protocols=PROTOCOLS)
+    assert torch.equal(a["num_relevant"][perm], b["num_relevant"])
+    for name in PROTOCOLS:
+        for key, value in a["protocols"][name].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value[perm], b["protocols"][name][key]), (name, key)
+            else:
+                assert_same_results(value, b["protocols"][name][key], atol=1e-12)
+
+
+# ------------------------------------------------------------- 8: class missing from the gallery
 
 
 def test_query_class_missing_from_gallery_is_excluded_and_counted():
@@ -162,55 +514,87 @@ def test_query_class_missing_from_gallery_is_excluded_and_counted():
     extra = dyadic_embeddings(3, torch.Generator().manual_seed(1))
     all_emb = torch.cat([query_emb, extra])
     all_labels = torch.cat([query_labels, torch.full((3,), 99)])
-    got = metrics.retrieval_metrics(all_emb, all_labels, gallery_emb, gallery_labels, ks=KS)
-    kept = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=KS)
-    assert got["num_queries_without_relevant"] == 3
+    kw = dict(ks=KS, protocols=PROTOCOLS, pr_points=PR_POINTS)
+    got = metrics.retrieval_metrics(all_emb, all_labels, gallery_emb, gallery_labels, **kw)
+    kept = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, **kw)
+    assert got["num_queries_without_relevant"] == 3 and kept["num_queries_without_relevant"] == 0
     assert got["num_queries"] == len(query_labels)
-    assert 99 not in got["per_class_ap"]
     assert got["num_relevant"][-3:].tolist() == [0, 0, 0]
-    for key, value in got.items():
-        if isinstance(value, torch.Tensor):
-            assert not value.double().isnan().any(), key
-            if key != "num_relevant":
-                assert value[-3:].tolist() == [0.0, 0.0, 0.0], key
-                assert torch.equal(value[:-3], kept[key]), key
-        elif isinstance(value, float):
-            assert value == kept[key], key
-    assert_matches_reference(got, reference_metrics(all_emb, all_labels, gallery_emb, gallery_labels, KS), KS)
+    assert torch.equal(got["num_relevant"][:-3], kept["num_relevant"])
+    for name in PROTOCOLS:
+        res = got["protocols"][name]
+        assert 99 not in res["per_class_ap"], name
+        assert res["per_class_ap"] == kept["protocols"][name]["per_class_ap"], name
+        for key, value in res.items():
+            if isinstance(value, torch.Tensor):
+                assert not value.isnan().any(), (name, key)
+                assert value[-3:].tolist() == [0.0, 0.0, 0.0], (name, key)
+                assert torch.equal(value[:-3], kept["protocols"][name][key]), (name, key)
+            elif isinstance(value, float):
+                assert not math.isnan(value), (name, key)
+                assert value == kept["protocols"][name][key], (name, key)
+            else:
+                assert not any(math.isnan(v) for v in value.values()), (name, key)
+    assert not got["pr_curve"]["precision"].isnan().any()
+    assert torch.equal(got["pr_curve"]["precision"], kept["pr_curve"]["precision"])
+    ref = reference_metrics(all_emb, all_labels, gallery_emb, gallery_labels, KS, pr_points=PR_POINTS)
+    assert ref["skipped"] == [len(query_labels), len(query_labels) + 1, len(query_labels) + 2]
+    assert_matches_reference(got, ref, KS)
+
+
+# ----------------------------------------------------------------- perfect and reversed rankings
 
 
 def test_perfect_and_reversed_rankings():
+    queries, query_labels, gallery_emb, gallery_labels = perfect_ranking_data(tilt=True)
+    _, _, tied_gallery, _ = perfect_ranking_data(tilt=False)
     num_classes = len(GALLERY_CLASS_SIZES)
-    gallery_labels = torch.cat([torch.full((size,), c) for c, size in enumerate(GALLERY_CLASS_SIZES)])
-    query_labels = torch.arange(num_classes)
     n, ks = len(gallery_labels), (10, 50, 1000)
-    one_hot = torch.eye(num_classes)[gallery_labels] * 2.0  # (N, C), the class, unnormalised
-    distinct = torch.arange(n, dtype=torch.float)[:, None] / n  # (N, 1) a different tilt per item
-    gallery_emb = torch.cat([one_hot, distinct], dim=1)  # relevant scores all distinct and > 0
-    queries = torch.cat([torch.eye(num_classes), torch.zeros(num_classes, 1)], dim=1)  # (C, C + 1)
-    perfect = metrics.retrieval_metrics(queries, query_labels, gallery_emb, gallery_labels, ks=ks)
-    assert perfect["map_all"] == pytest.approx(1.0, abs=1e-15)
-    for k in ks:
-        expected = [min(r, k) / min(k, n) for r in GALLERY_CLASS_SIZES]
-        assert perfect[f"per_query_p@{k}"].tolist() == pytest.approx(expected, abs=1e-12)
-        assert perfect[f"map@{k}"] == pytest.approx(1.0, abs=1e-15)
-    assert perfect["p@1000"] == pytest.approx(1 / num_classes)  # K > N: R / N, averaged
+    kw = dict(ks=ks, protocols=PROTOCOLS)
+    perfect = metrics.retrieval_metrics(queries, query_labels, gallery_emb, gallery_labels, **kw)["protocols"]
+    for name in PROTOCOLS:
+        assert perfect[name]["map_all"] == pytest.approx(1.0, abs=1e-15), name
+        for k in ks:
+            if name in ("doodle2search", "zse-sbir"):
+                expected = [1.0] * num_classes
+            else:
+                expected = [min(r, k) / min(k, n) for r in GALLERY_CLASS_SIZES]
+            assert perfect[name][f"per_query_p@{k}"].tolist() == pytest.approx(expected, abs=1e-12), (name, k)
+            if name != "doodle2search":
+                assert perfect[name][f"map@{k}"] == pytest.approx(1.0, abs=1e-15), (name, k)
+    assert perfect["standard"]["p@1000"] == pytest.approx(1 / num_classes)  # K > N: R / N, averaged
 
-    tied_gallery = torch.cat([one_hot, torch.zeros(n, 1)], dim=1)  # relevant items form one tie group
-    tied = metrics.retrieval_metrics(queries, query_labels, tied_gallery, gallery_labels, ks=ks)
-    assert tied["map_all"] == 1.0
+    tied = metrics.retrieval_metrics(queries, query_labels, tied_gallery, gallery_labels, **kw)["protocols"]
     small_r = [r <= 10 for r in GALLERY_CLASS_SIZES]  # a tie group straddling K counts as outside
-    assert tied["per_query_p@10"].tolist() == [r / 10 if s else 0.0 for r, s in zip(GALLERY_CLASS_SIZES, small_r)]
-    assert tied["per_query_ap@10"].tolist() == [1.0 if s else 0.0 for s in small_r]
+    for name in PROTOCOLS:
+        assert tied[name]["map_all"] == 1.0, name
+        if name in ("doodle2search", "zse-sbir"):
+            expected = [1.0 if s else 0.0 for s in small_r]
+        else:
+            expected = [r / 10 if s else 0.0 for r, s in zip(GALLERY_CLASS_SIZES, small_r)]
+        assert tied[name]["per_query_p@10"].tolist() == expected, name
+        if name != "doodle2search":
+            assert tied[name]["per_query_ap@10"].tolist() == [1.0 if s else 0.0 for s in small_r], name
 
-    reversed_ = metrics.retrieval_metrics(-queries, query_labels, gallery_emb, gallery_labels, ks=ks)
-    reversed_tied = metrics.retrieval_metrics(-queries, query_labels, tied_gallery, gallery_labels, ks=ks)
+    reversed_ = metrics.retrieval_metrics(-queries, query_labels, gallery_emb, gallery_labels, **kw)["protocols"]
+    reversed_tied = metrics.retrieval_metrics(-queries, query_labels, tied_gallery, gallery_labels, **kw)["protocols"]
     for q, r in enumerate(GALLERY_CLASS_SIZES):  # the R relevant items come last, after one tie group
         expected = sum(i / (n - r + i) for i in range(1, r + 1)) / r
-        assert reversed_["ap"][q].item() == pytest.approx(expected, abs=1e-12)
-        assert reversed_tied["ap"][q].item() == pytest.approx(r / n, abs=1e-15)  # all at rank N
-    assert reversed_["map_all"] < metrics.chance_map(query_labels, gallery_labels)
-    assert reversed_["p@10"] == 0.0
+        for name in ("standard", "sem-pcyc", "doodle2search"):
+            assert reversed_[name]["ap"][q].item() == pytest.approx(expected, abs=1e-12), (name, q)
+        for name in VOC:  # P(g) rises towards the end, so every Pint(g) = P(last) = R / N
+            assert reversed_[name]["ap"][q].item() == pytest.approx(r / n, abs=1e-12), (name, q)
+        for name in PROTOCOLS:
+            assert reversed_tied[name]["ap"][q].item() == pytest.approx(r / n, abs=1e-15), (name, q)
+    chance = metrics.chance_map(query_labels, gallery_labels)
+    for name in PROTOCOLS:
+        assert reversed_[name]["map_all"] < chance, name
+        assert reversed_[name]["p@10"] == 0.0, name
+        if name != "doodle2search":
+            assert reversed_[name]["map@10"] == 0.0, name
+
+
+# ----------------------------------------------------------------------------- chance level
 
 
 def random_permutation_ap(rel: list) -> float:
@@ -264,24 +648,50 @@ def test_chance_map_averages_over_queries_with_relevant_items():
         metrics.chance_map(torch.tensor([5]), gallery_labels)
 
 
+# ------------------------------------------------------------------------------ 9: bad inputs
+
+
 def test_bad_inputs_raise():
     query_emb, query_labels, gallery_emb, gallery_labels = make_data(7)
+    data = (query_emb, query_labels, gallery_emb, gallery_labels)
+    with pytest.raises(ValueError, match="'voc'") as err:
+        metrics.retrieval_metrics(*data, protocols=("standard", "voc"))
+    assert all(name in str(err.value) for name in PROTOCOLS)  # the message lists the valid names
+    with pytest.raises(ValueError, match="empty"):
+        metrics.retrieval_metrics(query_emb, query_labels, gallery_emb[:0], gallery_labels[:0])
     with pytest.raises(ValueError, match="no query"):
         metrics.retrieval_metrics(query_emb, query_labels + 100, gallery_emb, gallery_labels)
-    query_emb[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels)
+    with pytest.raises(ValueError):  # mismatched embedding dimensions
+        metrics.retrieval_metrics(query_emb, query_labels, gallery_emb[:, :8], gallery_labels)
+    with pytest.raises(ValueError):  # one label per embedding
+        metrics.retrieval_metrics(query_emb, query_labels[:-1], gallery_emb, gallery_labels)
+    for bad in (dict(ks=(0,)), dict(chunk_size=0), dict(pr_points=1), dict(pr_points=-2)):
+        with pytest.raises(ValueError):
+            metrics.retrieval_metrics(*data, **bad)
+    for which in (0, 2):
+        broken = [t.clone() for t in data]
+        broken[which][1, 3] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            metrics.retrieval_metrics(*broken)
 
 
 def test_similarity_is_cosine():
     query_emb, gallery_emb = torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, -2.0], [6.0, 8.0]])
     assert metrics.similarity(query_emb, gallery_emb)[0].tolist() == pytest.approx([0.6, -0.8, 1.0])
     assert metrics.similarity(query_emb.half(), gallery_emb.half()).dtype == torch.float32
+    data = make_data(15)
+    assert metrics.similarity(data[0], data[2]).tolist() == cosine_scores(data[0], data[2])  # exact: dyadic
+
+
+# ------------------------------------------------------------------------------------- 10: CUDA
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_matches_cpu():
-    data = make_data(8)
-    cpu = metrics.retrieval_metrics(*data, ks=KS, chunk_size=16)
-    cuda = metrics.retrieval_metrics(*(t.cuda() for t in data), ks=KS, chunk_size=16)
+    data = make_data(8, num_queries_per_class=70)
+    kw = dict(ks=KS, protocols=PROTOCOLS, chunk_size=100, pr_points=PR_POINTS)
+    cpu = metrics.retrieval_metrics(*data, **kw)
+    cuda = metrics.retrieval_metrics(*(t.cuda() for t in data), **kw)
     assert_same_results(cpu, cuda, atol=1e-12)
+    for name in PROTOCOLS:  # the ranks are exact on either device, so the per-query values are equal
+        assert torch.equal(cpu["protocols"][name]["ap"], cuda["protocols"][name]["ap"].cpu())
