@@ -26,7 +26,7 @@ $(DEMO_DATA)/.demo_data: demo_data.py | venv
 demo: venv $(DEMO_DATA)/.demo_data
 	$(PY) train.py --data_dir $(DEMO_DATA) --checkpoint_dir $(DEMO_RUN) $(DEMO_TRAIN_ARGS) $(EXTRA_TRAIN_ARGS)
 	$(PY) evaluate.py --model $(DEMO_RUN)/best.pth --data $(DEMO_DATA) --output_dir $(DEMO_RUN)/eval \
-		--num_sketches 10 --num_images 6 --compare_untrained --workers 1
+		--num_sketches 10 --num_images 6 --compare_untrained --workers 1 --save_embeddings $(DEMO_RUN)/eval/embeddings.pt
 
 test: venv
 	$(PY) -m pytest tests -q

@@ -158,7 +158,10 @@ def scan_dataset(root: str, check_images: bool = True) -> SBIRData:
     return data
 
 
-def split_seen(data: SBIRData, val_fraction: float, seed: int = 0) -> tuple[dict, dict]:
+VAL_SPLIT_SEED = 0  # the seen-class validation hold-out never changes with --seed
+
+
+def split_seen(data: SBIRData, val_fraction: float, seed: int = VAL_SPLIT_SEED) -> tuple[dict, dict]:
     """Hold out a fixed, seeded fraction of every seen class's sketches and photos.
 
     Returns ``train`` and ``val``, each {"sketches": {class: paths}, "photos": {class: paths}}.

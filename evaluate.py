@@ -1,14 +1,18 @@
-"""Evaluate a trained model on the unseen classes: mAP@all, P@100, mAP@200, P@200, retrieval grids.
+"""Evaluate a trained model: mAP@all, P@100, mAP@200, P@200 under the literature's conventions, plots, grids.
 
     python evaluate.py --model ckpt/best.pth --data data/sketchy --num_sketches 10 --num_images 5
-    python evaluate.py --model ckpt/best.pth --data data/demo --compare_untrained --output_dir results
+    python evaluate.py --model ckpt/best.pth --data data/demo --protocol all --save_embeddings emb.pt
+    python evaluate.py --embeddings emb.pt --protocol sake          # no model, no images: seconds
 
-Every unseen-class sketch (DATA/test_labels.txt) queries the gallery of every unseen-class photo;
-docs/metrics.md defines the metrics. Writes results.json and one PNG grid per random query sketch
-(the sketch, then the top --num_images photos framed green when of the sketch's class, red if not).
+The test split's sketches (unseen classes, DATA/test_labels.txt) query every photo of those classes;
+--split val uses the seen-class validation hold-out that train.py selected best.pth on instead.
+docs/metrics.md defines the conventions (standard, sake, sem-pcyc, doodle2search, zse-sbir). Writes
+to --output_dir: results.json, pr_curve.png, per_class_ap.png and one retrieval grid per random
+query sketch (the sketch, then its top --num_images photos, framed green when of the sketch's class).
 """
 import argparse
 import os
+import time
 
 import numpy as np
 import torch
@@ -18,16 +22,28 @@ import metrics
 import utils
 from model import PretrainedWeightsUnavailable, ZSSBIRModel
 
+EMBEDDINGS_FORMAT = "zs-sbir-embeddings/1"
+KS = (100, 200)
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", type=str, required=True, help="checkpoint written by train.py (best.pth / last.pth)")
-    p.add_argument("--data", type=str, required=True, help="dataset folder (see README: data layout)")
+    p.add_argument("--model", type=str, default="", help="checkpoint written by train.py (best.pth / last.pth)")
+    p.add_argument("--data", type=str, default="", help="dataset folder (see README: data layout)")
+    p.add_argument("--split", type=str, default="test",
+                   help="test: unseen classes; val: the seen-class validation hold-out used for model selection")
+    p.add_argument("--protocol", type=str, default="all",
+                   help=f"metric convention: {', '.join(metrics.PROTOCOLS)}, or all (docs/metrics.md)")
+    p.add_argument("--save_embeddings", type=str, default="",
+                   help="also store the query and gallery embeddings, labels and paths in this file")
+    p.add_argument("--embeddings", type=str, default="",
+                   help="evaluate embeddings saved by --save_embeddings (no model or images are loaded)")
     p.add_argument("--num_images", type=int, default=5, help="photos shown per retrieval grid")
     p.add_argument("--num_sketches", type=int, default=10, help="random query sketches drawn as grids")
     p.add_argument("--batch_size", type=int, default=64, help="images per embedding batch")
-    p.add_argument("--output_dir", type=str, default="", help="results folder (default: <model folder>/eval)")
+    p.add_argument("--output_dir", type=str, default="",
+                   help="results folder (default: eval/ beside the model, or beside --embeddings)")
     p.add_argument("--compare_untrained", action=argparse.BooleanOptionalAction, default=False,
                    help="also evaluate the same network at its (seeded) initialisation, as a baseline")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
@@ -38,13 +54,28 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    for name in ("batch_size",):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.batch_size < 1:
+        raise utils.UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     for name in ("num_images", "num_sketches", "workers"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.protocol != "all" and args.protocol not in metrics.PROTOCOLS:
+        raise utils.UserError(f"unknown --protocol {args.protocol!r}; choose one of "
+                              f"{', '.join(metrics.PROTOCOLS)}, or all")
+    if args.split not in ("test", "val"):
+        raise utils.UserError(f"unknown --split {args.split!r}; choose test (unseen classes) or val "
+                              "(seen-class validation hold-out)")
+    if args.embeddings:
+        if args.save_embeddings:
+            raise utils.UserError("--embeddings and --save_embeddings together would only copy the file")
+        if args.compare_untrained:
+            raise utils.UserError("--compare_untrained needs the network: pass --model and --data "
+                                  "instead of --embeddings")
+    elif not (args.model and args.data):
+        raise utils.UserError("pass --model and --data (or --embeddings FILE saved by --save_embeddings)")
 
+
+# ----------------------------------------------------------------------------------- embeddings
 
 def build_model(ckpt: dict, path: str, trained: bool) -> ZSSBIRModel:
     """The checkpoint's network: with its trained weights, or as initialised under its seed."""
@@ -56,23 +87,126 @@ def build_model(ckpt: dict, path: str, trained: bool) -> ZSSBIRModel:
     return model
 
 
-def evaluate_model(model, sketches, photos, image_size: int, args, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Embed unseen sketches (queries) and photos (gallery); return metrics and both embeddings."""
+def split_images(data: dataset.SBIRData, split: str, val_fraction: float) -> tuple[list, tuple, tuple]:
+    """(class names, (sketch paths, labels), (photo paths, labels)) of the evaluated split."""
+    if split == "test":
+        classes, sketches, photos = data.unseen, data.sketches, data.photos
+    else:
+        classes = data.seen
+        _, val = dataset.split_seen(data, val_fraction, seed=dataset.VAL_SPLIT_SEED)
+        sketches, photos = val["sketches"], val["photos"]
+    return classes, dataset.flatten(sketches, classes), dataset.flatten(photos, classes)
+
+
+def embed_split(model, sketches, photos, image_size: int, args, device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Embed the query sketches (Q, D) and gallery photos (N, D); also images per second."""
     model.to(device)
     common = dict(image_size=image_size, batch_size=args.batch_size, workers=args.workers, device=device,
                   amp=args.amp)
+    start = time.perf_counter()
     q = utils.embed_images(model.sketch_encoder, sketches[0], desc="embed sketches", **common)  # (Q, D)
     g = utils.embed_images(model.photo_encoder, photos[0], desc="embed photos", **common)      # (N, D)
-    res = metrics.retrieval_metrics(q, torch.tensor(sketches[1]), g, torch.tensor(photos[1]), ks=(100, 200))
-    return res, q, g
+    seconds = time.perf_counter() - start
+    return q, g, (len(sketches[0]) + len(photos[0])) / max(seconds, 1e-9)
 
 
-def summary(res: dict, classes: list) -> dict:
-    """The JSON-able part of retrieval_metrics' output, per-class AP keyed by class name."""
-    keys = ("map_all", "p@100", "map@100", "p@200", "map@200", "num_queries", "num_queries_without_relevant")
-    out = {k: res[k] for k in keys if k in res}
-    out["per_class_ap"] = {classes[c]: ap for c, ap in sorted(res["per_class_ap"].items())}
+def save_embeddings(path: str, run: dict) -> None:
+    """The embeddings, labels, relative paths and where they came from, as a torch file (atomic)."""
+    utils.ensure_dir(os.path.dirname(os.path.abspath(path)), "embeddings folder")
+    utils.atomic_write(path, lambda f: torch.save({"format": EMBEDDINGS_FORMAT, **run}, f))
+
+
+def load_embeddings(path: str) -> dict:
+    """Read and check a --save_embeddings file; every problem is one UserError line."""
+    if not os.path.isfile(path):
+        raise utils.UserError(f"embeddings file {path} not found; write one with evaluate.py --save_embeddings")
+    try:
+        run = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise utils.UserError(f"{path} is not an embeddings file written by evaluate.py --save_embeddings "
+                              f"({type(e).__name__})") from None
+    if not isinstance(run, dict) or run.get("format") != EMBEDDINGS_FORMAT:
+        raise utils.UserError(f"{path} is not an embeddings file written by evaluate.py --save_embeddings")
+    q, g = run["queries"], run["gallery"]
+    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+        raise utils.UserError(f"{path}: query embeddings {tuple(q.shape)} and gallery embeddings "
+                              f"{tuple(g.shape)} do not have the same dimension; the file is corrupt")
+    for emb, labels, paths, what in ((q, run["query_labels"], run["query_paths"], "query"),
+                                     (g, run["gallery_labels"], run["gallery_paths"], "gallery")):
+        if not (emb.shape[0] == labels.numel() == len(paths)):
+            raise utils.UserError(f"{path}: {emb.shape[0]} {what} embeddings but {labels.numel()} labels and "
+                                  f"{len(paths)} paths; the file is corrupt")
+    return run
+
+
+def check_same_dataset(run: dict, path: str, classes: list, sketches, photos, root: str, split: str) -> None:
+    """The embeddings file must describe exactly this dataset split (same classes and files)."""
+    rel = lambda paths: sorted(os.path.relpath(p, root) for p in paths)
+    if run["split"] != split or run["classes"] != classes or \
+            sorted(run["query_paths"]) != rel(sketches[0]) or sorted(run["gallery_paths"]) != rel(photos[0]):
+        raise utils.UserError(
+            f"{path} holds embeddings of another dataset or split ({run['split']} split of {run['data']}: "
+            f"{len(run['classes'])} classes, {len(run['query_paths'])} sketches, {len(run['gallery_paths'])} "
+            f"photos), not of {root}'s {split} split ({len(classes)} classes, {len(sketches[0])} sketches, "
+            f"{len(photos[0])} photos); re-run evaluate.py --save_embeddings on this dataset")
+
+
+# ----------------------------------------------------------------------------------- reporting
+
+def summary(res: dict, name: str, classes: list) -> dict:
+    """JSON-able results of one protocol, per-class AP keyed by class name."""
+    p = res["protocols"][name]
+    out = {k: p[k] for k in ("map_all", *(f"p@{k}" for k in KS), *(f"map@{k}" for k in KS)) if k in p}
+    out["per_class_ap"] = {classes[c]: ap for c, ap in sorted(p["per_class_ap"].items())}
     return out
+
+
+def print_table(results: dict, names: list) -> None:
+    cell = lambda v: f"{v:8.4f}" if v is not None else f"{'-':>8}"
+    print(f"{'protocol':<15}{'mAP@all':>8}{'P@100':>8}{'mAP@200':>8}{'P@200':>8}")
+    for name in names:
+        r = results["protocols"][name]
+        print(f"{name:<15}" + "".join(cell(r.get(k)) for k in ("map_all", "p@100", "map@200", "p@200")))
+
+
+def plot_pr_curve(curve: dict, label: str, out_path: str) -> None:
+    """Mean interpolated precision over the queries at each recall level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.plot(curve["recall"], curve["precision"], lw=2, label=label)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("interpolated precision (mean over queries)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    utils.atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def plot_per_class_ap(per_class: dict, chance: float, out_path: str) -> None:
+    """Horizontal bars of every class's AP, best at the top, with the mAP and the chance level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted(per_class.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.22 * len(items)))
+    ax.barh(range(len(items)), [v for _, v in items], color="tab:blue")
+    ax.set_yticks(range(len(items)), [c for c, _ in items], fontsize=8)
+    mean = sum(v for _, v in items) / len(items)
+    ax.axvline(mean, color="black", lw=1, label=f"mean of classes {mean:.3f}")
+    ax.axvline(chance, color="grey", ls="--", lw=1, label=f"chance {chance:.3f}")
+    ax.set_xlabel("AP (mean over the class's query sketches)")
+    ax.set_xlim(0, 1)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    utils.atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
 
 
 def save_grid(query_path: str, query_class: str, hits: list, out_path: str, image_size: int) -> None:
@@ -90,7 +224,7 @@ def save_grid(query_path: str, query_class: str, hits: list, out_path: str, imag
     for ax, (path, title, colour) in zip(axes, panels):
         img = dataset.load_image(path).resize((max(image_size, 96),) * 2)
         ax.imshow(img)
-        ax.set_title(title, fontsize=8, color=colour if colour != "black" else "black")
+        ax.set_title(title, fontsize=8, color=colour)
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():
@@ -106,6 +240,8 @@ def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, arg
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(sketches[0]), size=min(args.num_sketches, len(sketches[0])), replace=False)
     k = min(args.num_images, len(photos[0]))
+    if len(picks) == 0 or k == 0:
+        return []
     scores = metrics.similarity(q[torch.as_tensor(picks)], g)  # (n, N)
     top = torch.topk(scores, k, dim=1)
     written = []
@@ -117,42 +253,121 @@ def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, arg
     return written
 
 
+# ----------------------------------------------------------------------------------- main
+
 def main(args) -> None:
     check_args(args)
-    ckpt = utils.load_checkpoint(args.model)
-    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.model)), "eval")
+    names = list(metrics.PROTOCOLS) if args.protocol == "all" else [args.protocol]
+    anchor = args.embeddings or args.model
+    # The inputs are checked before anything is written.
+    run = load_embeddings(args.embeddings) if args.embeddings else None
+    ckpt = utils.load_checkpoint(args.model) if args.model else None
+    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(anchor)), "eval")
     utils.ensure_dir(out_dir, "output folder")
     info = utils.print_banner("evaluate.py", args)
-    device = utils.get_device(args.device)
-    image_size = ckpt["args"]["image_size"]
-    print(f"model {args.model}: {ckpt['args']['backbone']}, {ckpt['args']['embedding_dim']}-d, "
-          f"{image_size}px, trained {ckpt['epoch']} epoch(s), seen-class val mAP@all {ckpt['best']:.4f}")
 
-    data = dataset.scan_dataset(args.data)
-    if data.skipped:
-        print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
-    sketches = dataset.flatten(data.sketches, data.unseen)  # (paths, labels)
-    photos = dataset.flatten(data.photos, data.unseen)
-    print(f"unseen classes: {len(data.unseen)}; {len(sketches[0])} query sketches, {len(photos[0])} gallery photos")
+    if args.embeddings:
+        if run["split"] != args.split:
+            raise utils.UserError(f"{args.embeddings} holds the {run['split']} split, not --split {args.split}")
+        if args.data:
+            data = dataset.scan_dataset(args.data, check_images=False)
+            classes, sketches, photos = split_images(data, args.split, run["model"]["val_fraction"])
+            check_same_dataset(run, args.embeddings, classes, sketches, photos, args.data, args.split)
+        if args.model:
+            a = ckpt["args"]
+            if (a["backbone"], a["embedding_dim"]) != (run["model"]["backbone"], run["model"]["embedding_dim"]):
+                raise utils.UserError(f"{args.embeddings} was made by a {run['model']['embedding_dim']}-d "
+                                      f"{run['model']['backbone']}, not by {args.model} ({a['embedding_dim']}-d "
+                                      f"{a['backbone']})")
+        classes, q, g = run["classes"], run["queries"], run["gallery"]
+        q_labels, g_labels = run["query_labels"], run["gallery_labels"]
+        throughput = run["throughput"]
+        print(f"embeddings {args.embeddings}: {run['split']} split of {run['data']}, model {run['model']['path']} "
+              f"({run['model']['backbone']}, {q.shape[1]}-d)")
+    else:
+        a = ckpt["args"]
+        device = utils.get_device(args.device)
+        print(f"model {args.model}: {a['backbone']}, {a['embedding_dim']}-d, {a['image_size']}px, trained "
+              f"{ckpt['epoch']} epoch(s), seen-class val mAP@all {ckpt['best']:.4f}")
+        data = dataset.scan_dataset(args.data)
+        if data.skipped:
+            print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
+        classes, sketches, photos = split_images(data, args.split, a["val_fraction"])
+        if not sketches[0] or not photos[0]:
+            raise utils.UserError(f"the {args.split} split of {args.data} has {len(sketches[0])} sketches and "
+                                  f"{len(photos[0])} photos; it needs both (for --split val, train with "
+                                  "--val_fraction > 0)")
+        model = build_model(ckpt, args.model, trained=True)
+        q, g, throughput = embed_split(model, sketches, photos, a["image_size"], args, device)
+        q_labels, g_labels = torch.tensor(sketches[1]), torch.tensor(photos[1])
+        print(f"embedded {len(sketches[0]) + len(photos[0])} images at {throughput:.1f} images/s")
+        if args.save_embeddings:
+            root = os.path.abspath(args.data)
+            save_embeddings(args.save_embeddings, {
+                "queries": q, "query_labels": q_labels, "query_paths": [os.path.relpath(p, root) for p in sketches[0]],
+                "gallery": g, "gallery_labels": g_labels, "gallery_paths": [os.path.relpath(p, root) for p in photos[0]],
+                "classes": list(classes), "split": args.split, "data": root, "throughput": throughput,
+                "model": {"path": os.path.abspath(args.model), "epoch": ckpt["epoch"], "step": ckpt["step"],
+                          **{k: a[k] for k in ("backbone", "embedding_dim", "image_size", "val_fraction")}}})
+            print(f"saved embeddings to {args.save_embeddings}")
 
-    res, q, g = evaluate_model(build_model(ckpt, args.model, trained=True), sketches, photos, image_size, args, device)
-    chance = metrics.chance_map(torch.tensor(sketches[1]), torch.tensor(photos[1]))
-    results = {"model": args.model, "data": args.data, "commit": info["commit"], "checkpoint_epoch": ckpt["epoch"],
-               "num_gallery": len(photos[0]), "chance_map_all": chance, **summary(res, data.unseen)}
-    print(f"unseen-class mAP@all {res['map_all']:.4f}   P@100 {res['p@100']:.4f}   "
-          f"mAP@200 {res['map@200']:.4f}   P@200 {res['p@200']:.4f}")
-    print(f"chance level mAP@all {chance:.4f}  (trained / chance = {res['map_all'] / chance:.2f}x)")
+    if g.shape[0] == 0:
+        raise utils.UserError(f"the gallery is empty: the {args.split} split has no photos to retrieve")
+    if q.shape[0] == 0:
+        raise utils.UserError(f"there are no query sketches in the {args.split} split")
+    missing = sorted(set(q_labels.tolist()) - set(g_labels.tolist()))
+    if missing:
+        num = int(torch.isin(q_labels, torch.tensor(missing)).sum())
+        print(f"warning: {num} query sketch(es) of {len(missing)} class(es) with no photo in the gallery "
+              f"({', '.join(classes[c] for c in missing[:5])}{', ...' if len(missing) > 5 else ''}) are left out "
+              "of every mean")
+        if len(missing) == len(set(q_labels.tolist())):
+            raise utils.UserError("no query sketch has a photo of its class in the gallery; check the dataset's "
+                                  "photos folders")
+    start = time.perf_counter()
+    res = metrics.retrieval_metrics(q, q_labels, g, g_labels, ks=KS, protocols=names, pr_points=101)
+    metric_seconds = time.perf_counter() - start
+    chance = metrics.chance_map(q_labels, g_labels)
+
+    results = {"model": args.model or run["model"]["path"], "data": args.data or run["data"], "split": args.split,
+               "embeddings": args.embeddings or None, "commit": info["commit"],
+               "num_queries": res["num_queries"], "num_gallery": int(g.shape[0]), "num_classes": len(classes),
+               "num_queries_without_relevant": res["num_queries_without_relevant"],
+               "classes_without_photos": [classes[c] for c in missing],
+               "throughput_images_per_s": throughput, "metrics_seconds": metric_seconds,
+               "chance_map_all": chance, "protocols": {n: summary(res, n, classes) for n in names},
+               "pr_curve": {k: v.tolist() for k, v in res["pr_curve"].items()}}
+    if "standard" in names:
+        results.update(results["protocols"]["standard"])  # the headline numbers, also at the top level
+    head = names[0]
+    what = "unseen classes" if args.split == "test" else "seen-class validation hold-out"
+    print(f"{args.split} split ({what}): {res['num_queries']} query sketches, {g.shape[0]} gallery photos, "
+          f"{len(classes)} classes; metrics in {metric_seconds:.2f}s")
+    print_table(results, names)
+    top = results["protocols"][head]["map_all"]
+    print(f"chance level mAP@all {chance:.4f}  ({head} / chance = {top / chance:.2f}x)")
     if args.compare_untrained:
-        base, _, _ = evaluate_model(build_model(ckpt, args.model, trained=False), sketches, photos, image_size,
-                                    args, device)
-        results["untrained"] = summary(base, data.unseen)
-        print(f"untrained network mAP@all {base['map_all']:.4f}  (trained / untrained = "
-              f"{res['map_all'] / base['map_all']:.2f}x)")
-    results["grids"] = write_grids(q, g, sketches, photos, data.unseen, args, image_size, out_dir)
+        base_model = build_model(ckpt, args.model, trained=False)
+        bq, bg, _ = embed_split(base_model, sketches, photos, a["image_size"], args, device)
+        base = metrics.retrieval_metrics(bq, q_labels, bg, g_labels, ks=KS, protocols=names)
+        results["untrained"] = {n: summary(base, n, classes) for n in names}
+        if "standard" in names:
+            results["untrained"].update(results["untrained"]["standard"])
+        b = results["untrained"][head]["map_all"]
+        print(f"untrained network mAP@all {b:.4f}  ({head}: trained / untrained = {top / b:.2f}x)")
+
+    plot_pr_curve(results["pr_curve"], f"{head} mAP@all {top:.3f}", os.path.join(out_dir, "pr_curve.png"))
+    plot_per_class_ap(results["protocols"][head]["per_class_ap"], chance, os.path.join(out_dir, "per_class_ap.png"))
+    if args.embeddings:
+        results["grids"] = []
+        print("no retrieval grids from --embeddings (they need the images)")
+    else:
+        results["grids"] = write_grids(q, g, sketches, photos, classes, args, a["image_size"], out_dir)
     utils.write_json(os.path.join(out_dir, "results.json"), results)
-    worst = sorted(results["per_class_ap"].items(), key=lambda kv: kv[1])
-    print("per-class AP: " + ", ".join(f"{c} {ap:.3f}" for c, ap in worst))
-    print(f"wrote {os.path.join(out_dir, 'results.json')} and {len(results['grids'])} retrieval grid(s) to {out_dir}")
+    worst = sorted(results["protocols"][head]["per_class_ap"].items(), key=lambda kv: kv[1])
+    print("per-class AP: " + ", ".join(f"{c} {ap:.3f}" for c, ap in worst[:10]) + (" ..." if len(worst) > 10 else ""))
+    print(f"wrote results.json, pr_curve.png, per_class_ap.png and {len(results['grids'])} retrieval grid(s) "
+          f"to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import metrics
 import utils
 from model import BACKBONES, PretrainedWeightsUnavailable, ZSSBIRModel, grl_lambda, sbir_losses
 
-VAL_SPLIT_SEED = 0  # the seen-class validation hold-out never changes with --seed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -100,7 +99,8 @@ def validate(model, val: dict, classes: list, args, device) -> float:
                   device=device, amp=args.amp)
     q = utils.embed_images(model.sketch_encoder, sk_paths, desc="val sketches", **common)
     g = utils.embed_images(model.photo_encoder, ph_paths, desc="val photos", **common)
-    return metrics.retrieval_metrics(q, torch.tensor(sk_labels), g, torch.tensor(ph_labels), ks=())["map_all"]
+    res = metrics.retrieval_metrics(q, torch.tensor(sk_labels), g, torch.tensor(ph_labels), ks=())
+    return res["protocols"]["standard"]["map_all"]
 
 
 def make_checkpoint(model, optimizer, scaler, epoch, step, args, best) -> dict:
@@ -135,7 +135,7 @@ def main(args) -> None:
     data = dataset.scan_dataset(args.data_dir)
     if data.skipped:
         print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
-    train, val = dataset.split_seen(data, args.val_fraction, seed=VAL_SPLIT_SEED)
+    train, val = dataset.split_seen(data, args.val_fraction, seed=dataset.VAL_SPLIT_SEED)
     n_train = [sum(map(len, train[d].values())) for d in ("sketches", "photos")]
     n_val = [sum(map(len, val[d].values())) for d in ("sketches", "photos")]
     print(f"data {args.data_dir}: {len(data.seen)} seen / {len(data.unseen)} unseen classes; "

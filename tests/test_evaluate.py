@@ -1,0 +1,162 @@
+"""evaluate.py: every convention, saved embeddings, the val split, plots, and bad input."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import evaluate
+import metrics
+import train
+from conftest import make_tiny_dataset
+from test_train import TINY, assert_one_line_error, run_script
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained model, and its evaluation with the embeddings saved."""
+    root = tmp_path_factory.mktemp("evalrun")
+    data = make_tiny_dataset(str(root / "data"), per_class=8)
+    ckpt = str(root / "ckpt")
+    train.main(train.get_args_parser().parse_args(["--data_dir", data, "--checkpoint_dir", ckpt, *TINY,
+                                                   "--epochs", "1", "--val_fraction", "0.25"]))
+    model, emb, out = os.path.join(ckpt, "best.pth"), str(root / "emb.pt"), str(root / "eval")
+    proc = run_script("evaluate.py", "--model", model, "--data", data, "--workers", "0", "--num_sketches", "2",
+                      "--save_embeddings", emb, "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr
+    return {"data": data, "model": model, "emb": emb, "out": out, "stdout": proc.stdout, "root": root}
+
+
+def results(folder):
+    with open(os.path.join(folder, "results.json")) as f:
+        return json.load(f)
+
+
+def no_nan(obj) -> bool:
+    if isinstance(obj, float):
+        return not math.isnan(obj)
+    if isinstance(obj, dict):
+        return all(no_nan(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(no_nan(v) for v in obj)
+    return True
+
+
+def test_all_protocols_table_results_and_plots(run):
+    out = results(run["out"])
+    assert list(out["protocols"]) == list(metrics.PROTOCOLS)
+    for name, res in out["protocols"].items():
+        assert 0 < res["map_all"] <= 1 and 0 < res["p@100"] <= 1, name
+        assert set(res["per_class_ap"]) == {"circle", "star"}, name
+        assert ("map@200" in res) == (name != "doodle2search"), name
+    # The table has a row per convention, "-" where a convention defines no mAP@200.
+    lines = run["stdout"].splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("protocol"))
+    rows = {line.split()[0]: line.split()[1:] for line in lines[header + 1:header + 6]}
+    assert list(rows) == list(metrics.PROTOCOLS)
+    assert rows["doodle2search"][2] == "-"
+    assert float(rows["standard"][0]) == pytest.approx(out["protocols"]["standard"]["map_all"], abs=5e-5)
+    assert out["map_all"] == out["protocols"]["standard"]["map_all"]  # headline numbers: standard
+    # With at most 8 photos per class, P@100 under doodle2search (divided by min(R, K) = R) is recall: 1.
+    assert out["protocols"]["doodle2search"]["p@100"] == pytest.approx(1.0)
+    assert out["throughput_images_per_s"] > 0 and out["num_queries"] == 16 and out["num_gallery"] == 16
+    curve = out["pr_curve"]
+    assert len(curve["recall"]) == 101 and curve["recall"][0] == 0 and curve["recall"][-1] == 1
+    assert all(a >= b - 1e-12 for a, b in zip(curve["precision"], curve["precision"][1:]))  # interpolated
+    for png in ("pr_curve.png", "per_class_ap.png"):
+        with open(os.path.join(run["out"], png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
+    assert len(out["grids"]) == 2
+
+
+def test_saved_embeddings_reproduce_the_metrics_exactly(run, tmp_path):
+    proc = run_script("evaluate.py", "--embeddings", run["emb"], "--data", run["data"], "--model", run["model"],
+                      "--output_dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    a, b = results(run["out"]), results(str(tmp_path))
+    assert a["protocols"] == b["protocols"] and a["pr_curve"] == b["pr_curve"]
+    assert a["chance_map_all"] == b["chance_map_all"] and a["throughput_images_per_s"] == b["throughput_images_per_s"]
+    proc = run_script("evaluate.py", "--embeddings", run["emb"], "--protocol", "zse-sbir", "--output_dir",
+                      str(tmp_path / "one"))  # no model, no data: just the file
+    assert proc.returncode == 0, proc.stderr
+    c = results(str(tmp_path / "one"))
+    assert list(c["protocols"]) == ["zse-sbir"] and c["protocols"]["zse-sbir"] == a["protocols"]["zse-sbir"]
+    saved = torch.load(run["emb"], weights_only=True)
+    assert saved["classes"] == ["circle", "star"] and saved["queries"].shape == (16, 16)
+    assert all(not os.path.isabs(p) for p in saved["query_paths"] + saved["gallery_paths"])
+
+
+def test_val_split_uses_the_seen_class_hold_out(run, tmp_path):
+    evaluate.main(evaluate.get_args_parser().parse_args([
+        "--model", run["model"], "--data", run["data"], "--split", "val", "--workers", "0", "--protocol", "standard",
+        "--num_sketches", "0", "--output_dir", str(tmp_path)]))
+    out = results(str(tmp_path))
+    assert out["split"] == "val" and set(out["per_class_ap"]) == {"tri", "square", "pent", "hexa"}
+    assert out["num_queries"] == 8 and out["num_gallery"] == 8  # 25% of 8 images per seen class and domain
+    assert list(out["protocols"]) == ["standard"]
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+def test_cli_unknown_protocol(run):
+    proc = run_script("evaluate.py", "--embeddings", run["emb"], "--protocol", "voc")
+    assert_one_line_error(proc, "unknown --protocol 'voc'", "standard, sake, sem-pcyc, doodle2search, zse-sbir")
+
+
+def test_cli_embeddings_of_another_dataset(run, tmp_path):
+    other = make_tiny_dataset(str(tmp_path / "other"), unseen=("circle", "moon"))
+    proc = run_script("evaluate.py", "--embeddings", run["emb"], "--data", other)
+    assert_one_line_error(proc, "another dataset or split", "--save_embeddings")
+    proc = run_script("evaluate.py", "--embeddings", run["emb"], "--split", "val")
+    assert_one_line_error(proc, "holds the test split, not --split val")
+
+
+def test_cli_embeddings_of_another_model_or_with_mismatched_dimensions(run, tmp_path):
+    saved = torch.load(run["emb"], weights_only=True)
+    saved["model"]["embedding_dim"] = 32
+    torch.save(saved, tmp_path / "dim.pt")
+    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "dim.pt"), "--model", run["model"])
+    assert_one_line_error(proc, "32-d", "16-d")
+    saved = torch.load(run["emb"], weights_only=True)
+    saved["gallery"] = saved["gallery"][:, :8]
+    torch.save(saved, tmp_path / "cut.pt")
+    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "cut.pt"))
+    assert_one_line_error(proc, "(16, 16)", "(16, 8)", "same dimension")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "junk.pt"))
+    assert_one_line_error(proc, "is not an embeddings file")
+
+
+def test_cli_empty_gallery(run, tmp_path):
+    saved = torch.load(run["emb"], weights_only=True)
+    saved.update(gallery=saved["gallery"][:0], gallery_labels=saved["gallery_labels"][:0], gallery_paths=[])
+    torch.save(saved, tmp_path / "empty.pt")
+    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "empty.pt"), "--output_dir", str(tmp_path / "o"))
+    assert_one_line_error(proc, "the gallery is empty")
+
+
+def test_query_class_without_photos_is_reported_and_left_out(run, tmp_path):
+    saved = torch.load(run["emb"], weights_only=True)
+    keep = saved["gallery_labels"] != 1  # no photo of "star"
+    saved.update(gallery=saved["gallery"][keep], gallery_labels=saved["gallery_labels"][keep],
+                 gallery_paths=[p for p, k in zip(saved["gallery_paths"], keep.tolist()) if k])
+    torch.save(saved, tmp_path / "nostar.pt")
+    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "nostar.pt"), "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: 8 query sketch(es) of 1 class(es) with no photo in the gallery (star)" in proc.stdout
+    out = results(str(tmp_path / "o"))
+    assert out["classes_without_photos"] == ["star"] and out["num_queries_without_relevant"] == 8
+    assert out["num_queries"] == 8 and no_nan(out)
+    for res in out["protocols"].values():
+        assert set(res["per_class_ap"]) == {"circle"}
+        assert res["map_all"] == pytest.approx(1.0)  # only circles are left in the gallery
+    with open(os.path.join(tmp_path / "o", "results.json")) as f:
+        assert "NaN" not in f.read()
+
+
+def test_cli_needs_a_model_or_embeddings(tmp_path):
+    proc = run_script("evaluate.py", "--data", str(tmp_path))
+    assert_one_line_error(proc, "pass --model and --data")
+    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "none.pt"))
+    assert_one_line_error(proc, "none.pt not found")
