@@ -125,7 +125,9 @@ def load_embeddings(path: str) -> dict:
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise utils.UserError(f"{path} is not an embeddings file written by evaluate.py --save_embeddings "
                               f"({type(e).__name__})") from None
-    if not isinstance(run, dict) or run.get("format") != EMBEDDINGS_FORMAT:
+    keys = ("queries", "query_labels", "query_paths", "gallery", "gallery_labels", "gallery_paths", "classes",
+            "split", "data", "model", "throughput")
+    if not isinstance(run, dict) or run.get("format") != EMBEDDINGS_FORMAT or any(k not in run for k in keys):
         raise utils.UserError(f"{path} is not an embeddings file written by evaluate.py --save_embeddings")
     q, g = run["queries"], run["gallery"]
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
@@ -136,6 +138,9 @@ def load_embeddings(path: str) -> dict:
         if not (emb.shape[0] == labels.numel() == len(paths)):
             raise utils.UserError(f"{path}: {emb.shape[0]} {what} embeddings but {labels.numel()} labels and "
                                   f"{len(paths)} paths; the file is corrupt")
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(run["classes"]):
+            raise utils.UserError(f"{path}: {what} labels outside the {len(run['classes'])} classes; the file "
+                                  "is corrupt")
     return run
 
 
@@ -325,7 +330,10 @@ def main(args) -> None:
             raise utils.UserError("no query sketch has a photo of its class in the gallery; check the dataset's "
                                   "photos folders")
     start = time.perf_counter()
-    res = metrics.retrieval_metrics(q, q_labels, g, g_labels, ks=KS, protocols=names, pr_points=101)
+    try:
+        res = metrics.retrieval_metrics(q, q_labels, g, g_labels, ks=KS, protocols=names, pr_points=101)
+    except ValueError as e:  # e.g. NaN embeddings from a diverged model
+        raise utils.UserError(f"cannot compute the metrics: {e}") from None
     metric_seconds = time.perf_counter() - start
     chance = metrics.chance_map(q_labels, g_labels)
 
