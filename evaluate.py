@@ -176,10 +176,7 @@ def print_table(results: dict, names: list) -> None:
 
 def plot_pr_curve(curve: dict, label: str, out_path: str) -> None:
     """Mean interpolated precision over the queries at each recall level."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = utils.pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4))
     ax.plot(curve["recall"], curve["precision"], lw=2, label=label)
     ax.set_xlabel("recall")
@@ -189,16 +186,12 @@ def plot_pr_curve(curve: dict, label: str, out_path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    utils.atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    utils.save_figure(fig, out_path)
 
 
 def plot_per_class_ap(per_class: dict, chance: float, out_path: str) -> None:
     """Horizontal bars of every class's AP, best at the top, with the mAP and the chance level."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = utils.pyplot()
     items = sorted(per_class.items(), key=lambda kv: kv[1])
     fig, ax = plt.subplots(figsize=(6, 1.2 + 0.22 * len(items)))
     ax.barh(range(len(items)), [v for _, v in items], color="tab:blue")
@@ -210,16 +203,12 @@ def plot_per_class_ap(per_class: dict, chance: float, out_path: str) -> None:
     ax.set_xlim(0, 1)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    utils.atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    utils.save_figure(fig, out_path)
 
 
 def save_grid(query_path: str, query_class: str, hits: list, out_path: str, image_size: int) -> None:
     """One row: the query sketch, then (path, class, score) photos framed green (right) or red (wrong)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = utils.pyplot()
     n = len(hits) + 1
     fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.3))
     axes = np.atleast_1d(axes)
@@ -236,8 +225,7 @@ def save_grid(query_path: str, query_class: str, hits: list, out_path: str, imag
             spine.set_edgecolor(colour)
             spine.set_linewidth(4 if colour != "black" else 1)
     fig.tight_layout()
-    utils.atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    utils.save_figure(fig, out_path)
 
 
 def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, args, image_size, out_dir) -> list:

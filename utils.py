@@ -169,13 +169,24 @@ def write_json(path: str, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
 
 
-def plot_training_curves(records: list, path: str) -> None:
-    """PNG of the losses, domain accuracy and lambda (every logged step as a line, epoch means as
-    dots at each epoch's last step) and of the per-epoch seen-class validation mAP."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (imported lazily: only plotting needs it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def save_figure(fig, path: str, dpi: int = 100) -> None:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    pyplot().close(fig)
+
+
+def plot_training_curves(records: list, path: str) -> None:
+    """PNG of the losses, domain accuracy and lambda (every logged step as a line, epoch means as
+    dots at each epoch's last step) and of the per-epoch seen-class validation mAP."""
+    plt = pyplot()
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
@@ -197,8 +208,7 @@ def plot_training_curves(records: list, path: str) -> None:
     axes[3].set_title("seen-class validation mAP@all")
     axes[3].set_xlabel("epoch")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 # ----------------------------------------------------------------------------------- embedding
