@@ -123,23 +123,32 @@ def list_images(folder: str) -> list:
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
 
 
-def scan_dataset(root: str, check_images: bool = True) -> SBIRData:
+def scan_dataset(root: str, check_images: bool = True, class_split: str = "") -> SBIRData:
     """Check the layout of a dataset folder and list its images; raises DataError on problems.
 
-    Unreadable image files are skipped and recorded in ``SBIRData.skipped``.
+    The seen/unseen classes come from root/train_labels.txt and root/test_labels.txt, or with
+    class_split from root/splits/<class_split>/. Unreadable image files are skipped and recorded
+    in ``SBIRData.skipped``.
     """
     if not os.path.isdir(root):
         raise DataError(f"data folder {root} does not exist; create the demo data with "
                         "`bash download_data.sh demo` or pass --data_dir pointing at your dataset")
-    seen = read_labels(os.path.join(root, "train_labels.txt"))
-    unseen = read_labels(os.path.join(root, "test_labels.txt"))
+    labels = root
+    if class_split:
+        labels = os.path.join(root, "splits", class_split)
+        if not os.path.isdir(labels):
+            have = sorted(os.listdir(os.path.join(root, "splits"))) if os.path.isdir(os.path.join(root, "splits")) else []
+            raise DataError(f"unknown class split {class_split!r}: {labels} does not exist; "
+                            + (f"choose one of {', '.join(have)}" if have else f"{root} has no splits/ folder"))
+    seen = read_labels(os.path.join(labels, "train_labels.txt"))
+    unseen = read_labels(os.path.join(labels, "test_labels.txt"))
     both = sorted(set(seen) & set(unseen))
     if both:
         raise DataError(f"class {both[0]!r} is in both train_labels.txt and test_labels.txt; "
                         "a zero-shot split needs disjoint seen and unseen classes")
     data = SBIRData(root, seen, unseen, {}, {},
-                    _read_embeddings(os.path.join(root, "train_embeddings.npy"), seen),
-                    _read_embeddings(os.path.join(root, "test_embeddings.npy"), unseen))
+                    _read_embeddings(os.path.join(labels, "train_embeddings.npy"), seen),
+                    _read_embeddings(os.path.join(labels, "test_embeddings.npy"), unseen))
     for domain, table in (("sketches", data.sketches), ("photos", data.photos)):
         for c in seen + unseen:
             folder = os.path.join(root, domain, c)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Get a dataset into the project's layout: DEST/<name>/{sketches,photos}/<class>/, train_labels.txt, test_labels.txt.
 #
-#   bash download_data.sh demo [DEST]     # generate the built-in procedural demo dataset (no download)
+#   bash download_data.sh demo [DEST]                   # the built-in procedural demo dataset (no download)
+#   bash download_data.sh sketchy|tuberlin|quickdraw|all [DEST] [--exclude_invalid]
 #
-# Real benchmarks (sketchy, tuberlin, quickdraw) slot in as further cases of the dispatch below,
-# each a function that fetches, verifies and prepares its archives.
+# The real benchmarks are downloaded (resuming partial downloads), unpacked into DEST/<name>/raw/ and
+# linked into the layout with every standard split by prepare_data.py; docs/datasets.md describes them.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-usage() { echo "usage: bash download_data.sh demo [DEST]   (DEST defaults to data/)" >&2; }
+usage() { echo "usage: bash download_data.sh demo|sketchy|tuberlin|quickdraw|all [DEST] [--exclude_invalid]   (DEST defaults to data/)" >&2; }
 
 if [ $# -lt 1 ]; then usage; exit 2; fi
 name="$1"
@@ -22,7 +23,6 @@ get_demo() {
 
 case "$name" in
   demo) get_demo ;;
-  sketchy|tuberlin|quickdraw|all)
-    echo "error: downloading $name is not implemented yet; use 'demo' for now" >&2; exit 2 ;;
-  *) echo "error: unknown dataset '$name'; choose demo" >&2; usage; exit 2 ;;
+  sketchy|tuberlin|quickdraw|all) "$py" "$here/prepare_data.py" "$name" --dest "$dest" "${@:3}" ;;
+  *) echo "error: unknown dataset '$name'; choose demo, sketchy, tuberlin, quickdraw or all" >&2; exit 2 ;;
 esac

@@ -31,6 +31,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=str, default="", help="checkpoint written by train.py (best.pth / last.pth)")
     p.add_argument("--data", type=str, default="", help="dataset folder (see README: data layout)")
+    p.add_argument("--class_split", type=str, default="",
+                   help="named zero-shot split under DATA/splits/ (default: the one the model was trained on)")
     p.add_argument("--split", type=str, default="test",
                    help="test: unseen classes; val: the seen-class validation hold-out used for model selection")
     p.add_argument("--protocol", type=str, default="all",
@@ -263,7 +265,8 @@ def main(args) -> None:
         if run["split"] != args.split:
             raise utils.UserError(f"{args.embeddings} holds the {run['split']} split, not --split {args.split}")
         if args.data:
-            data = dataset.scan_dataset(args.data, check_images=False)
+            data = dataset.scan_dataset(args.data, check_images=False,
+                                        class_split=args.class_split or run.get("class_split", ""))
             classes, sketches, photos = split_images(data, args.split, run["model"]["val_fraction"])
             check_same_dataset(run, args.embeddings, classes, sketches, photos, args.data, args.split)
         if args.model:
@@ -282,7 +285,8 @@ def main(args) -> None:
         device = utils.get_device(args.device)
         print(f"model {args.model}: {a['backbone']}, {a['embedding_dim']}-d, {a['image_size']}px, trained "
               f"{ckpt['epoch']} epoch(s), seen-class val mAP@all {ckpt['best']:.4f}")
-        data = dataset.scan_dataset(args.data)
+        class_split = args.class_split or a.get("class_split", "")
+        data = dataset.scan_dataset(args.data, class_split=class_split)
         if data.skipped:
             print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
         classes, sketches, photos = split_images(data, args.split, a["val_fraction"])
@@ -300,6 +304,7 @@ def main(args) -> None:
                 "queries": q, "query_labels": q_labels, "query_paths": [os.path.relpath(p, root) for p in sketches[0]],
                 "gallery": g, "gallery_labels": g_labels, "gallery_paths": [os.path.relpath(p, root) for p in photos[0]],
                 "classes": list(classes), "split": args.split, "data": root, "throughput": throughput,
+                "class_split": class_split,
                 "model": {"path": os.path.abspath(args.model), "epoch": ckpt["epoch"], "step": ckpt["step"],
                           **{k: a[k] for k in ("backbone", "embedding_dim", "image_size", "val_fraction")}}})
             print(f"saved embeddings to {args.save_embeddings}")

@@ -28,6 +28,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_dir", type=str, required=True, help="dataset folder (see README: data layout)")
+    p.add_argument("--class_split", type=str, default="",
+                   help="a named zero-shot split under DATA/splits/ (e.g. sake25, sempcyc25, yelamarthi21); "
+                        "default: DATA/train_labels.txt and test_labels.txt")
     p.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="where checkpoints and logs go")
     p.add_argument("--epochs", type=int, default=30, help="total number of epochs")
     p.add_argument("--batch_size", type=int, default=32, help="triplets per step")
@@ -132,7 +135,7 @@ def main(args) -> None:
     amp = args.amp and device.type == "cuda"
     utils.seed_everything(args.seed)
 
-    data = dataset.scan_dataset(args.data_dir)
+    data = dataset.scan_dataset(args.data_dir, class_split=args.class_split)
     if data.skipped:
         print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
     train, val = dataset.split_seen(data, args.val_fraction, seed=dataset.VAL_SPLIT_SEED)

@@ -1,0 +1,450 @@
+"""Download the ZS-SBIR benchmarks and prepare them in the project layout, with every standard split.
+
+    python prepare_data.py sketchy --dest data                 # what `bash download_data.sh sketchy` runs
+    python prepare_data.py all --dest /big/disk --exclude_invalid
+
+For each dataset: download its archives (Google Drive ids through gdown, which handles Drive's
+large-file confirmation; partial downloads resume), check free disk space, unpack into
+DEST/<dataset>/raw/, and hard-link every image into DEST/<dataset>/{sketches,photos}/<class>/ under
+canonical class names. The split lists shipped in splits/<dataset>/ become
+DEST/<dataset>/splits/<name>/{train,test}_labels.txt, and the default split is copied to the
+dataset root. Completed steps are skipped on a re-run. docs/datasets.md has the sources and pitfalls.
+Set ZSSBIR_DATA_URL to fetch every archive as <ZSSBIR_DATA_URL>/<archive name> instead (mirrors, tests).
+"""
+import argparse
+import os
+import re
+import shutil
+import sys
+import tarfile
+import zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# name -> source: a Google Drive file id ("gdrive:<id>") or a URL.
+ARCHIVES = {
+    "sketchy": {"rendered_256x256.7z": "gdrive:0B7ISyeE8QtDdTjE1MG9Gcy1kSkE",
+                "EXTEND_image_sketchy.zip": "gdrive:0B2U-hnwRkpRrdGZKTzkwbkEwVkk"},
+    "tuberlin": {"sketches_png.zip": "https://cybertron.cg.tu-berlin.de/eitz/projects/classifysketch/sketches_png.zip",
+                 "ImageResized.zip": "gdrive:0B2U-hnwRkpRrMFVvTmFQa3dmSUk"},
+    "quickdraw": {"QuickDraw_sketches_final.zip": "https://datasets.cvc.uab.es/QuickDraw/QuickDraw_sketches_final.zip",
+                  "QuickDraw_images_final.zip": "https://datasets.cvc.uab.es/QuickDraw/QuickDraw_images_final.zip"},
+}
+SPLITS = {"sketchy": ("sake25", "sempcyc25", "yelamarthi21"), "tuberlin": ("sake30", "sempcyc30"),
+          "quickdraw": ("qd30",)}  # the first is the default
+# Photo folder names of TU-Berlin Extended that no separator rule can repair (misspelled upstream).
+ALIASES = {"tromobone": "trombone", "chandeler": "chandelier", "griaffe": "giraffe", "diamod": "diamond",
+           "spidar": "spider", "spacesshuttle": "spaceshuttle", "wristwatching": "wristwatch"}
+
+
+class PrepareError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def canonical(name: str) -> str:
+    """The project's spelling of a class name: lower case, runs of other characters as one '_'."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def match_key(name: str) -> str:
+    """What two spellings of one class share: letters and digits only, upstream typos repaired."""
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    return ALIASES.get(key, key)
+
+
+def read_list(path: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def dataset_classes(name: str) -> list:
+    """Canonical class names of a dataset, from the list shipped in splits/<name>/classes.txt."""
+    return [canonical(c) for c in read_list(os.path.join(HERE, "splits", name, "classes.txt"))]
+
+
+def split_lists(name: str) -> dict:
+    """{split name: (seen classes, unseen classes)}, canonical names, seen = all others."""
+    classes = dataset_classes(name)
+    by_key = {match_key(c): c for c in classes}
+    out = {}
+    for split in SPLITS[name]:
+        unseen = []
+        for c in read_list(os.path.join(HERE, "splits", name, f"{split}.txt")):
+            if match_key(c) not in by_key:
+                raise PrepareError(f"splits/{name}/{split}.txt lists {c!r}, which is not a {name} class")
+            unseen.append(by_key[match_key(c)])
+        out[split] = ([c for c in classes if c not in unseen], unseen)
+    return out
+
+
+# ----------------------------------------------------------------------------------- download
+
+def source_url(dataset: str, archive: str) -> str:
+    base = os.environ.get("ZSSBIR_DATA_URL", "")
+    return base.rstrip("/") + "/" + archive if base else ARCHIVES[dataset][archive]
+
+
+def download(url: str, path: str) -> None:
+    """Fetch url to path; an interrupted download leaves a .part file that the next call resumes."""
+    if os.path.isfile(path):
+        return
+    import gdown
+
+    print(f"downloading {os.path.basename(path)} from {url}", flush=True)
+    kwargs = {"id": url.split(":", 1)[1]} if url.startswith("gdrive:") else {"url": url}
+    try:
+        try:
+            got = gdown.download(output=path, resume=True, quiet=False, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            if "byte range" not in str(e):
+                raise
+            print("the server cannot resume this download; starting it again", flush=True)
+            folder, name = os.path.split(path)
+            for f in os.listdir(folder):
+                if f.startswith(name) and f.endswith(".part"):
+                    os.remove(os.path.join(folder, f))
+            got = gdown.download(output=path, resume=True, quiet=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise PrepareError(f"downloading {os.path.basename(path)} failed ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); run the same command again to resume") from None
+    if not got or not os.path.isfile(path):
+        raise PrepareError(f"downloading {os.path.basename(path)} from {url} failed; run the command again to resume")
+
+
+def open_archive(path: str):
+    """(kind, member names with sizes) of a zip, 7z or tar archive; PrepareError if unreadable."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return "zip", [(i.filename, i.file_size) for i in z.infolist() if not i.is_dir()]
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic == b"7z\xbc\xaf\x27\x1c":
+            import py7zr
+            with py7zr.SevenZipFile(path) as z:
+                return "7z", [(i.filename, i.uncompressed) for i in z.list() if not i.is_directory]
+        if tarfile.is_tarfile(path):
+            with tarfile.open(path) as t:
+                return "tar", [(m.name, m.size) for m in t.getmembers() if m.isfile()]
+    except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt archive
+        raise PrepareError(f"{path} is corrupt ({type(e).__name__}); it was removed, run the command again "
+                           "to download it anew") from None
+    raise PrepareError(f"{path} is not a zip, 7z or tar archive; it was removed, run the command again "
+                       "to download it anew")
+
+
+def extract(path: str, out_dir: str) -> None:
+    """Unpack path into out_dir (skipped when done before), after checking the free disk space."""
+    done = out_dir + ".done"
+    if os.path.isfile(done):
+        return
+    try:
+        kind, members = open_archive(path)
+    except PrepareError:
+        os.remove(path)
+        raise
+    need = sum(size for _, size in members)
+    free = shutil.disk_usage(os.path.dirname(out_dir)).free
+    if need > free:
+        raise PrepareError(f"unpacking {os.path.basename(path)} needs {need / 2**30:.1f} GiB but only "
+                           f"{free / 2**30:.1f} GiB is free under {os.path.dirname(out_dir)}; free some space "
+                           "or choose another DEST")
+    for name, _ in members:
+        target = os.path.realpath(os.path.join(out_dir, name))
+        if not target.startswith(os.path.realpath(out_dir) + os.sep):
+            raise PrepareError(f"{path} holds an unsafe member path {name!r}; not unpacking it")
+    print(f"unpacking {os.path.basename(path)} ({len(members)} files, {need / 2**20:.0f} MiB)", flush=True)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a half-unpacked folder from an interrupted run
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(path) as z:
+                z.extractall(out_dir)
+        elif kind == "7z":
+            import py7zr
+            with py7zr.SevenZipFile(path) as z:
+                z.extractall(out_dir)
+        else:
+            with tarfile.open(path) as t:
+                t.extractall(out_dir, filter="data")
+    except Exception as e:  # noqa: BLE001
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.remove(path)
+        raise PrepareError(f"{path} is corrupt ({type(e).__name__} while unpacking); it was removed, run the "
+                           "command again to download it anew") from None
+    open(done, "w").close()
+
+
+# ----------------------------------------------------------------------------------- preparation
+
+def find_dir(root: str, *parts: str, default: str = "") -> str:
+    """The first folder under root whose path ends with parts (archives nest their top folder differently)."""
+    for cur, dirs, _ in os.walk(root):
+        dirs.sort()
+        if tuple(os.path.normpath(cur).split(os.sep)[-len(parts):]) == parts:
+            return cur
+    if default:
+        return default
+    raise PrepareError(f"no folder {'/'.join(parts)} inside {root}; the archive does not have the expected "
+                       "layout (see docs/datasets.md)")
+
+
+def class_folders(folder: str) -> dict:
+    """{match key: folder} of the class folders inside folder."""
+    out = {}
+    for entry in sorted(os.listdir(folder)):
+        if os.path.isdir(os.path.join(folder, entry)):
+            out.setdefault(match_key(entry), os.path.join(folder, entry))
+    return out
+
+
+def images_in(folder: str) -> list:
+    """Image files of a folder (stray non-image files such as .txt or Thumbs.db are left out)."""
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)
+                  and not f.startswith(".") and os.path.isfile(os.path.join(folder, f)))
+
+
+def link(src: str, dst: str) -> None:
+    """Hard-link src at dst (no second copy on disk); a symbolic link where hard links are impossible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        os.symlink(os.path.abspath(src), dst)
+
+
+def place(domain_dir: str, classes: list, sources: dict, name_filter=None) -> int:
+    """Link the images of every class's source folders into domain_dir/<class>/; returns the count.
+
+    sources: {match key: [folders]}. Files with the same name (stem) in several folders are
+    linked once (the first folder wins), which drops duplicated photos."""
+    count = 0
+    for c in classes:
+        folders = sources.get(match_key(c), [])
+        if not folders:
+            raise PrepareError(f"class {c!r} has no folder in {os.path.basename(domain_dir)} of the archive; "
+                               "the download may be incomplete (delete DEST/<dataset>/raw and run again)")
+        out = os.path.join(domain_dir, c)
+        os.makedirs(out, exist_ok=True)
+        seen = set()
+        for folder in folders:
+            for f in images_in(folder):
+                stem = os.path.splitext(f)[0]
+                if stem in seen or (name_filter and not name_filter(c, stem)):
+                    continue
+                seen.add(stem)
+                link(os.path.join(folder, f), os.path.join(out, f))
+                count += 1
+    return count
+
+
+def invalid_sketches(raw: str) -> set:
+    """Stems of the sketches Sketchy lists as invalid in info/invalid-*.txt (any nesting)."""
+    stems = set()
+    for cur, _, files in os.walk(raw):
+        for f in files:
+            if re.fullmatch(r"invalid-\w+\.txt", f):
+                for line in read_list(os.path.join(cur, f)):
+                    stems.add(os.path.splitext(line.replace("\\", "/").split("/")[-1])[0])
+    return stems
+
+
+def prepare_sketchy(raw: str, out: str, classes: list, exclude_invalid: bool) -> tuple[int, int]:
+    sketch_root = find_dir(raw, "sketch", "tx_000000000000")  # the other tx_* folders are augmentations
+    photo_root = find_dir(raw, "photo", "tx_000000000000")
+    extended = find_dir(raw, "EXTEND_image_sketchy")
+    invalid = invalid_sketches(raw) if exclude_invalid else set()
+    if exclude_invalid and not invalid:
+        raise PrepareError("--exclude_invalid: no info/invalid-*.txt found in the Sketchy archive")
+    keep = (lambda c, stem: stem not in invalid) if invalid else None
+    sketches = {k: [v] for k, v in class_folders(sketch_root).items()}
+    ext, orig = class_folders(extended), class_folders(photo_root)
+    photos = {k: [ext[k]] + ([orig[k]] if k in orig else []) for k in ext}  # originals only when missing
+    return (place(os.path.join(out, "sketches"), classes, sketches, keep),
+            place(os.path.join(out, "photos"), classes, photos))
+
+
+def prepare_tuberlin(raw: str, out: str, classes: list, exclude_invalid: bool) -> tuple[int, int]:
+    sketches = {k: [v] for k, v in class_folders(find_dir(raw, "png")).items()}
+    photos = {k: [v] for k, v in class_folders(find_dir(raw, "ImageResized")).items()}
+    return (place(os.path.join(out, "sketches"), classes, sketches),
+            place(os.path.join(out, "photos"), classes, photos))
+
+
+def prepare_quickdraw(raw: str, out: str, classes: list, exclude_invalid: bool) -> tuple[int, int]:
+    sketch_root = find_dir(raw, "QuickDraw_sketches_final", default=os.path.join(raw, "QuickDraw_sketches_final.zip.d"))
+    photo_root = find_dir(raw, "QuickDraw_images_final", default=os.path.join(raw, "QuickDraw_images_final.zip.d"))
+    sketches = {k: [v] for k, v in class_folders(sketch_root).items()}
+    photos = {k: [v] for k, v in class_folders(photo_root).items()}
+    return (place(os.path.join(out, "sketches"), classes, sketches),
+            place(os.path.join(out, "photos"), classes, photos))
+
+
+PREPARE = {"sketchy": prepare_sketchy, "tuberlin": prepare_tuberlin, "quickdraw": prepare_quickdraw}
+
+
+def write_splits(out: str, name: str) -> None:
+    for i, (split, (seen, unseen)) in enumerate(split_lists(name).items()):
+        folders = [os.path.join(out, "splits", split)] + ([out] if i == 0 else [])
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            for fname, classes in (("train_labels.txt", seen), ("test_labels.txt", unseen)):
+                with open(os.path.join(folder, fname), "w", encoding="utf-8") as f:
+                    f.write("\n".join(classes) + "\n")
+
+
+def read_word_vectors(path: str, wanted: set) -> dict:
+    """{word: vector} for the wanted words of a GloVe / word2vec text file or a word2vec .bin(.gz) file."""
+    import gzip
+
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise PrepareError(f"word-vector file {path} not found; pass a GloVe .txt or word2vec .bin/.txt file")
+    opener = gzip.open if path.endswith(".gz") else open
+    found = {}
+    try:
+        with opener(path, "rb") as f:
+            if ".bin" in os.path.basename(path):  # word2vec binary: "N D\n", then "word " + D float32 each
+                n, dim = map(int, f.readline().split())
+                for _ in range(n):
+                    word = b""
+                    while (ch := f.read(1)) not in (b" ", b""):
+                        word += ch
+                    vec = np.frombuffer(f.read(4 * dim), dtype=np.float32)
+                    word = word.strip().decode("utf-8", "ignore")
+                    if word in wanted:
+                        found[word] = vec.copy()
+            else:
+                for line in f:
+                    parts = line.rstrip().split(b" ")
+                    if len(parts) < 3:
+                        continue  # the "N D" header of word2vec text files
+                    word = parts[0].decode("utf-8", "ignore")
+                    if word in wanted:
+                        found[word] = np.asarray(parts[1:], dtype=np.float32)
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"cannot read word vectors from {path} ({type(e).__name__}); pass a GloVe .txt or "
+                           "word2vec .bin/.txt file") from None
+    return found
+
+
+def class_vectors(classes: list, raw_names: dict, path: str):
+    """(C, D) float32 class-name vectors: the whole name as one token if the file has it (word2vec has
+    phrases such as hot_air_balloon), else the mean of its words, in the spellings the file knows;
+    a name with no known word gets zeros (its negatives are then drawn uniformly) and a warning."""
+    import numpy as np
+
+    def forms(token):
+        return [token, token.lower(), token.capitalize()]
+    words = {c: [w for w in re.split(r"[^A-Za-z0-9]+", raw_names[c]) if w] for c in classes}
+    wanted = {f for c in classes for f in forms("_".join(words[c]))} | \
+             {f for c in classes for w in words[c] for f in forms(w)}
+    vectors = read_word_vectors(path, wanted)
+    if not vectors:
+        raise PrepareError(f"{path} has no vector for any class-name word; is it a word-vector file?")
+    dim = len(next(iter(vectors.values())))
+    out, missing = np.zeros((len(classes), dim), dtype=np.float32), []
+    for i, c in enumerate(classes):
+        phrase = next((vectors[f] for f in forms("_".join(words[c])) if f in vectors), None)
+        parts = [next(vectors[f] for f in forms(w) if f in vectors) for w in words[c]
+                 if any(f in vectors for f in forms(w))]
+        if phrase is not None and len(words[c]) > 1:
+            out[i] = phrase
+        elif parts:
+            out[i] = np.mean(parts, axis=0)
+        else:
+            missing.append(c)
+    if missing:
+        print(f"warning: no word vector for {len(missing)} class(es) ({', '.join(missing[:5])}); they get zero "
+              "vectors, so their negatives are drawn uniformly")
+    return out
+
+
+def write_embeddings(out: str, name: str, path: str) -> None:
+    """train_embeddings.npy / test_embeddings.npy beside every split's label files."""
+    import numpy as np
+
+    raw_names = {canonical(c): c for c in read_list(os.path.join(HERE, "splits", name, "classes.txt"))}
+    classes = dataset_classes(name)
+    table = dict(zip(classes, class_vectors(classes, raw_names, path)))
+    for i, (split, (seen, unseen)) in enumerate(split_lists(name).items()):
+        for folder in [os.path.join(out, "splits", split)] + ([out] if i == 0 else []):
+            for fname, names in (("train_embeddings.npy", seen), ("test_embeddings.npy", unseen)):
+                np.save(os.path.join(folder, fname), np.stack([table[c] for c in names]))
+
+
+def count_images(out: str) -> tuple[int, int, int]:
+    classes = sorted(os.listdir(os.path.join(out, "sketches")))
+    n = [sum(len(os.listdir(os.path.join(out, d, c))) for c in classes) for d in ("sketches", "photos")]
+    return len(classes), n[0], n[1]
+
+
+def get_dataset(name: str, dest: str, exclude_invalid: bool, word_vectors: str = "") -> tuple[int, int, int]:
+    out = os.path.join(dest, name)
+    raw = os.path.join(out, "raw")
+    marker = os.path.join(out, ".prepared")
+    state = f"exclude_invalid={exclude_invalid}"
+    if os.path.isfile(marker) and open(marker).read() == state:
+        print(f"{name}: already prepared in {out}")
+        if word_vectors:
+            write_embeddings(out, name, word_vectors)
+        return count_images(out)
+    os.makedirs(raw, exist_ok=True)
+    for archive in ARCHIVES[name]:
+        path = os.path.join(out, "downloads", archive)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        download(source_url(name, archive), path)
+        extract(path, os.path.join(raw, archive + ".d"))
+    for domain in ("sketches", "photos"):
+        shutil.rmtree(os.path.join(out, domain), ignore_errors=True)  # links only: raw/ keeps the files
+    print(f"{name}: linking images into {out}/sketches and {out}/photos", flush=True)
+    PREPARE[name](raw, out, dataset_classes(name), exclude_invalid)
+    write_splits(out, name)
+    if word_vectors:
+        write_embeddings(out, name, word_vectors)
+    with open(marker, "w") as f:
+        f.write(state)
+    return count_images(out)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dataset", type=str, help="sketchy, tuberlin, quickdraw or all")
+    p.add_argument("--dest", type=str, default="data", help="folder that receives DEST/<dataset>/")
+    p.add_argument("--exclude_invalid", action=argparse.BooleanOptionalAction, default=False,
+                   help="Sketchy: leave out the sketches listed in info/invalid-*.txt")
+    p.add_argument("--with_embeddings", type=str, default="",
+                   help="a word-vector file (GloVe .txt, word2vec .bin or .txt, optionally .gz): also write "
+                        "class-name vectors train_embeddings.npy / test_embeddings.npy for every split")
+    return p
+
+
+def main(args) -> None:
+    names = list(ARCHIVES) if args.dataset == "all" else [args.dataset]
+    if any(n not in ARCHIVES for n in names):
+        raise PrepareError(f"unknown dataset {args.dataset!r}; choose sketchy, tuberlin, quickdraw, all or demo")
+    try:
+        os.makedirs(args.dest, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"cannot create {args.dest} ({e.strerror}); choose a DEST you can write to") from None
+    if not os.access(args.dest, os.W_OK | os.X_OK):
+        raise PrepareError(f"{args.dest} is not writable; choose a DEST you can write to")
+    if args.with_embeddings and not os.path.isfile(args.with_embeddings):
+        raise PrepareError(f"word-vector file {args.with_embeddings} not found; pass a GloVe .txt or "
+                           "word2vec .bin/.txt file")
+    summary = {n: get_dataset(n, args.dest, args.exclude_invalid, args.with_embeddings) for n in names}
+    for n, (c, s, p) in summary.items():
+        splits = ", ".join(f"{s_}{' (default)' if i == 0 else ''}" for i, s_ in enumerate(SPLITS[n]))
+        print(f"{n}: {c} classes, {s} sketches, {p} photos -> {os.path.join(args.dest, n)}; splits: {splits}")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
