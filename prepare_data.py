@@ -19,8 +19,9 @@ import sys
 import tarfile
 import zipfile
 
+from dataset import IMAGE_EXTENSIONS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # name -> source: a Google Drive file id ("gdrive:<id>") or a URL.
 ARCHIVES = {
