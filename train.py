@@ -7,11 +7,14 @@
 Seen classes (DATA/train_labels.txt) are split once, seeded, into training images and a held-out
 validation set; seen-class validation mAP@all selects ckpt/best.pth, so model selection never
 looks at the unseen classes. ckpt/last.pth is written after every epoch (atomically), with the
-optimizer and scaler states, for --resume.
+optimizer and scaler states, for --resume. SIGTERM or Ctrl-C (SIGINT) finishes the current step,
+writes last.pth mid-epoch (with the loader position and the RNG states) and exits; --resume then
+continues from that exact step, as if the run had never stopped.
 """
 import argparse
 import math
 import os
+import signal
 import time
 
 import torch
@@ -106,14 +109,46 @@ def validate(model, val: dict, classes: list, args, device) -> float:
     return res["protocols"]["standard"]["map_all"]
 
 
-def make_checkpoint(model, optimizer, scaler, epoch, step, args, best) -> dict:
-    return {"models": {name: m.state_dict() for name, m in model.named_children()},
+def make_checkpoint(model, optimizer, scaler, epoch, step, args, best, epoch_step=0, epoch_sums=None) -> dict:
+    """epoch counts completed epochs; epoch_step > 0 marks a stop inside the next one, after that many
+    of its steps, and then the RNG states and the epoch's running loss sums are kept too."""
+    ckpt = {"models": {name: m.state_dict() for name, m in model.named_children()},
             "optimizers": {"adamw": optimizer.state_dict()}, "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "args": vars(args), "best": best}
+            "epoch": epoch, "step": step, "args": vars(args), "best": best, "epoch_step": epoch_step}
+    if epoch_step:
+        ckpt["epoch_sums"] = dict(epoch_sums or {})
+        ckpt["rng"] = {"torch": torch.get_rng_state(),
+                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return ckpt
 
 
-def resume_from(path: str, args, model, optimizer, scaler) -> tuple[int, int, float]:
-    """Restore states from a checkpoint; return (first epoch to run, global step, best val mAP)."""
+class StopRequest:
+    """SIGTERM (a cluster's time limit) and SIGINT set a flag that the training loop checks after each
+    step; the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving last.pth", flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def resume_from(path: str, args, model, optimizer, scaler) -> tuple[int, int, float, dict]:
+    """Restore states from a checkpoint; return (first epoch to run, global step, best val mAP, the
+    checkpoint itself, whose epoch_step / epoch_sums / rng describe a stop inside that epoch)."""
     ckpt = utils.load_checkpoint(path)
     for key in ("backbone", "embedding_dim"):
         if ckpt["args"].get(key) != getattr(args, key):
@@ -122,8 +157,10 @@ def resume_from(path: str, args, model, optimizer, scaler) -> tuple[int, int, fl
     utils.load_model_state(model, ckpt, path)
     optimizer.load_state_dict(ckpt["optimizers"]["adamw"])
     scaler.load_state_dict(ckpt["scaler"])
-    print(f"resumed from {path}: {ckpt['epoch']} epoch(s) done, step {ckpt['step']}, best val mAP {ckpt['best']:.4f}")
-    return ckpt["epoch"], ckpt["step"], ckpt["best"]
+    inside = f" and {ckpt['epoch_step']} step(s) of the next" if ckpt.get("epoch_step") else ""
+    print(f"resumed from {path}: {ckpt['epoch']} epoch(s){inside} done, step {ckpt['step']}, "
+          f"best val mAP {ckpt['best']:.4f}")
+    return ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt
 
 
 def main(args) -> None:
@@ -160,28 +197,43 @@ def main(args) -> None:
                         num_classes=len(data.seen) if args.class_loss_ratio > 0 else 0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    start_epoch, step, best = 0, 0, -1.0
+    start_epoch, step, best, resumed = 0, 0, -1.0, {}
     if args.resume:
-        start_epoch, step, best = resume_from(args.resume, args, model, optimizer, scaler)
+        start_epoch, step, best, resumed = resume_from(args.resume, args, model, optimizer, scaler)
         if start_epoch >= args.epochs:
             print(f"nothing to do: {args.resume} already has {start_epoch} of --epochs {args.epochs}")
             return
+    log_path = os.path.join(args.checkpoint_dir, "log.jsonl")
+    with StopRequest() as stop:
+        train_epochs(args, model, optimizer, scaler, loader, triplets, val, data, device, amp, start_epoch, step,
+                     best, resumed, log_path, stop)
+
+
+def train_epochs(args, model, optimizer, scaler, loader, triplets, val, data, device, amp, start_epoch, step, best,
+                 resumed, log_path, stop) -> None:
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     grl_start = args.grl_threshold_epoch * steps_per_epoch
     warmup = int(args.warmup_epochs * steps_per_epoch)
-    log_path = os.path.join(args.checkpoint_dir, "log.jsonl")
-
     for epoch in range(start_epoch, args.epochs):
         model.train()
         triplets.set_epoch(epoch)
         epoch_seed = args.seed * 1000 + epoch  # a resumed epoch draws the same shuffle, augmentations, dropout
         utils.seed_everything(epoch_seed)
         loader.generator.manual_seed(epoch_seed)
-        sums = {}  # per-epoch sums of whatever sbir_losses returns
+        skip = resumed.get("epoch_step", 0) if epoch == start_epoch else 0
+        sums = dict(resumed.get("epoch_sums", {})) if skip else {}  # per-epoch sums of sbir_losses' values
         t0 = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)
-        for sketch, pos, neg, labels, neg_labels in bar:
+        batches = iter(loader)
+        for _ in range(skip):  # replay the loader to the stop: the same batches and augmentation streams
+            next(batches)
+        if skip:
+            torch.set_rng_state(resumed["rng"]["torch"])
+            if resumed["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None,
+                   total=steps_per_epoch, initial=skip)
+        for i, (sketch, pos, neg, labels, neg_labels) in enumerate(bar, start=skip + 1):
             sketch, pos, neg, labels, neg_labels = (x.to(device, non_blocking=True)
                                                     for x in (sketch, pos, neg, labels, neg_labels))
             lambd = grl_lambda(step, total_steps, grl_start)
@@ -213,6 +265,12 @@ def main(args) -> None:
                       + f"  lambda {lambd:.3f}  lr {lr:.2e}")
                 utils.append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, "lambda": lambd,
                                               "lr": lr, **vals})
+            if stop.signal is not None and i < steps_per_epoch:
+                path = os.path.join(args.checkpoint_dir, "last.pth")
+                utils.save_checkpoint(make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i, sums), path)
+                print(f"stopped at step {step} ({i}/{steps_per_epoch} of epoch {epoch + 1}); continue with "
+                      f"--resume {path}")
+                return
         train_s = time.time() - t0
         val_map = validate(model, val, data.seen, args, device)
         means = {k: v / steps_per_epoch for k, v in sums.items()}
@@ -220,7 +278,7 @@ def main(args) -> None:
         best = val_map if improved else best
         print(f"epoch {epoch + 1}/{args.epochs}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
               + f"  lambda {lambd:.3f}  val mAP@all {val_map:.4f}"
-              f"{'  (best)' if improved else ''}  [{train_s:.0f}s, {steps_per_epoch * args.batch_size / train_s:.1f} triplets/s]")
+              f"{'  (best)' if improved else ''}  [{train_s:.0f}s, {(steps_per_epoch - skip) * args.batch_size / train_s:.1f} triplets/s]")
         utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
                                       "lambda": lambd, "train_seconds": train_s, **means})
         ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best)
@@ -228,6 +286,9 @@ def main(args) -> None:
             utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
         utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "last.pth"))
         utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
+        if stop.signal is not None and epoch + 1 < args.epochs:
+            print(f"stopped after epoch {epoch + 1}; continue with --resume {os.path.join(args.checkpoint_dir, 'last.pth')}")
+            return
     print(f"done: best seen-class val mAP@all {best:.4f} -> {os.path.join(args.checkpoint_dir, 'best.pth')}")
 
 

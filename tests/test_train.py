@@ -1,6 +1,7 @@
 """train.py and evaluate.py end to end on tiny data: outputs, resume, and bad input."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -112,6 +113,39 @@ def test_resume_continues_at_the_right_epoch_with_the_optimizer_state(trained, t
     before = os.path.getmtime(os.path.join(resumed, "last.pth"))
     train.main(train_args(data, resumed, "--epochs", "2", "--resume", os.path.join(resumed, "last.pth")))
     assert os.path.getmtime(os.path.join(resumed, "last.pth")) == before
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_sigterm_mid_epoch_then_resume_matches_a_straight_run(tiny_data, tmp_path, monkeypatch, workers):
+    """SIGTERM in the middle of epoch 1 saves last.pth at that step; --resume continues exactly."""
+    common = ["--epochs", "2", "--grl_threshold_epoch", "1", "--workers", workers]
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    train.main(train_args(tiny_data, straight, *common))
+
+    real_lr_at = train.lr_at
+    def lr_at_then_sigterm(step, *rest):  # the signal arrives while step 2 (0-based) is being computed
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(step, *rest)
+    monkeypatch.setattr(train, "lr_at", lr_at_then_sigterm)
+    train.main(train_args(tiny_data, stopped, *common))
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    mid = utils.load_checkpoint(os.path.join(stopped, "last.pth"))
+    assert (mid["epoch"], mid["epoch_step"], mid["step"]) == (0, 3, 3)  # finished the step, then stopped
+    assert not os.path.exists(os.path.join(stopped, "best.pth"))  # no epoch was validated yet
+
+    train.main(train_args(tiny_data, stopped, *common, "--resume", os.path.join(stopped, "last.pth")))
+    a = utils.load_checkpoint(os.path.join(straight, "last.pth"))
+    b = utils.load_checkpoint(os.path.join(stopped, "last.pth"))
+    assert (b["epoch"], b["step"], b["epoch_step"]) == (2, 10, 0) and b["best"] == pytest.approx(a["best"], abs=1e-6)
+    for name, state in a["models"].items():
+        for key, value in state.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(b["models"][name][key], value, atol=1e-6, rtol=0, msg=f"{name}.{key}")
+    epochs = [r for r in utils.read_jsonl(os.path.join(stopped, "log.jsonl")) if r["kind"] == "epoch"]
+    reference = [r for r in utils.read_jsonl(os.path.join(straight, "log.jsonl")) if r["kind"] == "epoch"]
+    assert [r["triplet"] for r in epochs] == pytest.approx([r["triplet"] for r in reference], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------- bad input
