@@ -34,7 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--class_split", type=str, default="",
                    help="named zero-shot split under DATA/splits/ (default: the one the model was trained on)")
     p.add_argument("--split", type=str, default="test",
-                   help="test: unseen classes; val: the seen-class validation hold-out used for model selection")
+                   help="test: unseen classes; val: the seen-class validation hold-out used for model selection; "
+                        "a split name (e.g. sempcyc25) means that class split's test set")
     p.add_argument("--protocol", type=str, default="all",
                    help=f"metric convention: {', '.join(metrics.PROTOCOLS)}, or all (docs/metrics.md)")
     p.add_argument("--save_embeddings", type=str, default="",
@@ -64,9 +65,10 @@ def check_args(args) -> None:
     if args.protocol != "all" and args.protocol not in metrics.PROTOCOLS:
         raise utils.UserError(f"unknown --protocol {args.protocol!r}; choose one of "
                               f"{', '.join(metrics.PROTOCOLS)}, or all")
-    if args.split not in ("test", "val"):
-        raise utils.UserError(f"unknown --split {args.split!r}; choose test (unseen classes) or val "
-                              "(seen-class validation hold-out)")
+    if args.split not in ("test", "val"):  # a named class split: evaluate its unseen classes
+        if args.class_split and args.class_split != args.split:
+            raise utils.UserError(f"--split {args.split} and --class_split {args.class_split} disagree; pass one")
+        args.class_split, args.split = args.split, "test"
     if args.embeddings:
         if args.save_embeddings:
             raise utils.UserError("--embeddings and --save_embeddings together would only copy the file")
@@ -330,7 +332,9 @@ def main(args) -> None:
     metric_seconds = time.perf_counter() - start
     chance = metrics.chance_map(q_labels, g_labels)
 
+    used_split = args.class_split or (run or {}).get("class_split") or (ckpt["args"].get("class_split", "") if ckpt else "")
     results = {"model": args.model or run["model"]["path"], "data": args.data or run["data"], "split": args.split,
+               "class_split": used_split or None,
                "embeddings": args.embeddings or None, "commit": info["commit"],
                "num_queries": res["num_queries"], "num_gallery": int(g.shape[0]), "num_classes": len(classes),
                "num_queries_without_relevant": res["num_queries_without_relevant"],

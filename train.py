@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_dir", type=str, required=True, help="dataset folder (see README: data layout)")
-    p.add_argument("--class_split", type=str, default="",
+    p.add_argument("--class_split", "--split", type=str, default="", dest="class_split",
                    help="a named zero-shot split under DATA/splits/ (e.g. sake25, sempcyc25, yelamarthi21); "
                         "default: DATA/train_labels.txt and test_labels.txt")
     p.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="where checkpoints and logs go")

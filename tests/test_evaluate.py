@@ -160,3 +160,18 @@ def test_cli_needs_a_model_or_embeddings(tmp_path):
     assert_one_line_error(proc, "pass --model and --data")
     proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "none.pt"))
     assert_one_line_error(proc, "none.pt not found")
+
+
+def test_split_name_selects_a_class_split(run, tmp_path):
+    folder = os.path.join(run["data"], "splits", "alt")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "train_labels.txt"), "w") as f:
+        f.write("pent\nhexa\ncircle\nstar\n")
+    with open(os.path.join(folder, "test_labels.txt"), "w") as f:
+        f.write("tri\nsquare\n")
+    evaluate.main(evaluate.get_args_parser().parse_args([
+        "--model", run["model"], "--data", run["data"], "--split", "alt", "--workers", "0", "--protocol", "standard",
+        "--num_sketches", "0", "--output_dir", str(tmp_path)]))
+    out = results(str(tmp_path))
+    assert out["split"] == "test" and out["class_split"] == "alt" and out["num_queries"] == 16
+    assert set(out["per_class_ap"]) == {"tri", "square"}
