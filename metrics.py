@@ -161,15 +161,18 @@ def _chunk_values(rank: Tensor, hits: Tensor, n: int, ks: Sequence[int], protoco
     if pr_points:
         recall_hits = (torch.arange(pr_points, device=rank.device) * r + pr_points - 2) // (pr_points - 1)
         out["pr"] = interp[:, (recall_hits - 1).clamp(min=0)]  # (B, P) interpolated precision at recall i/(P-1)
+    per_k = {}  # what several protocols share at each cut-off, computed once
+    for k in ks:
+        top = rank <= k  # (B, R)
+        hits_k = top.sum(1)
+        per_k[k] = (top, hits_k, (prec * top).sum(1))
     for name in protocols:
         vals = {"ap": (interp if name in _VOC else prec).sum(1) / r}
-        for k in ks:
-            top = rank <= k  # (B, R)
-            hits_k = top.sum(1)
+        for k, (top, hits_k, prec_top) in per_k.items():
             if name == "standard":
-                vals[f"ap@{k}"] = (prec * top).sum(1) / min(r, k)
+                vals[f"ap@{k}"] = prec_top / min(r, k)
             elif name == "sem-pcyc":
-                vals[f"ap@{k}"] = (prec * top).sum(1) / hits_k.clamp(min=1)
+                vals[f"ap@{k}"] = prec_top / hits_k.clamp(min=1)
             elif name in _VOC:
                 vals[f"ap@{k}"] = (_suffix_max(prec * top) * top).sum(1) / min(r, k)
             if name == "doodle2search":

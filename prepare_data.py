@@ -191,11 +191,11 @@ def find_dir(root: str, *parts: str, default: str = "") -> str:
 
 
 def class_folders(folder: str) -> dict:
-    """{match key: folder} of the class folders inside folder."""
+    """{match key: [folder]} of the class folders inside folder (the form place() takes)."""
     out = {}
     for entry in sorted(os.listdir(folder)):
         if os.path.isdir(os.path.join(folder, entry)):
-            out.setdefault(match_key(entry), os.path.join(folder, entry))
+            out.setdefault(match_key(entry), [os.path.join(folder, entry)])
     return out
 
 
@@ -249,7 +249,12 @@ def invalid_sketches(raw: str) -> set:
     return stems
 
 
-def prepare_sketchy(raw: str, out: str, classes: list, exclude_invalid: bool) -> tuple[int, int]:
+def place_both(out: str, classes: list, sketches: dict, photos: dict, keep=None) -> None:
+    place(os.path.join(out, "sketches"), classes, sketches, keep)
+    place(os.path.join(out, "photos"), classes, photos)
+
+
+def prepare_sketchy(raw: str, out: str, classes: list, exclude_invalid: bool) -> None:
     sketch_root = find_dir(raw, "sketch", "tx_000000000000")  # the other tx_* folders are augmentations
     photo_root = find_dir(raw, "photo", "tx_000000000000")
     extended = find_dir(raw, "EXTEND_image_sketchy")
@@ -257,27 +262,19 @@ def prepare_sketchy(raw: str, out: str, classes: list, exclude_invalid: bool) ->
     if exclude_invalid and not invalid:
         raise PrepareError("--exclude_invalid: no info/invalid-*.txt found in the Sketchy archive")
     keep = (lambda c, stem: stem not in invalid) if invalid else None
-    sketches = {k: [v] for k, v in class_folders(sketch_root).items()}
     ext, orig = class_folders(extended), class_folders(photo_root)
-    photos = {k: [ext[k]] + ([orig[k]] if k in orig else []) for k in ext}  # originals only when missing
-    return (place(os.path.join(out, "sketches"), classes, sketches, keep),
-            place(os.path.join(out, "photos"), classes, photos))
+    photos = {k: ext[k] + orig.get(k, []) for k in ext}  # an original only where the extended set lacks it
+    place_both(out, classes, class_folders(sketch_root), photos, keep)
 
 
-def prepare_tuberlin(raw: str, out: str, classes: list, exclude_invalid: bool) -> tuple[int, int]:
-    sketches = {k: [v] for k, v in class_folders(find_dir(raw, "png")).items()}
-    photos = {k: [v] for k, v in class_folders(find_dir(raw, "ImageResized")).items()}
-    return (place(os.path.join(out, "sketches"), classes, sketches),
-            place(os.path.join(out, "photos"), classes, photos))
+def prepare_tuberlin(raw: str, out: str, classes: list, exclude_invalid: bool) -> None:
+    place_both(out, classes, class_folders(find_dir(raw, "png")), class_folders(find_dir(raw, "ImageResized")))
 
 
-def prepare_quickdraw(raw: str, out: str, classes: list, exclude_invalid: bool) -> tuple[int, int]:
-    sketch_root = find_dir(raw, "QuickDraw_sketches_final", default=os.path.join(raw, "QuickDraw_sketches_final.zip.d"))
-    photo_root = find_dir(raw, "QuickDraw_images_final", default=os.path.join(raw, "QuickDraw_images_final.zip.d"))
-    sketches = {k: [v] for k, v in class_folders(sketch_root).items()}
-    photos = {k: [v] for k, v in class_folders(photo_root).items()}
-    return (place(os.path.join(out, "sketches"), classes, sketches),
-            place(os.path.join(out, "photos"), classes, photos))
+def prepare_quickdraw(raw: str, out: str, classes: list, exclude_invalid: bool) -> None:
+    roots = [find_dir(raw, name, default=os.path.join(raw, name + ".zip.d"))
+             for name in ("QuickDraw_sketches_final", "QuickDraw_images_final")]
+    place_both(out, classes, *map(class_folders, roots))
 
 
 PREPARE = {"sketchy": prepare_sketchy, "tuberlin": prepare_tuberlin, "quickdraw": prepare_quickdraw}

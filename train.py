@@ -26,7 +26,6 @@ import utils
 from model import BACKBONES, PretrainedWeightsUnavailable, ZSSBIRModel, grl_lambda, sbir_losses
 
 
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
