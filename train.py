@@ -3,6 +3,7 @@
     python train.py --data_dir data/sketchy --batch_size 32 --checkpoint_dir ckpt --epochs 30
     python train.py --data_dir data/demo --backbone resnet18 --no-pretrained --image_size 64 --epochs 8
     python train.py --data_dir data/sketchy --checkpoint_dir ckpt --epochs 30 --resume ckpt/last.pth
+    torchrun --standalone --nproc_per_node=4 train.py --data_dir data/sketchy --batch_size 128 --checkpoint_dir ckpt
 
 Seen classes (DATA/train_labels.txt) are split once, seeded, into training images and a held-out
 validation set; seen-class validation mAP@all selects ckpt/best.pth, so model selection never
@@ -10,6 +11,11 @@ looks at the unseen classes. ckpt/last.pth is written after every epoch (atomica
 optimizer and scaler states, for --resume. SIGTERM or Ctrl-C (SIGINT) finishes the current step,
 writes last.pth mid-epoch (with the loader position and the RNG states) and exits; --resume then
 continues from that exact step, as if the run had never stopped.
+
+Under torchrun, DistributedDataParallel trains one replica per process (NCCL on GPUs, gloo on the
+CPU): --batch_size stays the global batch, each process takes its share of every epoch's seeded
+shuffle, batch norm is synchronised across GPUs, and only rank 0 logs and writes checkpoints.
+Validation embeds its images sharded across the processes.
 """
 import argparse
 import math
@@ -18,6 +24,8 @@ import signal
 import time
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 import dataset
@@ -35,7 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "default: DATA/train_labels.txt and test_labels.txt")
     p.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="where checkpoints and logs go")
     p.add_argument("--epochs", type=int, default=30, help="total number of epochs")
-    p.add_argument("--batch_size", type=int, default=32, help="triplets per step")
+    p.add_argument("--batch_size", type=int, default=32,
+                   help="triplets per step, over all processes under torchrun (each takes batch_size / N)")
     p.add_argument("--triplet_loss_ratio", type=float, default=1.0, help="weight of the triplet loss")
     p.add_argument("--domain_loss_ratio", type=float, default=0.5, help="weight of the domain loss (0 disables it)")
     p.add_argument("--class_loss_ratio", type=float, default=0.0,
@@ -64,7 +73,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="mixed precision (autocast + GradScaler) on CUDA; ignored on CPU")
+                   help="mixed precision on CUDA: bfloat16 where the GPU supports it, else float16 with a "
+                        "GradScaler; ignored on CPU")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
+                   help="NHWC memory format for the CNNs (faster convolutions with --amp on recent GPUs)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the two encoders (slower start, faster steps; needs a C++ compiler on CPU)")
     p.add_argument("--resume", type=str, default="", help="checkpoint (e.g. ckpt/last.pth) to continue from")
     return p
 
@@ -108,16 +122,76 @@ def validate(model, val: dict, classes: list, args, device) -> float:
     return res["protocols"]["standard"]["map_all"]
 
 
-def make_checkpoint(model, optimizer, scaler, epoch, step, args, best, epoch_step=0, epoch_sums=None) -> dict:
+class TrainingLosses(nn.Module):
+    """The model with sbir_losses as its forward. DistributedDataParallel synchronises gradients only
+    for work done inside its wrapped module's forward, so it wraps this, not the bare model."""
+
+    def __init__(self, model: ZSSBIRModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sketch, positive, negative, labels, neg_labels, lambd: float, margin: float) -> dict:
+        return sbir_losses(self.model, sketch, positive, negative, lambd, margin, labels, neg_labels)
+
+
+def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr: float, args,
+               dtype: torch.dtype | None, stop: bool = False, where: str = "") -> tuple[dict, bool]:
+    """One optimisation step on this process's share of the global batch (images already on the device).
+
+    Returns the losses of the global batch (under torchrun: the mean over processes, which is the global
+    batch's mean since every process holds an equal share) and whether any process was asked to stop.
+    One all-reduce before backward shares both, so every process sees the same non-finite loss and
+    stops after the same step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(batch[0].device.type, dtype=dtype, enabled=dtype is not None):
+        out = net(*batch, lambd=lambd, margin=args.margin)
+    loss = args.triplet_loss_ratio * out["triplet"] + args.domain_loss_ratio * out["domain"]
+    if "class" in out:
+        loss = loss + args.class_loss_ratio * out["class"]
+    world = utils.rank_and_world()[1]
+    if world == 1:
+        vals, total = {k: v.item() for k, v in out.items()}, loss.item()
+    else:
+        summed = utils.all_ranks_sum(torch.stack([*(v.detach().float() for v in out.values()), loss.detach().float(),
+                                                  torch.tensor(float(stop), device=loss.device)])).tolist()
+        vals = {k: v / world for k, v in zip(out, summed)}
+        total, stop = summed[-2] / world, summed[-1] > 0
+    if not math.isfinite(total):
+        raise utils.UserError(f"the loss became {total}{where}; lower --lr or use --no-amp; "
+                              "last.pth holds the last good epoch")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if args.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return vals, stop
+
+
+def any_process(flag: bool) -> bool:
+    """True when ``flag`` holds in at least one process (so that all of them act alike)."""
+    return flag if utils.rank_and_world()[1] == 1 else utils.all_ranks_sum(torch.tensor([float(flag)])).item() > 0
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def make_checkpoint(model, optimizer, scaler, epoch, step, args, best, epoch_step=0, epoch_sums=None,
+                    rng_by_rank=None) -> dict:
     """epoch counts completed epochs; epoch_step > 0 marks a stop inside the next one, after that many
-    of its steps, and then the RNG states and the epoch's running loss sums are kept too."""
+    of its steps, and then every process's RNG states and the epoch's running loss sums are kept too."""
     ckpt = {"models": {name: m.state_dict() for name, m in model.named_children()},
             "optimizers": {"adamw": optimizer.state_dict()}, "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "args": vars(args), "best": best, "epoch_step": epoch_step}
+            "epoch": epoch, "step": step, "args": vars(args), "best": best, "epoch_step": epoch_step,
+            "world_size": utils.rank_and_world()[1]}
     if epoch_step:
         ckpt["epoch_sums"] = dict(epoch_sums or {})
-        ckpt["rng"] = {"torch": torch.get_rng_state(),
-                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        ckpt["rng"] = rng_by_rank[0]
+        ckpt["rng_by_rank"] = rng_by_rank
     return ckpt
 
 
@@ -153,9 +227,14 @@ def resume_from(path: str, args, model, optimizer, scaler) -> tuple[int, int, fl
         if ckpt["args"].get(key) != getattr(args, key):
             raise utils.UserError(f"{path} was trained with --{key} {ckpt['args'].get(key)} but this run uses "
                                   f"--{key} {getattr(args, key)}; pass the same value to resume")
+    world = utils.rank_and_world()[1]
+    if ckpt.get("epoch_step") and ckpt.get("world_size", 1) != world:
+        raise utils.UserError(f"{path} was saved inside an epoch by {ckpt.get('world_size', 1)} process(es); resume "
+                              f"it with as many (this run has {world}) or from an end-of-epoch checkpoint")
     utils.load_model_state(model, ckpt, path)
     optimizer.load_state_dict(ckpt["optimizers"]["adamw"])
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # empty when saved without a float16 GradScaler (CPU, bfloat16): keep the fresh one
+        scaler.load_state_dict(ckpt["scaler"])
     inside = f" and {ckpt['epoch_step']} step(s) of the next" if ckpt.get("epoch_step") else ""
     print(f"resumed from {path}: {ckpt['epoch']} epoch(s){inside} done, step {ckpt['step']}, "
           f"best val mAP {ckpt['best']:.4f}")
@@ -164,11 +243,26 @@ def resume_from(path: str, args, model, optimizer, scaler) -> tuple[int, int, fl
 
 def main(args) -> None:
     check_args(args)
-    utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
+    rank, world, device = utils.init_distributed(args.device)
+    try:
+        run(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run(args, rank: int, world: int, device: torch.device) -> None:
+    if args.batch_size % world:
+        raise utils.UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes; "
+                              "each process takes an equal share of the batch")
+    if rank == 0:
+        utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
     info = utils.print_banner("train.py", args)
-    utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
-    device = utils.get_device(args.device)
-    amp = args.amp and device.type == "cuda"
+    if rank == 0:
+        utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
+    if world > 1:
+        print(f"distributed: {world} processes ({dist.get_backend()}), {args.batch_size // world} triplets each per step")
+    dtype = utils.amp_dtype(device, args.amp)
     utils.seed_everything(args.seed)
 
     data = dataset.scan_dataset(args.data_dir, class_split=args.class_split)
@@ -187,37 +281,56 @@ def main(args) -> None:
     if len(triplets) < args.batch_size:
         raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {len(triplets)} training "
                               "sketches; lower it")
+    # Alone: a seeded shuffle. Under torchrun: every process shuffles the same way (seed, epoch) and
+    # takes every world-th triplet of it.
+    sampler = (torch.utils.data.DistributedSampler(triplets, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+               if world > 1 else None)
     loader = torch.utils.data.DataLoader(
-        triplets, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
-        pin_memory=device.type == "cuda", worker_init_fn=utils.seed_worker,
+        triplets, batch_size=args.batch_size // world, shuffle=sampler is None, sampler=sampler, drop_last=True,
+        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=utils.seed_worker,
         generator=torch.Generator().manual_seed(args.seed))
 
     model = ZSSBIRModel(args.backbone, args.embedding_dim, args.pretrained,
-                        num_classes=len(data.seen) if args.class_loss_ratio > 0 else 0).to(device)
+                        num_classes=len(data.seen) if args.class_loss_ratio > 0 else 0)
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, step, best, resumed = 0, 0, -1.0, {}
     if args.resume:
         start_epoch, step, best, resumed = resume_from(args.resume, args, model, optimizer, scaler)
         if start_epoch >= args.epochs:
             print(f"nothing to do: {args.resume} already has {start_epoch} of --epochs {args.epochs}")
             return
+    if args.compile:
+        model.sketch_encoder.compile()  # in place: the state dict keeps its names
+        model.photo_encoder.compile()
+    net = TrainingLosses(model)
+    if world > 1:  # after loading: DDP copies rank 0's weights to every process
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     log_path = os.path.join(args.checkpoint_dir, "log.jsonl")
     with StopRequest() as stop:
-        train_epochs(args, model, optimizer, scaler, loader, triplets, val, data, device, amp, start_epoch, step,
-                     best, resumed, log_path, stop)
+        train_epochs(args, model, net, optimizer, scaler, loader, triplets, val, data, device, dtype, start_epoch,
+                     step, best, resumed, log_path, stop)
 
 
-def train_epochs(args, model, optimizer, scaler, loader, triplets, val, data, device, amp, start_epoch, step, best,
-                 resumed, log_path, stop) -> None:
+def train_epochs(args, model, net, optimizer, scaler, loader, triplets, val, data, device, dtype, start_epoch, step,
+                 best, resumed, log_path, stop) -> None:
+    rank, world = utils.rank_and_world()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     grl_start = args.grl_threshold_epoch * steps_per_epoch
     warmup = int(args.warmup_epochs * steps_per_epoch)
+    last_path = os.path.join(args.checkpoint_dir, "last.pth")
     for epoch in range(start_epoch, args.epochs):
         model.train()
         triplets.set_epoch(epoch)
-        epoch_seed = args.seed * 1000 + epoch  # a resumed epoch draws the same shuffle, augmentations, dropout
+        if loader.sampler is not None and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        # A resumed epoch draws the same shuffle, augmentations and dropout; each process its own.
+        epoch_seed = args.seed * 1000 + epoch + 1_000_003 * rank
         utils.seed_everything(epoch_seed)
         loader.generator.manual_seed(epoch_seed)
         skip = resumed.get("epoch_step", 0) if epoch == start_epoch else 0
@@ -227,48 +340,36 @@ def train_epochs(args, model, optimizer, scaler, loader, triplets, val, data, de
         for _ in range(skip):  # replay the loader to the stop: the same batches and augmentation streams
             next(batches)
         if skip:
-            torch.set_rng_state(resumed["rng"]["torch"])
-            if resumed["rng"]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None,
+            rng = resumed["rng_by_rank"][rank] if "rng_by_rank" in resumed else resumed["rng"]
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None if rank == 0 else True,
                    total=steps_per_epoch, initial=skip)
         for i, (sketch, pos, neg, labels, neg_labels) in enumerate(bar, start=skip + 1):
-            sketch, pos, neg, labels, neg_labels = (x.to(device, non_blocking=True)
-                                                    for x in (sketch, pos, neg, labels, neg_labels))
+            batch = [x.to(device, non_blocking=True, memory_format=memory_format) for x in (sketch, pos, neg)]
+            batch += [x.to(device, non_blocking=True) for x in (labels, neg_labels)]
             lambd = grl_lambda(step, total_steps, grl_start)
             lr = lr_at(step, total_steps, warmup, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, enabled=amp):
-                out = sbir_losses(model, sketch, pos, neg, lambd, args.margin, labels, neg_labels)
-            loss = args.triplet_loss_ratio * out["triplet"] + args.domain_loss_ratio * out["domain"]
-            if "class" in out:
-                loss = loss + args.class_loss_ratio * out["class"]
-            if not torch.isfinite(loss):
-                raise utils.UserError(f"the loss became {loss.item()} at step {step} (epoch {epoch + 1}); "
-                                      "lower --lr or use --no-amp; last.pth holds the last good epoch")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            vals, stopping = train_step(net, optimizer, scaler, batch, lambd, lr, args, dtype, stop.signal is not None,
+                                        where=f" at step {step} (epoch {epoch + 1})")
             step += 1
-            vals = {k: v.item() for k, v in out.items()}
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(triplet=f"{vals['triplet']:.3f}", domain=f"{vals['domain']:.3f}")
             if step % args.print_every == 0:
                 print(f"epoch {epoch + 1} step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in vals.items())
                       + f"  lambda {lambd:.3f}  lr {lr:.2e}")
-                utils.append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, "lambda": lambd,
-                                              "lr": lr, **vals})
-            if stop.signal is not None and i < steps_per_epoch:
-                path = os.path.join(args.checkpoint_dir, "last.pth")
-                utils.save_checkpoint(make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i, sums), path)
+                if rank == 0:
+                    utils.append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, "lambda": lambd,
+                                                  "lr": lr, **vals})
+            if stopping and i < steps_per_epoch:
+                rngs = utils.all_gather_objects(rng_state())
+                if rank == 0:
+                    utils.save_checkpoint(make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i, sums,
+                                                          rngs), last_path)
                 print(f"stopped at step {step} ({i}/{steps_per_epoch} of epoch {epoch + 1}); continue with "
-                      f"--resume {path}")
+                      f"--resume {last_path}")
                 return
         train_s = time.time() - t0
         val_map = validate(model, val, data.seen, args, device)
@@ -278,15 +379,16 @@ def train_epochs(args, model, optimizer, scaler, loader, triplets, val, data, de
         print(f"epoch {epoch + 1}/{args.epochs}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
               + f"  lambda {lambd:.3f}  val mAP@all {val_map:.4f}"
               f"{'  (best)' if improved else ''}  [{train_s:.0f}s, {(steps_per_epoch - skip) * args.batch_size / train_s:.1f} triplets/s]")
-        utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
-                                      "lambda": lambd, "train_seconds": train_s, **means})
-        ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best)
-        if improved:
-            utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
-        utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "last.pth"))
-        utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
-        if stop.signal is not None and epoch + 1 < args.epochs:
-            print(f"stopped after epoch {epoch + 1}; continue with --resume {os.path.join(args.checkpoint_dir, 'last.pth')}")
+        if rank == 0:
+            utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
+                                          "lambda": lambd, "train_seconds": train_s, **means})
+            ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best)
+            if improved:
+                utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
+            utils.save_checkpoint(ckpt, last_path)
+            utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
+        if any_process(stop.signal is not None) and epoch + 1 < args.epochs:  # a signal during validation
+            print(f"stopped after epoch {epoch + 1}; continue with --resume {last_path}")
             return
     print(f"done: best seen-class val mAP@all {best:.4f} -> {os.path.join(args.checkpoint_dir, 'best.pth')}")
 

@@ -1,4 +1,4 @@
-"""What train.py and evaluate.py share: errors, seeding, devices, run banner, checkpoints, logs.
+"""What train.py and evaluate.py share: errors, seeding, devices, processes, run banner, checkpoints, logs.
 
     utils.seed_everything(0)
     utils.save_checkpoint(ckpt, "ckpt/last.pth")     # atomic: temp file + os.replace
@@ -15,6 +15,7 @@ import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torchvision
 
 
@@ -28,7 +29,8 @@ def run_cli(main, parser, user_errors: tuple = ()) -> None:
     try:
         main(args)
     except (UserError, *user_errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process meets the same error: say it once
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -62,6 +64,66 @@ def get_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
     return device
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype of --amp: bfloat16 on GPUs that support it, else float16 (which needs a
+    GradScaler); None (full precision) when --amp is off or on the CPU."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ----------------------------------------------------------------------------------- processes
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) join the process
+    group: NCCL with one GPU per process (cuda:LOCAL_RANK) on CUDA, gloo on the CPU; ranks other than
+    0 then print nothing on stdout. A plain `python script.py` is rank 0 of 1 and joins nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = get_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if per_node > torch.cuda.device_count():  # every process checks, so rank 0 reports it
+            raise UserError(f"{per_node} processes per node but {torch.cuda.device_count()} GPU(s) visible; "
+                            "start at most one process per GPU (torchrun --nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # one copy of the logs; errors still reach stderr
+    return rank, world, device
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_ranks_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a float tensor over all processes (itself when alone)."""
+    if rank_and_world()[1] == 1:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    summed = values.detach().to(device, torch.float64).clone()
+    dist.all_reduce(summed)
+    return summed.to(values.device)
+
+
+def all_gather_objects(obj) -> list:
+    """Every process's ``obj`` (picklable), in rank order ([obj] when alone)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def git_commit() -> str:
@@ -216,19 +278,31 @@ def plot_training_curves(records: list, path: str) -> None:
 @torch.no_grad()
 def embed_images(encoder: torch.nn.Module, paths: list, image_size: int, batch_size: int, workers: int,
                  device: torch.device, amp: bool, desc: str = "embed") -> torch.Tensor:
-    """Embed images batch by batch; only the embeddings (N, D) are kept, on the CPU."""
+    """Embed images batch by batch; only the embeddings (N, D) are kept, on the CPU. Under torchrun
+    each process embeds every world-th image, and every process gets all N rows back in order."""
     from tqdm import tqdm
     from dataset import ImageListDataset
 
+    rank, world = rank_and_world()
+    mine = paths[rank::world]
     loader = torch.utils.data.DataLoader(
-        ImageListDataset(paths, [0] * len(paths), image_size), batch_size=batch_size, shuffle=False,
+        ImageListDataset(mine, [0] * len(mine), image_size), batch_size=batch_size, shuffle=False,
         num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
+    dtype = amp_dtype(device, amp)
     was_training = encoder.training
     encoder.eval()
     out = []
-    for images, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+    for images, _ in tqdm(loader, desc=desc, leave=False, disable=None if rank == 0 else True):
         images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out.append(encoder(images).float().cpu())  # (B, D)
     encoder.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0)
+    emb = torch.cat(out) if out else torch.empty(0, 0)
+    if world == 1:
+        return emb
+    parts = all_gather_objects(emb)  # rank r holds rows r, r + world, r + 2 world, ...
+    full = torch.empty(len(paths), max(part.shape[1] for part in parts))
+    for r, part in enumerate(parts):
+        if len(part):
+            full[r::world] = part
+    return full
