@@ -254,6 +254,16 @@ def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, arg
 
 def main(args) -> None:
     check_args(args)
+    rank, world, device = utils.init_distributed(args.device)
+    try:
+        run_evaluation(args, rank, device)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run_evaluation(args, rank: int, device: torch.device) -> None:
+    """Under torchrun every process embeds its share of the images; rank 0 alone computes and writes."""
     names = list(metrics.PROTOCOLS) if args.protocol == "all" else [args.protocol]
     anchor = args.embeddings or args.model
     # The inputs are checked before anything is written.
@@ -264,6 +274,8 @@ def main(args) -> None:
     info = utils.print_banner("evaluate.py", args)
 
     if args.embeddings:
+        if rank != 0:  # nothing to embed: the other processes have no work
+            return
         if run["split"] != args.split:
             raise utils.UserError(f"{args.embeddings} holds the {run['split']} split, not --split {args.split}")
         if args.data:
@@ -284,7 +296,6 @@ def main(args) -> None:
               f"({run['model']['backbone']}, {q.shape[1]}-d)")
     else:
         a = ckpt["args"]
-        device = utils.get_device(args.device)
         print(f"model {args.model}: {a['backbone']}, {a['embedding_dim']}-d, {a['image_size']}px, trained "
               f"{ckpt['epoch']} epoch(s), seen-class val mAP@all {ckpt['best']:.4f}")
         class_split = args.class_split or a.get("class_split", "")
@@ -298,6 +309,11 @@ def main(args) -> None:
                                   "--val_fraction > 0)")
         model = build_model(ckpt, args.model, trained=True)
         q, g, throughput = embed_split(model, sketches, photos, a["image_size"], args, device)
+        if args.compare_untrained:  # embedded here, while every process still takes part
+            bq, bg, _ = embed_split(build_model(ckpt, args.model, trained=False), sketches, photos, a["image_size"],
+                                    args, device)
+        if rank != 0:
+            return
         q_labels, g_labels = torch.tensor(sketches[1]), torch.tensor(photos[1])
         print(f"embedded {len(sketches[0]) + len(photos[0])} images at {throughput:.1f} images/s")
         if args.save_embeddings:
@@ -352,8 +368,6 @@ def main(args) -> None:
     top = results["protocols"][head]["map_all"]
     print(f"chance level mAP@all {chance:.4f}  ({head} / chance = {top / chance:.2f}x)")
     if args.compare_untrained:
-        base_model = build_model(ckpt, args.model, trained=False)
-        bq, bg, _ = embed_split(base_model, sketches, photos, a["image_size"], args, device)
         base = metrics.retrieval_metrics(bq, q_labels, bg, g_labels, ks=KS, protocols=names)
         results["untrained"] = {n: summary(base, n, classes) for n in names}
         if "standard" in names:

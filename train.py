@@ -245,13 +245,13 @@ def main(args) -> None:
     check_args(args)
     rank, world, device = utils.init_distributed(args.device)
     try:
-        run(args, rank, world, device)
+        run_training(args, rank, world, device)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def run(args, rank: int, world: int, device: torch.device) -> None:
+def run_training(args, rank: int, world: int, device: torch.device) -> None:
     if args.batch_size % world:
         raise utils.UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes; "
                               "each process takes an equal share of the batch")

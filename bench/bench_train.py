@@ -5,8 +5,8 @@
 
 Prints (1) the data loader alone: triplets/s from disk to batched tensors, as train.py loads them
 (train split, random augmentation, --workers processes); (2) the model alone on synthetic tensors:
-training triplets/s (forward, triplet + domain loss, backward, AdamW step) in fp32, and on CUDA
-with autocast, each also with channels_last; (3) loader / model. Above 1 the model never waits for
+training triplets/s of train.py's own step (forward, triplet + domain loss, backward, clipping,
+AdamW step) in fp32, and on CUDA with --amp, each also with channels_last; (3) loader / model. Above 1 the model never waits for
 data; issue 5 asks for at least 3 at the demo's settings with train.py's default --workers.
 """
 import argparse
@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
+import train  # noqa: E402
 import utils  # noqa: E402
-from model import BACKBONES, ZSSBIRModel, sbir_losses  # noqa: E402
+from model import BACKBONES, ZSSBIRModel  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -58,25 +59,22 @@ def loader_throughput(args) -> float:
 def model_throughput(args, device, amp: bool, channels_last: bool) -> tuple[float, float]:
     """Training triplets/s on synthetic batches, and peak GPU memory in MiB (0 on the CPU)."""
     torch.manual_seed(0)
-    model = ZSSBIRModel(args.backbone, args.embedding_dim, False).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = ZSSBIRModel(args.backbone, args.embedding_dim, False).to(device, memory_format=fmt)
+    net = train.TrainingLosses(model)
+    train_args = train.get_args_parser().parse_args(["--data_dir", args.data_dir])  # train.py's default losses
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
-    s, p, n = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-               .contiguous(memory_format=fmt) for _ in range(3))
+    dtype = utils.amp_dtype(device, amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batch = [torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+             .contiguous(memory_format=fmt) for _ in range(3)]
+    batch += [torch.zeros(args.batch_size, dtype=torch.long, device=device),
+              torch.ones(args.batch_size, dtype=torch.long, device=device)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            out = sbir_losses(model, s, p, n, 0.5, 0.2)
-        loss = out["triplet"] + out["domain"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        train.train_step(net, opt, scaler, batch, lambd=0.5, lr=1e-4, args=train_args, dtype=dtype)
 
     for _ in range(3):
         step()

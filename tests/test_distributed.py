@@ -1,4 +1,5 @@
 """Distributed training (torchrun / DDP) on the CPU with gloo: 2 processes against 1 over the same global batch."""
+import json
 import os
 import socket
 import subprocess
@@ -123,7 +124,7 @@ def test_sharded_embedding_returns_every_row_in_order(runs):
         torch.testing.assert_close(r["emb"], emb, rtol=0, atol=1e-4)
 
 
-def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(tmp_path):
+def test_torchrun_trains_and_evaluates_with_two_processes_and_only_rank_0_writes(tmp_path):
     data = make_tiny_dataset(str(tmp_path / "data"))
     ckpt = tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
@@ -143,6 +144,18 @@ def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(tmp_path):
                            "--resume", str(ckpt / "last.pth")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout and "epoch 3/3:" in proc.stdout
+    # evaluation embeds sharded across 2 processes and reports what one process reports
+    results = []
+    for launch in (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], []):
+        out = tmp_path / f"eval{len(launch)}"
+        proc = subprocess.run([sys.executable, *launch, "evaluate.py", "--model", str(ckpt / "best.pth"), "--data", data,
+                               "--workers", "0", "--num_sketches", "1", "--output_dir", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.count("wrote results.json") == 1
+        results.append(json.loads((out / "results.json").read_text()))
+    for name, ref in results[1]["protocols"].items():
+        assert results[0]["protocols"][name]["map_all"] == pytest.approx(ref["map_all"], abs=1e-6), name
 
 
 def test_batch_size_not_divisible_by_the_processes(tmp_path):

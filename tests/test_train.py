@@ -67,6 +67,29 @@ def test_training_writes_checkpoints_logs_and_curves(trained):
     assert not [f for f in os.listdir(ckpt) if f.endswith(".tmp")]  # no temp file left behind
 
 
+def test_a_channels_last_step_computes_what_the_default_layout_computes():
+    args = train_args("unused", "unused")
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(3)]
+    labels = [torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0])]
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        model = train.ZSSBIRModel("resnet18", 16, pretrained=False).to(memory_format=fmt)
+        model.eval()  # no dropout, so both layouts see the same network; batch norm uses running stats
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is then minus the (clipped) gradient
+        vals, _ = train.train_step(train.TrainingLosses(model), optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                   [x.contiguous(memory_format=fmt) for x in images] + labels, 0.5, 1.0, args, None)
+        results.append((vals, torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])))
+    (vals, step), (cl_vals, cl_step) = results
+    assert vals.keys() == cl_vals.keys()
+    for k in vals:
+        assert cl_vals[k] == pytest.approx(vals[k], rel=1e-5, abs=1e-6), k
+    assert step.abs().max() > 1e-3  # it did move
+    torch.testing.assert_close(cl_step, step, rtol=1e-3, atol=1e-5)
+
+
 def test_evaluate_end_to_end(trained, tmp_path):
     data, ckpt = trained
     out = str(tmp_path / "eval")
