@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also evaluate the same network at its (seeded) initialisation, as a baseline")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA (bfloat16 where supported, else float16); ignored on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the grid queries")
     return p
 
