@@ -1,4 +1,4 @@
-# make demo: set up .venv, generate the demo data, train, evaluate, write retrieval grids.
+# make demo: set up .venv, generate the demo data, train, evaluate, write retrieval grids, search the photos with a drawn star.
 # make test: set up .venv, run the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -27,6 +27,8 @@ demo: venv $(DEMO_DATA)/.demo_data
 	$(PY) train.py --data_dir $(DEMO_DATA) --checkpoint_dir $(DEMO_RUN) $(DEMO_TRAIN_ARGS) $(EXTRA_TRAIN_ARGS)
 	$(PY) evaluate.py --model $(DEMO_RUN)/best.pth --data $(DEMO_DATA) --output_dir $(DEMO_RUN)/eval \
 		--num_sketches 10 --num_images 6 --compare_untrained --workers 1 --save_embeddings $(DEMO_RUN)/eval/embeddings.pt
+	$(PY) retrieve.py --model $(DEMO_RUN)/best.pth --gallery $(DEMO_DATA)/photos --query docs/retrieve_query.png \
+		--output $(DEMO_RUN)/retrieval --workers 1
 
 test: venv
 	$(PY) -m pytest tests -q

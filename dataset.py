@@ -1,8 +1,9 @@
-"""Files -> tensors for zero-shot SBIR: dataset layout checks, image loading, triplet sampling.
+"""Files -> tensors for zero-shot SBIR: dataset layout checks, image loading, triplet sampling, query sketches.
 
     data = scan_dataset("data/demo")                 # checks the layout, lists every image
     train, val = split_seen(data, val_fraction=0.1)   # seeded hold-out of seen-class images
     triplets = TripletDataset(train, image_size=64, class_embeddings=data.train_embeddings)
+    sketch = load_sketch("my_drawing.png")            # any origin -> dark strokes on a white square
 
 Layout: DATA/sketches/<class>/*, DATA/photos/<class>/*, DATA/train_labels.txt (seen classes),
 DATA/test_labels.txt (unseen classes), optional DATA/train_embeddings.npy / test_embeddings.npy
@@ -13,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 
@@ -274,3 +276,111 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int):
         return self.transform(load_image(self.paths[index])), self.labels[index]
 
+
+
+# ----------------------------------------------------------------------------------- user images
+
+SKETCH_MARGIN = 0.1     # white margin around a query drawing, as a fraction of its longer extent
+SKETCH_MAX_SIDE = 1024  # larger query images are first shrunk to this (the model sees 64-224 px)
+
+
+def _flatten_background(grey: np.ndarray) -> np.ndarray:
+    """Divide a grey image (H, W) float by its local paper brightness, so uneven lighting turns white.
+
+    The paper level of each cell (1/16 of the longer side) is its 90th percentile, raised to the
+    brightest of the 3 x 3 neighbouring cells (so cells full of strokes take the paper around them)
+    and to half the whole image's level (so a large dark fill stays dark), then bilinearly
+    interpolated. A white background has level 255 everywhere and leaves the image unchanged.
+    """
+    h, w = grey.shape
+    cell = max(1, max(h, w) // 16)
+    rows, cols = -(-h // cell), -(-w // cell)
+    padded = np.pad(grey, ((0, rows * cell - h), (0, cols * cell - w)), mode="edge")
+    blocks = padded.reshape(rows, cell, cols, cell).transpose(0, 2, 1, 3).reshape(rows, cols, -1)
+    level = np.percentile(blocks, 90, axis=2)                                  # (rows, cols)
+    ring = np.pad(level, 1, mode="edge")
+    level = np.max([ring[i:i + rows, j:j + cols] for i in range(3) for j in range(3)], axis=0)
+    level = np.maximum(level, 0.5 * np.percentile(grey, 90))
+    paper = Image.fromarray(level.astype(np.float32), "F").resize((cols * cell, rows * cell), Image.BILINEAR)
+    paper = np.asarray(paper)[:h, :w]                                          # (H, W)
+    return np.clip(grey / np.maximum(paper, 1.0) * 255.0, 0.0, 255.0)
+
+
+def prepare_sketch(im: Image.Image) -> Image.Image:
+    """A query sketch from anywhere -> dark strokes on a white square (RGB), like the training sketches.
+
+    1. Transparency: strokes on a transparent background are composited onto white, or onto black
+       when the strokes themselves are light (step 2 then inverts them).
+    2. Grey levels, the longer side shrunk to at most SKETCH_MAX_SIDE; a dark image (median below
+       mid-grey: light strokes on black) is inverted.
+    3. Photos of paper: uneven paper brightness is flattened to white (_flatten_background) and
+       the darkest 0.5 % of pixels are stretched to black.
+    4. Crop to the strokes (pixels darker than mid-grey) plus a margin of SKETCH_MARGIN of their
+       longer extent, and pad to a square with white: any aspect ratio, never stretched.
+    A clean black-on-white drawing passes steps 1 to 3 unchanged. ``im`` itself is not modified.
+    """
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        pixels = np.asarray(rgba, dtype=np.float64)                            # (H, W, 4)
+        alpha, luma = pixels[..., 3], pixels[..., :3] @ np.array([0.299, 0.587, 0.114])
+        light_strokes = alpha.sum() > 0 and (luma * alpha).sum() / alpha.sum() > 127.5
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255) if light_strokes else (255,) * 4), rgba)
+    grey = to_rgb(im).convert("L")
+    if max(grey.size) > SKETCH_MAX_SIDE:
+        grey.thumbnail((SKETCH_MAX_SIDE, SKETCH_MAX_SIDE), Image.BOX)
+    g = np.asarray(grey, dtype=np.float64)                                     # (H, W)
+    if np.median(g) < 127.5:
+        g = 255.0 - g
+    g = _flatten_background(g)
+    dark = np.percentile(g, 0.5)
+    if dark < 250:
+        g = np.clip((g - dark) / (255.0 - dark) * 255.0, 0.0, 255.0)
+    grey = Image.fromarray(np.rint(g).astype(np.uint8), "L")
+
+    ys, xs = np.nonzero(np.asarray(grey) < 128)
+    if len(ys):
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        margin = int(round(SKETCH_MARGIN * max(x1 - x0, y1 - y0)))
+    else:  # a blank page: keep it whole
+        x0, y0, x1, y1, margin = 0, 0, grey.width, grey.height, 0
+    side = int(max(x1 - x0, y1 - y0) + 2 * margin)
+    left, top = int(x0 + x1 - side) // 2, int(y0 + y1 - side) // 2            # the square, in image coordinates
+    box = (max(left, 0), max(top, 0), min(left + side, grey.width), min(top + side, grey.height))
+    square = Image.new("L", (side, side), 255)
+    square.paste(grey.crop(box), (box[0] - left, box[1] - top))
+    return square.convert("RGB")
+
+
+def load_upright(path: str) -> Image.Image:
+    """Read an image file as it is stored (any mode), turned upright by its EXIF orientation (raises IMAGE_ERRORS)."""
+    with Image.open(path) as im:
+        im.load()
+        return ImageOps.exif_transpose(im)
+
+
+def load_sketch(path: str) -> Image.Image:
+    """Read a query sketch file of any origin, ready for the sketch encoder (see prepare_sketch)."""
+    return prepare_sketch(load_upright(path))
+
+
+class ImageFilesDataset(Dataset):
+    """A user's photos for embedding: returns (image (3, S, S), readable).
+
+    Loaded and resized like ImageListDataset (so embeddings match evaluate.py's), after turning
+    each photo upright by its EXIF orientation. A file Pillow cannot read gives a zero image and
+    readable=False instead of an error, so one bad file does not stop a large collection.
+    """
+
+    def __init__(self, paths: list, image_size: int):
+        self.paths = paths
+        self.image_size = image_size
+        self.transform = build_transform(image_size, train=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.transform(to_rgb(load_upright(self.paths[index]))), True
+        except IMAGE_ERRORS:
+            return torch.zeros(3, self.image_size, self.image_size), False

@@ -1,0 +1,399 @@
+"""retrieve.py: exact search against a brute-force ranking, the reusable index, query sketches of any
+form, faiss (when installed) and bad input."""
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import dataset
+import metrics
+import retrieve
+import utils
+from conftest import make_tiny_dataset
+from model import ZSSBIRModel
+from test_train import assert_one_line_error, run_script
+
+try:
+    import faiss
+except ImportError:
+    faiss = None
+needs_faiss = pytest.mark.skipif(faiss is None, reason="faiss is not installed (optional: pip install faiss-cpu)")
+
+
+def save_tiny_checkpoint(path: str, seed: int = 0) -> str:
+    """A checkpoint in train.py's format of an untrained, seeded 16-d resnet18 at 32 px (no training needed:
+    these tests check retrieval, not the model)."""
+    args = {"backbone": "resnet18", "embedding_dim": 16, "image_size": 32, "seed": seed, "pretrained": False}
+    utils.seed_everything(seed)
+    model = ZSSBIRModel("resnet18", 16, pretrained=False)
+    utils.save_checkpoint({"models": {name: m.state_dict() for name, m in model.named_children()},
+                           "optimizers": {}, "scaler": {}, "epoch": 0, "step": 0, "args": args, "best": 0.0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrieve")
+    data = make_tiny_dataset(str(root / "data"), per_class=3)
+    return {"root": root, "data": data, "sketch": os.path.join(data, "sketches", "star", "star_0.png"),
+            "model": save_tiny_checkpoint(str(root / "model.pth")),
+            "other_model": save_tiny_checkpoint(str(root / "other.pth"), seed=1)}
+
+
+@pytest.fixture
+def gallery(setup, tmp_path):
+    """A fresh copy of the tiny dataset's 18 photos (6 classes x 3), in class sub-folders."""
+    folder = tmp_path / "gallery"
+    for c in sorted(os.listdir(os.path.join(setup["data"], "photos"))):
+        (folder / c).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(setup["data"], "photos", c))):
+            Image.open(os.path.join(setup["data"], "photos", c, name)).save(folder / c / name)
+    return str(folder)
+
+
+def retrieve_json(capsys, model, gallery, queries, out, *extra, grids: bool = False) -> dict:
+    """Run retrieve.main with --json in this process; return the parsed document (stdout holds nothing else)
+    with the messages of stderr under "stderr"."""
+    stdout, stderr = retrieve_text(capsys, model, gallery, queries, out, "--json", "--grids" if grids else "--no-grids",
+                                   *extra)
+    return {**json.loads(stdout), "stderr": stderr}
+
+
+def retrieve_text(capsys, model, gallery, queries, out, *extra) -> tuple[str, str]:
+    """Run retrieve.main in this process (no data loader workers); return what it printed (stdout, stderr)."""
+    capsys.readouterr()
+    retrieve.main(retrieve.get_args_parser().parse_args(
+        ["--model", model, "--gallery", gallery, "--query", *queries, "--output", out, "--workers", "0", *extra]))
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def ranking(doc: dict, i: int = 0) -> list:
+    return [(hit["path"], hit["score"]) for hit in doc["queries"][i]["results"]]
+
+
+# ----------------------------------------------------------------------------------- search
+
+def brute_force(q: torch.Tensor, g: torch.Tensor, k: int) -> list:
+    """Per query: every gallery row by descending score, equal scores by row, cut at k (the written definition)."""
+    scores = (q.double() @ g.double().T).tolist()
+    return [sorted(range(len(row)), key=lambda j: (-row[j], j))[:k] for row in scores]
+
+
+def test_search_equals_brute_force_ranking_with_ties():
+    gen = torch.Generator().manual_seed(0)
+    # Small integers: every score is exact in float32, so ties are real ties; duplicated rows make more.
+    g = torch.randint(-3, 4, (50, 6), generator=gen).float()
+    g[30:40] = g[0:10]
+    q = torch.randint(-3, 4, (7, 6), generator=gen).float()
+    for k, chunk in ((5, 7), (12, 3), (50, 64), (80, 16)):
+        scores, rows = retrieve.search(q, g, k, chunk=chunk)
+        assert rows.tolist() == brute_force(q, g, k), (k, chunk)
+        assert torch.equal(scores, torch.gather(q @ g.T, 1, rows)), (k, chunk)
+    assert retrieve.search(q, g[:0], 3)[1].shape == (7, 0)
+
+
+def test_search_of_unit_vectors_scores_as_metrics_similarity(monkeypatch):
+    monkeypatch.setattr(retrieve, "QUERY_BLOCK", 4)  # several query blocks
+    gen = torch.Generator().manual_seed(1)
+    g = torch.nn.functional.normalize(torch.randn(1000, 32, generator=gen), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(10, 32, generator=gen), dim=1)
+    scores, rows = retrieve.search(q, g, 20, chunk=128)
+    sim = metrics.similarity(q, g)  # (10, 1000)
+    assert torch.equal(rows, torch.argsort(-sim, dim=1, stable=True)[:, :20])
+    assert torch.allclose(scores, torch.gather(sim, 1, rows), atol=1e-6)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+
+
+def test_order_keys_round_trip_and_order():
+    s = torch.tensor([[-2.5, -0.0, 0.0, 1e-30, -1e-30, 3.0, 3.0, float("inf"), -float("inf")]])
+    keys = retrieve._order_keys(s, first_row=10)
+    scores, rows = retrieve._decode_keys(keys)
+    assert torch.equal(scores, s + 0.0) and rows.tolist() == [list(range(10, 19))]
+    order = keys.argsort(dim=1, descending=True)[0].tolist()
+    assert order == [7, 5, 6, 3, 1, 2, 4, 0, 8]  # by score, equal scores (3.0; -0.0 and 0.0) by row
+
+
+# ----------------------------------------------------------------------------------- query sketches
+
+def drawing(size=(120, 80), ink=0, paper=255) -> Image.Image:
+    im = Image.new("L", size, paper)
+    draw = ImageDraw.Draw(im)
+    draw.polygon([(20, 15), (95, 25), (60, 70)], outline=ink, width=3)
+    draw.ellipse((50, 30, 70, 45), outline=ink, width=2)
+    return im
+
+
+def transparent(im: Image.Image, colour) -> Image.Image:
+    """The strokes of a black-on-white drawing in ``colour`` on a fully transparent background."""
+    out = Image.new("RGBA", im.size, colour + (0,))
+    out.putalpha(Image.eval(im, lambda v: 255 - v))
+    return out
+
+
+def test_prepare_sketch_forms_give_the_same_image():
+    clean = dataset.prepare_sketch(drawing())
+    a = np.asarray(clean)
+    wide = Image.new("L", (500, 90), 255)
+    wide.paste(drawing(), (300, 5))
+    assert clean.mode == "RGB" and clean.width == clean.height
+    for name, im in (("white on black", drawing(ink=255, paper=0)),
+                     ("black on transparent", transparent(drawing(), (0, 0, 0))),
+                     ("white on transparent", transparent(drawing(), (255, 255, 255))),
+                     ("palette", drawing().convert("P")),
+                     ("RGB", drawing().convert("RGB")),
+                     ("wide canvas", wide)):
+        assert np.array_equal(np.asarray(dataset.prepare_sketch(im)), a), name
+
+
+def test_prepare_sketch_crops_to_the_strokes_and_pads_without_stretching():
+    im = Image.new("L", (300, 100), 255)
+    ImageDraw.Draw(im).ellipse((200, 20, 260, 80), outline=0, width=3)  # a 61 px circle, right of centre
+    before = np.asarray(im).copy()
+    out = dataset.prepare_sketch(im)
+    assert np.array_equal(np.asarray(im), before)  # the input is left alone
+    assert out.size == (61 + 2 * 6, 61 + 2 * 6)  # the circle plus a 10 % margin on each side
+    ys, xs = np.nonzero(np.asarray(out.convert("L")) < 128)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (6, 66, 6, 66)  # still round: same extent both ways
+    assert dataset.prepare_sketch(Image.new("L", (40, 10), 255)).size == (40, 40)  # blank: padded whole
+
+
+def test_prepare_sketch_cleans_a_photo_of_paper():
+    clean = np.asarray(drawing(), dtype=np.float64)
+    yy, xx = np.mgrid[0:80, 0:120]
+    light = 140 + 90 * xx / 120 + 10 * np.sin(yy / 10)  # uneven lighting, darker on the left
+    photo = clean / 255 * light + (1 - clean / 255) * 70 + np.random.default_rng(0).normal(0, 3, clean.shape)
+    out = np.asarray(dataset.prepare_sketch(Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).convert("RGB")))
+    ref = np.asarray(dataset.prepare_sketch(drawing()))
+    assert out.shape == ref.shape
+    strokes = ref[..., 0] < 128
+    assert out[..., 0][strokes].mean() < 40 and out[..., 0][~strokes].mean() > 230  # black ink, white paper
+    assert ((out[..., 0] < 128) == strokes).mean() > 0.97
+
+
+def test_phone_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; show the stored image rotated 90 degrees clockwise
+    Image.new("RGB", (40, 20), "white").save(tmp_path / "phone.jpg", exif=exif)
+    assert dataset.load_upright(str(tmp_path / "phone.jpg")).size == (20, 40)
+    image, readable = dataset.ImageFilesDataset([str(tmp_path / "phone.jpg")], 32)[0]
+    assert readable and image.shape == (3, 32, 32)
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    image, readable = dataset.ImageFilesDataset([str(tmp_path / "bad.jpg")], 32)[0]
+    assert not readable and not image.any()
+
+
+def test_pipeline_ranks_the_same_for_every_form_of_a_sketch(setup, gallery, tmp_path, capsys):
+    sketch = Image.open(setup["sketch"]).convert("L")  # a tiny dataset sketch, black outline on white
+    forms = {"plain.png": sketch, "inverted.png": Image.eval(sketch, lambda v: 255 - v),
+             "transparent.png": transparent(sketch, (0, 0, 0)),
+             "light_on_transparent.png": transparent(sketch, (255, 255, 255))}
+    wide = Image.new("L", (150, 32), 255)
+    wide.paste(sketch, (90, 0))
+    forms["wide.png"] = wide
+    for name, im in forms.items():
+        im.save(tmp_path / name)
+    doc = retrieve_json(capsys, setup["model"], gallery, [str(tmp_path / n) for n in forms], str(tmp_path / "out"),
+                        "--topk", "18")
+    first = ranking(doc, 0)
+    assert len(first) == 18 and len({p for p, _ in first}) == 18
+    for i, name in enumerate(forms):  # the same photos in the same order (scores may differ in the 7th digit:
+        assert [p for p, _ in ranking(doc, i)] == [p for p, _ in first], name  # batch position changes rounding)
+        assert [s for _, s in ranking(doc, i)] == pytest.approx([s for _, s in first], abs=1e-5), name
+
+
+# ----------------------------------------------------------------------------------- the index
+
+def index_of(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_index_is_reused_and_updated_file_by_file(setup, gallery, tmp_path, capsys):
+    out, query = str(tmp_path / "out"), [setup["sketch"]]
+    first = retrieve_json(capsys, setup["model"], gallery, query, out, "--topk", "18")
+    assert first["index_counts"] == {"images": 18, "embedded": 18, "unchanged": 0, "deleted": 0, "unreadable": 0}
+    index_file = os.path.join(out, "gallery_index.pt")
+    assert first["index"] == index_file
+    saved = index_of(index_file)
+    assert saved["root"] == os.path.realpath(gallery) and len(saved["paths"]) == 18
+    assert not any(os.path.isabs(p) for p in saved["paths"]) and saved["embeddings"].shape == (18, 16)
+
+    again = retrieve_json(capsys, setup["model"], gallery, query, out, "--topk", "18")
+    assert again["index_counts"] == {"images": 18, "embedded": 0, "unchanged": 18, "deleted": 0, "unreadable": 0}
+    assert index_of(index_file)["revision"] == saved["revision"]  # not rewritten
+    assert ranking(again) == ranking(first)
+
+    # One photo added, one modified (new content and date), one deleted.
+    Image.open(os.path.join(gallery, "star", "star_0.png")).rotate(90).save(os.path.join(gallery, "star", "new.png"))
+    modified = os.path.join(gallery, "circle", "circle_1.png")
+    Image.open(modified).transpose(Image.FLIP_LEFT_RIGHT).save(modified)
+    os.utime(modified, ns=(1_000_000_000, 1_000_000_000))
+    os.remove(os.path.join(gallery, "tri", "tri_2.png"))
+    third = retrieve_json(capsys, setup["model"], gallery, query, out, "--topk", "18")
+    assert third["index_counts"] == {"images": 18, "embedded": 2, "unchanged": 16, "deleted": 1, "unreadable": 0}
+
+    # The updated index holds exactly what a fresh build holds.
+    fresh = retrieve_json(capsys, setup["model"], gallery, query, str(tmp_path / "fresh"), "--topk", "18")
+    assert fresh["index_counts"]["embedded"] == 18
+    a, b = index_of(index_file), index_of(os.path.join(tmp_path, "fresh", "gallery_index.pt"))
+    assert a["paths"] == b["paths"] and torch.equal(a["sizes"], b["sizes"]) and torch.equal(a["mtimes"], b["mtimes"])
+    assert torch.allclose(a["embeddings"], b["embeddings"], atol=1e-5)
+    assert [p for p, _ in ranking(third)] == [p for p, _ in ranking(fresh)]
+
+
+def test_another_model_rebuilds_the_index_with_one_line(setup, gallery, tmp_path, capsys):
+    index_file = str(tmp_path / "idx" / "photos.pt")
+    retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], str(tmp_path / "a"), "--index", index_file)
+    doc = retrieve_json(capsys, setup["other_model"], gallery, [setup["sketch"]], str(tmp_path / "b"),
+                        "--index", index_file)
+    assert f"index {index_file} was built with another model; rebuilding" in doc["stderr"]
+    assert doc["index_counts"]["embedded"] == 18 and doc["index"] == index_file
+
+
+def test_gallery_embeddings_match_evaluate(setup, gallery, tmp_path, capsys):
+    retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], str(tmp_path / "out"))
+    saved = index_of(str(tmp_path / "out" / "gallery_index.pt"))
+    ckpt = utils.load_checkpoint(setup["model"])
+    model = retrieve.build_model(ckpt, setup["model"], trained=True)
+    ref = utils.embed_images(model.photo_encoder, [os.path.join(gallery, p) for p in saved["paths"]], 32, 8, 0,
+                             torch.device("cpu"), False)
+    assert torch.allclose(saved["embeddings"], ref, atol=1e-5)
+    assert retrieve.model_identity(ckpt) == saved["model"] != retrieve.model_identity(
+        utils.load_checkpoint(setup["other_model"]))
+
+
+def test_interrupted_build_keeps_what_was_embedded(tmp_path):
+    files = [(f"{i}.png", 10, 1) for i in range(5)]
+    calls = []
+
+    def embed_two_then_stop(paths):
+        calls.append(len(paths))
+        return torch.ones(2, 4), torch.tensor([True, False]), True  # Ctrl-C after two files, one unreadable
+
+    path = str(tmp_path / "index.pt")
+    with pytest.raises(KeyboardInterrupt):
+        retrieve.update_index(None, path, str(tmp_path), files, "model-a", embed_two_then_stop)
+    saved = index_of(path)
+    assert saved["paths"] == ["0.png"] and saved["skipped"] == {"1.png": [10, 1]}
+    def embed_all(paths):
+        return torch.zeros(len(paths), 4), torch.ones(len(paths), dtype=torch.bool), False
+
+    index, counts = retrieve.update_index(retrieve.load_index(path), path, str(tmp_path), files, "model-a", embed_all)
+    assert counts == {"images": 4, "embedded": 3, "unchanged": 1, "deleted": 0, "unreadable": 1}
+    assert index["paths"] == ["0.png", "2.png", "3.png", "4.png"] and index["embeddings"][0].tolist() == [1.0] * 4
+    assert calls == [5]
+
+
+def test_non_images_are_skipped_counted_and_remembered(setup, gallery, tmp_path, capsys):
+    with open(os.path.join(gallery, "notes.txt"), "w") as f:
+        f.write("not a photo")
+    broken = os.path.join(gallery, "star", "broken.jpg")
+    with open(broken, "wb") as f:
+        f.write(b"\xff\xd8 this is no JPEG")
+    out = str(tmp_path / "out")
+    stdout, _ = retrieve_text(capsys, setup["model"], gallery, [setup["sketch"]], out, "--topk", "3")
+    assert "skipped 2 file(s) of the gallery: 1 not an image, 1 unreadable image(s)" in stdout
+    assert "18 photos in" in stdout and "(18 embedded," in stdout
+    lines = stdout.splitlines()
+    table = lines[lines.index("rank   score  photo") + 1:][:3]
+    assert [line.split()[0] for line in table] == ["1", "2", "3"] and all(gallery in line for line in table)
+    with open(os.path.join(out, "grid_01_star_0.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The broken file is not retried until it changes; grids written inside the gallery are not searched.
+    in_gallery, index = os.path.join(gallery, "results"), os.path.join(out, "gallery_index.pt")
+    for _ in range(2):
+        doc = retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], in_gallery, "--index", index,
+                            grids=True)
+        assert doc["index_counts"] == {"images": 18, "embedded": 0, "unchanged": 18, "deleted": 0, "unreadable": 1}
+        assert doc["skipped_files"] == ["notes.txt", os.path.join("star", "broken.jpg")]
+    assert os.path.isfile(os.path.join(in_gallery, "grid_01_star_0.png"))
+    Image.new("RGB", (32, 32), "white").save(broken, format="JPEG")
+    doc = retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], in_gallery, "--index", index)
+    assert doc["index_counts"] == {"images": 19, "embedded": 1, "unchanged": 18, "deleted": 0, "unreadable": 0}
+
+
+# ----------------------------------------------------------------------------------- faiss
+
+@needs_faiss
+def test_faiss_ivf_visiting_every_list_is_exact(monkeypatch):
+    monkeypatch.setattr(retrieve, "FAISS_FLAT_BELOW", 100)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.nn.functional.normalize(torch.randn(2500, 16, generator=gen), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(5, 16, generator=gen), dim=1)
+    built = retrieve.faiss_index(faiss, g)
+    assert isinstance(built, faiss.IndexIVFFlat) and built.nlist == 50
+    scores, rows = retrieve.faiss_search(built, q, 10, nprobe=50)
+    ref_scores, ref_rows = retrieve.search(q, g, 10)
+    assert torch.equal(rows, ref_rows) and torch.allclose(scores, ref_scores, atol=1e-5)
+
+
+@needs_faiss
+def test_cli_faiss_ranks_like_exact_and_caches_its_index(setup, gallery, tmp_path, capsys):
+    exact = retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], str(tmp_path / "out"))
+    approx = retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], str(tmp_path / "out"), "--faiss")
+    assert "built the faiss index" in approx["stderr"] and approx["search"] == "faiss"
+    assert [p for p, _ in ranking(approx)] == [p for p, _ in ranking(exact)]  # small gallery: flat, exact
+    again = retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], str(tmp_path / "out"), "--faiss")
+    assert "built the faiss index" not in again["stderr"] and ranking(again) == ranking(approx)
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+CLI_DRIVER = """
+import contextlib, io, json, runpy, sys, traceback
+out = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv, stdout, stderr, code = ["retrieve.py", *argv], io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path("retrieve.py", run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    out.append({"returncode": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()})
+print(json.dumps(out))
+"""
+
+
+def run_cli_cases(*cases) -> list:
+    """Run retrieve.py's command line (its __main__ block, argument parsing and exit code) once per argument
+    list, all in one Python process so torch is imported once; returns a CompletedProcess-like result per case."""
+    proc = run_script("-c", CLI_DRIVER, json.dumps(cases))
+    assert proc.returncode == 0, proc.stderr
+    return [SimpleNamespace(**r) for r in json.loads(proc.stdout.splitlines()[-1])]
+
+
+def test_cli_bad_input_one_line_each(setup, gallery, tmp_path):
+    (tmp_path / "sketch.png").write_text("this is text")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no photos here")
+    (tmp_path / "model.pth").write_bytes(b"\x00" * 100)
+    (tmp_path / "precious.pt").write_bytes(b"user data")
+    good = {"--model": setup["model"], "--gallery": gallery, "--query": setup["sketch"], "--workers": "0",
+            "--output": str(tmp_path / "out")}
+    expected = [  # (changed arguments, fragments of the one error line)
+        ({"--query": str(tmp_path / "none.png")}, ("query sketch", "none.png not found")),
+        ({"--query": str(tmp_path / "sketch.png")}, ("cannot read query sketch", "sketch.png")),
+        ({"--gallery": str(tmp_path / "empty")}, ("empty holds no image files",)),
+        ({"--gallery": str(tmp_path / "empty" / "readme.txt")}, ("readme.txt is not a folder",)),
+        ({"--gallery": str(tmp_path / "nowhere")}, ("nowhere does not exist",)),
+        ({"--model": str(tmp_path / "model.pth")}, ("model.pth is not a readable checkpoint",)),
+        ({"--model": str(tmp_path / "none.pth")}, ("none.pth not found",)),
+        ({"--index": str(tmp_path / "precious.pt")}, ("is not a gallery index written by retrieve.py",)),
+        ({"--topk": "0"}, ("--topk must be at least 1",)),
+        ({"--output": gallery}, ("is the gallery folder",)),
+    ]
+    if faiss is None:
+        expected.append(({"--faiss": None}, ("--faiss needs the faiss package (pip install faiss-cpu)",)))
+    cases = [[x for key, value in {**good, **change}.items() for x in ((key,) if value is None else (key, value))]
+             for change, _ in expected]
+    for (change, fragments), proc in zip(expected, run_cli_cases(*cases)):
+        assert_one_line_error(proc, *fragments)
+    assert (tmp_path / "precious.pt").read_bytes() == b"user data"  # never overwritten
+    assert not (tmp_path / "out").exists()  # the inputs are checked before anything is written
