@@ -159,22 +159,16 @@ def load_index(path: str) -> dict | None:
     return index
 
 
-@torch.no_grad()
 def embed_files(encoder, paths: list, image_size: int, args, device) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Embed photo files: (n, D) embeddings, (n,) readable flags, and whether Ctrl-C stopped it
     early (then n < len(paths): the first n files are done, and the caller keeps them)."""
-    from tqdm import tqdm
-
     loader = torch.utils.data.DataLoader(dataset.ImageFilesDataset(paths, image_size), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          worker_init_fn=utils.seed_worker)
-    dtype = utils.amp_dtype(device, args.amp)
-    encoder.eval()
     out, readable, interrupted = [], [], False
     try:
-        for images, ok in tqdm(loader, desc="embed gallery", leave=False, disable=None):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                out.append(encoder(images.to(device, non_blocking=True)).float().cpu())  # (B, D)
+        for emb, ok in utils.embed_batches(encoder, loader, device, args.amp, desc="embed gallery"):
+            out.append(emb)
             readable.append(ok)
     except KeyboardInterrupt:
         interrupted = True
@@ -337,18 +331,12 @@ def faiss_search(built, queries: torch.Tensor, k: int, nprobe: int) -> tuple[tor
 
 # ----------------------------------------------------------------------------------- output
 
-@torch.no_grad()
 def embed_sketches(encoder, sketches: list, image_size: int, args, device) -> torch.Tensor:
     """Prepared query sketches (PIL) -> unit embeddings (Q, D) on the CPU."""
     transform = dataset.build_transform(image_size, train=False)
-    dtype = utils.amp_dtype(device, args.amp)
-    encoder.eval()
-    out = []
-    for i in range(0, len(sketches), args.batch_size):
-        images = torch.stack([transform(s) for s in sketches[i:i + args.batch_size]]).to(device)  # (B, 3, S, S)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out.append(encoder(images).float().cpu())  # (B, D)
-    return torch.cat(out)
+    batches = ((torch.stack([transform(s) for s in sketches[i:i + args.batch_size]]),)  # (B, 3, S, S)
+               for i in range(0, len(sketches), args.batch_size))
+    return torch.cat([emb for emb, in utils.embed_batches(encoder, batches, device, args.amp, desc="embed queries")])
 
 
 def save_grid(sketch, query_path: str, hits: list, out_path: str) -> None:

@@ -276,11 +276,28 @@ def plot_training_curves(records: list, path: str) -> None:
 # ----------------------------------------------------------------------------------- embedding
 
 @torch.no_grad()
+def embed_batches(encoder: torch.nn.Module, batches, device: torch.device, amp: bool, desc: str = "embed",
+                  show: bool = True):
+    """For each batch (images (B, 3, S, S), *rest) yield (embeddings (B, D) on the CPU, *rest): the encoder
+    in eval mode, under --amp's autocast; its mode comes back afterwards."""
+    from tqdm import tqdm
+
+    dtype = amp_dtype(device, amp)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        for images, *rest in tqdm(batches, desc=desc, leave=False, disable=None if show else True):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                emb = encoder(images.to(device, non_blocking=True)).float().cpu()  # (B, D)
+            yield emb, *rest
+    finally:
+        encoder.train(was_training)
+
+
 def embed_images(encoder: torch.nn.Module, paths: list, image_size: int, batch_size: int, workers: int,
                  device: torch.device, amp: bool, desc: str = "embed") -> torch.Tensor:
     """Embed images batch by batch; only the embeddings (N, D) are kept, on the CPU. Under torchrun
     each process embeds every world-th image, and every process gets all N rows back in order."""
-    from tqdm import tqdm
     from dataset import ImageListDataset
 
     rank, world = rank_and_world()
@@ -288,15 +305,7 @@ def embed_images(encoder: torch.nn.Module, paths: list, image_size: int, batch_s
     loader = torch.utils.data.DataLoader(
         ImageListDataset(mine, [0] * len(mine), image_size), batch_size=batch_size, shuffle=False,
         num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
-    dtype = amp_dtype(device, amp)
-    was_training = encoder.training
-    encoder.eval()
-    out = []
-    for images, _ in tqdm(loader, desc=desc, leave=False, disable=None if rank == 0 else True):
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out.append(encoder(images).float().cpu())  # (B, D)
-    encoder.train(was_training)
+    out = [emb for emb, _ in embed_batches(encoder, loader, device, amp, desc, show=rank == 0)]
     emb = torch.cat(out) if out else torch.empty(0, 0)
     if world == 1:
         return emb
