@@ -180,6 +180,12 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def make_checkpoint(model, optimizer, scaler, epoch, step, args, best, epoch_step=0, epoch_sums=None,
                     rng_by_rank=None) -> dict:
     """epoch counts completed epochs; epoch_step > 0 marks a stop inside the next one, after that many
@@ -190,7 +196,6 @@ def make_checkpoint(model, optimizer, scaler, epoch, step, args, best, epoch_ste
             "world_size": utils.rank_and_world()[1]}
     if epoch_step:
         ckpt["epoch_sums"] = dict(epoch_sums or {})
-        ckpt["rng"] = rng_by_rank[0]
         ckpt["rng_by_rank"] = rng_by_rank
     return ckpt
 
@@ -221,7 +226,7 @@ class StopRequest:
 
 def resume_from(path: str, args, model, optimizer, scaler) -> tuple[int, int, float, dict]:
     """Restore states from a checkpoint; return (first epoch to run, global step, best val mAP, the
-    checkpoint itself, whose epoch_step / epoch_sums / rng describe a stop inside that epoch)."""
+    checkpoint itself, whose epoch_step / epoch_sums / rng_by_rank describe a stop inside that epoch)."""
     ckpt = utils.load_checkpoint(path)
     for key in ("backbone", "embedding_dim"):
         if ckpt["args"].get(key) != getattr(args, key):
@@ -340,10 +345,8 @@ def train_epochs(args, model, net, optimizer, scaler, loader, triplets, val, dat
         for _ in range(skip):  # replay the loader to the stop: the same batches and augmentation streams
             next(batches)
         if skip:
-            rng = resumed["rng_by_rank"][rank] if "rng_by_rank" in resumed else resumed["rng"]
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            set_rng_state(resumed["rng_by_rank"][rank] if "rng_by_rank" in resumed
+                          else resumed["rng"])  # "rng": one process's states, as saved before torchrun support
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None if rank == 0 else True,
                    total=steps_per_epoch, initial=skip)
         for i, (sketch, pos, neg, labels, neg_labels) in enumerate(bar, start=skip + 1):

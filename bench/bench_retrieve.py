@@ -179,7 +179,8 @@ def prep_check(args) -> None:
     sketches, s_labels = dataset.flatten(data.sketches, data.unseen)
     photos, p_labels = dataset.flatten(data.photos, data.unseen)
     g = utils.embed_images(model.photo_encoder, photos, size, 128, 0, torch.device("cpu"), False)
-    transform = dataset.build_transform(size, train=False)
+    defaults = retrieve.get_args_parser().parse_args(["--model", args.model, "--gallery", "g", "--query", "q",
+                                                      "--batch_size", "128"])
 
     def framed(im, canvas, at):
         out = Image.new("RGB", canvas, "white")
@@ -200,10 +201,8 @@ def prep_check(args) -> None:
     print(f"\nquery preparation: {len(sketches)} unseen-class sketches of {args.data} against its {len(photos)} "
           f"unseen-class photos, model {args.model}")
     for name, form in forms.items():
-        with torch.no_grad():
-            q = torch.cat([model.sketch_encoder(torch.stack([transform(form(dataset.load_image(p)))
-                                                             for p in sketches[i:i + 128]]))
-                           for i in range(0, len(sketches), 128)])
+        q = retrieve.embed_sketches(model.sketch_encoder, [form(dataset.load_image(p)) for p in sketches], size,
+                                    defaults, torch.device("cpu"))
         res = metrics.retrieval_metrics(q, torch.tensor(s_labels), g, torch.tensor(p_labels), ks=(100,),
                                         protocols=("standard",))
         print(f"  {name:<38} mAP@all {res['protocols']['standard']['map_all']:.4f}")
