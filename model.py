@@ -72,7 +72,12 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.trunk(x)                         # (B, F)
-        return F.normalize(self.head(feats).float(), dim=1)  # (B, D)
+        return F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D)
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when autocast computed it in float16 or bfloat16; float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class GradientReversal(torch.autograd.Function):
@@ -172,12 +177,12 @@ def sbir_losses(model: ZSSBIRModel, sketch: torch.Tensor, positive: torch.Tensor
     photos = model.photo_encoder(torch.cat([positive, negative]))  # (2B, D)
     p, n = photos[:b], photos[b:]
     out = {"triplet": F.triplet_margin_loss(s, p, n, margin=margin)}
-    logits = model.domain_classifier(torch.cat([s, photos]), lambd).float()  # (3B,)
+    logits = at_least_float32(model.domain_classifier(torch.cat([s, photos]), lambd))  # (3B,)
     ls, lp = logits[:b], logits[b:]
     out["domain"] = 0.5 * (F.binary_cross_entropy_with_logits(ls, torch.zeros_like(ls))
                            + F.binary_cross_entropy_with_logits(lp, torch.ones_like(lp)))
     out["domain_acc"] = 0.5 * ((ls.detach() < 0).float().mean() + (lp.detach() > 0).float().mean())
     if hasattr(model, "class_proxies") and labels is not None:
-        class_logits = model.class_proxies(torch.cat([s, photos])).float()  # (3B, C)
+        class_logits = at_least_float32(model.class_proxies(torch.cat([s, photos])))  # (3B, C)
         out["class"] = F.cross_entropy(class_logits, torch.cat([labels, labels, neg_labels]))
     return out

@@ -153,8 +153,9 @@ def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr
     if world == 1:
         vals, total = {k: v.item() for k, v in out.items()}, loss.item()
     else:
-        summed = utils.all_ranks_sum(torch.stack([*(v.detach().float() for v in out.values()), loss.detach().float(),
-                                                  torch.tensor(float(stop), device=loss.device)])).tolist()
+        summed = utils.all_ranks_sum(torch.stack([*(v.detach().double() for v in out.values()), loss.detach().double(),
+                                                  torch.tensor(float(stop), dtype=torch.float64,
+                                                               device=loss.device)])).tolist()
         vals = {k: v / world for k, v in zip(out, summed)}
         total, stop = summed[-2] / world, summed[-1] > 0
     if not math.isfinite(total):

@@ -89,7 +89,7 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if per_node > torch.cuda.device_count():  # every process checks, so rank 0 reports it
             raise UserError(f"{per_node} processes per node but {torch.cuda.device_count()} GPU(s) visible; "
-                            "start at most one process per GPU (torchrun --nproc_per_node)")
+                            "start at most one process per GPU (torchrun --nproc_per_node), or pass --device cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

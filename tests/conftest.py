@@ -42,3 +42,18 @@ def make_tiny_dataset(root: str, seen=("tri", "square", "pent", "hexa"), unseen=
 @pytest.fixture
 def tiny_data(tmp_path):
     return make_tiny_dataset(str(tmp_path / "data"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; runs wherever torch.cuda.is_available(), skipped elsewhere")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,6 +1,9 @@
-"""Distributed training (torchrun / DDP) on the CPU with gloo: 2 processes against 1 over the same global batch."""
+"""Distributed training (torchrun / DDP) on the CPU with gloo: 2 processes against 1 over the same global batch,
+in float64 so that the only difference is the order of summation."""
+import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,10 +18,11 @@ import utils
 from conftest import ROOT, make_tiny_dataset
 from model import ZSSBIRModel
 
-WORLD, GLOBAL_BATCH, STEPS, SIZE = 2, 8, 3, 32
+WORLD, GLOBAL_BATCH, STEPS, SIZE = 2, 4, 3, 32
 # The test network must treat every sample on its own, or no per-process split can match one
 # process: vgg16 has no batch norm (gloo has no SyncBatchNorm), and dropout is switched off.
 BACKBONE, DIM, CLASSES = "vgg16", 16, 4
+LR, MOMENTUM = 0.05, 0.9
 
 
 def free_port() -> int:
@@ -27,59 +31,79 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_model(seed: int = 0) -> ZSSBIRModel:
+def tiny_models(seed: int = 0) -> tuple[ZSSBIRModel, ZSSBIRModel]:
+    """The seeded test network in float64 (trained) and in float32 (embeds)."""
     torch.manual_seed(seed)
     model = ZSSBIRModel(BACKBONE, DIM, pretrained=False, num_classes=CLASSES)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    return model
+    return copy.deepcopy(model).double(), model
 
 
 def global_batches(seed: int = 1) -> list:
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g) for _ in range(3)]
+    return [[torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g, dtype=torch.float64) for _ in range(3)]
             + [torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g) for _ in range(2)] for _ in range(STEPS)]
 
 
 def run_steps(net, model, batches, args) -> list:
-    """train.train_step over the batches; after each: (losses, all parameters as one vector).
+    """train.train_step over the batches; after each: (losses, all parameters as one vector, largest |gradient|).
 
-    SGD, not train.py's AdamW: Adam divides each gradient element by its own running magnitude, so
-    float rounding on a near-zero gradient (summed in another order across processes) can move that
-    weight by up to lr. With SGD a weight moves by lr x its gradient, so comparing weights compares
-    the averaged gradients with the global batch's."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    SGD, not train.py's AdamW: Adam divides each gradient element by its own running magnitude, so a
+    rounding difference on a near-zero gradient can move that weight by up to lr. With SGD a weight
+    moves by lr x its (momentum-averaged) gradient, so comparing weights compares the averaged
+    gradients with the global batch's."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     out = []
     for batch in batches:
-        vals, _ = train.train_step(net, optimizer, scaler, batch, lambd=0.5, lr=args.lr, args=args, dtype=None)
-        out.append((vals, torch.cat([p.detach().flatten() for p in model.parameters()]).clone()))
+        vals, _ = train.train_step(net, optimizer, scaler, batch, lambd=0.5, lr=LR, args=args, dtype=None)
+        grad = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+        out.append((vals, torch.cat([p.detach().flatten() for p in model.parameters()]).clone(), grad))
     return out
 
 
 def step_args():
-    return train.get_args_parser().parse_args(["--data_dir", "unused", "--lr", "0.05", "--class_loss_ratio", "1"])
+    return train.get_args_parser().parse_args(["--data_dir", "unused", "--lr", str(LR), "--class_loss_ratio", "1",
+                                               "--grad_clip", "0", "--device", "cpu"])
+
+
+def reordering_rtol(model: torch.nn.Module) -> float:
+    """Relative difference allowed between two float64 runs of the same computation that sum in other orders.
+
+    Two processes over half batches and one process over the whole batch compute the same sums
+    (convolutions, the batch means, the gradient all-reduce) in different orders. A sum of K terms in
+    any order is within (K - 1) u of the exact one, relative to the sum of the terms' magnitudes
+    (u = 2^-53, Higham, "Accuracy and Stability of Numerical Algorithms", 2002, section 4.2), and a
+    value passes through at most L such sums, one per layer, so its two computations agree to
+    2 L K u: L layers with weights, K the longest sum (a weight gradient sums over the whole batch
+    and every pixel)."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    longest = max(3 * GLOBAL_BATCH * SIZE * SIZE,
+                  max(m.weight[0].numel() for m in layers))
+    return 2 * len(layers) * longest * 2.0 ** -53
 
 
 def worker(rank: int, port: int, images: list, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     rank, world, device = utils.init_distributed("cpu")
-    model = tiny_model()
+    model, model32 = tiny_models()
     net = torch.nn.parallel.DistributedDataParallel(train.TrainingLosses(model))
     share = GLOBAL_BATCH // world
     batches = [[x[rank * share:(rank + 1) * share] for x in batch] for batch in global_batches()]
     steps = run_steps(net, model, batches, step_args())
-    emb = utils.embed_images(model.sketch_encoder, images, SIZE, batch_size=2, workers=0, device=device, amp=False)
+    # One image per batch: each image then meets the same float32 kernels as in a single process.
+    emb = utils.embed_images(model32.sketch_encoder, images, SIZE, batch_size=1, workers=0, device=device, amp=False)
     torch.save({"steps": steps, "emb": emb}, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same 3 steps run by 2 gloo processes (half the batch each) and by this process alone."""
+    """The same 3 float64 steps run by 2 gloo processes (half the batch each) and by this process alone."""
     out = tmp_path_factory.mktemp("ddp")
     images = []
     for i in range(5):  # 5 images: the processes embed 3 and 2
@@ -88,16 +112,20 @@ def runs(tmp_path_factory):
         images.append(path)
     mp.spawn(worker, args=(free_port(), images, str(out)), nprocs=WORLD, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    torch.set_num_threads(1)
-    model = tiny_model()
+    model, model32 = tiny_models()
     alone = run_steps(train.TrainingLosses(model), model, global_batches(), step_args())
-    emb = utils.embed_images(model.sketch_encoder, images, SIZE, batch_size=2, workers=0, device=torch.device("cpu"),
-                             amp=False)
-    return ranks, alone, emb
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: the embeddings are compared bit for bit
+    try:
+        emb = utils.embed_images(model32.sketch_encoder, images, SIZE, batch_size=1, workers=0,
+                                 device=torch.device("cpu"), amp=False)
+    finally:
+        torch.set_num_threads(threads)
+    return ranks, alone, emb, reordering_rtol(model)
 
 
 def test_the_processes_hold_identical_parameters_after_every_step(runs):
-    ranks, _, _ = runs
+    ranks = runs[0]
     for step in range(STEPS):
         first = ranks[0]["steps"][step][1]
         assert all(torch.equal(r["steps"][step][1], first) for r in ranks[1:]), f"step {step + 1}"
@@ -105,34 +133,51 @@ def test_the_processes_hold_identical_parameters_after_every_step(runs):
 
 
 def test_the_loss_and_the_weights_match_one_process_over_the_global_batch(runs):
-    ranks, alone, _ = runs
+    ranks, alone, _, rtol = runs
+    assert rtol < 1e-9  # float64: far below any real difference, e.g. one half batch's gradient alone
+    moved = 0.0
     for step in range(STEPS):
-        vals, params = ranks[0]["steps"][step]
-        ref_vals, ref_params = alone[step]
+        vals, params, _ = ranks[0]["steps"][step]
+        ref_vals, ref_params, _ = alone[step]
+        assert params.dtype == ref_params.dtype == torch.float64
         assert set(vals) == set(ref_vals) == {"triplet", "domain", "domain_acc", "class"}
         for k in vals:  # losses of the global batch: the mean of the processes' losses
-            assert vals[k] == pytest.approx(ref_vals[k], rel=1e-5, abs=1e-6), (step, k)
-        # the processes' gradients are averaged, so each step lands where the global batch's gradient leads
-        torch.testing.assert_close(params, ref_params, rtol=0, atol=1e-6)
+            assert vals[k] == pytest.approx(ref_vals[k], rel=rtol, abs=0), (step, k)
+        # Each step lands where the global batch's gradient leads. SGD moves a weight by lr times its
+        # momentum buffer, a sum of past gradients weighted by at most 1 / (1 - momentum), so after
+        # step + 1 steps two runs whose gradients agree to rtol x the largest gradient differ by at most:
+        moved += LR / (1 - MOMENTUM) * rtol * max(g for _, _, g in alone[:step + 1])
+        torch.testing.assert_close(params, ref_params, rtol=0, atol=moved)
 
 
 def test_sharded_embedding_returns_every_row_in_order(runs):
-    ranks, _, emb = runs
-    # the embedder runs after the steps, which left the same weights on both sides (to 1e-6)
-    for r in ranks:
+    ranks, _, emb, _ = runs
+    for r in ranks:  # the same weights, one image per batch: the same float32 arithmetic, bit for bit
         assert r["emb"].shape == emb.shape == (5, DIM)
-        torch.testing.assert_close(r["emb"], emb, rtol=0, atol=1e-4)
+        assert torch.equal(r["emb"], emb)
 
 
-def test_torchrun_trains_and_evaluates_with_two_processes_and_only_rank_0_writes(tmp_path):
-    data = make_tiny_dataset(str(tmp_path / "data"))
-    ckpt = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           "--data_dir", data, "--checkpoint_dir", str(ckpt), "--backbone", "resnet18", "--no-pretrained",
-           "--image_size", "32", "--embedding_dim", "16", "--batch_size", "4", "--workers", "0",
-           "--print_every", "2", "--epochs", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# torchrun gives each process one thread; the single-process runs compared with them get one too, so
+# that an image embedded alone (--batch_size 1) meets the same float32 arithmetic on both sides.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def torchrun_training(tmp_path_factory):
+    """2 epochs of train.py under torchrun with 2 CPU processes, as a user would start them."""
+    root = tmp_path_factory.mktemp("torchrun")
+    data, ckpt = make_tiny_dataset(str(root / "data")), root / "ckpt"
+    args = ["train.py", "--data_dir", data, "--checkpoint_dir", str(ckpt), "--backbone", "resnet18", "--no-pretrained",
+            "--image_size", "32", "--embedding_dim", "16", "--batch_size", "4", "--workers", "0", "--print_every", "2",
+            "--epochs", "2", "--device", "cpu"]
+    proc = subprocess.run(TORCHRUN + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return root, data, ckpt, args, proc
+
+
+def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(torchrun_training, tmp_path):
+    root, data, ckpt, args, proc = torchrun_training
     assert "distributed: 2 processes (gloo), 2 triplets each per step" in proc.stdout
     assert proc.stdout.count("epoch 2/2:") == 1  # rank 1 prints nothing
     log = utils.read_jsonl(str(ckpt / "log.jsonl"))
@@ -140,30 +185,65 @@ def test_torchrun_trains_and_evaluates_with_two_processes_and_only_rank_0_writes
     last = utils.load_checkpoint(str(ckpt / "last.pth"))
     assert (last["epoch"], last["step"], last["world_size"]) == (2, 10, 2)  # 20 sketches / 4 per step * 2 epochs
     # a distributed checkpoint resumes in a single process
-    proc = subprocess.run([sys.executable, "train.py", *cmd[cmd.index("train.py") + 1:], "--epochs", "3",
-                           "--resume", str(ckpt / "last.pth")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ckpt, resumed)
+    proc = subprocess.run([sys.executable, *args, "--checkpoint_dir", str(resumed), "--epochs", "3",
+                           "--resume", str(resumed / "last.pth")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout and "epoch 3/3:" in proc.stdout
-    # evaluation embeds sharded across 2 processes and reports what one process reports
-    results = []
-    for launch in (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], []):
-        out = tmp_path / f"eval{len(launch)}"
-        proc = subprocess.run([sys.executable, *launch, "evaluate.py", "--model", str(ckpt / "best.pth"), "--data", data,
-                               "--workers", "0", "--num_sketches", "1", "--output_dir", str(out)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_evaluates_sharded_what_one_process_evaluates(torchrun_training):
+    root, data, ckpt, _, _ = torchrun_training
+    runs = []
+    for launch in (TORCHRUN, [sys.executable]):
+        out = root / f"eval{len(launch)}"
+        proc = subprocess.run([*launch, "evaluate.py", "--model", str(ckpt / "best.pth"), "--data", data,
+                               "--workers", "0", "--batch_size", "1", "--num_sketches", "1", "--output_dir", str(out),
+                               "--device", "cpu", "--save_embeddings", str(out / "emb.pt")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.count("wrote results.json") == 1
-        results.append(json.loads((out / "results.json").read_text()))
-    for name, ref in results[1]["protocols"].items():
-        assert results[0]["protocols"][name]["map_all"] == pytest.approx(ref["map_all"], abs=1e-6), name
+        runs.append((json.loads((out / "results.json").read_text()), torch.load(out / "emb.pt")))
+    (sharded, sharded_emb), (alone, alone_emb) = runs
+    # every image embedded alone with the same weights and one thread: the same bits, so the same metrics
+    assert torch.equal(sharded_emb["queries"], alone_emb["queries"])
+    assert torch.equal(sharded_emb["gallery"], alone_emb["gallery"])
+    assert sharded["protocols"] == alone["protocols"]
 
 
 def test_batch_size_not_divisible_by_the_processes(tmp_path):
     data = make_tiny_dataset(str(tmp_path / "data"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
            "--data_dir", data, "--checkpoint_dir", str(tmp_path / "ckpt"), "--backbone", "resnet18",
-           "--no-pretrained", "--image_size", "32", "--batch_size", "5", "--workers", "0"]
+           "--no-pretrained", "--image_size", "32", "--batch_size", "5", "--workers", "0", "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("error: --batch_size 5 is not divisible by the 2 processes") == 1  # said once
     assert 'train.py", line' not in proc.stderr  # no traceback from the script (torchrun adds its own report)
+
+
+def test_more_processes_than_gpus_is_one_clear_error_before_any_process_group(monkeypatch):
+    """Every process checks before joining, so none waits for a partner that will never come."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
+    with pytest.raises(utils.UserError, match=r"3 processes per node but 2 GPU\(s\) visible; .* or pass --device cpu"):
+        utils.init_distributed("auto")
+
+
+@pytest.mark.gpu
+def test_torchrun_with_more_processes_than_gpus_says_so_once(tmp_path):
+    data = make_tiny_dataset(str(tmp_path / "data"))
+    procs = torch.cuda.device_count() + 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), "train.py",
+           "--data_dir", data, "--checkpoint_dir", str(tmp_path / "ckpt"), "--backbone", "resnet18",
+           "--no-pretrained", "--image_size", "32", "--batch_size", str(4 * procs), "--workers", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"error: {procs} processes per node but {procs - 1} GPU(s) visible") == 1
+    assert not (tmp_path / "ckpt").exists()
