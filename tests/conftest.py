@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +40,24 @@ def make_tiny_dataset(root: str, seen=("tri", "square", "pent", "hexa"), unseen=
     return root
 
 
+U64 = 2.0 ** -53  # float64's unit roundoff
+
+
+def reordering_rtol(model, longest_sum: int) -> float:
+    """Relative difference allowed between two float64 runs of one network that sum in other orders.
+
+    Another split of the batch, another memory layout or another device computes the same sums
+    (convolutions, batch means, gradient reductions) in another order. A sum of K terms in any order
+    is within (K - 1) u of the exact one, relative to the sum of the terms' magnitudes (Higham,
+    "Accuracy and Stability of Numerical Algorithms", 2002, section 4.2), and a value passes through
+    at most one such sum per layer, so two computations agree to 2 L K u: L layers with weights, K
+    the longest sum, the longer of a weight's fan-in and ``longest_sum`` (a weight gradient sums over
+    every image and pixel of the batch)."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    longest = max(longest_sum, max(m.weight[0].numel() for m in layers))
+    return 2 * len(layers) * longest * U64
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     return make_tiny_dataset(str(tmp_path / "data"))
@@ -49,8 +68,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")

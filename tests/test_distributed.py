@@ -15,7 +15,7 @@ from PIL import Image
 
 import train
 import utils
-from conftest import ROOT, make_tiny_dataset
+from conftest import ROOT, make_tiny_dataset, reordering_rtol
 from model import ZSSBIRModel
 
 WORLD, GLOBAL_BATCH, STEPS, SIZE = 2, 4, 3, 32
@@ -69,22 +69,6 @@ def step_args():
                                                "--grad_clip", "0", "--device", "cpu"])
 
 
-def reordering_rtol(model: torch.nn.Module) -> float:
-    """Relative difference allowed between two float64 runs of the same computation that sum in other orders.
-
-    Two processes over half batches and one process over the whole batch compute the same sums
-    (convolutions, the batch means, the gradient all-reduce) in different orders. A sum of K terms in
-    any order is within (K - 1) u of the exact one, relative to the sum of the terms' magnitudes
-    (u = 2^-53, Higham, "Accuracy and Stability of Numerical Algorithms", 2002, section 4.2), and a
-    value passes through at most L such sums, one per layer, so its two computations agree to
-    2 L K u: L layers with weights, K the longest sum (a weight gradient sums over the whole batch
-    and every pixel)."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    longest = max(3 * GLOBAL_BATCH * SIZE * SIZE,
-                  max(m.weight[0].numel() for m in layers))
-    return 2 * len(layers) * longest * 2.0 ** -53
-
-
 def worker(rank: int, port: int, images: list, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
@@ -121,7 +105,7 @@ def runs(tmp_path_factory):
                                  device=torch.device("cpu"), amp=False)
     finally:
         torch.set_num_threads(threads)
-    return ranks, alone, emb, reordering_rtol(model)
+    return ranks, alone, emb, reordering_rtol(model, 3 * GLOBAL_BATCH * SIZE * SIZE)
 
 
 def test_the_processes_hold_identical_parameters_after_every_step(runs):

@@ -22,7 +22,7 @@ def run(tmp_path_factory):
     train.main(train.get_args_parser().parse_args(["--data_dir", data, "--checkpoint_dir", ckpt, *TINY,
                                                    "--epochs", "1", "--val_fraction", "0.25"]))
     model, emb, out = os.path.join(ckpt, "best.pth"), str(root / "emb.pt"), str(root / "eval")
-    proc = run_script("evaluate.py", "--model", model, "--data", data, "--workers", "0", "--num_sketches", "2",
+    proc = run_script("evaluate.py", "--model", model, "--data", data, "--workers", "0", "--device", "cpu", "--num_sketches", "2",
                       "--save_embeddings", emb, "--output_dir", out)
     assert proc.returncode == 0, proc.stderr
     return {"data": data, "model": model, "emb": emb, "out": out, "stdout": proc.stdout, "root": root}
@@ -89,7 +89,7 @@ def test_saved_embeddings_reproduce_the_metrics_exactly(run, tmp_path):
 
 def test_val_split_uses_the_seen_class_hold_out(run, tmp_path):
     evaluate.main(evaluate.get_args_parser().parse_args([
-        "--model", run["model"], "--data", run["data"], "--split", "val", "--workers", "0", "--protocol", "standard",
+        "--model", run["model"], "--data", run["data"], "--split", "val", "--workers", "0", "--device", "cpu", "--protocol", "standard",
         "--num_sketches", "0", "--output_dir", str(tmp_path)]))
     out = results(str(tmp_path))
     assert out["split"] == "val" and set(out["per_class_ap"]) == {"tri", "square", "pent", "hexa"}
@@ -170,7 +170,7 @@ def test_split_name_selects_a_class_split(run, tmp_path):
     with open(os.path.join(folder, "test_labels.txt"), "w") as f:
         f.write("tri\nsquare\n")
     evaluate.main(evaluate.get_args_parser().parse_args([
-        "--model", run["model"], "--data", run["data"], "--split", "alt", "--workers", "0", "--protocol", "standard",
+        "--model", run["model"], "--data", run["data"], "--split", "alt", "--workers", "0", "--device", "cpu", "--protocol", "standard",
         "--num_sketches", "0", "--output_dir", str(tmp_path)]))
     out = results(str(tmp_path))
     assert out["split"] == "test" and out["class_split"] == "alt" and out["num_queries"] == 16
