@@ -122,19 +122,24 @@ def save_embeddings(path: str, run: dict) -> None:
 
 def load_embeddings(path: str) -> dict:
     """Read and check a --save_embeddings file; every problem is one UserError line."""
-    if not os.path.isfile(path):
-        raise utils.UserError(f"embeddings file {path} not found; write one with evaluate.py --save_embeddings")
-    try:
-        run = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise utils.UserError(f"{path} is not an embeddings file written by evaluate.py --save_embeddings "
-                              f"({type(e).__name__})") from None
-    keys = ("queries", "query_labels", "query_paths", "gallery", "gallery_labels", "gallery_paths", "classes",
-            "split", "data", "model", "throughput")
-    if not isinstance(run, dict) or run.get("format") != EMBEDDINGS_FORMAT or any(k not in run for k in keys):
-        raise utils.UserError(f"{path} is not an embeddings file written by evaluate.py --save_embeddings")
+    hint = "write one with evaluate.py --save_embeddings"
+    run = utils.load_user_file(path, "embeddings file", hint)
+    what = f"{path} is not an embeddings file written by evaluate.py --save_embeddings"
+    if not isinstance(run, dict) or run.get("format") != EMBEDDINGS_FORMAT:
+        raise utils.UserError(what)
+    bad = utils.wrong_fields(run, {
+        "queries": utils.is_tensor(2, floating=True), "gallery": utils.is_tensor(2, floating=True),
+        "query_labels": utils.is_tensor(1, floating=False), "gallery_labels": utils.is_tensor(1, floating=False),
+        "query_paths": utils.is_str_list, "gallery_paths": utils.is_str_list, "classes": utils.is_str_list,
+        "split": lambda v: isinstance(v, str), "data": lambda v: isinstance(v, str), "throughput": utils.is_number,
+        "model": lambda m: isinstance(m, dict) and not utils.wrong_fields(m, {
+            "path": lambda v: isinstance(v, str), "backbone": lambda v: isinstance(v, str),
+            "embedding_dim": utils.is_int, "val_fraction": utils.is_number}),
+    }, {"class_split": lambda v: isinstance(v, str)})
+    if bad:
+        raise utils.UserError(f"{what} (wrong {', '.join(bad)}); the file is damaged; {hint}")
     q, g = run["queries"], run["gallery"]
-    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+    if q.shape[1] != g.shape[1]:
         raise utils.UserError(f"{path}: query embeddings {tuple(q.shape)} and gallery embeddings "
                               f"{tuple(g.shape)} do not have the same dimension; the file is corrupt")
     for emb, labels, paths, what in ((q, run["query_labels"], run["query_paths"], "query"),

@@ -144,14 +144,17 @@ def load_index(path: str) -> dict | None:
     """The index at ``path``, None when there is none; any other file there is a UserError (never overwritten)."""
     if not os.path.exists(path):
         return None
-    keys = ("model", "root", "revision", "paths", "sizes", "mtimes", "embeddings", "skipped")
-    try:
-        index = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - whatever the file is, it is not an index
-        index = None
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or any(k not in index for k in keys):
-        raise utils.UserError(f"{path} is not a gallery index written by retrieve.py; pass another --index "
-                              "(or delete the file to build a new index there)")
+    hint = "pass another --index (or delete the file to build a new index there)"
+    index = utils.load_user_file(path, "gallery index", hint, mmap=True)
+    long_vector = lambda v: isinstance(v, torch.Tensor) and v.ndim == 1 and v.dtype == torch.long
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or utils.wrong_fields(index, {
+            "model": lambda v: isinstance(v, str), "root": lambda v: isinstance(v, str),
+            "revision": lambda v: isinstance(v, str), "paths": utils.is_str_list, "sizes": long_vector,
+            "mtimes": long_vector, "embeddings": utils.is_tensor(2, floating=True),
+            "skipped": lambda d: isinstance(d, dict) and all(
+                isinstance(k, str) and isinstance(v, list) and len(v) == 2 and all(map(utils.is_int, v))
+                for k, v in d.items())}):
+        raise utils.UserError(f"{path} is not a gallery index written by retrieve.py; {hint}")
     n = len(index["paths"])
     if not (index["embeddings"].shape[0] == index["sizes"].numel() == index["mtimes"].numel() == n):
         raise utils.UserError(f"gallery index {path} is damaged ({n} paths, {index['embeddings'].shape[0]} "

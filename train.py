@@ -225,22 +225,38 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def resume_from(path: str, args, model, optimizer, scaler) -> tuple[int, int, float, dict]:
-    """Restore states from a checkpoint; return (first epoch to run, global step, best val mAP, the
-    checkpoint itself, whose epoch_step / epoch_sums / rng_by_rank describe a stop inside that epoch)."""
+def load_resume_checkpoint(path: str, args, world: int) -> dict:
+    """The --resume checkpoint, read and checked against this run before any data is read."""
     ckpt = utils.load_checkpoint(path)
     for key in ("backbone", "embedding_dim"):
         if ckpt["args"].get(key) != getattr(args, key):
             raise utils.UserError(f"{path} was trained with --{key} {ckpt['args'].get(key)} but this run uses "
                                   f"--{key} {getattr(args, key)}; pass the same value to resume")
-    world = utils.rank_and_world()[1]
     if ckpt.get("epoch_step") and ckpt.get("world_size", 1) != world:
         raise utils.UserError(f"{path} was saved inside an epoch by {ckpt.get('world_size', 1)} process(es); resume "
                               f"it with as many (this run has {world}) or from an end-of-epoch checkpoint")
+    if ckpt.get("epoch_step") and not ("rng_by_rank" in ckpt and len(ckpt["rng_by_rank"]) == world or "rng" in ckpt):
+        raise utils.UserError(f"{path} was saved inside an epoch without its random states; resume from an "
+                              "end-of-epoch checkpoint")
+    return ckpt
+
+
+def resume_from(ckpt: dict, path: str, model, optimizer, scaler) -> tuple[int, int, float, dict]:
+    """Restore states from a checkpoint (load_resume_checkpoint); return (first epoch to run, global step, best
+    val mAP, the checkpoint itself, whose epoch_step / epoch_sums / rng_by_rank describe a stop inside that epoch)."""
     utils.load_model_state(model, ckpt, path)
-    optimizer.load_state_dict(ckpt["optimizers"]["adamw"])
-    if ckpt["scaler"]:  # empty when saved without a float16 GradScaler (CPU, bfloat16): keep the fresh one
-        scaler.load_state_dict(ckpt["scaler"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizers"]["adamw"])
+        if ckpt["scaler"]:  # empty when saved without a float16 GradScaler (CPU, bfloat16): keep the fresh one
+            scaler.load_state_dict(ckpt["scaler"])
+        for group in optimizer.param_groups:  # a moment of another shape would only fail at the first step
+            for p in group["params"]:
+                for value in optimizer.state.get(p, {}).values():
+                    if isinstance(value, torch.Tensor) and value.ndim and value.shape != p.shape:
+                        raise ValueError(f"a moment of shape {tuple(value.shape)} for a weight of {tuple(p.shape)}")
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise utils.UserError(f"the optimizer state in {path} does not fit this model ({type(e).__name__}: "
+                              f"{str(e)[:120]}); the checkpoint is damaged or from another version") from None
     inside = f" and {ckpt['epoch_step']} step(s) of the next" if ckpt.get("epoch_step") else ""
     print(f"resumed from {path}: {ckpt['epoch']} epoch(s){inside} done, step {ckpt['step']}, "
           f"best val mAP {ckpt['best']:.4f}")
@@ -261,6 +277,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     if args.batch_size % world:
         raise utils.UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes; "
                               "each process takes an equal share of the batch")
+    resume = load_resume_checkpoint(args.resume, args, world) if args.resume else None
     if rank == 0:
         utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
     info = utils.print_banner("train.py", args)
@@ -305,7 +322,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, step, best, resumed = 0, 0, -1.0, {}
     if args.resume:
-        start_epoch, step, best, resumed = resume_from(args.resume, args, model, optimizer, scaler)
+        start_epoch, step, best, resumed = resume_from(resume, args.resume, model, optimizer, scaler)
         if start_epoch >= args.epochs:
             print(f"nothing to do: {args.resume} already has {start_epoch} of --epochs {args.epochs}")
             return

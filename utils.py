@@ -6,12 +6,10 @@
 """
 import json
 import os
-import pickle
 import random
 import subprocess
 import sys
 import tempfile
-import zipfile
 
 import numpy as np
 import torch
@@ -183,21 +181,85 @@ def save_checkpoint(ckpt: dict, path: str) -> None:
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
+def load_user_file(path: str, what: str, hint: str, mmap: bool = False):
+    """torch.load a file the user named (a checkpoint, an embeddings file, a gallery index) onto the CPU.
+
+    The one reader of such files. torch's weights-only unpickler builds tensors, numbers, strings and
+    containers of them and refuses everything else, so nothing in the file ever runs. Whatever the
+    file holds (random bytes, an empty file, a zip of junk, a hostile pickle), a failure is one
+    UserError saying what was expected and ``hint``; the caller then checks the structure it got.
+    """
+    if not os.path.isfile(path):
+        where = "is a folder" if os.path.isdir(path) else "not found"
+        raise UserError(f"{what} {path} {where}; {hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - arbitrary bytes can raise almost anything (KeyError, struct.error, ...)
+        raise UserError(f"{path} is not a readable {what} ({type(e).__name__}); {hint}") from None
+
+
+# Predicates for checking what load_user_file returned, field by field.
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def is_state_dict(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def is_tensor(ndim: int, floating: bool):
+    return lambda v: isinstance(v, torch.Tensor) and v.ndim == ndim and v.is_floating_point() == floating
+
+
+def wrong_fields(obj: dict, required: dict, optional: dict | None = None) -> list:
+    """The keys whose value fails its predicate: every key of ``required`` (missing ones too) and the
+    keys of ``optional`` that ``obj`` holds."""
+    bad = [k for k, ok in required.items() if k not in obj or not ok(obj[k])]
+    return bad + [k for k, ok in (optional or {}).items() if k in obj and not ok(obj[k])]
+
+
 CHECKPOINT_KEYS = ("models", "optimizers", "scaler", "epoch", "step", "args", "best")
+CHECKPOINT_HINT = "pass a .pth file written by train.py (e.g. ckpt/best.pth)"
+
+
+def _is_rng_state(v) -> bool:
+    return isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor) and v["torch"].dtype == torch.uint8 \
+        and isinstance(v.get("cuda"), list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                                                    for t in v["cuda"])
 
 
 def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by train.py onto the CPU; raise UserError if it is not one."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found; pass the .pth file written by train.py "
-                        "(e.g. ckpt/best.pth)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); "
-                        "pass a .pth file written by train.py") from None
+    """Load a checkpoint written by train.py onto the CPU and check its structure; anything else is a
+    UserError (load_user_file)."""
+    from model import BACKBONES
+
+    ckpt = load_user_file(path, "checkpoint", CHECKPOINT_HINT)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise UserError(f"{path} is not a checkpoint written by train.py (keys {CHECKPOINT_KEYS} expected)")
+    bad = wrong_fields(ckpt, {
+        "args": lambda a: isinstance(a, dict), "models": lambda m: isinstance(m, dict) and all(
+            isinstance(k, str) and is_state_dict(v) for k, v in m.items()),
+        "optimizers": lambda o: isinstance(o, dict), "scaler": lambda s: isinstance(s, dict),
+        "epoch": lambda e: is_int(e) and e >= 0, "step": lambda s: is_int(s) and s >= 0, "best": is_number,
+    }, {"epoch_step": lambda e: is_int(e) and e >= 0, "world_size": lambda w: is_int(w) and w >= 1,
+        "epoch_sums": lambda d: isinstance(d, dict) and all(is_number(v) for v in d.values()),
+        "rng_by_rank": lambda r: isinstance(r, list) and all(map(_is_rng_state, r)), "rng": _is_rng_state})
+    if not bad:
+        bad = ["args." + k for k in wrong_fields(ckpt["args"], {
+            "backbone": lambda b: b in BACKBONES, "embedding_dim": lambda d: is_int(d) and d >= 1,
+            "image_size": lambda s: is_int(s) and s >= 32, "seed": is_int, "pretrained": lambda p: isinstance(p, bool),
+        }, {"val_fraction": lambda f: is_number(f) and 0 <= f < 1, "class_split": lambda c: isinstance(c, str)})]
+    if bad:
+        raise UserError(f"{path} is not a checkpoint written by train.py (wrong {', '.join(bad)}); the file is "
+                        f"damaged or from another program; {CHECKPOINT_HINT}")
     return ckpt
 
 
@@ -206,8 +268,8 @@ def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:
     try:
         for name, module in model.named_children():
             module.load_state_dict(ckpt["models"][name])
-    except (KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0][:200]
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"the weights in {path} do not fit a {ckpt['args'].get('backbone')} model "
                         f"({first}); the checkpoint may be corrupt or from another version") from None
 

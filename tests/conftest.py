@@ -1,6 +1,12 @@
-"""Shared test fixtures: the repository on sys.path and a tiny on-disk SBIR dataset."""
+"""Shared test fixtures: the repository on sys.path, a tiny on-disk SBIR dataset, a command-line runner,
+the float64 reordering bound, and the gpu marker."""
+import contextlib
+import io
 import os
+import runpy
 import sys
+import traceback
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -38,6 +44,26 @@ def make_tiny_dataset(root: str, seen=("tri", "square", "pent", "hexa"), unseen=
     with open(os.path.join(root, "test_labels.txt"), "w") as f:
         f.write("\n".join(unseen) + "\n")
     return root
+
+
+def run_main(script: str, *argv: str) -> SimpleNamespace:
+    """Run ``python SCRIPT ARGV...`` in this process: the script's __main__ block (argument parsing, one
+    line per user error, the exit code) with its own stdout and stderr. Like a subprocess, without
+    importing torch again (seconds a call); anything that escapes it is a traceback with code 1."""
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    saved_argv, sys.argv = sys.argv, [script, *argv]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # noqa: BLE001 - reported like an uncaught exception in a subprocess
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved_argv
+    return SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 U64 = 2.0 ** -53  # float64's unit roundoff

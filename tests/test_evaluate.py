@@ -9,8 +9,8 @@ import torch
 import evaluate
 import metrics
 import train
-from conftest import make_tiny_dataset
-from test_train import TINY, assert_one_line_error, run_script
+from conftest import make_tiny_dataset, run_main
+from test_train import TINY, assert_one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def run(tmp_path_factory):
     train.main(train.get_args_parser().parse_args(["--data_dir", data, "--checkpoint_dir", ckpt, *TINY,
                                                    "--epochs", "1", "--val_fraction", "0.25"]))
     model, emb, out = os.path.join(ckpt, "best.pth"), str(root / "emb.pt"), str(root / "eval")
-    proc = run_script("evaluate.py", "--model", model, "--data", data, "--workers", "0", "--device", "cpu", "--num_sketches", "2",
-                      "--save_embeddings", emb, "--output_dir", out)
+    proc = run_main("evaluate.py", "--model", model, "--data", data, "--workers", "0", "--device", "cpu", "--num_sketches", "2",
+                    "--save_embeddings", emb, "--output_dir", out)
     assert proc.returncode == 0, proc.stderr
     return {"data": data, "model": model, "emb": emb, "out": out, "stdout": proc.stdout, "root": root}
 
@@ -71,13 +71,13 @@ def test_all_protocols_table_results_and_plots(run):
 
 
 def test_saved_embeddings_reproduce_the_metrics_exactly(run, tmp_path):
-    proc = run_script("evaluate.py", "--embeddings", run["emb"], "--data", run["data"], "--model", run["model"],
-                      "--output_dir", str(tmp_path))
+    proc = run_main("evaluate.py", "--embeddings", run["emb"], "--data", run["data"], "--model", run["model"],
+                    "--output_dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     a, b = results(run["out"]), results(str(tmp_path))
     assert a["protocols"] == b["protocols"] and a["pr_curve"] == b["pr_curve"]
     assert a["chance_map_all"] == b["chance_map_all"] and a["throughput_images_per_s"] == b["throughput_images_per_s"]
-    proc = run_script("evaluate.py", "--embeddings", run["emb"], "--protocol", "zse-sbir", "--output_dir",
+    proc = run_main("evaluate.py", "--embeddings", run["emb"], "--protocol", "zse-sbir", "--output_dir",
                       str(tmp_path / "one"))  # no model, no data: just the file
     assert proc.returncode == 0, proc.stderr
     c = results(str(tmp_path / "one"))
@@ -100,15 +100,15 @@ def test_val_split_uses_the_seen_class_hold_out(run, tmp_path):
 # ----------------------------------------------------------------------------------- bad input
 
 def test_cli_unknown_protocol(run):
-    proc = run_script("evaluate.py", "--embeddings", run["emb"], "--protocol", "voc")
+    proc = run_main("evaluate.py", "--embeddings", run["emb"], "--protocol", "voc")
     assert_one_line_error(proc, "unknown --protocol 'voc'", "standard, sake, sem-pcyc, doodle2search, zse-sbir")
 
 
 def test_cli_embeddings_of_another_dataset(run, tmp_path):
     other = make_tiny_dataset(str(tmp_path / "other"), unseen=("circle", "moon"))
-    proc = run_script("evaluate.py", "--embeddings", run["emb"], "--data", other)
+    proc = run_main("evaluate.py", "--embeddings", run["emb"], "--data", other)
     assert_one_line_error(proc, "another dataset or split", "--save_embeddings")
-    proc = run_script("evaluate.py", "--embeddings", run["emb"], "--split", "val")
+    proc = run_main("evaluate.py", "--embeddings", run["emb"], "--split", "val")
     assert_one_line_error(proc, "holds the test split, not --split val")
 
 
@@ -116,23 +116,23 @@ def test_cli_embeddings_of_another_model_or_with_mismatched_dimensions(run, tmp_
     saved = torch.load(run["emb"], weights_only=True)
     saved["model"]["embedding_dim"] = 32
     torch.save(saved, tmp_path / "dim.pt")
-    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "dim.pt"), "--model", run["model"])
+    proc = run_main("evaluate.py", "--embeddings", str(tmp_path / "dim.pt"), "--model", run["model"])
     assert_one_line_error(proc, "32-d", "16-d")
     saved = torch.load(run["emb"], weights_only=True)
     saved["gallery"] = saved["gallery"][:, :8]
     torch.save(saved, tmp_path / "cut.pt")
-    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "cut.pt"))
+    proc = run_main("evaluate.py", "--embeddings", str(tmp_path / "cut.pt"))
     assert_one_line_error(proc, "(16, 16)", "(16, 8)", "same dimension")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "junk.pt"))
-    assert_one_line_error(proc, "is not an embeddings file")
+    proc = run_main("evaluate.py", "--embeddings", str(tmp_path / "junk.pt"))
+    assert_one_line_error(proc, "is not a readable embeddings file")
 
 
 def test_cli_empty_gallery(run, tmp_path):
     saved = torch.load(run["emb"], weights_only=True)
     saved.update(gallery=saved["gallery"][:0], gallery_labels=saved["gallery_labels"][:0], gallery_paths=[])
     torch.save(saved, tmp_path / "empty.pt")
-    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "empty.pt"), "--output_dir", str(tmp_path / "o"))
+    proc = run_main("evaluate.py", "--embeddings", str(tmp_path / "empty.pt"), "--output_dir", str(tmp_path / "o"))
     assert_one_line_error(proc, "the gallery is empty")
 
 
@@ -142,7 +142,7 @@ def test_query_class_without_photos_is_reported_and_left_out(run, tmp_path):
     saved.update(gallery=saved["gallery"][keep], gallery_labels=saved["gallery_labels"][keep],
                  gallery_paths=[p for p, k in zip(saved["gallery_paths"], keep.tolist()) if k])
     torch.save(saved, tmp_path / "nostar.pt")
-    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "nostar.pt"), "--output_dir", str(tmp_path / "o"))
+    proc = run_main("evaluate.py", "--embeddings", str(tmp_path / "nostar.pt"), "--output_dir", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr
     assert "warning: 8 query sketch(es) of 1 class(es) with no photo in the gallery (star)" in proc.stdout
     out = results(str(tmp_path / "o"))
@@ -156,9 +156,9 @@ def test_query_class_without_photos_is_reported_and_left_out(run, tmp_path):
 
 
 def test_cli_needs_a_model_or_embeddings(tmp_path):
-    proc = run_script("evaluate.py", "--data", str(tmp_path))
+    proc = run_main("evaluate.py", "--data", str(tmp_path))
     assert_one_line_error(proc, "pass --model and --data")
-    proc = run_script("evaluate.py", "--embeddings", str(tmp_path / "none.pt"))
+    proc = run_main("evaluate.py", "--embeddings", str(tmp_path / "none.pt"))
     assert_one_line_error(proc, "none.pt not found")
 
 

@@ -280,17 +280,17 @@ def test_not_enough_disk(server, tmp_path, monkeypatch):
 
 
 def test_unknown_class_split(tmp_path):
-    from conftest import make_tiny_dataset
-    from test_train import TINY, assert_one_line_error, run_script
+    from conftest import make_tiny_dataset, run_main
+    from test_train import TINY, assert_one_line_error
     data = make_tiny_dataset(str(tmp_path / "data"))
-    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY,
-                      "--class_split", "sake25")
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY,
+                    "--class_split", "sake25")
     assert_one_line_error(proc, "unknown class split 'sake25'", "no splits/ folder")
     os.makedirs(os.path.join(data, "splits", "mine"))
-    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY, "--split", "nope")
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY, "--split", "nope")
     assert_one_line_error(proc, "unknown class split 'nope'", "choose one of mine")
-    proc = run_script("evaluate.py", "--model", os.path.join(ROOT, "missing.pth"), "--data", data, "--split", "a",
-                      "--class_split", "b")
+    proc = run_main("evaluate.py", "--model", os.path.join(ROOT, "missing.pth"), "--data", data, "--split", "a",
+                    "--class_split", "b")
     assert_one_line_error(proc, "--split a and --class_split b disagree")
 
 

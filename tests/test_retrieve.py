@@ -2,7 +2,6 @@
 form, faiss (when installed) and bad input."""
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ import dataset
 import metrics
 import retrieve
 import utils
-from conftest import make_tiny_dataset
+from conftest import make_tiny_dataset, run_main
 from model import ZSSBIRModel
-from test_train import assert_one_line_error, run_script
+from test_train import assert_one_line_error
 
 try:
     import faiss
@@ -343,30 +342,9 @@ def test_cli_faiss_ranks_like_exact_and_caches_its_index(setup, gallery, tmp_pat
 
 # ----------------------------------------------------------------------------------- bad input
 
-CLI_DRIVER = """
-import contextlib, io, json, runpy, sys, traceback
-out = []
-for argv in json.loads(sys.argv[1]):
-    sys.argv, stdout, stderr, code = ["retrieve.py", *argv], io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            runpy.run_path("retrieve.py", run_name="__main__")
-        except SystemExit as e:
-            code = e.code
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    out.append({"returncode": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()})
-print(json.dumps(out))
-"""
-
-
 def run_cli_cases(*cases) -> list:
-    """Run retrieve.py's command line (its __main__ block, argument parsing and exit code) once per argument
-    list, all in one Python process so torch is imported once; returns a CompletedProcess-like result per case."""
-    proc = run_script("-c", CLI_DRIVER, json.dumps(cases))
-    assert proc.returncode == 0, proc.stderr
-    return [SimpleNamespace(**r) for r in json.loads(proc.stdout.splitlines()[-1])]
+    """Run retrieve.py's command line (its __main__ block, argument parsing and exit code) once per argument list."""
+    return [run_main("retrieve.py", *argv) for argv in cases]
 
 
 def test_cli_bad_input_one_line_each(setup, gallery, tmp_path):
@@ -385,7 +363,7 @@ def test_cli_bad_input_one_line_each(setup, gallery, tmp_path):
         ({"--gallery": str(tmp_path / "nowhere")}, ("nowhere does not exist",)),
         ({"--model": str(tmp_path / "model.pth")}, ("model.pth is not a readable checkpoint",)),
         ({"--model": str(tmp_path / "none.pth")}, ("none.pth not found",)),
-        ({"--index": str(tmp_path / "precious.pt")}, ("is not a gallery index written by retrieve.py",)),
+        ({"--index": str(tmp_path / "precious.pt")}, ("precious.pt is not a readable gallery index",)),
         ({"--topk": "0"}, ("--topk must be at least 1",)),
         ({"--output": gallery}, ("is the gallery folder",)),
     ]

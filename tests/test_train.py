@@ -2,8 +2,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch
 import evaluate
 import train
 import utils
-from conftest import ROOT, make_tiny_dataset
+from conftest import make_tiny_dataset, run_main
 
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--image_size", "32", "--embedding_dim", "16",
         "--batch_size", "4", "--workers", "0", "--device", "cpu", "--print_every", "2", "--lr", "1e-3"]
@@ -23,10 +21,6 @@ def train_args(data, ckpt, *extra):
 
 def eval_args(model, data, *extra):
     return evaluate.get_args_parser().parse_args(["--model", model, "--data", data, "--workers", "0", "--device", "cpu", *extra])
-
-
-def run_script(*argv, cwd=ROOT):
-    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def assert_one_line_error(proc, *fragments):
@@ -151,14 +145,14 @@ def test_sigterm_mid_epoch_then_resume_matches_a_straight_run(tiny_data, tmp_pat
 # ----------------------------------------------------------------------------------- bad input
 
 def test_cli_missing_data_folder(tmp_path):
-    proc = run_script("train.py", "--data_dir", str(tmp_path / "missing"), "--checkpoint_dir", str(tmp_path / "c"), *TINY)
+    proc = run_main("train.py", "--data_dir", str(tmp_path / "missing"), "--checkpoint_dir", str(tmp_path / "c"), *TINY)
     assert_one_line_error(proc, "does not exist", "download_data.sh")
 
 
 def test_cli_missing_label_file(tmp_path):
     data = make_tiny_dataset(str(tmp_path / "data"))
     os.remove(os.path.join(data, "train_labels.txt"))
-    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
     assert_one_line_error(proc, "train_labels.txt not found")
 
 
@@ -166,7 +160,7 @@ def test_cli_class_without_folder(tmp_path):
     data = make_tiny_dataset(str(tmp_path / "data"))
     with open(os.path.join(data, "train_labels.txt"), "a") as f:
         f.write("unicorn\n")
-    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
     assert_one_line_error(proc, "'unicorn'", "does not exist")
 
 
@@ -174,9 +168,9 @@ def test_cli_class_in_both_label_files(tmp_path):
     data = make_tiny_dataset(str(tmp_path / "data"))
     with open(os.path.join(data, "test_labels.txt"), "a") as f:
         f.write("square\n")
-    proc = run_script("evaluate.py", "--model", "whatever.pth", "--data", data)
+    proc = run_main("evaluate.py", "--model", "whatever.pth", "--data", data)
     assert_one_line_error(proc, "checkpoint whatever.pth not found")  # the model is checked first
-    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
     assert_one_line_error(proc, "'square' is in both")
 
 
@@ -185,14 +179,14 @@ def test_cli_empty_class_folder(tmp_path):
     folder = os.path.join(data, "photos", "pent")
     for f in os.listdir(folder):
         os.remove(os.path.join(folder, f))
-    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY)
     assert_one_line_error(proc, "photos/pent holds no readable image")
 
 
 @pytest.mark.parametrize("flag,value,fragment", [("--epochs", "0", "--epochs must be at least 1"),
                                                  ("--batch_size", "-4", "--batch_size must be at least 1")])
 def test_cli_bad_numbers(tmp_path, flag, value, fragment):
-    proc = run_script("train.py", "--data_dir", str(tmp_path), "--checkpoint_dir", str(tmp_path / "c"), *TINY, flag, value)
+    proc = run_main("train.py", "--data_dir", str(tmp_path), "--checkpoint_dir", str(tmp_path / "c"), *TINY, flag, value)
     assert_one_line_error(proc, fragment)
     assert not os.path.exists(tmp_path / "c")  # nothing was created
 
@@ -202,8 +196,8 @@ def test_cli_corrupt_image_is_skipped_with_a_warning(trained, tmp_path):
     data = make_tiny_dataset(str(tmp_path / "data"))
     with open(os.path.join(data, "photos", "circle", "corrupt.jpg"), "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    proc = run_script("evaluate.py", "--model", os.path.join(ckpt, "last.pth"), "--data", data, "--workers", "0", "--device", "cpu",
-                      "--num_sketches", "1", "--output_dir", str(tmp_path / "e"))
+    proc = run_main("evaluate.py", "--model", os.path.join(ckpt, "last.pth"), "--data", data, "--workers", "0", "--device", "cpu",
+                    "--num_sketches", "1", "--output_dir", str(tmp_path / "e"))
     assert proc.returncode == 0, proc.stderr
     assert "warning: skipped 1 unreadable image file(s)" in proc.stdout and "corrupt.jpg" in proc.stdout
     assert "12 gallery photos" in proc.stdout
@@ -213,14 +207,14 @@ def test_cli_checkpoint_of_another_backbone(trained, tmp_path):
     data, ckpt = trained
     last = os.path.join(ckpt, "last.pth")
     args = [a if a != "resnet18" else "mobilenet_v3_small" for a in TINY]
-    proc = run_script("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *args,
-                      "--epochs", "3", "--resume", last)
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *args,
+                    "--epochs", "3", "--resume", last)
     assert_one_line_error(proc, "--backbone resnet18", "--backbone mobilenet_v3_small")
     # a checkpoint whose weights do not fit the backbone its arguments name
     bad = utils.load_checkpoint(last)
     bad["args"]["backbone"] = "resnet34"
     utils.save_checkpoint(bad, str(tmp_path / "bad.pth"))
-    proc = run_script("evaluate.py", "--model", str(tmp_path / "bad.pth"), "--data", data)
+    proc = run_main("evaluate.py", "--model", str(tmp_path / "bad.pth"), "--data", data)
     assert_one_line_error(proc, "do not fit a resnet34 model")
 
 
@@ -228,10 +222,10 @@ def test_cli_file_that_is_not_a_checkpoint(trained, tmp_path):
     data, _ = trained
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"definitely not a torch file")
-    proc = run_script("evaluate.py", "--model", str(junk), "--data", data)
+    proc = run_main("evaluate.py", "--model", str(junk), "--data", data)
     assert_one_line_error(proc, "is not a readable checkpoint")
     torch.save({"weights": torch.ones(2)}, tmp_path / "other.pth")
-    proc = run_script("evaluate.py", "--model", str(tmp_path / "other.pth"), "--data", data)
+    proc = run_main("evaluate.py", "--model", str(tmp_path / "other.pth"), "--data", data)
     assert_one_line_error(proc, "is not a checkpoint written by train.py")
 
 
