@@ -385,7 +385,10 @@ def main(args) -> None:
 
 def run(args) -> dict:
     """Everything but the JSON document: checks, index, search, printed ranking, grids, results.json."""
-    # The inputs are checked before anything is written.
+    # The inputs are checked before anything is written: the index first (its check is the quickest).
+    out_dir = args.output or os.path.join(os.path.dirname(os.path.abspath(args.model)), "retrieval")
+    index_path = args.index or os.path.join(out_dir, INDEX_NAME)
+    old_index = load_index(index_path)
     ckpt = utils.load_checkpoint(args.model)
     if not os.path.isdir(args.gallery):
         what = "is not a folder" if os.path.exists(args.gallery) else "does not exist"
@@ -393,7 +396,6 @@ def run(args) -> dict:
     sketches = read_queries(args.query)
     faiss = import_faiss() if args.faiss else None
     root = os.path.realpath(args.gallery)
-    out_dir = args.output or os.path.join(os.path.dirname(os.path.abspath(args.model)), "retrieval")
     if os.path.realpath(out_dir) == root:
         raise utils.UserError(f"--output {out_dir} is the gallery folder; its grids would be searched next time, "
                               "so choose another folder")
@@ -401,15 +403,13 @@ def run(args) -> dict:
     if not files:
         raise utils.UserError(f"gallery {args.gallery} holds no image files ({', '.join(dataset.IMAGE_EXTENSIONS)}); "
                               "pass the folder that holds your photos")
-    index_path = args.index or os.path.join(out_dir, INDEX_NAME)
-    old_index = load_index(index_path)
+    device = utils.get_device(args.device)
+    model = build_model(ckpt, args.model, trained=True).to(device)  # weights that do not fit: an error, nothing written
     utils.ensure_dir(out_dir, "output folder")
     utils.ensure_dir(os.path.dirname(os.path.abspath(index_path)), "index folder")
     info = utils.print_banner("retrieve.py", args)
 
     a = ckpt["args"]
-    device = utils.get_device(args.device)
-    model = build_model(ckpt, args.model, trained=True).to(device)
     print(f"model {args.model}: {a['backbone']}, {a['embedding_dim']}-d, {a['image_size']}px")
     start = time.perf_counter()
     index, counts = update_index(

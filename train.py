@@ -278,11 +278,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
         raise utils.UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes; "
                               "each process takes an equal share of the batch")
     resume = load_resume_checkpoint(args.resume, args, world) if args.resume else None
-    if rank == 0:
-        utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
     info = utils.print_banner("train.py", args)
-    if rank == 0:
-        utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
     if world > 1:
         print(f"distributed: {world} processes ({dist.get_backend()}), {args.batch_size // world} triplets each per step")
     dtype = utils.amp_dtype(device, args.amp)
@@ -326,6 +322,9 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
         if start_epoch >= args.epochs:
             print(f"nothing to do: {args.resume} already has {start_epoch} of --epochs {args.epochs}")
             return
+    if rank == 0:  # every input was read and fits: only now is anything written
+        utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
+        utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
     if args.compile:
         model.sketch_encoder.compile()  # in place: the state dict keeps its names
         model.photo_encoder.compile()

@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -193,7 +194,9 @@ def load_user_file(path: str, what: str, hint: str, mmap: bool = False):
         where = "is a folder" if os.path.isdir(path) else "not found"
         raise UserError(f"{what} {path} {where}; {hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error line says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - arbitrary bytes can raise almost anything (KeyError, struct.error, ...)
         raise UserError(f"{path} is not a readable {what} ({type(e).__name__}); {hint}") from None
 
@@ -256,7 +259,7 @@ def load_checkpoint(path: str) -> dict:
         bad = ["args." + k for k in wrong_fields(ckpt["args"], {
             "backbone": lambda b: b in BACKBONES, "embedding_dim": lambda d: is_int(d) and d >= 1,
             "image_size": lambda s: is_int(s) and s >= 32, "seed": is_int, "pretrained": lambda p: isinstance(p, bool),
-        }, {"val_fraction": lambda f: is_number(f) and 0 <= f < 1, "class_split": lambda c: isinstance(c, str)})]
+            "val_fraction": lambda f: is_number(f) and 0 <= f < 1}, {"class_split": lambda c: isinstance(c, str)})]
     if bad:
         raise UserError(f"{path} is not a checkpoint written by train.py (wrong {', '.join(bad)}); the file is "
                         f"damaged or from another program; {CHECKPOINT_HINT}")

@@ -6,6 +6,7 @@ import os
 import runpy
 import sys
 import traceback
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -53,7 +54,9 @@ def run_main(script: str, *argv: str) -> SimpleNamespace:
     stdout, stderr, code = io.StringIO(), io.StringIO(), 0
     saved_argv, sys.argv = sys.argv, [script, *argv]
     try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")  # shown once per place, as a fresh interpreter shows them
             try:
                 runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
             except SystemExit as e:
@@ -63,6 +66,8 @@ def run_main(script: str, *argv: str) -> SimpleNamespace:
                 code = 1
     finally:
         sys.argv = saved_argv
+    for w in caught:  # on stderr, as a subprocess would print them
+        stderr.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     return SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 

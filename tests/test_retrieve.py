@@ -23,12 +23,13 @@ except ImportError:
 needs_faiss = pytest.mark.skipif(faiss is None, reason="faiss is not installed (optional: pip install faiss-cpu)")
 
 
-def save_tiny_checkpoint(path: str, seed: int = 0) -> str:
-    """A checkpoint in train.py's format of an untrained, seeded 16-d resnet18 at 32 px (no training needed:
+def save_tiny_checkpoint(path: str, seed: int = 0, backbone: str = "resnet18") -> str:
+    """A checkpoint in train.py's format of an untrained, seeded 16-d network at 32 px (no training needed:
     these tests check retrieval, not the model)."""
-    args = {"backbone": "resnet18", "embedding_dim": 16, "image_size": 32, "seed": seed, "pretrained": False}
+    args = {"backbone": backbone, "embedding_dim": 16, "image_size": 32, "seed": seed, "pretrained": False,
+            "val_fraction": 0.1}
     utils.seed_everything(seed)
-    model = ZSSBIRModel("resnet18", 16, pretrained=False)
+    model = ZSSBIRModel(backbone, 16, pretrained=False)
     utils.save_checkpoint({"models": {name: m.state_dict() for name, m in model.named_children()},
                            "optimizers": {}, "scaler": {}, "epoch": 0, "step": 0, "args": args, "best": 0.0}, path)
     return path
