@@ -2,7 +2,6 @@
 layouts, mixed precision and resume on CUDA. Tests marked gpu run wherever CUDA is present (make test
 on a GPU machine) and are skipped elsewhere; the others run on the CPU, and on CUDA too when present."""
 import os
-import signal
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import train
 import utils
 from conftest import make_tiny_dataset, reordering_rtol
 from test_retrieve import save_tiny_checkpoint
-from test_train import train_args
+from test_train import train_args, train_with_sigterm_in_step_3
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 SIZE, DIM = 32, 16
@@ -170,14 +169,7 @@ def test_training_on_cuda_stops_mid_epoch_and_resumes(tmp_path, monkeypatch):
     data = make_tiny_dataset(str(tmp_path / "data"))
     ckpt = str(tmp_path / "ckpt")
     common = ["--epochs", "2", "--grl_threshold_epoch", "1", "--device", "cuda"]
-    real_lr_at = train.lr_at
-    def lr_at_then_sigterm(step, *rest):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(step, *rest)
-    monkeypatch.setattr(train, "lr_at", lr_at_then_sigterm)
-    train.main(train_args(data, ckpt, *common))
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    train_with_sigterm_in_step_3(monkeypatch, data, ckpt, *common)
     mid = utils.load_checkpoint(os.path.join(ckpt, "last.pth"))
     assert (mid["epoch"], mid["epoch_step"], mid["step"]) == (0, 3, 3)
     assert len(mid["rng_by_rank"][0]["cuda"]) == torch.cuda.device_count()

@@ -114,6 +114,20 @@ def test_resume_continues_at_the_right_epoch_with_the_optimizer_state(trained, t
     assert os.path.getmtime(os.path.join(resumed, "last.pth")) == before
 
 
+def train_with_sigterm_in_step_3(monkeypatch, data: str, ckpt: str, *extra: str) -> None:
+    """train.main with SIGTERM arriving while step 2 (0-based) is being computed."""
+    real_lr_at = train.lr_at
+    def lr_at_then_sigterm(step, *rest):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(step, *rest)
+    monkeypatch.setattr(train, "lr_at", lr_at_then_sigterm)
+    try:
+        train.main(train_args(data, ckpt, *extra))
+    finally:
+        monkeypatch.setattr(train, "lr_at", real_lr_at)
+
+
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_sigterm_mid_epoch_then_resume_matches_a_straight_run(tiny_data, tmp_path, monkeypatch, workers):
     """SIGTERM in the middle of epoch 1 saves last.pth at that step; --resume continues exactly."""
@@ -121,14 +135,7 @@ def test_sigterm_mid_epoch_then_resume_matches_a_straight_run(tiny_data, tmp_pat
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     train.main(train_args(tiny_data, straight, *common))
 
-    real_lr_at = train.lr_at
-    def lr_at_then_sigterm(step, *rest):  # the signal arrives while step 2 (0-based) is being computed
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(step, *rest)
-    monkeypatch.setattr(train, "lr_at", lr_at_then_sigterm)
-    train.main(train_args(tiny_data, stopped, *common))
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    train_with_sigterm_in_step_3(monkeypatch, tiny_data, stopped, *common)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
     mid = utils.load_checkpoint(os.path.join(stopped, "last.pth"))
     assert (mid["epoch"], mid["epoch_step"], mid["step"]) == (0, 3, 3)  # finished the step, then stopped
