@@ -235,7 +235,7 @@ def load_resume_checkpoint(path: str, args, world: int) -> dict:
     if ckpt.get("epoch_step") and ckpt.get("world_size", 1) != world:
         raise utils.UserError(f"{path} was saved inside an epoch by {ckpt.get('world_size', 1)} process(es); resume "
                               f"it with as many (this run has {world}) or from an end-of-epoch checkpoint")
-    if ckpt.get("epoch_step") and not ("rng_by_rank" in ckpt and len(ckpt["rng_by_rank"]) == world or "rng" in ckpt):
+    if ckpt.get("epoch_step") and not (("rng_by_rank" in ckpt and len(ckpt["rng_by_rank"]) == world) or "rng" in ckpt):
         raise utils.UserError(f"{path} was saved inside an epoch without its random states; resume from an "
                               "end-of-epoch checkpoint")
     return ckpt

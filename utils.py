@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torchvision
 
+from model import BACKBONES
+
 
 class UserError(Exception):
     """A mistake in the user's input; printed as one line, without a traceback."""
@@ -242,8 +244,6 @@ def _is_rng_state(v) -> bool:
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint written by train.py onto the CPU and check its structure; anything else is a
     UserError (load_user_file)."""
-    from model import BACKBONES
-
     ckpt = load_user_file(path, "checkpoint", CHECKPOINT_HINT)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise UserError(f"{path} is not a checkpoint written by train.py (keys {CHECKPOINT_KEYS} expected)")
