@@ -31,7 +31,7 @@ demo: venv $(DEMO_DATA)/.demo_data
 		--output $(DEMO_RUN)/retrieval --workers 1
 
 test: venv
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=10
 
 clean:
 	rm -rf $(DEMO_RUN) $(DEMO_DATA)
