@@ -2,13 +2,14 @@
 # Get a dataset into the project's layout: DEST/<name>/{sketches,photos}/<class>/, train_labels.txt, test_labels.txt.
 #
 #   bash download_data.sh demo [DEST]                   # the built-in procedural demo dataset (no download)
-#   bash download_data.sh sketchy|tuberlin|quickdraw|all [DEST] [--exclude_invalid]
+#   bash download_data.sh sketchy|tuberlin|quickdraw|all [DEST] [--exclude_invalid] [--from FOLDER]
 #
-# The real benchmarks are downloaded (resuming partial downloads), unpacked into DEST/<name>/raw/ and
-# linked into the layout with every standard split by prepare_data.py; docs/datasets.md describes them.
+# The real benchmarks are downloaded (each archive's known sources in turn, partial downloads resumed,
+# checksums verified) or taken from FOLDER, unpacked into DEST/<name>/raw/ and linked into the layout
+# with every standard split by prepare_data.py; docs/datasets.md describes them.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-usage() { echo "usage: bash download_data.sh demo|sketchy|tuberlin|quickdraw|all [DEST] [--exclude_invalid]   (DEST defaults to data/)" >&2; }
+usage() { echo "usage: bash download_data.sh demo|sketchy|tuberlin|quickdraw|all [DEST] [--exclude_invalid] [--from FOLDER]   (DEST defaults to data/)" >&2; }
 
 if [ $# -lt 1 ]; then usage; exit 2; fi
 name="$1"

@@ -2,16 +2,23 @@
 
     python prepare_data.py sketchy --dest data                 # what `bash download_data.sh sketchy` runs
     python prepare_data.py all --dest /big/disk --exclude_invalid
+    python prepare_data.py tuberlin --dest data --from ~/Downloads   # archives fetched by hand
 
-For each dataset: download its archives (Google Drive ids through gdown, which handles Drive's
-large-file confirmation; partial downloads resume), check free disk space, unpack into
-DEST/<dataset>/raw/, and hard-link every image into DEST/<dataset>/{sketches,photos}/<class>/ under
-canonical class names. The split lists shipped in splits/<dataset>/ become
-DEST/<dataset>/splits/<name>/{train,test}_labels.txt, and the default split is copied to the
-dataset root. Completed steps are skipped on a re-run. docs/datasets.md has the sources and pitfalls.
-Set ZSSBIR_DATA_URL to fetch every archive as <ZSSBIR_DATA_URL>/<archive name> instead (mirrors, tests).
+For each dataset: download its archives, trying each archive's known sources in turn (Google Drive
+ids through gdown, which handles Drive's large-file confirmation; partial downloads resume), verify
+them (the published MD5 where there is one; a web page where an archive was expected is recognised),
+check free disk space, unpack into DEST/<dataset>/raw/, and hard-link every image into
+DEST/<dataset>/{sketches,photos}/<class>/ under canonical class names. The split lists shipped in
+splits/<dataset>/ become DEST/<dataset>/splits/<name>/{train,test}_labels.txt, and the default split
+is copied to the dataset root. The class and image counts are compared with the documented ones.
+Completed steps are skipped on a re-run. docs/datasets.md has the sources, checksums and pitfalls.
+Set ZSSBIR_DATA_URL to one or more base URLs (separated by spaces) to fetch every archive as
+<base>/<archive name> from them in turn instead (mirrors, tests), and ZSSBIR_MD5_FILE to a file of
+"md5  name" lines (md5sum's format) that replaces the published checksums (repackaged mirrors, tests).
 """
 import argparse
+import difflib
+import hashlib
 import os
 import re
 import shutil
@@ -23,20 +30,51 @@ from dataset import IMAGE_EXTENSIONS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# name -> source: a Google Drive file id ("gdrive:<id>") or a URL.
+# name -> its known sources, tried in this order: the official page's link, the ids in the peers' download
+# scripts, then ids posted later. A source is a Google Drive file id ("gdrive:<id>") or a URL.
 ARCHIVES = {
-    "sketchy": {"rendered_256x256.7z": "gdrive:0B7ISyeE8QtDdTjE1MG9Gcy1kSkE",
-                "EXTEND_image_sketchy.zip": "gdrive:0B2U-hnwRkpRrdGZKTzkwbkEwVkk"},
-    "tuberlin": {"sketches_png.zip": "https://cybertron.cg.tu-berlin.de/eitz/projects/classifysketch/sketches_png.zip",
-                 "ImageResized.zip": "gdrive:0B2U-hnwRkpRrMFVvTmFQa3dmSUk"},
-    "quickdraw": {"QuickDraw_sketches_final.zip": "https://datasets.cvc.uab.es/QuickDraw/QuickDraw_sketches_final.zip",
-                  "QuickDraw_images_final.zip": "https://datasets.cvc.uab.es/QuickDraw/QuickDraw_images_final.zip"},
+    "sketchy": {
+        # sketchy.eye.gatech.edu, also in sem-pcyc's and torchsketch's scripts; then the id the Sketchy author
+        # posted in 2024 (janesjanes/sketchy#9), which other projects download as rendered_256x256.7z
+        "rendered_256x256.7z": ["gdrive:0B7ISyeE8QtDdTjE1MG9Gcy1kSkE", "gdrive:1z4--ToTXYb0-2cLuUWPYM5m7ST7Ob3Ck"],
+        # Liu et al. 2017 (sem-pcyc, doodle2search); reported unreachable since 2019, no official replacement
+        "EXTEND_image_sketchy.zip": ["gdrive:0B2U-hnwRkpRrdGZKTzkwbkEwVkk"],
+        # the lists of invalid sketches, only with --exclude_invalid (torchsketch; the 2024 id of janesjanes/sketchy#9)
+        "info-06-04.7z": ["gdrive:0B7ISyeE8QtDdaFhqeTZiNVBYZjA", "gdrive:1x8n7qaMg1z2SC-1sT5yjIMmMIr0UcBVW"],
+    },
+    "tuberlin": {
+        "sketches_png.zip": ["https://cybertron.cg.tu-berlin.de/eitz/projects/classifysketch/sketches_png.zip",
+                             "http://cybertron.cg.tu-berlin.de/eitz/projects/classifysketch/sketches_png.zip"],
+        "ImageResized.zip": ["gdrive:0B2U-hnwRkpRrMFVvTmFQa3dmSUk"],  # Zhang et al. 2016, via sem-pcyc's script
+    },
+    "quickdraw": {
+        "QuickDraw_sketches_final.zip": ["https://datasets.cvc.uab.es/QuickDraw/QuickDraw_sketches_final.zip",
+                                         "http://datasets.cvc.uab.es/QuickDraw/QuickDraw_sketches_final.zip"],
+        "QuickDraw_images_final.zip": ["https://datasets.cvc.uab.es/QuickDraw/QuickDraw_images_final.zip",
+                                       "http://datasets.cvc.uab.es/QuickDraw/QuickDraw_images_final.zip"],
+    },
 }
+ONLY_FOR_EXCLUDE_INVALID = {"info-06-04.7z"}
+EXCLUDED = "excluded_invalid_sketches.txt"  # written beside the layout by --exclude_invalid
+# Published MD5s (torchsketch's md5sum_table.py; dm_nevis agrees on sketches_png.zip). The other archives
+# have none published: they are checked by unpacking them.
+MD5 = {"rendered_256x256.7z": "6a9dccbd07b48566c4754a7674087657",
+       "info-06-04.7z": "f99274c883d073b323c87140bef7bdbf",
+       "sketches_png.zip": "023123df86a928a5273e3ba11990d8fd"}
 SPLITS = {"sketchy": ("sake25", "sempcyc25", "yelamarthi21"), "tuberlin": ("sake30", "sempcyc30"),
           "quickdraw": ("qd30",)}  # the first is the default
-# Photo folder names of TU-Berlin Extended that no separator rule can repair (misspelled upstream).
-ALIASES = {"tromobone": "trombone", "chandeler": "chandelier", "griaffe": "giraffe", "diamod": "diamond",
-           "spidar": "spider", "spacesshuttle": "spaceshuttle", "wristwatching": "wristwatch"}
+# Photo folders whose names no separator rule can match to their class (sem-pcyc's download_datasets.sh
+# renames the same ones): misspelled upstream, or named without the sketch class's qualifier.
+FOLDER_ALIASES = {"tuberlin": {"tromobone": "trombone", "chandeler": "chandelier", "griaffe": "giraffe",
+                               "diamod": "diamond", "spidar": "spider", "spacesshuttle": "space shuttle",
+                               "wristwatching": "wrist-watch", "mouse": "mouse (animal)",
+                               "pipe": "pipe (for smoking)"}}
+# Documented sizes, compared with what was prepared: a shortfall is a warning with the numbers.
+COUNTS = {"sketchy": {"classes": (125, "Sangkloy et al. 2016"), "sketches": (75471, "Sangkloy et al. 2016"),
+                      "photos": (73002, "Liu et al. 2017")},
+          "tuberlin": {"classes": (250, "Eitz et al. 2012"), "sketches": (20000, "Eitz et al. 2012: 250 x 80")},
+          "quickdraw": {"classes": (110, "Dey et al. 2019"), "sketches": (330000, "Dey et al. 2019"),
+                        "photos": (204000, "Dey et al. 2019")}}
 
 
 class PrepareError(Exception):
@@ -49,9 +87,8 @@ def canonical(name: str) -> str:
 
 
 def match_key(name: str) -> str:
-    """What two spellings of one class share: letters and digits only, upstream typos repaired."""
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
-    return ALIASES.get(key, key)
+    """What two spellings of one class share: letters and digits only."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 def read_list(path: str) -> list:
@@ -81,9 +118,56 @@ def split_lists(name: str) -> dict:
 
 # ----------------------------------------------------------------------------------- download
 
-def source_url(dataset: str, archive: str) -> str:
-    base = os.environ.get("ZSSBIR_DATA_URL", "")
-    return base.rstrip("/") + "/" + archive if base else ARCHIVES[dataset][archive]
+def sources(dataset: str, archive: str) -> list:
+    """Where to fetch an archive, in order: ZSSBIR_DATA_URL's bases when set, else ARCHIVES."""
+    bases = os.environ.get("ZSSBIR_DATA_URL", "").split()
+    return [base.rstrip("/") + "/" + archive for base in bases] if bases else ARCHIVES[dataset][archive]
+
+
+def checksums() -> dict:
+    """{archive name: expected MD5}: MD5, or the "md5  name" lines of ZSSBIR_MD5_FILE when set."""
+    path = os.environ.get("ZSSBIR_MD5_FILE", "")
+    if not path:
+        return MD5
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {name.strip().lstrip("*"): md5.lower() for md5, name in (line.split(None, 1) for line in f
+                                                                              if line.strip())}
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"cannot read ZSSBIR_MD5_FILE {path} ({type(e).__name__}); it holds lines of "
+                           "'md5  archive name', as md5sum writes them") from None
+
+
+def md5_of(path: str) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def looks_like_html(path: str) -> bool:
+    """A web page saved where an archive was expected (Google Drive's quota or sign-in page, a dead link)."""
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in head
+
+
+def problem_with(path: str, archive: str) -> str:
+    """Why the file at path cannot be used as ``archive`` ('' when it can)."""
+    if looks_like_html(path):
+        return ("is a web page, not the archive: Google Drive's download quota for the file is used up "
+                "(try again in a day) or the link is dead")
+    expected = checksums().get(archive)
+    got = md5_of(path) if expected else ""
+    return f"has MD5 {got}, not the expected {expected}: a damaged or different file" if got != (expected or "") else ""
+
+
+def set_aside(path: str, tag: str) -> str:
+    """Move a file that must not be used out of the way (never deleted: it may be worth a look)."""
+    aside = f"{path}.{tag}.rejected"
+    os.replace(path, aside)
+    return aside
 
 
 def download(url: str, path: str) -> None:
@@ -92,25 +176,76 @@ def download(url: str, path: str) -> None:
         return
     import gdown
 
-    print(f"downloading {os.path.basename(path)} from {url}", flush=True)
+    print(f"downloading {os.path.basename(path).removesuffix('.unverified')} from {url}", flush=True)
     kwargs = {"id": url.split(":", 1)[1]} if url.startswith("gdrive:") else {"url": url}
     try:
-        try:
-            got = gdown.download(output=path, resume=True, quiet=False, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            if "byte range" not in str(e):
-                raise
-            print("the server cannot resume this download; starting it again", flush=True)
-            folder, name = os.path.split(path)
-            for f in os.listdir(folder):
-                if f.startswith(name) and f.endswith(".part"):
-                    os.remove(os.path.join(folder, f))
-            got = gdown.download(output=path, resume=True, quiet=False, **kwargs)
-    except Exception as e:  # noqa: BLE001 - network errors come in many types
-        raise PrepareError(f"downloading {os.path.basename(path)} failed ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); run the same command again to resume") from None
+        got = gdown.download(output=path, resume=True, quiet=False, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        if "byte range" not in str(e):
+            raise
+        print("the server cannot resume this download; starting it again", flush=True)
+        folder, name = os.path.split(path)
+        for f in os.listdir(folder):
+            if f.startswith(name) and f.endswith(".part"):
+                os.remove(os.path.join(folder, f))
+        got = gdown.download(output=path, resume=True, quiet=False, **kwargs)
     if not got or not os.path.isfile(path):
-        raise PrepareError(f"downloading {os.path.basename(path)} from {url} failed; run the command again to resume")
+        raise OSError("no file came")
+
+
+def partial_bytes(path: str) -> int:
+    """Bytes already in the partial download of path (gdown's <name>XXXXXXXX.part), 0 when none."""
+    folder, name = os.path.split(path)
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+               if f.startswith(name) and f.endswith(".part"))
+
+
+def fetch(dataset: str, archive: str, path: str, from_dir: str) -> None:
+    """Bring a verified ``archive`` to path: from --from DIR, or from its sources in turn.
+
+    A source's file is first saved as path.unverified; only a file that passes problem_with becomes
+    path (so a finished archive is never fetched or checked again). A file that fails is set aside
+    and the next source is tried; when none works, one PrepareError says what each source gave and
+    how to fetch the file by hand."""
+    if os.path.isfile(path):
+        return
+    by_hand = (f"fetch {archive} by hand (docs/datasets.md lists where, and its checksum) into a folder "
+               "and run again with --from FOLDER")
+    if from_dir:
+        src = os.path.join(from_dir, archive)
+        if not os.path.isfile(src):
+            raise PrepareError(f"--from {from_dir}: {archive} is not there; {by_hand}")
+        problem = problem_with(src, archive)
+        if problem:
+            raise PrepareError(f"--from: {src} {problem}; it was not used")
+        link(src, path)
+        print(f"{archive}: using {src}", flush=True)
+        return
+    unverified, failures = path + ".unverified", []
+    urls = sources(dataset, archive)
+    for i, url in enumerate(urls, 1):
+        try:
+            download(url, unverified)
+        except Exception as e:  # noqa: BLE001 - network errors come in many types
+            got = partial_bytes(unverified)
+            if got:  # this source was alive and broke off: resume it rather than mix another source's bytes in
+                raise PrepareError(f"downloading {archive} from {url} broke off after {got / 2**20:.0f} MiB "
+                                   f"({type(e).__name__}); run the same command again to resume it (or delete "
+                                   f"{unverified}*.part to start again)") from None
+            failures.append(f"source {i} ({url}) failed: {type(e).__name__}"
+                            + (f": {str(e).splitlines()[0][:120]}" if str(e).strip() else ""))
+            print(f"{archive}: {failures[-1]}", flush=True)
+            continue
+        problem = problem_with(unverified, archive)
+        if problem:
+            aside = set_aside(unverified, f"source{i}")
+            failures.append(f"source {i} ({url}) {problem} (kept aside as {os.path.basename(aside)})")
+            print(f"{archive}: {failures[-1]}", flush=True)
+            continue
+        os.replace(unverified, path)
+        print(f"{archive}: source {i} of {len(urls)} worked ({url})", flush=True)
+        return
+    raise PrepareError(f"could not download {archive}: {'; '.join(failures)}. Try again later, or {by_hand}")
 
 
 def open_archive(path: str):
@@ -190,12 +325,15 @@ def find_dir(root: str, *parts: str, default: str = "") -> str:
                        "layout (see docs/datasets.md)")
 
 
-def class_folders(folder: str) -> dict:
-    """{match key: [folder]} of the class folders inside folder (the form place() takes)."""
+def class_folders(folder: str, aliases: dict | None = None) -> dict:
+    """{match key: [folder]} of the class folders inside folder (the form place() takes); ``aliases`` maps
+    a folder's name to the class it holds where the names do not match (FOLDER_ALIASES)."""
+    aliases = {match_key(k): v for k, v in (aliases or {}).items()}
     out = {}
     for entry in sorted(os.listdir(folder)):
         if os.path.isdir(os.path.join(folder, entry)):
-            out.setdefault(match_key(entry), [os.path.join(folder, entry)])
+            key = match_key(entry)
+            out.setdefault(match_key(aliases.get(key, key)), [os.path.join(folder, entry)])
     return out
 
 
@@ -218,12 +356,19 @@ def place(domain_dir: str, classes: list, sources: dict, name_filter=None) -> in
 
     sources: {match key: [folders]}. Files with the same name (stem) in several folders are
     linked once (the first folder wins), which drops duplicated photos."""
+    missing = [c for c in classes if not sources.get(match_key(c))]
+    if missing:
+        found = {match_key(os.path.basename(f)): os.path.basename(f) for folders in sources.values() for f in folders}
+        where = os.path.dirname(next(iter(sources.values()))[0]) if sources else "the archive"
+        closest = lambda c: [found[k] for k in difflib.get_close_matches(match_key(c), found, n=3, cutoff=0.5)]
+        said = [f"{c!r} (looked for a folder named {match_key(c)!r} in any spelling; closest: "
+                f"{', '.join(closest(c)) or 'none'})" for c in missing]
+        raise PrepareError(f"{len(missing)} {os.path.basename(domain_dir)} class(es) have no folder in {where}: "
+                           f"{'; '.join(said)}. The archive is incomplete or laid out differently; see "
+                           "docs/datasets.md (delete DEST/<dataset>/raw and DEST/<dataset>/downloads to fetch it anew)")
     count = 0
     for c in classes:
-        folders = sources.get(match_key(c), [])
-        if not folders:
-            raise PrepareError(f"class {c!r} has no folder in {os.path.basename(domain_dir)} of the archive; "
-                               "the download may be incomplete (delete DEST/<dataset>/raw and run again)")
+        folders = sources[match_key(c)]
         out = os.path.join(domain_dir, c)
         os.makedirs(out, exist_ok=True)
         seen = set()
@@ -260,15 +405,27 @@ def prepare_sketchy(raw: str, out: str, classes: list, exclude_invalid: bool) ->
     extended = find_dir(raw, "EXTEND_image_sketchy")
     invalid = invalid_sketches(raw) if exclude_invalid else set()
     if exclude_invalid and not invalid:
-        raise PrepareError("--exclude_invalid: no info/invalid-*.txt found in the Sketchy archive")
-    keep = (lambda c, stem: stem not in invalid) if invalid else None
+        raise PrepareError("--exclude_invalid: no info/invalid-*.txt found in info-06-04.7z; delete "
+                           "DEST/sketchy/raw/info-06-04.7z.d and DEST/sketchy/downloads/info-06-04.7z and run again")
+    left_out = set()
+    def keep(c, stem):
+        if stem in invalid:
+            left_out.add(stem)
+            return False
+        return True
     ext, orig = class_folders(extended), class_folders(photo_root)
     photos = {k: ext[k] + orig.get(k, []) for k in ext}  # an original only where the extended set lacks it
-    place_both(out, classes, class_folders(sketch_root), photos, keep)
+    place_both(out, classes, class_folders(sketch_root), photos, keep if invalid else None)
+    if exclude_invalid:
+        with open(os.path.join(out, EXCLUDED), "w", encoding="utf-8") as f:
+            f.write("".join(stem + "\n" for stem in sorted(left_out)))
+        print(f"sketchy: left out the {len(left_out)} sketches listed in info/invalid-*.txt ({len(invalid)} "
+              f"listed; the ones left out are named in {os.path.join(out, EXCLUDED)})", flush=True)
 
 
 def prepare_tuberlin(raw: str, out: str, classes: list, exclude_invalid: bool) -> None:
-    place_both(out, classes, class_folders(find_dir(raw, "png")), class_folders(find_dir(raw, "ImageResized")))
+    place_both(out, classes, class_folders(find_dir(raw, "png")),
+               class_folders(find_dir(raw, "ImageResized"), FOLDER_ALIASES["tuberlin"]))
 
 
 def prepare_quickdraw(raw: str, out: str, classes: list, exclude_invalid: bool) -> None:
@@ -377,7 +534,24 @@ def count_images(out: str) -> tuple[int, int, int]:
     return len(classes), n[0], n[1]
 
 
-def get_dataset(name: str, dest: str, exclude_invalid: bool, word_vectors: str = "") -> tuple[int, int, int]:
+def count_shortfalls(name: str, out: str, counts: tuple) -> list:
+    """Warnings for every count below the documented one (COUNTS); the invalid sketches that
+    --exclude_invalid left out (listed in EXCLUDED) do not count as missing."""
+    warnings = []
+    excluded = len(read_list(os.path.join(out, EXCLUDED))) if os.path.isfile(os.path.join(out, EXCLUDED)) else 0
+    for what, got in zip(("classes", "sketches", "photos"), counts):
+        documented, source = COUNTS[name].get(what, (0, ""))
+        less = excluded if what == "sketches" else 0
+        if got < documented - less:
+            note = f", less the {less:,} invalid ones left out" if less else ""
+            warnings.append(f"warning: {name} has {got:,} {what} where {documented - less:,} are documented "
+                            f"({source}{note}): {documented - less - got:,} missing; the archive may be incomplete "
+                            "(see docs/datasets.md)")
+    return warnings
+
+
+def get_dataset(name: str, dest: str, exclude_invalid: bool, word_vectors: str = "",
+                from_dir: str = "") -> tuple[int, int, int]:
     out = os.path.join(dest, name)
     raw = os.path.join(out, "raw")
     marker = os.path.join(out, ".prepared")
@@ -389,12 +563,16 @@ def get_dataset(name: str, dest: str, exclude_invalid: bool, word_vectors: str =
         return count_images(out)
     os.makedirs(raw, exist_ok=True)
     for archive in ARCHIVES[name]:
+        if archive in ONLY_FOR_EXCLUDE_INVALID and not exclude_invalid:
+            continue
         path = os.path.join(out, "downloads", archive)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        download(source_url(name, archive), path)
+        fetch(name, archive, path, from_dir)
         extract(path, os.path.join(raw, archive + ".d"))
     for domain in ("sketches", "photos"):
         shutil.rmtree(os.path.join(out, domain), ignore_errors=True)  # links only: raw/ keeps the files
+    if os.path.isfile(os.path.join(out, EXCLUDED)):
+        os.remove(os.path.join(out, EXCLUDED))
     print(f"{name}: linking images into {out}/sketches and {out}/photos", flush=True)
     PREPARE[name](raw, out, dataset_classes(name), exclude_invalid)
     write_splits(out, name)
@@ -411,7 +589,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", type=str, help="sketchy, tuberlin, quickdraw or all")
     p.add_argument("--dest", type=str, default="data", help="folder that receives DEST/<dataset>/")
     p.add_argument("--exclude_invalid", action=argparse.BooleanOptionalAction, default=False,
-                   help="Sketchy: leave out the sketches listed in info/invalid-*.txt")
+                   help="Sketchy: also fetch info-06-04.7z and leave out the sketches its info/invalid-*.txt list")
+    p.add_argument("--from", type=str, default="", dest="from_dir",
+                   help="take the archives from this folder (fetched by hand, e.g. from a mirror) instead of "
+                        "downloading them; they are checked like downloads (docs/datasets.md lists names and MD5s)")
     p.add_argument("--with_embeddings", type=str, default="",
                    help="a word-vector file (GloVe .txt, word2vec .bin or .txt, optionally .gz): also write "
                         "class-name vectors train_embeddings.npy / test_embeddings.npy for every split")
@@ -431,10 +612,14 @@ def main(args) -> None:
     if args.with_embeddings and not os.path.isfile(args.with_embeddings):
         raise PrepareError(f"word-vector file {args.with_embeddings} not found; pass a GloVe .txt or "
                            "word2vec .bin/.txt file")
-    summary = {n: get_dataset(n, args.dest, args.exclude_invalid, args.with_embeddings) for n in names}
+    if args.from_dir and not os.path.isdir(args.from_dir):
+        raise PrepareError(f"--from {args.from_dir} is not a folder; pass the folder that holds the archives")
+    summary = {n: get_dataset(n, args.dest, args.exclude_invalid, args.with_embeddings, args.from_dir) for n in names}
     for n, (c, s, p) in summary.items():
         splits = ", ".join(f"{s_}{' (default)' if i == 0 else ''}" for i, s_ in enumerate(SPLITS[n]))
         print(f"{n}: {c} classes, {s} sketches, {p} photos -> {os.path.join(args.dest, n)}; splits: {splits}")
+        for warning in count_shortfalls(n, os.path.join(args.dest, n), (c, s, p)):
+            print(warning)
 
 
 if __name__ == "__main__":
