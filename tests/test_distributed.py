@@ -96,6 +96,8 @@ def runs(tmp_path_factory):
         images.append(path)
     mp.spawn(worker, args=(free_port(), images, str(out)), nprocs=WORLD, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r in range(WORLD):  # 700 MB each (float64 weights after every step): not worth keeping on disk
+        os.remove(out / f"rank{r}.pt")
     model, model32 = tiny_models()
     alone = run_steps(train.TrainingLosses(model), model, global_batches(), step_args())
     threads = torch.get_num_threads()
