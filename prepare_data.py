@@ -159,8 +159,10 @@ def problem_with(path: str, archive: str) -> str:
         return ("is a web page, not the archive: Google Drive's download quota for the file is used up "
                 "(try again in a day) or the link is dead")
     expected = checksums().get(archive)
-    got = md5_of(path) if expected else ""
-    return f"has MD5 {got}, not the expected {expected}: a damaged or different file" if got != (expected or "") else ""
+    if not expected:
+        return ""
+    got = md5_of(path)
+    return f"has MD5 {got}, not the expected {expected}: a damaged or different file" if got != expected else ""
 
 
 def set_aside(path: str, tag: str) -> str:
@@ -168,6 +170,12 @@ def set_aside(path: str, tag: str) -> str:
     aside = f"{path}.{tag}.rejected"
     os.replace(path, aside)
     return aside
+
+
+def partial_files(path: str) -> list:
+    """The partial downloads of path that gdown leaves beside it (<name>XXXXXXXX.part)."""
+    folder, name = os.path.split(path)
+    return [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(name) and f.endswith(".part")]
 
 
 def download(url: str, path: str) -> None:
@@ -184,20 +192,11 @@ def download(url: str, path: str) -> None:
         if "byte range" not in str(e):
             raise
         print("the server cannot resume this download; starting it again", flush=True)
-        folder, name = os.path.split(path)
-        for f in os.listdir(folder):
-            if f.startswith(name) and f.endswith(".part"):
-                os.remove(os.path.join(folder, f))
+        for part in partial_files(path):
+            os.remove(part)
         got = gdown.download(output=path, resume=True, quiet=False, **kwargs)
     if not got or not os.path.isfile(path):
         raise OSError("no file came")
-
-
-def partial_bytes(path: str) -> int:
-    """Bytes already in the partial download of path (gdown's <name>XXXXXXXX.part), 0 when none."""
-    folder, name = os.path.split(path)
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
-               if f.startswith(name) and f.endswith(".part"))
 
 
 def fetch(dataset: str, archive: str, path: str, from_dir: str) -> None:
@@ -227,7 +226,7 @@ def fetch(dataset: str, archive: str, path: str, from_dir: str) -> None:
         try:
             download(url, unverified)
         except Exception as e:  # noqa: BLE001 - network errors come in many types
-            got = partial_bytes(unverified)
+            got = sum(map(os.path.getsize, partial_files(unverified)))
             if got:  # this source was alive and broke off: resume it rather than mix another source's bytes in
                 raise PrepareError(f"downloading {archive} from {url} broke off after {got / 2**20:.0f} MiB "
                                    f"({type(e).__name__}); run the same command again to resume it (or delete "
@@ -415,7 +414,7 @@ def prepare_sketchy(raw: str, out: str, classes: list, exclude_invalid: bool) ->
         return True
     ext, orig = class_folders(extended), class_folders(photo_root)
     photos = {k: ext[k] + orig.get(k, []) for k in ext}  # an original only where the extended set lacks it
-    place_both(out, classes, class_folders(sketch_root), photos, keep if invalid else None)
+    place_both(out, classes, class_folders(sketch_root), photos, keep)
     if exclude_invalid:
         with open(os.path.join(out, EXCLUDED), "w", encoding="utf-8") as f:
             f.write("".join(stem + "\n" for stem in sorted(left_out)))
