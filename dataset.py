@@ -10,6 +10,7 @@ DATA/test_labels.txt (unseen classes), optional DATA/train_embeddings.npy / test
 (class-name vectors, rows aligned with the label files). This module knows nothing of models or of
 the command line; every problem with the user's data raises DataError with a one-line message.
 """
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -173,25 +174,30 @@ VAL_SPLIT_SEED = 0  # the seen-class validation hold-out never changes with --se
 
 
 def split_seen(data: SBIRData, val_fraction: float, seed: int = VAL_SPLIT_SEED) -> tuple[dict, dict]:
-    """Hold out a fixed, seeded fraction of every seen class's sketches and photos.
+    """Hold out a fixed, seeded fraction of the seen classes' sketches and of their photos.
 
     Returns ``train`` and ``val``, each {"sketches": {class: paths}, "photos": {class: paths}}.
-    A class keeps at least one image of each domain for training; with val_fraction > 0 every
-    class with two or more images also gives at least one to validation.
+    Per domain, round(val_fraction * N) of its N seen-class images are drawn from the whole pool, not
+    class by class, so a dataset with two sketches per class gives a tenth of them to validation,
+    not half; an image is only drawn while its class keeps at least one other for training.
     """
     rng = np.random.default_rng(seed)
     train, val = {"sketches": {}, "photos": {}}, {"sketches": {}, "photos": {}}
     for domain in ("sketches", "photos"):
+        by_class = getattr(data, domain)
+        pool = [(c, p) for c in data.seen for p in by_class[c]]
+        left = {c: len(by_class[c]) for c in data.seen}
+        held, want = set(), int(round(val_fraction * len(pool)))
+        for k in rng.permutation(len(pool)):
+            if len(held) >= want:
+                break
+            c, p = pool[k]
+            if left[c] > 1:
+                held.add(p)
+                left[c] -= 1
         for c in data.seen:
-            paths = getattr(data, domain)[c]
-            order = rng.permutation(len(paths))
-            n_val = int(round(val_fraction * len(paths)))
-            if val_fraction > 0 and len(paths) >= 2:
-                n_val = min(max(n_val, 1), len(paths) - 1)
-            else:
-                n_val = 0
-            val[domain][c] = [paths[i] for i in sorted(order[:n_val])]
-            train[domain][c] = [paths[i] for i in sorted(order[n_val:])]
+            val[domain][c] = [p for p in by_class[c] if p in held]
+            train[domain][c] = [p for p in by_class[c] if p not in held]
     return train, val
 
 
@@ -261,6 +267,149 @@ class TripletDataset(Dataset):
         sketch, pos, neg, c, n = self.sample(index)
         imgs = [self.transform(load_image(p)) for p in (sketch, pos, neg)]  # 3 x (3, S, S)
         return imgs[0], imgs[1], imgs[2], c, n
+
+
+# ----------------------------------------------------------------------------------- paired batches
+
+def edge_map(im: Image.Image) -> Image.Image:
+    """A photo -> a sketch-like picture of its edges: dark lines on white, RGB.
+
+    Sobel gradient magnitude of the grey image, scaled so that its 99th percentile is full ink; weak
+    gradients (under 10% of that) are dropped, so flat colour areas stay white.
+    """
+    g = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    p = np.pad(g, 1, mode="edge")
+    gx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    gy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    mag = np.hypot(gx, gy)
+    top = max(float(np.percentile(mag, 99)), 1e-3)
+    ink = np.clip((mag / top - 0.1) / 0.9, 0.0, 1.0)
+    return Image.fromarray(np.round(255 * (1 - ink)).astype(np.uint8), "L").convert("RGB")
+
+
+def load_resized(path: str, image_size: int, edges: bool = False) -> torch.Tensor:
+    """An image file as uint8 (3, S, S), resized like build_transform(train=False) does; with ``edges``
+    its edge_map, drawn at twice the size and then resized."""
+    im = load_image(path)
+    if edges:
+        im = edge_map(im.resize((2 * image_size, 2 * image_size), Image.BILINEAR))
+    im = im.resize((image_size, image_size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+class ResizedImages(Dataset):
+    """uint8 (3, S, S) images of a list of (path, edges) items, for filling an in-memory cache."""
+
+    def __init__(self, items: list, image_size: int):
+        self.items, self.image_size = items, image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path, edges = self.items[index]
+        return load_resized(path, self.image_size, edges)
+
+
+class PairedBatches:
+    """Batches of B sketch-domain images and B photos, photo i of sketch i's class, as uint8 (B, 3, S, S).
+
+    One epoch is one pass over the training photos in a seeded order (the last partial batch dropped).
+    Each photo's partner is drawn uniformly from its class's sketch-domain pool: the real sketches and,
+    with ``edge_maps``, the edge maps of the class's training photos (extra sketch-like samples). The
+    plan of epoch e depends only on (seed, e), so a run resumed at any step sees the same batches.
+    Images are held in memory at S px when that fits in ``cache_bytes``, otherwise read from their
+    files by ``workers`` processes batch by batch. Under torchrun, process r of N takes rows
+    [r B/N, (r+1) B/N) of every global batch.
+    """
+
+    def __init__(self, split: dict, classes: list, image_size: int, batch_size: int, edge_maps: bool, seed: int,
+                 cache_bytes: float, workers: int = 0, rank: int = 0, world: int = 1):
+        self.photos, self.labels = flatten(split["photos"], classes)       # photo j: path, class
+        sketches, sketch_labels = flatten(split["sketches"], classes)
+        # The sketch-domain pool: real sketches first, then the edge maps (one per training photo).
+        self.pool = [(p, False) for p in sketches] + ([(p, True) for p in self.photos] if edge_maps else [])
+        pool_labels = np.array(sketch_labels + (self.labels if edge_maps else []), dtype=np.int64)
+        order = np.argsort(pool_labels, kind="stable")
+        self.pool_start = np.searchsorted(pool_labels[order], np.arange(len(classes) + 1))  # (C + 1,)
+        self.pool_order = order
+        self.labels_np = np.array(self.labels, dtype=np.int64)
+        self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
+        self.workers, self.rank, self.world = workers, rank, world
+        n = len(self.pool) + len(self.photos)
+        self.cached = n * 3 * image_size ** 2 <= cache_bytes
+        self.sketch_cache = self.photo_cache = None
+
+    def __len__(self) -> int:
+        return len(self.photos) // self.batch_size
+
+    def fill_cache(self) -> None:
+        """Read every training image once into memory (no-op when the images do not fit)."""
+        if not self.cached or self.photo_cache is not None:
+            return
+        items = self.pool + [(p, False) for p in self.photos]
+        loader = torch.utils.data.DataLoader(ResizedImages(items, self.image_size), batch_size=64,
+                                             num_workers=self.workers)
+        from tqdm import tqdm
+        images = torch.cat([b for b in tqdm(loader, desc="caching images", leave=False)])  # (N, 3, S, S)
+        self.sketch_cache, self.photo_cache = images[:len(self.pool)], images[len(self.pool):]
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(photo indices, partner indices into the sketch-domain pool), each (steps, B)."""
+        rng = np.random.default_rng((self.seed, epoch))
+        steps = len(self)
+        photos = rng.permutation(len(self.photos))[:steps * self.batch_size]
+        c = self.labels_np[photos]
+        size = self.pool_start[c + 1] - self.pool_start[c]
+        partners = self.pool_order[self.pool_start[c] + (rng.random(len(photos)) * size).astype(np.int64)]
+        return photos.reshape(steps, -1), partners.reshape(steps, -1)
+
+    def batches(self, epoch: int, start: int = 0):
+        """Yield (sketch-domain uint8 (b, 3, S, S), photos uint8 (b, 3, S, S), labels (b,)) for this process's
+        rows of steps start, start + 1, ... of the epoch."""
+        photos, partners = self.plan(epoch)
+        b = self.batch_size // self.world
+        rows = slice(self.rank * b, (self.rank + 1) * b)
+        photos, partners = photos[start:, rows], partners[start:, rows]
+        if self.cached:
+            self.fill_cache()
+            for ph, pa in zip(photos, partners):
+                yield self.sketch_cache[pa], self.photo_cache[ph], torch.from_numpy(self.labels_np[ph])
+            return
+        items = [it for ph, pa in zip(photos, partners) for it in
+                 [self.pool[k] for k in pa] + [(self.photos[k], False) for k in ph]]
+        loader = torch.utils.data.DataLoader(ResizedImages(items, self.image_size), batch_size=2 * b,
+                                             num_workers=self.workers, pin_memory=torch.cuda.is_available())
+        for ph, images in zip(photos, loader):
+            yield images[:b], images[b:], torch.from_numpy(self.labels_np[ph])
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, scale: tuple = (0.5, 1.0),
+            ratio: tuple = (3 / 4, 4 / 3), thicken: float = 0.0) -> torch.Tensor:
+    """uint8 images (B, 3, S, S) on any device -> normalised float (B, 3, S, S), augmented on that device
+    in one pass: a random resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) and a
+    random horizontal flip per image, sampled by one affine grid; with ``thicken`` > 0, that fraction
+    of the images has its dark strokes thickened by a 3x3 minimum filter. The random numbers come from
+    ``generator`` (on the CPU), so a seeded generator gives the same batch on any device."""
+    b = images.shape[0]
+    u = torch.rand(b, 5, generator=generator)                     # (B, 5) on the CPU
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)        # crop width and height, fractions of the side
+    h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
+    tx, ty = (1 - w) * (2 * u[:, 2] - 1), (1 - h) * (2 * u[:, 3] - 1)  # crop centre in [-1, 1] coordinates
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, tx, h, ty
+    x = images.float() / 255.0
+    grid = torch.nn.functional.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if thicken > 0:
+        pick = (torch.rand(b, generator=generator) < thicken).to(x.device)[:, None, None, None]
+        x = torch.where(pick, -torch.nn.functional.max_pool2d(-x, 3, 1, 1), x)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
+    return (x - mean) / std
 
 
 class ImageListDataset(Dataset):

@@ -20,7 +20,7 @@ import torch
 import dataset
 import metrics
 import utils
-from model import PretrainedWeightsUnavailable, ZSSBIRModel
+from model import PretrainedWeightsUnavailable
 
 EMBEDDINGS_FORMAT = "zs-sbir-embeddings/1"
 KS = (100, 200)
@@ -80,16 +80,6 @@ def check_args(args) -> None:
 
 
 # ----------------------------------------------------------------------------------- embeddings
-
-def build_model(ckpt: dict, path: str, trained: bool) -> ZSSBIRModel:
-    """The checkpoint's network: with its trained weights, or as initialised under its seed."""
-    a = ckpt["args"]
-    utils.seed_everything(a["seed"])
-    model = ZSSBIRModel(a["backbone"], a["embedding_dim"], pretrained=a["pretrained"] and not trained)
-    if trained:
-        utils.load_model_state(model, ckpt, path)
-    return model
-
 
 def split_images(data: dataset.SBIRData, split: str, val_fraction: float) -> tuple[list, tuple, tuple]:
     """(class names, (sketch paths, labels), (photo paths, labels)) of the evaluated split."""
@@ -312,10 +302,10 @@ def run_evaluation(args, rank: int, device: torch.device) -> None:
             raise utils.UserError(f"the {args.split} split of {args.data} has {len(sketches[0])} sketches and "
                                   f"{len(photos[0])} photos; it needs both (for --split val, train with "
                                   "--val_fraction > 0)")
-        model = build_model(ckpt, args.model, trained=True)
+        model = utils.build_model(ckpt, args.model, trained=True)
         q, g, throughput = embed_split(model, sketches, photos, a["image_size"], args, device)
         if args.compare_untrained:  # embedded here, while every process still takes part
-            bq, bg, _ = embed_split(build_model(ckpt, args.model, trained=False), sketches, photos, a["image_size"],
+            bq, bg, _ = embed_split(utils.build_model(ckpt, args.model, trained=False), sketches, photos, a["image_size"],
                                     args, device)
         if rank != 0:
             return

@@ -1,15 +1,20 @@
-"""Model for zero-shot sketch-based image retrieval: two CNN branches, one embedding space.
+"""Model for zero-shot sketch-based image retrieval: sketches and photos in one embedding space.
 
-    model = ZSSBIRModel("resnet18", embedding_dim=256, pretrained=False)
+    model = ZSSBIRModel("resnet18", embedding_dim=256, pretrained=False)          # two branches
+    model = ZSSBIRModel("resnet18", 256, pretrained=False, shared_trunk=True)     # one trunk
     s, p = model.sketch_encoder(sketches), model.photo_encoder(photos)   # (B, D) each
     logits = model.domain_classifier(torch.cat([s, p]), lambd=0.5)       # (2B,)
 
-A sketch encoder and a photo encoder (same torchvision backbone, separate weights) map images to
-L2-normalised embeddings. A domain classifier reads the embeddings through a gradient reversal
-layer (Ganin et al., "Domain-Adversarial Training of Neural Networks", JMLR 2016): it learns to
-tell sketches from photos while the reversed gradient pushes both encoders towards embeddings it
-cannot tell apart. This module does no I/O and chooses no device.
+A sketch encoder and a photo encoder map images to L2-normalised embeddings: either two copies of
+a torchvision backbone with separate weights (the original two-branch model), or one trunk shared
+by both domains (optionally with domain-specific batch norm), seen through two thin views. A
+domain classifier reads the embeddings through a gradient reversal layer (Ganin et al.,
+"Domain-Adversarial Training of Neural Networks", JMLR 2016): it learns to tell sketches from
+photos while the reversed gradient pushes the encoders towards embeddings it cannot tell apart.
+Seen-class proxies give the normalised-softmax class loss. This module does no I/O and chooses
+no device.
 """
+import copy
 import math
 
 import torch
@@ -62,17 +67,61 @@ def build_trunk(name: str, pretrained: bool) -> tuple[nn.Module, int]:
     return trunk, width
 
 
-class Encoder(nn.Module):
-    """Backbone trunk + linear projection: images (B, 3, H, W) -> unit-norm embeddings (B, D)."""
+class DomainBatchNorm2d(nn.Module):
+    """One BatchNorm2d per domain (domain-specific batch norm, Chang et al., CVPR 2019): the trunk's
+    weights are shared, its normalisation statistics and affine parameters are not. The owning
+    Encoder sets ``domain`` before each forward pass."""
 
-    def __init__(self, backbone: str, embedding_dim: int, pretrained: bool):
+    def __init__(self, bn: nn.BatchNorm2d, domains: int):
         super().__init__()
-        self.trunk, width = build_trunk(backbone, pretrained)
-        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(width, embedding_dim))
+        self.bns = nn.ModuleList(copy.deepcopy(bn) for _ in range(domains))
+        self.domain = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bns[self.domain](x)
+
+
+def split_batch_norms(module: nn.Module, domains: int) -> None:
+    """Replace every BatchNorm2d inside ``module`` by a DomainBatchNorm2d (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, DomainBatchNorm2d(child, domains))
+        else:
+            split_batch_norms(child, domains)
+
+
+class Encoder(nn.Module):
+    """Backbone trunk + linear projection: images (B, 3, H, W) -> unit-norm embeddings (B, D).
+
+    With ``domain_bn`` the trunk's batch norms are split into one per domain (0 sketch, 1 photo) and
+    ``forward`` takes the domain of its batch."""
+
+    def __init__(self, backbone: str, embedding_dim: int, pretrained: bool, domain_bn: bool = False):
+        super().__init__()
+        self.trunk, self.width = build_trunk(backbone, pretrained)
+        if domain_bn:
+            split_batch_norms(self.trunk, 2)
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(self.width, embedding_dim))
+
+    def forward(self, x: torch.Tensor, domain: int = 0, with_features: bool = False):
+        for m in self.trunk.modules():
+            if isinstance(m, DomainBatchNorm2d):
+                m.domain = domain
         feats = self.trunk(x)                         # (B, F)
-        return F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D)
+        emb = F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D)
+        return (emb, feats) if with_features else emb
+
+
+class DomainView(nn.Module):
+    """The shared encoder as seen by one domain: images (B, 3, H, W) -> embeddings (B, D). Holds no
+    weights of its own; ZSSBIRModel keeps it out of its state dict."""
+
+    def __init__(self, encoder: Encoder, domain: int):
+        super().__init__()
+        self.encoder, self.domain = encoder, domain
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        return self.encoder(x, self.domain, with_features)
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +150,8 @@ class GradientReversalLayer(nn.Module):
 
 
 class DomainClassifier(nn.Module):
-    """Gradient reversal, then an MLP: embeddings (B, D) -> domain logits (B,) (photo = 1)."""
+    """Gradient reversal, then an MLP: embeddings (B, D) (or trunk features (B, F)) -> domain logits
+    (B,) (photo = 1)."""
 
     def __init__(self, embedding_dim: int, hidden_dim: int = 256):
         super().__init__()
@@ -131,18 +181,47 @@ class ClassProxies(nn.Module):
 class ZSSBIRModel(nn.Module):
     """Sketch encoder, photo encoder and domain classifier of the zero-shot SBIR model.
 
-    With ``num_classes`` > 0 it also holds seen-class proxies for the optional class loss; they
-    are created last, so the encoders' initialisation does not depend on them.
+    Two branches (``sketch_encoder``, ``photo_encoder``: separate weights), or with ``shared_trunk``
+    one ``encoder`` whose two DomainViews are ``sketch_encoder`` and ``photo_encoder`` (attributes
+    outside the state dict, so each weight is saved once). ``domain_bn`` splits a shared trunk's batch
+    norms by domain. ``domain_input`` is what the domain classifier reads: "embedding" (B, D) or the
+    trunk's "features" (B, F). With ``num_classes`` > 0 the model also holds seen-class proxies for
+    the class loss; they are created last, so the encoders' initialisation does not depend on them.
     """
 
     def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool = True,
-                 num_classes: int = 0):
+                 num_classes: int = 0, shared_trunk: bool = False, domain_bn: bool = False,
+                 domain_input: str = "embedding"):
         super().__init__()
-        self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained)
-        self.photo_encoder = Encoder(backbone, embedding_dim, pretrained)
-        self.domain_classifier = DomainClassifier(embedding_dim)
+        if domain_input not in ("embedding", "features"):
+            raise ValueError(f"domain_input must be 'embedding' or 'features', got {domain_input!r}")
+        if shared_trunk:
+            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn)
+            width = self.encoder.width
+            object.__setattr__(self, "sketch_encoder", DomainView(self.encoder, 0))  # not registered: no
+            object.__setattr__(self, "photo_encoder", DomainView(self.encoder, 1))   # second copy in state_dict
+        else:
+            if domain_bn:
+                raise ValueError("domain_bn needs shared_trunk: two branches already normalise each domain apart")
+            self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained)
+            self.photo_encoder = Encoder(backbone, embedding_dim, pretrained)
+            width = self.sketch_encoder.width
+        self.domain_input = domain_input
+        self.domain_classifier = DomainClassifier(embedding_dim if domain_input == "embedding" else width)
         if num_classes > 0:
             self.class_proxies = ClassProxies(embedding_dim, num_classes)
+
+    def embed_pair(self, sketch: torch.Tensor, photo: torch.Tensor) -> tuple:
+        """Embeddings (B1, D), (B2, D) and trunk features (B1, F), (B2, F) of sketches and photos. A shared
+        trunk without domain batch norm embeds both in one batch, so that its batch statistics are those
+        of the mixture its running statistics (used at test time) describe."""
+        if hasattr(self, "encoder") and not any(isinstance(m, DomainBatchNorm2d) for m in self.encoder.modules()):
+            emb, feats = self.encoder(torch.cat([sketch, photo]), with_features=True)
+            b = sketch.shape[0]
+            return emb[:b], emb[b:], feats[:b], feats[b:]
+        s, fs = self.sketch_encoder(sketch, with_features=True)
+        p, fp = self.photo_encoder(photo, with_features=True)
+        return s, p, fs, fp
 
 
 def grl_lambda(step: int, total_steps: int, start_step: int) -> float:
@@ -160,9 +239,60 @@ def grl_lambda(step: int, total_steps: int, start_step: int) -> float:
     return 2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0
 
 
+def domain_loss(logits: torch.Tensor, n_sketch: int, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE with logits of the domain classifier over [sketches; photos] (sketch = 0, photo = 1), the sketch
+    and photo terms weighted equally whatever their numbers, with targets smoothed to smoothing / 2 and
+    1 - smoothing / 2; and the classifier's (equally weighted) accuracy.
+
+    Smoothing bounds the logits the classifier is pushed to: the loss is minimal at |logit| =
+    log((2 - s) / s) (2.9 for s = 0.1), so the classifier cannot saturate, and its gradient, which
+    is what the reversal layer hands to the encoders, does not vanish while it wins."""
+    ls, lp = logits[:n_sketch], logits[n_sketch:]
+    loss = 0.5 * (F.binary_cross_entropy_with_logits(ls, torch.full_like(ls, smoothing / 2))
+                  + F.binary_cross_entropy_with_logits(lp, torch.full_like(lp, 1 - smoothing / 2)))
+    acc = 0.5 * ((ls.detach() < 0).float().mean() + (lp.detach() > 0).float().mean())
+    return loss, acc
+
+
+def hardest_negative_triplet(s: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Triplet loss of sketches s (B, D) against photos p (B, D), photo i of sketch i's class: for anchor i,
+    positive p_i and negative the closest photo of another class in the batch (batch-hard, Hermans et al.
+    2017). max(0, margin + |s_i - p_i| - |s_i - p_n|), mean over the anchors that have a negative."""
+    d = torch.cdist(s, p)                                    # (B, B)
+    other = labels[:, None] != labels[None, :]               # (B, B) photo j is of another class
+    if not other.any():
+        return s.sum() * 0.0
+    d_neg = d.masked_fill(~other, float("inf")).min(dim=1).values  # (B,)
+    has = other.any(dim=1)
+    return F.relu(margin + d.diagonal() - d_neg)[has].mean()
+
+
+def paired_losses(model: ZSSBIRModel, sketch: torch.Tensor, photo: torch.Tensor, labels: torch.Tensor,
+                  lambd: float, margin: float, smoothing: float = 0.0) -> dict:
+    """Losses for B sketch-domain images and B photos, images (B, 3, H, W), photo i of sketch i's class.
+
+    class:   normalised-softmax loss (cross-entropy of cosine / T logits over one proxy per seen class),
+             the mean of the sketch and the photo terms; the domains share the proxies.
+    triplet: hardest_negative_triplet (sketch i, photo i, the closest photo of another class).
+    domain:  domain_loss of the domain classifier through the gradient reversal layer, on the unit
+             embeddings or on the trunk features (``model.domain_input``).
+    Also returns the domain classifier's accuracy and mean |logit|.
+    """
+    b = sketch.shape[0]
+    s, p, fs, fp = model.embed_pair(sketch, photo)          # (B, D) x 2, (B, F) x 2
+    out = {"class": 0.5 * (F.cross_entropy(at_least_float32(model.class_proxies(s)), labels)
+                           + F.cross_entropy(at_least_float32(model.class_proxies(p)), labels)),
+           "triplet": hardest_negative_triplet(s, p, labels, margin)}
+    reads = torch.cat([s, p]) if model.domain_input == "embedding" else at_least_float32(torch.cat([fs, fp]))
+    logits = at_least_float32(model.domain_classifier(reads, lambd))  # (2B,)
+    out["domain"], out["domain_acc"] = domain_loss(logits, b, smoothing)
+    out["domain_logit"] = logits.detach().abs().mean()  # how sure the classifier is (saturation shows here)
+    return out
+
+
 def sbir_losses(model: ZSSBIRModel, sketch: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                 lambd: float, margin: float, labels: torch.Tensor | None = None,
-                neg_labels: torch.Tensor | None = None) -> dict:
+                neg_labels: torch.Tensor | None = None, smoothing: float = 0.0) -> dict:
     """Losses for a batch of (sketch, positive photo, negative photo) triplets, images (B, 3, H, W).
 
     triplet: max(0, margin + |s - p| - |s - n|) on unit embeddings, mean over the batch.
@@ -170,7 +300,7 @@ def sbir_losses(model: ZSSBIRModel, sketch: torch.Tensor, positive: torch.Tensor
              photo terms weighted equally although a batch holds twice as many photos.
     class:   (only with class proxies and labels) cross-entropy of the cosine logits of all 3B
              embeddings against their seen classes; sketches and photos share the proxies.
-    Also returns the domain classifier's (equally weighted) accuracy.
+    Also returns the domain classifier's (equally weighted) accuracy and mean |logit|.
     """
     b = sketch.shape[0]
     s = model.sketch_encoder(sketch)                               # (B, D)
@@ -178,10 +308,8 @@ def sbir_losses(model: ZSSBIRModel, sketch: torch.Tensor, positive: torch.Tensor
     p, n = photos[:b], photos[b:]
     out = {"triplet": F.triplet_margin_loss(s, p, n, margin=margin)}
     logits = at_least_float32(model.domain_classifier(torch.cat([s, photos]), lambd))  # (3B,)
-    ls, lp = logits[:b], logits[b:]
-    out["domain"] = 0.5 * (F.binary_cross_entropy_with_logits(ls, torch.zeros_like(ls))
-                           + F.binary_cross_entropy_with_logits(lp, torch.ones_like(lp)))
-    out["domain_acc"] = 0.5 * ((ls.detach() < 0).float().mean() + (lp.detach() > 0).float().mean())
+    out["domain"], out["domain_acc"] = domain_loss(logits, b, smoothing)
+    out["domain_logit"] = logits.detach().abs().mean()
     if hasattr(model, "class_proxies") and labels is not None:
         class_logits = at_least_float32(model.class_proxies(torch.cat([s, photos])))  # (3B, C)
         out["class"] = F.cross_entropy(class_logits, torch.cat([labels, labels, neg_labels]))

@@ -29,7 +29,6 @@ import torch
 
 import dataset
 import utils
-from evaluate import build_model
 from model import PretrainedWeightsUnavailable
 
 INDEX_FORMAT = "zs-sbir-gallery-index/1"
@@ -134,7 +133,8 @@ def model_identity(ckpt: dict) -> str:
     the embedding size, the input size and the index format (the file's name and date do not count)."""
     a = ckpt["args"]
     h = hashlib.sha256(f"{INDEX_FORMAT}|{a['backbone']}|{a['embedding_dim']}|{a['image_size']}".encode())
-    for name, t in sorted(ckpt["models"]["photo_encoder"].items()):
+    photo = "photo_encoder" if "photo_encoder" in ckpt["models"] else "encoder"  # two branches or one shared trunk
+    for name, t in sorted(ckpt["models"][photo].items()):
         h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -404,7 +404,7 @@ def run(args) -> dict:
         raise utils.UserError(f"gallery {args.gallery} holds no image files ({', '.join(dataset.IMAGE_EXTENSIONS)}); "
                               "pass the folder that holds your photos")
     device = utils.get_device(args.device)
-    model = build_model(ckpt, args.model, trained=True).to(device)  # weights that do not fit: an error, nothing written
+    model = utils.build_model(ckpt, args.model, trained=True).to(device)  # weights that do not fit: an error, nothing written
     utils.ensure_dir(out_dir, "output folder")
     utils.ensure_dir(os.path.dirname(os.path.abspath(index_path)), "index folder")
     info = utils.print_banner("retrieve.py", args)

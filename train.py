@@ -31,7 +31,29 @@ from tqdm import tqdm
 import dataset
 import metrics
 import utils
-from model import BACKBONES, PretrainedWeightsUnavailable, ZSSBIRModel, grl_lambda, sbir_losses
+from model import BACKBONES, PretrainedWeightsUnavailable, ZSSBIRModel, grl_lambda, paired_losses, sbir_losses
+
+
+# Each recipe is a set of defaults; a flag given on the command line always wins over its recipe.
+# scratch:  a backbone trained from random weights (what --no-pretrained selects); measured in docs/results.md.
+# finetune: torchvision ImageNet weights fine-tuned (what --pretrained selects); the same losses and data.
+# original: the paper's recipe (two branches, triplet loss + gradient-reversal domain loss, lr 1e-4).
+RECIPES = {
+    "scratch": dict(backbone="resnet18", image_size=32, batch_size=64, lr=2e-3, weight_decay=5e-4, warmup=0.3,
+                    shared_trunk=True, domain_bn=False, edge_maps=True, sampling="pairs", triplet_loss_ratio=0.0,
+                    class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0),
+    "finetune": dict(backbone="resnet50", image_size=224, batch_size=64, lr=1e-4, weight_decay=5e-4, warmup=0.1,
+                     shared_trunk=True, domain_bn=False, edge_maps=True, sampling="pairs", triplet_loss_ratio=0.0,
+                     class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0),
+    "original": dict(backbone="vgg16", image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4, warmup=0.5 / 30,
+                     shared_trunk=False, domain_bn=False, edge_maps=False, sampling="triplets", triplet_loss_ratio=1.0,
+                     class_loss_ratio=0.0, domain_loss_ratio=0.5, grl_threshold_epoch=5, proxy_lr_mult=1.0),
+}
+
+
+def recipe_help(name: str, text: str) -> str:
+    """A flag's help with its value under each recipe."""
+    return f"{text} (default by recipe: " + ", ".join(f"{r} {v[name]}" for r, v in RECIPES.items()) + ")"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,33 +64,67 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="a named zero-shot split under DATA/splits/ (e.g. sake25, sempcyc25, yelamarthi21); "
                         "default: DATA/train_labels.txt and test_labels.txt")
     p.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="where checkpoints and logs go")
-    p.add_argument("--epochs", type=int, default=30, help="total number of epochs")
-    p.add_argument("--batch_size", type=int, default=32,
-                   help="triplets per step, over all processes under torchrun (each takes batch_size / N)")
-    p.add_argument("--triplet_loss_ratio", type=float, default=1.0, help="weight of the triplet loss")
-    p.add_argument("--domain_loss_ratio", type=float, default=0.5, help="weight of the domain loss (0 disables it)")
-    p.add_argument("--class_loss_ratio", type=float, default=0.0,
-                   help="weight of an auxiliary seen-class loss on shared class proxies (0: off, as in the "
-                        "original triplet + domain recipe)")
-    p.add_argument("--grl_threshold_epoch", type=int, default=5,
-                   help="epoch (0-based) from which the gradient reversal lambda ramps up from 0")
+    p.add_argument("--recipe", type=str, default="", choices=["", *RECIPES],
+                   help="set of defaults for the flags below marked 'by recipe'; default: scratch with "
+                        "--no-pretrained, finetune with --pretrained; 'original' is the paper's setting")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="total number of epochs (default 30; with --budget_minutes, no limit but the budget)")
+    p.add_argument("--budget_minutes", type=float, default=0.0,
+                   help="wall-clock budget of the training: the learning rate and lambda schedules span it and "
+                        "training stops when it is spent, with a checkpoint (0: the schedules span --epochs)")
+    p.add_argument("--batch_size", type=int, default=None, help=recipe_help(
+        "batch_size", "triplets (original) or sketch-photo pairs per step, over all processes under torchrun"))
+    p.add_argument("--sampling", type=str, default=None, choices=["pairs", "triplets"], help=recipe_help(
+        "sampling", "pairs: one pass over the photos per epoch, each with a sketch-domain partner of its class, "
+                    "images cached in memory and augmented on the device; triplets: one (sketch, positive, "
+                    "negative) per training sketch, read by the loader processes"))
+    p.add_argument("--triplet_loss_ratio", type=float, default=None, help=recipe_help("triplet_loss_ratio",
+                   "weight of the triplet loss (pairs: batch-hard negative)"))
+    p.add_argument("--domain_loss_ratio", type=float, default=None,
+                   help=recipe_help("domain_loss_ratio", "weight of the domain loss (0 disables it)"))
+    p.add_argument("--class_loss_ratio", type=float, default=None, help=recipe_help(
+        "class_loss_ratio", "weight of the normalised-softmax loss on seen-class proxies shared by both domains"))
+    p.add_argument("--grl_threshold_epoch", type=int, default=None, help=recipe_help(
+        "grl_threshold_epoch", "epoch (0-based) from which the gradient reversal lambda ramps up from 0"))
+    p.add_argument("--grl_max_lambda", type=float, default=1.0, help="the lambda ramp's end value (Ganin: 1)")
+    p.add_argument("--domain_input", type=str, default="embedding", choices=["embedding", "features"],
+                   help="what the domain classifier reads: the unit embedding or the trunk's pooled features")
+    p.add_argument("--domain_label_smoothing", type=float, default=0.0,
+                   help="domain targets s/2 and 1 - s/2 instead of 0 and 1")
     p.add_argument("--print_every", type=int, default=100, help="log losses every N steps")
-    p.add_argument("--backbone", type=str, default="vgg16", choices=sorted(BACKBONES), help="CNN of both branches")
+    p.add_argument("--backbone", type=str, default=None, choices=sorted(BACKBONES),
+                   help=recipe_help("backbone", "torchvision CNN of the encoder(s)"))
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from torchvision's ImageNet weights")
-    p.add_argument("--image_size", type=int, default=224, help="input side in pixels")
+    p.add_argument("--shared_trunk", action=argparse.BooleanOptionalAction, default=None,
+                   help=recipe_help("shared_trunk", "one trunk for both domains instead of two branches"))
+    p.add_argument("--domain_bn", action=argparse.BooleanOptionalAction, default=None,
+                   help=recipe_help("domain_bn", "domain-specific batch norm in a shared trunk"))
+    p.add_argument("--edge_maps", action=argparse.BooleanOptionalAction, default=None, help=recipe_help(
+        "edge_maps", "edge maps of the training photos as extra sketch-domain samples (pairs only)"))
+    p.add_argument("--thicken", type=float, default=0.0,
+                   help="fraction of sketch-domain images whose strokes are thickened (pairs only)")
+    p.add_argument("--crop_scale", type=float, default=0.5, help="smallest area of the random resized crop (pairs)")
+    p.add_argument("--image_size", type=int, default=None, help=recipe_help("image_size", "input side in pixels"))
     p.add_argument("--embedding_dim", type=int, default=512, help="size of the shared embedding")
     p.add_argument("--margin", type=float, default=0.2, help="triplet margin on unit-norm embeddings")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--warmup_epochs", type=float, default=0.5, help="linear LR warm-up, then cosine decay")
+    p.add_argument("--lr", type=float, default=None, help=recipe_help("lr", "AdamW learning rate"))
+    p.add_argument("--proxy_lr_mult", type=float, default=None,
+                   help=recipe_help("proxy_lr_mult", "learning rate multiplier of the class proxies"))
+    p.add_argument("--weight_decay", type=float, default=None, help=recipe_help("weight_decay", "AdamW weight decay"))
+    p.add_argument("--warmup", type=float, default=None, help=recipe_help(
+        "warmup", "fraction of the schedule with a linear LR warm-up, then cosine decay to 1%%"))
+    p.add_argument("--warmup_epochs", type=float, default=None,
+                   help="the warm-up in epochs instead (not with --budget_minutes)")
     p.add_argument("--grad_clip", type=float, default=10.0, help="clip the gradient norm (0: off)")
     p.add_argument("--val_fraction", type=float, default=0.1,
                    help="fraction of each seen class's sketches and photos held out for model selection")
     p.add_argument("--semantic_negatives", action=argparse.BooleanOptionalAction, default=True,
-                   help="draw negatives by class-name similarity when DATA/train_embeddings.npy exists")
+                   help="draw negatives by class-name similarity when DATA/train_embeddings.npy exists (triplets)")
     p.add_argument("--semantic_temperature", type=float, default=0.2,
                    help="softmax temperature of class-name cosine similarity for negative sampling")
+    p.add_argument("--cache_gb", type=float, default=8.0,
+                   help="pairs: hold the training images in memory at --image_size when they fit in this many GiB")
     p.add_argument("--workers", type=int, default=4, help="data loader processes")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
@@ -83,29 +139,68 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_recipe(args) -> None:
+    """Fill every flag left unset from the recipe (chosen from --pretrained unless given), in place; a
+    second call changes nothing."""
+    if hasattr(args, "recipe_source"):
+        return
+    args.recipe_source = "given" if args.recipe else ("from --pretrained" if args.pretrained else "from --no-pretrained")
+    if not args.recipe:
+        args.recipe = "finetune" if args.pretrained else "scratch"
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.warmup_epochs is not None:
+        if args.budget_minutes > 0:
+            raise utils.UserError("--warmup_epochs needs an epoch schedule; with --budget_minutes give --warmup "
+                                  "as a fraction of the budget")
+        args.warmup = args.warmup_epochs / (args.epochs or 30)
+    if args.epochs is None and not args.budget_minutes > 0:
+        args.epochs = 30
+
+
 def check_args(args) -> None:
+    apply_recipe(args)
     for name in ("epochs", "batch_size", "print_every", "image_size", "embedding_dim"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("lr", "margin"):
         if not getattr(args, name) > 0:
             raise utils.UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("triplet_loss_ratio", "domain_loss_ratio", "class_loss_ratio", "weight_decay", "grad_clip", "warmup_epochs",
-                 "grl_threshold_epoch", "workers"):
+    for name in ("triplet_loss_ratio", "domain_loss_ratio", "class_loss_ratio", "weight_decay", "grad_clip", "warmup",
+                 "grl_threshold_epoch", "workers", "budget_minutes", "thicken", "domain_label_smoothing",
+                 "grl_max_lambda", "cache_gb"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
     if not 0 <= args.val_fraction < 1:
         raise utils.UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     if args.image_size < 32:
         raise utils.UserError(f"--image_size must be at least 32 pixels, got {args.image_size}")
+    for name in ("warmup", "thicken", "domain_label_smoothing", "crop_scale"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise utils.UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    if args.domain_bn and not args.shared_trunk:
+        raise utils.UserError("--domain_bn splits the batch norms of a shared trunk; add --shared_trunk")
+    if args.sampling == "triplets" and (args.edge_maps or args.thicken):
+        raise utils.UserError("--edge_maps and --thicken need --sampling pairs")
+    if args.sampling == "pairs" and args.class_loss_ratio == 0 and args.triplet_loss_ratio == 0:
+        raise utils.UserError("--sampling pairs with --class_loss_ratio 0 and --triplet_loss_ratio 0 learns nothing; "
+                              "give one of them a weight")
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
-    """Linear warm-up to base_lr, then cosine decay to 1% of it at the last step."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+def lr_at(progress: float, warmup: float, base_lr: float) -> float:
+    """The learning rate at a point of the schedule, progress in [0, 1] (steps done / all steps, or seconds
+    spent / the budget): a linear warm-up from 1% of base_lr over the first ``warmup`` of the schedule,
+    then a cosine decay to 1% of it at the end (the shape of a one-cycle schedule).
+
+        lr = base (0.01 + 0.99 p / w)                          p < w
+        lr = base (0.01 + 0.99 (1 + cos(pi (p - w) / (1 - w))) / 2)    p >= w
+    """
+    p = min(max(progress, 0.0), 1.0)
+    if p < warmup:
+        return base_lr * (0.01 + 0.99 * p / warmup)
+    t = (p - warmup) / (1 - warmup) if warmup < 1 else 1.0
+    return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def validate(model, val: dict, classes: list, args, device) -> float:
@@ -123,41 +218,50 @@ def validate(model, val: dict, classes: list, args, device) -> float:
 
 
 class TrainingLosses(nn.Module):
-    """The model with sbir_losses as its forward. DistributedDataParallel synchronises gradients only
-    for work done inside its wrapped module's forward, so it wraps this, not the bare model."""
+    """The model with its losses as forward: paired_losses for a batch (sketch, photo, labels),
+    sbir_losses for a batch of triplets. DistributedDataParallel synchronises gradients only for work
+    done inside its wrapped module's forward, so it wraps this, not the bare model."""
 
-    def __init__(self, model: ZSSBIRModel):
+    def __init__(self, model: ZSSBIRModel, smoothing: float = 0.0):
         super().__init__()
-        self.model = model
+        self.model, self.smoothing = model, smoothing
 
-    def forward(self, sketch, positive, negative, labels, neg_labels, lambd: float, margin: float) -> dict:
-        return sbir_losses(self.model, sketch, positive, negative, lambd, margin, labels, neg_labels)
+    def forward(self, *batch, lambd: float, margin: float) -> dict:
+        if len(batch) == 3:
+            return paired_losses(self.model, *batch, lambd, margin, self.smoothing)
+        sketch, positive, negative, labels, neg_labels = batch
+        return sbir_losses(self.model, sketch, positive, negative, lambd, margin, labels, neg_labels,
+                           self.smoothing)
 
 
 def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr: float, args,
-               dtype: torch.dtype | None, stop: bool = False, where: str = "") -> tuple[dict, bool]:
+               dtype: torch.dtype | None, stop: bool = False, where: str = "", clock=lambda: 0.0) -> tuple[dict, bool]:
     """One optimisation step on this process's share of the global batch (images already on the device).
 
     Returns the losses of the global batch (under torchrun: the mean over processes, which is the global
     batch's mean since every process holds an equal share) and whether any process was asked to stop.
     One all-reduce before backward shares both, so every process sees the same non-finite loss and
-    stops after the same step."""
+    stops after the same step. vals["seconds"] is ``clock()`` (seconds of training so far); under torchrun
+    the mean over processes, so that every process follows one time-based schedule."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     with torch.autocast(batch[0].device.type, dtype=dtype, enabled=dtype is not None):
         out = net(*batch, lambd=lambd, margin=args.margin)
     loss = args.triplet_loss_ratio * out["triplet"] + args.domain_loss_ratio * out["domain"]
-    if "class" in out:
+    if "class" in out and args.class_loss_ratio:
         loss = loss + args.class_loss_ratio * out["class"]
     world = utils.rank_and_world()[1]
     if world == 1:
         vals, total = {k: v.item() for k, v in out.items()}, loss.item()
+        vals["seconds"] = clock()
     else:
-        summed = utils.all_ranks_sum(torch.stack([*(v.detach().double() for v in out.values()), loss.detach().double(),
-                                                  torch.tensor(float(stop), dtype=torch.float64,
-                                                               device=loss.device)])).tolist()
+        summed = utils.all_ranks_sum(torch.cat([torch.stack([*(v.detach().double() for v in out.values()),
+                                                             loss.detach().double()]),
+                                                torch.tensor([float(stop), clock()], dtype=torch.float64,
+                                                             device=loss.device)])).tolist()
         vals = {k: v / world for k, v in zip(out, summed)}
-        total, stop = summed[-2] / world, summed[-1] > 0
+        total, stop = summed[-3] / world, summed[-2] > 0
+        vals["seconds"] = summed[-1] / world  # every process schedules by the same (mean) clock
     if not math.isfinite(total):
         raise utils.UserError(f"the loss became {total}{where}; lower --lr or use --no-amp; "
                               "last.pth holds the last good epoch")
@@ -279,8 +383,13 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
                               "each process takes an equal share of the batch")
     resume = load_resume_checkpoint(args.resume, args, world) if args.resume else None
     info = utils.print_banner("train.py", args)
+    print(f"recipe: {args.recipe} ({args.recipe_source}): "
+          f"{'one shared trunk' if args.shared_trunk else 'two branches'}{' with domain batch norm' if args.domain_bn else ''}, "
+          f"{args.sampling}{' + photo edge maps' if args.edge_maps else ''}, losses "
+          + ", ".join(f"{k} {getattr(args, k + '_loss_ratio')}" for k in ("class", "triplet", "domain"))
+          + f", lr {args.lr}, " + (f"budget {args.budget_minutes} min" if args.budget_minutes else f"{args.epochs} epochs"))
     if world > 1:
-        print(f"distributed: {world} processes ({dist.get_backend()}), {args.batch_size // world} triplets each per step")
+        print(f"distributed: {world} processes ({dist.get_backend()}), {args.batch_size // world} {args.sampling} each per step")
     dtype = utils.amp_dtype(device, args.amp)
     utils.seed_everything(args.seed)
 
@@ -292,35 +401,50 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     n_val = [sum(map(len, val[d].values())) for d in ("sketches", "photos")]
     print(f"data {args.data_dir}: {len(data.seen)} seen / {len(data.unseen)} unseen classes; "
           f"train {n_train[0]} sketches + {n_train[1]} photos; val {n_val[0]} sketches + {n_val[1]} photos")
-    semantic = data.train_embeddings if args.semantic_negatives else None
-    print("negatives: " + ("by class-name similarity (train_embeddings.npy)" if semantic is not None
-                           else "uniform over the other seen classes"))
-    triplets = dataset.TripletDataset(train, data.seen, args.image_size, semantic, args.semantic_temperature,
-                                      seed=args.seed)
-    if len(triplets) < args.batch_size:
-        raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {len(triplets)} training "
-                              "sketches; lower it")
-    # Alone: a seeded shuffle. Under torchrun: every process shuffles the same way (seed, epoch) and
-    # takes every world-th triplet of it.
-    sampler = (torch.utils.data.DistributedSampler(triplets, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-               if world > 1 else None)
-    loader = torch.utils.data.DataLoader(
-        triplets, batch_size=args.batch_size // world, shuffle=sampler is None, sampler=sampler, drop_last=True,
-        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=utils.seed_worker,
-        generator=torch.Generator().manual_seed(args.seed))
+    if args.sampling == "pairs":
+        source = dataset.PairedBatches(train, data.seen, args.image_size, args.batch_size, args.edge_maps, args.seed,
+                                       args.cache_gb * 2 ** 30, args.workers, rank, world)
+        print(f"pairs: {len(source)} steps of {args.batch_size} photos + {args.batch_size} sketch-domain images per epoch; "
+              f"images {'cached in memory' if source.cached else 'read from disk (they exceed --cache_gb)'}")
+        if len(source) < 1:
+            raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[1]} training photos; lower it")
+    else:
+        semantic = data.train_embeddings if args.semantic_negatives else None
+        print("negatives: " + ("by class-name similarity (train_embeddings.npy)" if semantic is not None
+                               else "uniform over the other seen classes"))
+        triplets = dataset.TripletDataset(train, data.seen, args.image_size, semantic, args.semantic_temperature,
+                                          seed=args.seed)
+        if len(triplets) < args.batch_size:
+            raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {len(triplets)} training "
+                                  "sketches; lower it")
+        # Alone: a seeded shuffle. Under torchrun: every process shuffles the same way (seed, epoch) and
+        # takes every world-th triplet of it.
+        sampler = (torch.utils.data.DistributedSampler(triplets, world, rank, shuffle=True, seed=args.seed,
+                                                       drop_last=True) if world > 1 else None)
+        source = torch.utils.data.DataLoader(
+            triplets, batch_size=args.batch_size // world, shuffle=sampler is None, sampler=sampler, drop_last=True,
+            num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=utils.seed_worker,
+            generator=torch.Generator().manual_seed(args.seed))
 
+    uses_proxies = args.sampling == "pairs" or args.class_loss_ratio > 0
     model = ZSSBIRModel(args.backbone, args.embedding_dim, args.pretrained,
-                        num_classes=len(data.seen) if args.class_loss_ratio > 0 else 0)
+                        num_classes=len(data.seen) if uses_proxies else 0, shared_trunk=args.shared_trunk,
+                        domain_bn=args.domain_bn, domain_input=args.domain_input)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    proxies = list(model.class_proxies.parameters()) if uses_proxies else []
+    others = [p for p in model.parameters() if all(p is not q for q in proxies)]
+    optimizer = torch.optim.AdamW([{"params": others}, {"params": proxies, "lr_mult": args.proxy_lr_mult}],
+                                  lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, step, best, resumed = 0, 0, -1.0, {}
     if args.resume:
         start_epoch, step, best, resumed = resume_from(resume, args.resume, model, optimizer, scaler)
-        if start_epoch >= args.epochs:
-            print(f"nothing to do: {args.resume} already has {start_epoch} of --epochs {args.epochs}")
+        if (args.epochs is not None and start_epoch >= args.epochs) or resumed.get("finished"):
+            print(f"nothing to do: {args.resume} already finished its "
+                  + (f"budget of {args.budget_minutes} minutes" if resumed.get("finished") else
+                     f"{start_epoch} of --epochs {args.epochs}"))
             return
     if rank == 0:  # every input was read and fits: only now is anything written
         utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
@@ -328,87 +452,160 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     if args.compile:
         model.sketch_encoder.compile()  # in place: the state dict keeps its names
         model.photo_encoder.compile()
-    net = TrainingLosses(model)
+    net = TrainingLosses(model, args.domain_label_smoothing)
     if world > 1:  # after loading: DDP copies rank 0's weights to every process
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     log_path = os.path.join(args.checkpoint_dir, "log.jsonl")
     with StopRequest() as stop:
-        train_epochs(args, model, net, optimizer, scaler, loader, triplets, val, data, device, dtype, start_epoch,
+        train_epochs(args, model, net, optimizer, scaler, source, val, data, device, dtype, start_epoch,
                      step, best, resumed, log_path, stop)
 
 
-def train_epochs(args, model, net, optimizer, scaler, loader, triplets, val, data, device, dtype, start_epoch, step,
+class Schedule:
+    """Where training stands in its schedule. With --epochs: progress = steps done / all steps. With
+    --budget_minutes: progress = seconds of training / the budget (a resumed run adds the seconds it had
+    spent), and the budget ends training. The lambda ramp starts at --grl_threshold_epoch's first step,
+    or with a budget at the second that epoch began, and ends with the schedule."""
+
+    def __init__(self, args, steps_per_epoch: int, seconds_before: float = 0.0, grl_start_seconds: float = -1.0):
+        self.budget = args.budget_minutes * 60.0
+        self.total_steps = args.epochs * steps_per_epoch if args.epochs is not None else None
+        self.steps_per_epoch, self.args = steps_per_epoch, args
+        self.before, self.t0 = seconds_before, time.time()
+        self.grl_start_seconds = grl_start_seconds
+
+    def seconds(self) -> float:
+        return self.before + time.time() - self.t0
+
+    def start_epoch(self, epoch: int, seconds: float) -> None:
+        if epoch == self.args.grl_threshold_epoch and self.grl_start_seconds < 0:
+            self.grl_start_seconds = seconds
+
+    def progress(self, step: int, seconds: float) -> float:
+        if self.budget:
+            return min(1.0, seconds / self.budget)
+        return step / self.total_steps
+
+    def lambd(self, step: int, seconds: float) -> float:
+        if self.budget:
+            if self.grl_start_seconds < 0:
+                return 0.0
+            return self.args.grl_max_lambda * grl_lambda(seconds, self.budget, self.grl_start_seconds)
+        return self.args.grl_max_lambda * grl_lambda(step, self.total_steps,
+                                                     self.args.grl_threshold_epoch * self.steps_per_epoch)
+
+    def over(self, seconds: float) -> bool:
+        return self.budget > 0 and seconds >= self.budget
+
+
+def to_device_batch(batch, args, device, step: int, memory_format) -> list:
+    """A loaded batch on the device: pairs are augmented there (random numbers seeded by (seed, step), so a
+    resumed run draws the same ones), triplets arrive augmented by the loader processes."""
+    if args.sampling == "pairs":
+        sketch, photo, labels = batch
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        sketch = dataset.augment(sketch.to(device, non_blocking=True), g, (args.crop_scale, 1.0), thicken=args.thicken)
+        photo = dataset.augment(photo.to(device, non_blocking=True), g, (args.crop_scale, 1.0))
+        return [sketch.contiguous(memory_format=memory_format), photo.contiguous(memory_format=memory_format),
+                labels.to(device, non_blocking=True)]
+    sketch, pos, neg, labels, neg_labels = batch
+    return ([x.to(device, non_blocking=True, memory_format=memory_format) for x in (sketch, pos, neg)]
+            + [x.to(device, non_blocking=True) for x in (labels, neg_labels)])
+
+
+def train_epochs(args, model, net, optimizer, scaler, source, val, data, device, dtype, start_epoch, step,
                  best, resumed, log_path, stop) -> None:
     rank, world = utils.rank_and_world()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    steps_per_epoch = len(loader)
-    total_steps = args.epochs * steps_per_epoch
-    grl_start = args.grl_threshold_epoch * steps_per_epoch
-    warmup = int(args.warmup_epochs * steps_per_epoch)
+    pairs = args.sampling == "pairs"
+    steps_per_epoch = len(source)
+    schedule = Schedule(args, steps_per_epoch, resumed.get("seconds", 0.0), resumed.get("grl_start_seconds", -1.0))
+    if pairs:
+        source.fill_cache()  # inside the budget: reading the images is part of training
     last_path = os.path.join(args.checkpoint_dir, "last.pth")
-    for epoch in range(start_epoch, args.epochs):
+    epoch, seconds, lambd, finished = start_epoch, schedule.seconds(), 0.0, False
+    while args.epochs is None or epoch < args.epochs:
         model.train()
-        triplets.set_epoch(epoch)
-        if loader.sampler is not None and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
         # A resumed epoch draws the same shuffle, augmentations and dropout; each process its own.
         epoch_seed = args.seed * 1000 + epoch + 1_000_003 * rank
         utils.seed_everything(epoch_seed)
-        loader.generator.manual_seed(epoch_seed)
         skip = resumed.get("epoch_step", 0) if epoch == start_epoch else 0
-        sums = dict(resumed.get("epoch_sums", {})) if skip else {}  # per-epoch sums of sbir_losses' values
+        sums = dict(resumed.get("epoch_sums", {})) if skip else {}  # per-epoch sums of the losses' values
+        schedule.start_epoch(epoch, seconds)
         t0 = time.time()
-        batches = iter(loader)
-        for _ in range(skip):  # replay the loader to the stop: the same batches and augmentation streams
-            next(batches)
+        if pairs:
+            batches = source.batches(epoch, skip)
+        else:
+            source.dataset.set_epoch(epoch)
+            if source.sampler is not None and hasattr(source.sampler, "set_epoch"):
+                source.sampler.set_epoch(epoch)
+            source.generator.manual_seed(epoch_seed)
+            batches = iter(source)
+            for _ in range(skip):  # replay the loader to the stop: the same batches and augmentation streams
+                next(batches)
         if skip:
             set_rng_state(resumed["rng_by_rank"][rank] if "rng_by_rank" in resumed
                           else resumed["rng"])  # "rng": one process's states, as saved before torchrun support
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None if rank == 0 else True,
-                   total=steps_per_epoch, initial=skip)
-        for i, (sketch, pos, neg, labels, neg_labels) in enumerate(bar, start=skip + 1):
-            batch = [x.to(device, non_blocking=True, memory_format=memory_format) for x in (sketch, pos, neg)]
-            batch += [x.to(device, non_blocking=True) for x in (labels, neg_labels)]
-            lambd = grl_lambda(step, total_steps, grl_start)
-            lr = lr_at(step, total_steps, warmup, args.lr)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}" + (f"/{args.epochs}" if args.epochs else ""), leave=False,
+                   disable=None if rank == 0 else True, total=steps_per_epoch, initial=skip)
+        done = skip
+        for i, batch in enumerate(bar, start=skip + 1):
+            batch = to_device_batch(batch, args, device, step, memory_format)
+            lambd = schedule.lambd(step, seconds)
+            lr = lr_at(schedule.progress(step, seconds), args.warmup, args.lr)
             vals, stopping = train_step(net, optimizer, scaler, batch, lambd, lr, args, dtype, stop.signal is not None,
-                                        where=f" at step {step} (epoch {epoch + 1})")
-            step += 1
+                                        where=f" at step {step} (epoch {epoch + 1})", clock=schedule.seconds)
+            seconds = vals.pop("seconds")
+            step, done = step + 1, i
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(triplet=f"{vals['triplet']:.3f}", domain=f"{vals['domain']:.3f}")
+            bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items() if k in ("class", "triplet", "domain")})
             if step % args.print_every == 0:
                 print(f"epoch {epoch + 1} step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in vals.items())
                       + f"  lambda {lambd:.3f}  lr {lr:.2e}")
                 if rank == 0:
                     utils.append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, "lambda": lambd,
-                                                  "lr": lr, **vals})
+                                                  "lr": lr, "seconds": seconds, **vals})
+            finished = schedule.over(seconds)
+            if finished:
+                break
             if stopping and i < steps_per_epoch:
                 rngs = utils.all_gather_objects(rng_state())
                 if rank == 0:
-                    utils.save_checkpoint(make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i, sums,
-                                                          rngs), last_path)
+                    ckpt = make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i, sums, rngs)
+                    ckpt.update(seconds=seconds, grl_start_seconds=schedule.grl_start_seconds)
+                    utils.save_checkpoint(ckpt, last_path)
                 print(f"stopped at step {step} ({i}/{steps_per_epoch} of epoch {epoch + 1}); continue with "
                       f"--resume {last_path}")
                 return
         train_s = time.time() - t0
         val_map = validate(model, val, data.seen, args, device)
-        means = {k: v / steps_per_epoch for k, v in sums.items()}
+        means = {k: v / max(1, done) for k, v in sums.items()}
         improved = math.isnan(val_map) or val_map > best  # without a validation set, the last epoch is best
         best = val_map if improved else best
-        print(f"epoch {epoch + 1}/{args.epochs}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+        seconds = schedule.seconds()
+        print(f"epoch {epoch + 1}" + (f"/{args.epochs}" if args.epochs else "") + ": "
+              + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
               + f"  lambda {lambd:.3f}  val mAP@all {val_map:.4f}"
-              f"{'  (best)' if improved else ''}  [{train_s:.0f}s, {(steps_per_epoch - skip) * args.batch_size / train_s:.1f} triplets/s]")
+              f"{'  (best)' if improved else ''}  [{train_s:.0f}s, {(done - skip) * args.batch_size / max(train_s, 1e-9):.1f} "
+              f"{args.sampling}/s" + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "") + "]")
         if rank == 0:
             utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
-                                          "lambda": lambd, "train_seconds": train_s, **means})
+                                          "lambda": lambd, "train_seconds": train_s, "seconds": seconds, **means})
+            # A budget that ends inside an epoch ends training there: the checkpoint counts the epoch as done.
             ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best)
+            ckpt.update(seconds=seconds, grl_start_seconds=schedule.grl_start_seconds, finished=finished)
             if improved:
                 utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
             utils.save_checkpoint(ckpt, last_path)
             utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
-        if any_process(stop.signal is not None) and epoch + 1 < args.epochs:  # a signal during validation
-            print(f"stopped after epoch {epoch + 1}; continue with --resume {last_path}")
+        epoch += 1
+        if finished:
+            print(f"budget of {args.budget_minutes} min spent after {step} steps ({epoch} epoch(s), the last one "
+                  f"{done}/{steps_per_epoch} steps)")
+            break
+        if any_process(stop.signal is not None) and (args.epochs is None or epoch < args.epochs):
+            print(f"stopped after epoch {epoch}; continue with --resume {last_path}")
             return
     print(f"done: best seen-class val mAP@all {best:.4f} -> {os.path.join(args.checkpoint_dir, 'best.pth')}")
 

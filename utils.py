@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 
-from model import BACKBONES
+from model import BACKBONES, ZSSBIRModel
 
 
 class UserError(Exception):
@@ -259,7 +259,10 @@ def load_checkpoint(path: str) -> dict:
         bad = ["args." + k for k in wrong_fields(ckpt["args"], {
             "backbone": lambda b: b in BACKBONES, "embedding_dim": lambda d: is_int(d) and d >= 1,
             "image_size": lambda s: is_int(s) and s >= 32, "seed": is_int, "pretrained": lambda p: isinstance(p, bool),
-            "val_fraction": lambda f: is_number(f) and 0 <= f < 1}, {"class_split": lambda c: isinstance(c, str)})]
+            "val_fraction": lambda f: is_number(f) and 0 <= f < 1}, {
+                "class_split": lambda c: isinstance(c, str), "shared_trunk": lambda b: isinstance(b, bool),
+                "domain_bn": lambda b: isinstance(b, bool) and (not b or ckpt["args"].get("shared_trunk") is True),
+                "domain_input": lambda d: d in ("embedding", "features")})]
     if bad:
         raise UserError(f"{path} is not a checkpoint written by train.py (wrong {', '.join(bad)}); the file is "
                         f"damaged or from another program; {CHECKPOINT_HINT}")
@@ -275,6 +278,18 @@ def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"the weights in {path} do not fit a {ckpt['args'].get('backbone')} model "
                         f"({first}); the checkpoint may be corrupt or from another version") from None
+
+
+def build_model(ckpt: dict, path: str, trained: bool) -> ZSSBIRModel:
+    """The checkpoint's network: with its trained weights, or as initialised under its seed."""
+    a = ckpt["args"]
+    seed_everything(a["seed"])
+    model = ZSSBIRModel(a["backbone"], a["embedding_dim"], pretrained=a["pretrained"] and not trained,
+                        shared_trunk=a.get("shared_trunk", False), domain_bn=a.get("domain_bn", False),
+                        domain_input=a.get("domain_input", "embedding"))
+    if trained:
+        load_model_state(model, ckpt, path)
+    return model
 
 
 # ----------------------------------------------------------------------------------- logs

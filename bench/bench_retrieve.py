@@ -170,10 +170,9 @@ def bench_build(args) -> None:
 def prep_check(args) -> None:
     """(4): does prepare_sketch keep the demo model's accuracy, and rescue badly framed sketches?"""
     import metrics
-    from evaluate import build_model
 
     ckpt = utils.load_checkpoint(args.model)
-    model = build_model(ckpt, args.model, trained=True).eval()
+    model = utils.build_model(ckpt, args.model, trained=True).eval()
     size = ckpt["args"]["image_size"]
     data = dataset.scan_dataset(args.data, check_images=False, class_split=ckpt["args"].get("class_split", ""))
     sketches, s_labels = dataset.flatten(data.sketches, data.unseen)

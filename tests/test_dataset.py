@@ -4,6 +4,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import dataset as D
@@ -150,13 +151,26 @@ def test_split_seen_is_seeded_disjoint_and_keeps_training_images(tiny_data):
     train2, val2 = D.split_seen(data, 0.34, seed=0)
     assert train == train2 and val == val2
     for domain in ("sketches", "photos"):
+        everything = sum(len(getattr(data, domain)[c]) for c in data.seen)
+        assert sum(map(len, val[domain].values())) == round(0.34 * everything)  # a fraction of the pool
         for c in data.seen:
-            assert len(val[domain][c]) == 2 and len(train[domain][c]) == 4
+            assert len(train[domain][c]) >= 1
             assert set(val[domain][c]).isdisjoint(train[domain][c])
             assert sorted(val[domain][c] + train[domain][c]) == getattr(data, domain)[c]
         assert set(val[domain]) == set(data.seen)  # unseen classes never enter the hold-out
     _, none = D.split_seen(data, 0.0)
     assert all(len(v) == 0 for v in none["sketches"].values())
+
+
+def test_split_seen_holds_out_a_fraction_of_small_classes_and_never_their_last_image(tmp_path):
+    """Two images per class: a tenth of the pool is held out (not one per class), never a class's only image."""
+    root = make_tiny_dataset(str(tmp_path / "d"), seen=tuple("abcdefghij"), per_class=2)
+    data = D.scan_dataset(root)
+    train, val = D.split_seen(data, 0.1)
+    assert sum(map(len, val["sketches"].values())) == 2  # round(0.1 * 20)
+    assert all(len(v) >= 1 for v in train["sketches"].values())
+    train, val = D.split_seen(data, 0.9)  # asks for 18 of 20, but every class keeps one: 10
+    assert all(len(v) == 1 for v in train["photos"].values()) and sum(map(len, val["photos"].values())) == 10
 
 
 def _sample_many(ds, epochs=40):
@@ -215,3 +229,57 @@ def test_triplet_sampling_is_reproducible_per_epoch_and_item(tiny_data):
     assert [a.sample(i) for i in range(len(a))] != [b.sample(i) for i in range(len(b))]
     s, p, n, c, k = a[0]
     assert s.shape == p.shape == n.shape == (3, 32, 32) and c != k
+
+
+# ----------------------------------------------------------------------------------- paired batches
+
+def test_edge_map_draws_the_outline_of_a_filled_shape():
+    im = Image.new("RGB", (32, 32), "white")
+    im.paste((200, 30, 30), (8, 8, 24, 24))
+    edges = np.asarray(D.edge_map(im).convert("L"))
+    assert edges[16, 16] == 255 and edges[2, 2] == 255          # flat areas stay white
+    assert edges[16, 8] < 128 and edges[8, 16] < 128             # the square's border is dark ink
+    assert np.asarray(D.edge_map(Image.new("RGB", (8, 8), "white"))).min() == 255  # no edge, no ink
+
+
+def test_paired_batches_are_one_pass_over_the_photos_with_partners_of_the_same_class(tmp_path):
+    root = make_tiny_dataset(str(tmp_path / "d"), seen=("a", "b", "c", "d", "e"), per_class=4)
+    data = D.scan_dataset(root)
+    train, _ = D.split_seen(data, 0.0)
+    pb = D.PairedBatches(train, data.seen, 32, batch_size=5, edge_maps=True, seed=3, cache_bytes=1e9)
+    photos, partners = pb.plan(0)
+    assert photos.shape == (4, 5) and len(set(photos.ravel())) == 20  # every photo once per epoch
+    for ph, pa in zip(photos.ravel(), partners.ravel()):
+        path, edges = pb.pool[pa]
+        cls = os.path.basename(os.path.dirname(path))
+        assert cls == data.seen[pb.labels[ph]]                     # the partner is of the photo's class
+    kinds = Counter(pb.pool[k][1] for e in range(30) for k in pb.plan(e)[1].ravel())
+    assert 0.35 < kinds[True] / sum(kinds.values()) < 0.65        # 4 sketches + 4 edge maps per class: half each
+    assert np.array_equal(pb.plan(0)[0], photos) and not np.array_equal(pb.plan(1)[0], photos)
+    # the cache and the files give the same batches, from any step on; under 2 processes each takes half
+    streamed = D.PairedBatches(train, data.seen, 32, 5, True, 3, cache_bytes=0)
+    assert pb.cached and not streamed.cached
+    for (s1, p1, l1), (s2, p2, l2) in zip(pb.batches(2, start=1), streamed.batches(2, start=1)):
+        assert torch.equal(s1, s2) and torch.equal(p1, p2) and torch.equal(l1, l2) and s1.dtype == torch.uint8
+    pb2 = D.PairedBatches(train, data.seen, 32, 4, True, 3, 1e9, rank=1, world=2)
+    _, p_r1, l_r1 = next(pb2.batches(0))
+    full = D.PairedBatches(train, data.seen, 32, 4, True, 3, 1e9)
+    _, p_all, l_all = next(full.batches(0))
+    assert torch.equal(p_r1, p_all[2:]) and torch.equal(l_r1, l_all[2:])
+
+
+def test_augment_without_a_crop_is_normalisation_or_a_mirror():
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    out = D.augment(images, torch.Generator().manual_seed(0), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    mean = torch.tensor(D.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(D.IMAGENET_STD)[:, None, None]
+    plain = (images.float() / 255 - mean) / std
+    same = [torch.allclose(o, x, atol=1e-5) for o, x in zip(out, plain)]
+    mirrored = [torch.allclose(o, x.flip(-1), atol=1e-5) for o, x in zip(out, plain)]
+    assert all(a or b for a, b in zip(same, mirrored)) and any(same) and any(mirrored)
+    again = D.augment(images, torch.Generator().manual_seed(0))
+    assert torch.equal(again, D.augment(images, torch.Generator().manual_seed(0)))  # seeded: repeatable
+    white = torch.full((2, 3, 8, 8), 255, dtype=torch.uint8)
+    white[:, :, 3:5, 3:5] = 0
+    thick = D.augment(white, torch.Generator().manual_seed(0), (1.0, 1.0), (1.0, 1.0), thicken=1.0)
+    assert ((thick < 0).sum() > (D.augment(white, torch.Generator().manual_seed(0), (1.0, 1.0), (1.0, 1.0)) < 0).sum())

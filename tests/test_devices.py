@@ -40,7 +40,7 @@ def test_evaluate_retrieve_and_validation_embed_an_image_identically(tmp_path, m
     path = save_tiny_checkpoint(str(tmp_path / "model.pth"))
     ckpt = utils.load_checkpoint(path)
     dev = torch.device(device)
-    model = evaluate.build_model(ckpt, path, trained=True).to(dev)
+    model = utils.build_model(ckpt, path, trained=True).to(dev)
     classes = ["circle", "star"]
     files = {d: {c: sorted(os.path.join(data, d, c, f) for f in os.listdir(os.path.join(data, d, c))) for c in classes}
              for d in ("sketches", "photos")}

@@ -65,8 +65,10 @@ def run_steps(net, model, batches, args) -> list:
 
 
 def step_args():
-    return train.get_args_parser().parse_args(["--data_dir", "unused", "--lr", str(LR), "--class_loss_ratio", "1",
-                                               "--grad_clip", "0", "--device", "cpu"])
+    args = train.get_args_parser().parse_args(["--data_dir", "unused", "--recipe", "original", "--lr", str(LR),
+                                               "--class_loss_ratio", "1", "--grad_clip", "0", "--device", "cpu"])
+    train.apply_recipe(args)
+    return args
 
 
 def worker(rank: int, port: int, images: list, out_dir: str) -> None:
@@ -126,7 +128,7 @@ def test_the_loss_and_the_weights_match_one_process_over_the_global_batch(runs):
         vals, params, _ = ranks[0]["steps"][step]
         ref_vals, ref_params, _ = alone[step]
         assert params.dtype == ref_params.dtype == torch.float64
-        assert set(vals) == set(ref_vals) == {"triplet", "domain", "domain_acc", "class"}
+        assert set(vals) == set(ref_vals) == {"triplet", "domain", "domain_acc", "domain_logit", "class", "seconds"}
         for k in vals:  # losses of the global batch: the mean of the processes' losses
             assert vals[k] == pytest.approx(ref_vals[k], rel=rtol, abs=0), (step, k)
         # Each step lands where the global batch's gradient leads. SGD moves a weight by lr times its
@@ -151,7 +153,8 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def torchrun_training(tmp_path_factory):
-    """2 epochs of train.py under torchrun with 2 CPU processes, as a user would start them."""
+    """2 epochs of train.py under torchrun with 2 CPU processes, as a user would start them (the scratch recipe:
+    paired batches, each process taking its half of every global batch)."""
     root = tmp_path_factory.mktemp("torchrun")
     data, ckpt = make_tiny_dataset(str(root / "data")), root / "ckpt"
     args = ["train.py", "--data_dir", data, "--checkpoint_dir", str(ckpt), "--backbone", "resnet18", "--no-pretrained",
@@ -164,12 +167,12 @@ def torchrun_training(tmp_path_factory):
 
 def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(torchrun_training, tmp_path):
     root, data, ckpt, args, proc = torchrun_training
-    assert "distributed: 2 processes (gloo), 2 triplets each per step" in proc.stdout
+    assert "distributed: 2 processes (gloo), 2 pairs each per step" in proc.stdout
     assert proc.stdout.count("epoch 2/2:") == 1  # rank 1 prints nothing
     log = utils.read_jsonl(str(ckpt / "log.jsonl"))
     assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1, 2]  # one writer
     last = utils.load_checkpoint(str(ckpt / "last.pth"))
-    assert (last["epoch"], last["step"], last["world_size"]) == (2, 10, 2)  # 20 sketches / 4 per step * 2 epochs
+    assert (last["epoch"], last["step"], last["world_size"]) == (2, 10, 2)  # 22 training photos / 4 per step = 5 steps, 2 epochs
     # a distributed checkpoint resumes in a single process
     resumed = tmp_path / "resumed"
     shutil.copytree(ckpt, resumed)

@@ -75,7 +75,7 @@ def test_losses_triplet_and_balanced_domain_terms():
     net = M.ZSSBIRModel("resnet18", 16, pretrained=False)
     x = torch.randn(3, 3, 32, 32)
     out = M.sbir_losses(net, x, x.clone(), torch.randn(3, 3, 32, 32), lambd=0.0, margin=0.2)
-    assert set(out) == {"triplet", "domain", "domain_acc"}
+    assert set(out) == {"triplet", "domain", "domain_acc", "domain_logit"}
     assert out["triplet"].item() >= 0 and math.isfinite(out["domain"].item())
     assert 0.0 <= out["domain_acc"].item() <= 1.0
     # a huge margin makes every triplet active: loss = margin + d(s, p) - d(s, n)
@@ -142,3 +142,84 @@ def test_class_loss_uses_shared_proxies_for_both_domains():
     torch.testing.assert_close(out["class"], expected)
     out["class"].backward()
     assert net.class_proxies.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------- one shared trunk
+
+def test_a_shared_trunk_is_saved_once_and_both_views_use_it():
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel("resnet18", 16, pretrained=False, num_classes=3, shared_trunk=True).eval()
+    names = [n for n, _ in net.named_children()]
+    assert names == ["encoder", "domain_classifier", "class_proxies"]
+    assert not any(k.startswith(("sketch_encoder", "photo_encoder")) for k in net.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(net.sketch_encoder(x), net.photo_encoder(x), rtol=0, atol=0)  # one network
+    net.sketch_encoder.train()
+    assert net.encoder.training and net.photo_encoder.training  # the views are the encoder's
+
+
+def test_domain_batch_norm_keeps_statistics_per_domain():
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel("resnet18", 16, pretrained=False, shared_trunk=True, domain_bn=True).train()
+    dbns = [m for m in net.modules() if isinstance(m, M.DomainBatchNorm2d)]
+    assert dbns and not any(isinstance(m, torch.nn.BatchNorm2d) and not isinstance(p, M.DomainBatchNorm2d)
+                            for p in net.modules() for m in p.children() if p is net.encoder.trunk)
+    net.sketch_encoder(torch.randn(4, 3, 32, 32))            # moves only the sketch statistics
+    first = dbns[0]
+    assert not torch.equal(first.bns[0].running_mean, torch.zeros_like(first.bns[0].running_mean))
+    assert torch.equal(first.bns[1].running_mean, torch.zeros_like(first.bns[1].running_mean))
+    with pytest.raises(ValueError, match="shared_trunk"):
+        M.ZSSBIRModel("resnet18", 16, pretrained=False, domain_bn=True)
+
+
+def test_embed_pair_of_a_shared_trunk_normalises_the_mixed_batch():
+    """Without domain batch norm one batch holds both domains: train-mode embeddings equal those of the
+    concatenated batch, not of each domain alone."""
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel("resnet18", 16, pretrained=False, shared_trunk=True).train()
+    net.encoder.head[0].p = 0.0  # no dropout: compare the arithmetic only
+    s, p = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32) + 1
+    es, ep, _, _ = net.embed_pair(s, p)
+    both = net.encoder(torch.cat([s, p]))
+    torch.testing.assert_close(torch.cat([es, ep]), both, rtol=0, atol=0)
+
+
+def test_hardest_negative_triplet_matches_a_loop():
+    torch.manual_seed(0)
+    s = torch.nn.functional.normalize(torch.randn(6, 5), dim=1)
+    p = torch.nn.functional.normalize(torch.randn(6, 5), dim=1)
+    labels = torch.tensor([0, 0, 1, 2, 2, 3])
+    terms = []
+    for i in range(6):
+        neg = min((s[i] - p[j]).norm().item() for j in range(6) if labels[j] != labels[i])
+        terms.append(max(0.0, 0.3 + (s[i] - p[i]).norm().item() - neg))
+    assert M.hardest_negative_triplet(s, p, labels, 0.3).item() == pytest.approx(sum(terms) / 6, rel=1e-5)
+    assert M.hardest_negative_triplet(s, p, torch.zeros(6, dtype=torch.long), 0.3).item() == 0.0  # no negative
+
+
+def test_domain_loss_weights_domains_equally_and_smooths_targets():
+    logits = torch.tensor([-2.0, 1.0, 3.0, 0.5, -1.0])  # 2 sketches, 3 photos
+    loss, acc = M.domain_loss(logits, 2, smoothing=0.2)
+    bce = lambda x, t: -(t * math.log(1 / (1 + math.exp(-x))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-x))))
+    sketch = sum(bce(x, 0.1) for x in (-2.0, 1.0)) / 2
+    photo = sum(bce(x, 0.9) for x in (3.0, 0.5, -1.0)) / 3
+    assert loss.item() == pytest.approx(0.5 * (sketch + photo), rel=1e-6)
+    assert acc.item() == pytest.approx(0.5 * (1 / 2 + 2 / 3))
+
+
+def test_paired_losses_learn_on_a_shared_trunk_with_features_for_the_domain_classifier():
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel("resnet18", 16, pretrained=False, num_classes=3, shared_trunk=True, domain_input="features")
+    assert net.domain_classifier.mlp[0].in_features == 512  # resnet18's pooled features
+    s, p = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    first = None
+    for _ in range(5):
+        out = M.paired_losses(net, s, p, labels, lambd=0.0, margin=0.2)
+        loss = out["class"] + out["triplet"] + out["domain"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(out) == {"class", "triplet", "domain", "domain_acc", "domain_logit"} and loss.item() < first

@@ -262,7 +262,7 @@ def test_gallery_embeddings_match_evaluate(setup, gallery, tmp_path, capsys):
     retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], str(tmp_path / "out"), "--batch_size", "8")
     saved = index_of(str(tmp_path / "out" / "gallery_index.pt"))
     ckpt = utils.load_checkpoint(setup["model"])
-    model = retrieve.build_model(ckpt, setup["model"], trained=True)
+    model = utils.build_model(ckpt, setup["model"], trained=True)
     ref = utils.embed_images(model.photo_encoder, [os.path.join(gallery, p) for p in saved["paths"]], 32, 8, 0,
                              torch.device("cpu"), True)
     assert torch.equal(saved["embeddings"], ref)  # the same images in the same batches: the same bits

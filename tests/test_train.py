@@ -12,12 +12,15 @@ import train
 import utils
 from conftest import make_tiny_dataset, run_main
 
-TINY = ["--backbone", "resnet18", "--no-pretrained", "--image_size", "32", "--embedding_dim", "16",
+TINY = ["--recipe", "original", "--backbone", "resnet18", "--no-pretrained", "--image_size", "32", "--embedding_dim", "16",
         "--batch_size", "4", "--workers", "0", "--device", "cpu", "--print_every", "2", "--lr", "1e-3"]
 
 
 def train_args(data, ckpt, *extra):
-    return train.get_args_parser().parse_args(["--data_dir", data, "--checkpoint_dir", ckpt, *TINY, *extra])
+    """The original recipe's arguments on tiny data, resolved as train.main resolves them."""
+    args = train.get_args_parser().parse_args(["--data_dir", data, "--checkpoint_dir", ckpt, *TINY, *extra])
+    train.apply_recipe(args)
+    return args
 
 
 def eval_args(model, data, *extra):
@@ -84,7 +87,7 @@ def test_untrained_baseline_is_the_training_initialisation(trained, tmp_path):
                       "--class_loss_ratio", "1")
     train.main(args)
     saved = utils.load_checkpoint(os.path.join(ckpt, "last.pth"))
-    rebuilt = evaluate.build_model(saved, "x", trained=False)
+    rebuilt = utils.build_model(saved, "x", trained=False)
     # Adam moves a weight by at most lr (1 - beta1) / sqrt(1 - beta2) a step (Kingma & Ba 2015, section
     # 2.1), and rounding the result to float32 at most doubles that: the only difference allowed.
     beta1, beta2 = saved["optimizers"]["adamw"]["param_groups"][0]["betas"]
@@ -114,18 +117,21 @@ def test_resume_continues_at_the_right_epoch_with_the_optimizer_state(trained, t
     assert os.path.getmtime(os.path.join(resumed, "last.pth")) == before
 
 
-def train_with_sigterm_in_step_3(monkeypatch, data: str, ckpt: str, *extra: str) -> None:
-    """train.main with SIGTERM arriving while step 2 (0-based) is being computed."""
-    real_lr_at = train.lr_at
-    def lr_at_then_sigterm(step, *rest):
-        if step == 2:
+def train_with_sigterm_in_step_3(monkeypatch, data: str, ckpt: str, *extra: str, args_of=None) -> None:
+    """train.main with SIGTERM arriving while step 2 (0-based) is being prepared (its learning rate looked up)."""
+    real = train.lr_at
+    calls = [0]
+
+    def lr_at_then_sigterm(*a):
+        calls[0] += 1
+        if calls[0] == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(step, *rest)
+        return real(*a)
     monkeypatch.setattr(train, "lr_at", lr_at_then_sigterm)
     try:
-        train.main(train_args(data, ckpt, *extra))
+        train.main((args_of or train_args)(data, ckpt, *extra))
     finally:
-        monkeypatch.setattr(train, "lr_at", real_lr_at)
+        monkeypatch.setattr(train, "lr_at", real)
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])

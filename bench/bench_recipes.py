@@ -1,0 +1,151 @@
+"""The recipe ablation: train each variant for N seeds within a time budget, print one table.
+
+    python bench/bench_recipes.py --data_dir data/demo --budget_minutes 1.5
+    python bench/bench_recipes.py --data_dir /tmp/emoji-dev --budget_minutes 4 --variants default domain_loss
+    python bench/bench_recipes.py --data_dir /tmp/emoji-dev --budget_minutes 4 --variants default domain_loss no_edge_maps:1
+
+A variant written NAME:N runs N seeds instead of --seeds.
+
+Each run is `train.py --budget_minutes M --seed S <variant flags>` then `evaluate.py` on the unseen
+classes (standard convention); its results.json is kept under --out_dir/<dataset>/<variant>/seed<S>/
+and reused by later calls (delete it, or pass --rerun, to train again), so a long ablation can be built
+up in pieces. The table gives mean +/- standard deviation over the seeds (sample std, n - 1) of unseen
+mAP@all, P@100 and P@200, beside chance, the untrained network (the first variant's seed 0 at its
+initialisation) and a training-free edge-matching baseline computed here.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dataset  # noqa: E402
+import metrics  # noqa: E402
+
+# variant name -> train.py flags added to the defaults (--no-pretrained: the from-scratch recipe)
+VARIANTS = {
+    "default": [],
+    "domain_loss": ["--domain_loss_ratio", "0.1", "--domain_label_smoothing", "0.2"],
+    "domain_loss_plain": ["--domain_loss_ratio", "0.1"],
+    "no_edge_maps": ["--no-edge_maps"],
+    "two_branches": ["--no-shared_trunk"],
+    "domain_bn": ["--domain_bn"],
+    "triplet": ["--triplet_loss_ratio", "1"],
+    "thicken": ["--thicken", "0.5"],
+    # the paper's preset with what this machine forces: no ImageNet weights, so resnet18 at the scratch recipe's size
+    "original": ["--recipe", "original", "--backbone", "resnet18", "--image_size", "32"],
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_dir", type=str, default="data/demo", help="dataset folder")
+    p.add_argument("--variants", type=str, nargs="+", default=list(VARIANTS),
+                   help="variants to train, NAME or NAME:SEEDS (names: " + ", ".join(VARIANTS) + ")")
+    p.add_argument("--seeds", type=int, default=3, help="runs per variant, seeds 0 .. N-1")
+    p.add_argument("--budget_minutes", type=float, default=2.0, help="train.py --budget_minutes of every run")
+    p.add_argument("--out_dir", type=str, default="runs/bench_recipes", help="runs and results go here")
+    p.add_argument("--train_args", type=str, default="", help="extra train.py flags for every run, one string")
+    p.add_argument("--workers", type=int, default=2, help="train.py and evaluate.py --workers")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--rerun", action="store_true", help="train again even where results exist")
+    return p
+
+
+def run(cmd: list, log: str) -> None:
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        sys.exit(f"error: {' '.join(cmd[:2])} failed (exit {proc.returncode}); see {log}")
+
+
+def train_and_evaluate(args, variant: str, seed: int, untrained: bool) -> dict:
+    """results.json of one run (trained now unless it exists)."""
+    folder = os.path.join(args.out_dir, os.path.basename(os.path.normpath(args.data_dir)), variant, f"seed{seed}")
+    result = os.path.join(folder, "eval", "results.json")
+    if os.path.isfile(result) and not args.rerun:
+        return json.load(open(result))
+    os.makedirs(folder, exist_ok=True)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = ["--workers", str(args.workers), "--device", args.device]
+    run([sys.executable, os.path.join(here, "train.py"), "--data_dir", args.data_dir, "--checkpoint_dir", folder,
+         "--no-pretrained", "--budget_minutes", str(args.budget_minutes), "--seed", str(seed), "--print_every", "50",
+         *common, *VARIANTS[variant], *args.train_args.split()], os.path.join(folder, "train.log"))
+    run([sys.executable, os.path.join(here, "evaluate.py"), "--model", os.path.join(folder, "best.pth"),
+         "--data", args.data_dir, "--output_dir", os.path.join(folder, "eval"), "--num_sketches", "0",
+         "--protocol", "standard", *(["--compare_untrained"] if untrained else []), *common],
+        os.path.join(folder, "eval.log"))
+    print(f"  {variant} seed {seed}: mAP@all {json.load(open(result))['map_all']:.4f}", flush=True)
+    return json.load(open(result))
+
+
+def edge_vector(path: str, edges: bool) -> np.ndarray:
+    """A training-free descriptor: the grey image (or the photo's edge map) at 32x32, ink as signal,
+    zero mean and unit norm."""
+    im = dataset.load_image(path)
+    if edges:
+        im = dataset.edge_map(im.resize((64, 64)))
+    a = 255.0 - np.asarray(im.convert("L").resize((32, 32)), dtype=np.float32).ravel()
+    a -= a.mean()
+    return a / (np.linalg.norm(a) + 1e-8)
+
+
+def edge_baseline(data_dir: str) -> dict:
+    """Unseen-class mAP@all, P@100 and P@200 of ranking photos by the cosine of their edge maps to the sketch."""
+    data = dataset.scan_dataset(data_dir, check_images=False)
+    sk, sl = dataset.flatten(data.sketches, data.unseen)
+    ph, pl = dataset.flatten(data.photos, data.unseen)
+    q = torch.tensor(np.stack([edge_vector(p, False) for p in sk]))
+    g = torch.tensor(np.stack([edge_vector(p, True) for p in ph]))
+    res = metrics.retrieval_metrics(q, torch.tensor(sl), g, torch.tensor(pl), ks=(100, 200))
+    return {k: res["protocols"]["standard"][k] for k in ("map_all", "p@100", "p@200")}
+
+
+def mean_std(values: list) -> str:
+    if len(values) == 1 or len(set(values)) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} +/- {statistics.stdev(values):.4f}"
+
+
+def main(args) -> None:
+    if not os.path.isdir(args.data_dir):
+        sys.exit(f"error: {args.data_dir} does not exist; build it first (make demo, or emoji-dev's build.sh)")
+    plan = {}
+    for item in args.variants:
+        name, _, n = item.partition(":")
+        if name not in VARIANTS or (n and not n.isdigit()):
+            sys.exit(f"error: unknown variant {item!r}; write NAME or NAME:SEEDS with NAME one of {', '.join(VARIANTS)}")
+        plan[name] = int(n) if n else args.seeds
+    print(f"bench_recipes: {args.data_dir}, {args.budget_minutes} min per run, "
+          + ", ".join(f"{v} x {n} seed(s)" for v, n in plan.items()), flush=True)
+    first_name = next(iter(plan))
+    rows = {v: [train_and_evaluate(args, v, s, untrained=(v == first_name and s == 0)) for s in range(n)]
+            for v, n in plan.items()}
+    first = rows[first_name][0]
+    keys = ("map_all", "p@100", "p@200")
+    table = {"chance": {"map_all": [first["chance_map_all"]]}}
+    if "untrained" in first:
+        table["untrained network (seed 0)"] = {k: [first["untrained"][k]] for k in keys}
+    edges = edge_baseline(args.data_dir)
+    table["edge matching, training-free"] = {k: [edges[k]] for k in keys}
+    for v, results in rows.items():
+        table[v] = {k: [r[k] for r in results] for k in keys}
+    print(f"\n{'variant':30s} {'runs':>4s} " + " ".join(f"{k:>17s}" for k in ("unseen mAP@all", "P@100", "P@200"))
+          + "  flags")
+    for name, r in table.items():
+        print(f"{name:30s} {len(r['map_all']):4d} " + " ".join(f"{mean_std(r[k]) if k in r else '':>17s}" for k in keys)
+              + "  " + " ".join(VARIANTS.get(name, [])))
+    out = os.path.join(args.out_dir, os.path.basename(os.path.normpath(args.data_dir)), "table.json")
+    with open(out, "w") as f:
+        json.dump({"budget_minutes": args.budget_minutes, "seeds": args.seeds, "table": table}, f, indent=1)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
