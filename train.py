@@ -441,10 +441,12 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     start_epoch, step, best, resumed = 0, 0, -1.0, {}
     if args.resume:
         start_epoch, step, best, resumed = resume_from(resume, args.resume, model, optimizer, scaler)
-        if (args.epochs is not None and start_epoch >= args.epochs) or resumed.get("finished"):
-            print(f"nothing to do: {args.resume} already finished its "
-                  + (f"budget of {args.budget_minutes} minutes" if resumed.get("finished") else
-                     f"{start_epoch} of --epochs {args.epochs}"))
+        spent = resumed.get("seconds", 0.0)
+        if args.budget_minutes > 0 and spent >= args.budget_minutes * 60:
+            print(f"nothing to do: {args.resume} already spent {spent / 60:.1f} of --budget_minutes {args.budget_minutes}")
+            return
+        if args.epochs is not None and start_epoch >= args.epochs:
+            print(f"nothing to do: {args.resume} already has {start_epoch} of --epochs {args.epochs}")
             return
     if rank == 0:  # every input was read and fits: only now is anything written
         utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
