@@ -325,15 +325,15 @@ class PairedBatches:
 
     def __init__(self, split: dict, classes: list, image_size: int, batch_size: int, edge_maps: bool, seed: int,
                  cache_bytes: float, workers: int = 0, rank: int = 0, world: int = 1):
-        self.photos, self.labels = flatten(split["photos"], classes)       # photo j: path, class
+        self.photos, labels = flatten(split["photos"], classes)       # photo j: path, class
+        self.labels = np.array(labels, dtype=np.int64)
         sketches, sketch_labels = flatten(split["sketches"], classes)
         # The sketch-domain pool: real sketches first, then the edge maps (one per training photo).
         self.pool = [(p, False) for p in sketches] + ([(p, True) for p in self.photos] if edge_maps else [])
-        pool_labels = np.array(sketch_labels + (self.labels if edge_maps else []), dtype=np.int64)
+        pool_labels = np.array(sketch_labels + (labels if edge_maps else []), dtype=np.int64)
         order = np.argsort(pool_labels, kind="stable")
         self.pool_start = np.searchsorted(pool_labels[order], np.arange(len(classes) + 1))  # (C + 1,)
         self.pool_order = order
-        self.labels_np = np.array(self.labels, dtype=np.int64)
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
         self.workers, self.rank, self.world = workers, rank, world
         n = len(self.pool) + len(self.photos)
@@ -359,7 +359,7 @@ class PairedBatches:
         rng = np.random.default_rng((self.seed, epoch))
         steps = len(self)
         photos = rng.permutation(len(self.photos))[:steps * self.batch_size]
-        c = self.labels_np[photos]
+        c = self.labels[photos]
         size = self.pool_start[c + 1] - self.pool_start[c]
         partners = self.pool_order[self.pool_start[c] + (rng.random(len(photos)) * size).astype(np.int64)]
         return photos.reshape(steps, -1), partners.reshape(steps, -1)
@@ -374,14 +374,14 @@ class PairedBatches:
         if self.cached:
             self.fill_cache()
             for ph, pa in zip(photos, partners):
-                yield self.sketch_cache[pa], self.photo_cache[ph], torch.from_numpy(self.labels_np[ph])
+                yield self.sketch_cache[pa], self.photo_cache[ph], torch.from_numpy(self.labels[ph])
             return
         items = [it for ph, pa in zip(photos, partners) for it in
                  [self.pool[k] for k in pa] + [(self.photos[k], False) for k in ph]]
         loader = torch.utils.data.DataLoader(ResizedImages(items, self.image_size), batch_size=2 * b,
                                              num_workers=self.workers, pin_memory=torch.cuda.is_available())
         for ph, images in zip(photos, loader):
-            yield images[:b], images[b:], torch.from_numpy(self.labels_np[ph])
+            yield images[:b], images[b:], torch.from_numpy(self.labels[ph])
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, scale: tuple = (0.5, 1.0),

@@ -99,14 +99,16 @@ class Encoder(nn.Module):
     def __init__(self, backbone: str, embedding_dim: int, pretrained: bool, domain_bn: bool = False):
         super().__init__()
         self.trunk, self.width = build_trunk(backbone, pretrained)
+        self.domain_bn = domain_bn
         if domain_bn:
             split_batch_norms(self.trunk, 2)
+        # found once; a plain list, so not registered twice (SyncBatchNorm conversion keeps these modules)
+        self.domain_norms = [m for m in self.trunk.modules() if isinstance(m, DomainBatchNorm2d)]
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(self.width, embedding_dim))
 
     def forward(self, x: torch.Tensor, domain: int = 0, with_features: bool = False):
-        for m in self.trunk.modules():
-            if isinstance(m, DomainBatchNorm2d):
-                m.domain = domain
+        for m in self.domain_norms:
+            m.domain = domain
         feats = self.trunk(x)                         # (B, F)
         emb = F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D)
         return (emb, feats) if with_features else emb
@@ -215,7 +217,7 @@ class ZSSBIRModel(nn.Module):
         """Embeddings (B1, D), (B2, D) and trunk features (B1, F), (B2, F) of sketches and photos. A shared
         trunk without domain batch norm embeds both in one batch, so that its batch statistics are those
         of the mixture its running statistics (used at test time) describe."""
-        if hasattr(self, "encoder") and not any(isinstance(m, DomainBatchNorm2d) for m in self.encoder.modules()):
+        if hasattr(self, "encoder") and not self.encoder.domain_bn:
             emb, feats = self.encoder(torch.cat([sketch, photo]), with_features=True)
             b = sketch.shape[0]
             return emb[:b], emb[b:], feats[:b], feats[b:]

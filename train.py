@@ -38,13 +38,12 @@ from model import BACKBONES, PretrainedWeightsUnavailable, ZSSBIRModel, grl_lamb
 # scratch:  a backbone trained from random weights (what --no-pretrained selects); measured in docs/results.md.
 # finetune: torchvision ImageNet weights fine-tuned (what --pretrained selects); the same losses and data.
 # original: the paper's recipe (two branches, triplet loss + gradient-reversal domain loss, lr 1e-4).
+SCRATCH = dict(backbone="resnet18", image_size=32, batch_size=64, lr=2e-3, weight_decay=5e-4, warmup=0.3,
+               shared_trunk=True, domain_bn=False, edge_maps=True, sampling="pairs", triplet_loss_ratio=0.0,
+               class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0)
 RECIPES = {
-    "scratch": dict(backbone="resnet18", image_size=32, batch_size=64, lr=2e-3, weight_decay=5e-4, warmup=0.3,
-                    shared_trunk=True, domain_bn=False, edge_maps=True, sampling="pairs", triplet_loss_ratio=0.0,
-                    class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0),
-    "finetune": dict(backbone="resnet50", image_size=224, batch_size=64, lr=1e-4, weight_decay=5e-4, warmup=0.1,
-                     shared_trunk=True, domain_bn=False, edge_maps=True, sampling="pairs", triplet_loss_ratio=0.0,
-                     class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0),
+    "scratch": SCRATCH,
+    "finetune": {**SCRATCH, "backbone": "resnet50", "image_size": 224, "lr": 1e-4, "warmup": 0.1},
     "original": dict(backbone="vgg16", image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4, warmup=0.5 / 30,
                      shared_trunk=False, domain_bn=False, edge_maps=False, sampling="triplets", triplet_loss_ratio=1.0,
                      class_loss_ratio=0.0, domain_loss_ratio=0.5, grl_threshold_epoch=5, proxy_lr_mult=1.0),
@@ -292,13 +291,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def make_checkpoint(model, optimizer, scaler, epoch, step, args, best, epoch_step=0, epoch_sums=None,
-                    rng_by_rank=None) -> dict:
+                    rng_by_rank=None, schedule_state=None) -> dict:
     """epoch counts completed epochs; epoch_step > 0 marks a stop inside the next one, after that many
-    of its steps, and then every process's RNG states and the epoch's running loss sums are kept too."""
+    of its steps, and then every process's RNG states and the epoch's running loss sums are kept too.
+    schedule_state (Schedule.state) adds the seconds spent and where the lambda ramp began."""
     ckpt = {"models": {name: m.state_dict() for name, m in model.named_children()},
             "optimizers": {"adamw": optimizer.state_dict()}, "scaler": scaler.state_dict(),
             "epoch": epoch, "step": step, "args": vars(args), "best": best, "epoch_step": epoch_step,
-            "world_size": utils.rank_and_world()[1]}
+            "world_size": utils.rank_and_world()[1], **(schedule_state or {})}
     if epoch_step:
         ckpt["epoch_sums"] = dict(epoch_sums or {})
         ckpt["rng_by_rank"] = rng_by_rank
@@ -499,6 +499,10 @@ class Schedule:
     def over(self, seconds: float) -> bool:
         return self.budget > 0 and seconds >= self.budget
 
+    def state(self, seconds: float) -> dict:
+        """What a checkpoint keeps for --resume to continue this schedule."""
+        return {"seconds": seconds, "grl_start_seconds": self.grl_start_seconds, "finished": self.over(seconds)}
+
 
 def to_device_batch(batch, args, device, step: int, memory_format) -> list:
     """A loaded batch on the device: pairs are augmented there (random numbers seeded by (seed, step), so a
@@ -574,9 +578,8 @@ def train_epochs(args, model, net, optimizer, scaler, source, val, data, device,
             if stopping and i < steps_per_epoch:
                 rngs = utils.all_gather_objects(rng_state())
                 if rank == 0:
-                    ckpt = make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i, sums, rngs)
-                    ckpt.update(seconds=seconds, grl_start_seconds=schedule.grl_start_seconds)
-                    utils.save_checkpoint(ckpt, last_path)
+                    utils.save_checkpoint(make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i, sums,
+                                                          rngs, schedule.state(seconds)), last_path)
                 print(f"stopped at step {step} ({i}/{steps_per_epoch} of epoch {epoch + 1}); continue with "
                       f"--resume {last_path}")
                 return
@@ -595,8 +598,8 @@ def train_epochs(args, model, net, optimizer, scaler, source, val, data, device,
             utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
                                           "lambda": lambd, "train_seconds": train_s, "seconds": seconds, **means})
             # A budget that ends inside an epoch ends training there: the checkpoint counts the epoch as done.
-            ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best)
-            ckpt.update(seconds=seconds, grl_start_seconds=schedule.grl_start_seconds, finished=finished)
+            ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best,
+                                   schedule_state=schedule.state(seconds))
             if improved:
                 utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
             utils.save_checkpoint(ckpt, last_path)
