@@ -1,8 +1,9 @@
-"""Files -> tensors for zero-shot SBIR: dataset layout checks, image loading, triplet sampling, query sketches.
+"""Files -> tensors for zero-shot SBIR: dataset layout checks, image loading, training batches, query sketches.
 
     data = scan_dataset("data/demo")                 # checks the layout, lists every image
     train, val = split_seen(data, val_fraction=0.1)   # seeded hold-out of seen-class images
-    triplets = TripletDataset(train, image_size=64, class_embeddings=data.train_embeddings)
+    pairs = PairedBatches(train, data.seen, image_size=32, batch_size=64, edge_maps=True, seed=0)
+    for sketch, photo, labels in BatchLoader(pairs, workers=2, pin_memory=False).epoch(0): ...  # uint8
     sketch = load_sketch("my_drawing.png")            # any origin -> dark strokes on a white square
 
 Layout: DATA/sketches/<class>/*, DATA/photos/<class>/*, DATA/train_labels.txt (seen classes),
@@ -10,6 +11,7 @@ DATA/test_labels.txt (unseen classes), optional DATA/train_embeddings.npy / test
 (class-name vectors, rows aligned with the label files). This module knows nothing of models or of
 the command line; every problem with the user's data raises DataError with a one-line message.
 """
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -67,14 +69,10 @@ def is_readable_image(path: str) -> bool:
         return False
 
 
-def build_transform(image_size: int, train: bool) -> transforms.Compose:
-    """PIL RGB -> normalised tensor (3, S, S). Training adds mild crops and flips."""
-    if train:
-        geometry = [transforms.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.85, 1.18), antialias=True),
-                    transforms.RandomHorizontalFlip()]
-    else:
-        geometry = [transforms.Resize((image_size, image_size), antialias=True)]
-    return transforms.Compose(geometry + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def build_transform(image_size: int) -> transforms.Compose:
+    """PIL RGB -> normalised tensor (3, S, S), resized to S x S (training augments on the device: augment)."""
+    return transforms.Compose([transforms.Resize((image_size, image_size), antialias=True), transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 # ----------------------------------------------------------------------------------- layout
@@ -229,47 +227,18 @@ def negative_class_probs(num_classes: int, class_embeddings: np.ndarray | None, 
     return probs / probs.sum(axis=1, keepdims=True)
 
 
-class TripletDataset(Dataset):
-    """(anchor sketch, positive photo of its class, negative photo of another seen class).
+# ----------------------------------------------------------------------------------- loading for training
 
-    One epoch visits every training sketch once as the anchor. Sampling is O(1) per item: the
-    class -> photo lists and the negative-class distributions are built once here. The randomness
-    of item i in epoch e comes from a generator seeded with (seed, e, i), so it does not depend on
-    the number of loader workers; call ``set_epoch`` before each epoch.
-    """
+def read_resized(path: str, size: int, upright: bool = False) -> Image.Image:
+    """An image file as 8-bit RGB of exactly size x size (any mode, as load_image reads it; with ``upright``
+    turned by its EXIF orientation first). A JPEG is decoded at 1/2, 1/4 or 1/8 scale when that still
+    covers ``size`` (libjpeg's scaled decoding: most of the resize for free); then a bilinear resize."""
+    with Image.open(path) as im:
+        im.draft(None, (size, size))  # a no-op for every format but JPEG
+        im.load()
+        im = to_rgb(ImageOps.exif_transpose(im) if upright else im)
+    return im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
 
-    def __init__(self, split: dict, classes: list, image_size: int, class_embeddings: np.ndarray | None = None,
-                 temperature: float = 0.1, seed: int = 0, train: bool = True):
-        self.classes = classes
-        self.sketches, self.labels = flatten(split["sketches"], classes)
-        self.photos = [split["photos"][c] for c in classes]
-        self.neg_cdf = np.cumsum(negative_class_probs(len(classes), class_embeddings, temperature), axis=1)
-        self.transform = build_transform(image_size, train)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.sketches)
-
-    def sample(self, index: int) -> tuple[str, str, str, int, int]:
-        """Paths and classes of the triplet at ``index`` (no image I/O)."""
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        c = self.labels[index]
-        u_pos, u_cls, u_neg = rng.random(3)
-        pos = self.photos[c][int(u_pos * len(self.photos[c]))]
-        n = min(int(np.searchsorted(self.neg_cdf[c], u_cls, side="right")), len(self.classes) - 1)
-        neg = self.photos[n][int(u_neg * len(self.photos[n]))]
-        return self.sketches[index], pos, neg, c, n
-
-    def __getitem__(self, index: int):
-        sketch, pos, neg, c, n = self.sample(index)
-        imgs = [self.transform(load_image(p)) for p in (sketch, pos, neg)]  # 3 x (3, S, S)
-        return imgs[0], imgs[1], imgs[2], c, n
-
-
-# ----------------------------------------------------------------------------------- paired batches
 
 def edge_map(im: Image.Image) -> Image.Image:
     """A photo -> a sketch-like picture of its edges: dark lines on white, RGB.
@@ -288,17 +257,17 @@ def edge_map(im: Image.Image) -> Image.Image:
 
 
 def load_resized(path: str, image_size: int, edges: bool = False) -> torch.Tensor:
-    """An image file as uint8 (3, S, S), resized like build_transform(train=False) does; with ``edges``
-    its edge_map, drawn at twice the size and then resized."""
-    im = load_image(path)
+    """An image file as uint8 (3, S, S), read by read_resized (as evaluation reads it); with ``edges`` its
+    edge_map, drawn at twice the size and then resized."""
     if edges:
-        im = edge_map(im.resize((2 * image_size, 2 * image_size), Image.BILINEAR))
-    im = im.resize((image_size, image_size), Image.BILINEAR)
+        im = edge_map(read_resized(path, 2 * image_size)).resize((image_size, image_size), Image.BILINEAR)
+    else:
+        im = read_resized(path, image_size)
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
 
 
 class ResizedImages(Dataset):
-    """uint8 (3, S, S) images of a list of (path, edges) items, for filling an in-memory cache."""
+    """uint8 (3, S, S) images of a list of (path, edges) items (filling a cache)."""
 
     def __init__(self, items: list, image_size: int):
         self.items, self.image_size = items, image_size
@@ -311,77 +280,280 @@ class ResizedImages(Dataset):
         return load_resized(path, self.image_size, edges)
 
 
-class PairedBatches:
-    """Batches of B sketch-domain images and B photos, photo i of sketch i's class, as uint8 (B, 3, S, S).
+# ----------------------------------------------------------------------------------- image store, disk cache
+
+def cache_paths(cache_dir: str, image_size: int) -> tuple[str, str]:
+    """The disk cache at one size: (images (N, 3, S, S) uint8 in a .npy file, its index .json)."""
+    return os.path.join(cache_dir, f"{image_size}px.npy"), os.path.join(cache_dir, f"{image_size}px.json")
+
+
+def cache_key(root: str, path: str, edges: bool) -> str:
+    """How the disk cache names an item: its path inside the dataset folder, '#edges' for its edge map."""
+    return os.path.relpath(path, root).replace(os.sep, "/") + ("#edges" if edges else "")
+
+
+def file_stamp(path: str) -> list:
+    """[size in bytes, modification time in ns]: a cached row is used only while its file keeps both."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def read_cache_index(cache_dir: str, image_size: int) -> dict:
+    """{key: (row, stamp)} of the disk cache at this size; {} when there is none or it is unreadable."""
+    npy, index = cache_paths(cache_dir, image_size)
+    try:
+        with open(index, encoding="utf-8") as f:
+            meta = json.load(f)
+        rows = np.load(npy, mmap_mode="r").shape[0]
+    except (OSError, ValueError):
+        return {}
+    if meta.get("image_size") != image_size or len(meta.get("keys", [])) != rows:
+        return {}
+    return {k: (i, s) for i, (k, s) in enumerate(zip(meta["keys"], meta["stamps"]))}
+
+
+def write_disk_cache(root: str, items: list, image_size: int, cache_dir: str, workers: int = 0) -> tuple[int, int]:
+    """Make the disk cache at ``image_size`` hold every (path, edges) item: rows already there and still
+    current are kept, the others are decoded (by ``workers`` processes) and added. The new .npy and .json
+    replace the old ones atomically, so a stopped write leaves the previous cache intact.
+    Returns (rows decoded now, rows kept)."""
+    old = read_cache_index(cache_dir, image_size)
+    keys = list(dict.fromkeys(cache_key(root, p, e) for p, e in items))
+    by_key = {cache_key(root, p, e): (p, e) for p, e in items}
+    stamps = {k: file_stamp(by_key[k][0]) for k in keys}
+    keep = [k for k, (_, s) in old.items() if k in by_key and s == stamps[k]]
+    todo = [k for k in keys if k not in set(keep)]
+    if not todo:
+        return 0, len(keep)
+    os.makedirs(cache_dir, exist_ok=True)
+    npy, index = cache_paths(cache_dir, image_size)
+    order = keep + todo
+    tmp = npy + ".tmp.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(order), 3, image_size, image_size))
+    if keep:
+        previous = np.load(npy, mmap_mode="r")
+        for j, k in enumerate(keep):
+            out[j] = previous[old[k][0]]
+        del previous
+    loader = torch.utils.data.DataLoader(ResizedImages([by_key[k] for k in todo], image_size), batch_size=64,
+                                         num_workers=workers)
+    from tqdm import tqdm
+    row = len(keep)
+    for batch in tqdm(loader, desc=f"disk cache {image_size}px", leave=False, disable=None):
+        out[row:row + len(batch)] = batch.numpy()
+        row += len(batch)
+    out.flush()
+    del out
+    os.replace(tmp, npy)
+    tmp_index = index + ".tmp"
+    with open(tmp_index, "w", encoding="utf-8") as f:
+        json.dump({"image_size": image_size, "keys": order, "stamps": [stamps[k] for k in order]}, f)
+    os.replace(tmp_index, index)
+    return len(todo), len(keep)
+
+
+class ImageStore:
+    """The uint8 (3, S, S) images of a fixed list of (path, edges) items, by item number. Each image comes
+    from the first of: memory (load_memory), the disk cache (open_disk_cache: rows of a memory-mapped .npy,
+    copied, never decoded), its file (decoded and resized by load_resized)."""
+
+    def __init__(self, items: list, image_size: int, root: str = ""):
+        self.items, self.image_size, self.root = items, image_size, root
+        self.rows = np.full(len(items), -1, dtype=np.int64)   # row in the disk cache, -1: not there
+        self.cache_file, self._mm, self.memory = "", None, None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getstate__(self):  # worker processes open the memory map themselves
+        return {**self.__dict__, "_mm": None}
+
+    def open_disk_cache(self, cache_dir: str) -> int:
+        """Use the disk cache at this store's size for the items it holds (current files only); returns how many."""
+        index = read_cache_index(cache_dir, self.image_size)
+        self.rows[:] = -1
+        for i, (path, edges) in enumerate(self.items):
+            hit = index.get(cache_key(self.root, path, edges))
+            if hit is not None and hit[1] == file_stamp(path):
+                self.rows[i] = hit[0]
+        self.cache_file, self._mm = (cache_paths(cache_dir, self.image_size)[0] if index else ""), None
+        return int((self.rows >= 0).sum())
+
+    def bytes(self) -> int:
+        return len(self.items) * 3 * self.image_size ** 2
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.get(np.array([index]))[0]
+
+    def load_memory(self, workers: int = 0) -> None:
+        """Hold every image in memory (one pass over the disk cache or the files, by ``workers`` processes)."""
+        if self.memory is not None:
+            return
+        loader = torch.utils.data.DataLoader(self, batch_size=64, num_workers=workers)
+        from tqdm import tqdm
+        self.memory = torch.cat([b for b in tqdm(loader, desc="images to memory", leave=False, disable=None)])  # (N, 3, S, S)
+
+    def get(self, idx: np.ndarray) -> torch.Tensor:
+        """uint8 (n, 3, S, S) images of the items ``idx``."""
+        if self.memory is not None:
+            return self.memory[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+        out = torch.empty(len(idx), 3, self.image_size, self.image_size, dtype=torch.uint8)
+        rows = self.rows[idx]
+        hit = np.nonzero(rows >= 0)[0]
+        if len(hit):
+            if self._mm is None:
+                self._mm = np.load(self.cache_file, mmap_mode="r")
+            out[torch.from_numpy(hit)] = torch.from_numpy(self._mm[rows[hit]])
+        for j in np.nonzero(rows < 0)[0]:
+            path, edges = self.items[idx[j]]
+            out[j] = load_resized(path, self.image_size, edges)
+        return out
+
+
+# ----------------------------------------------------------------------------------- training batches
+
+class StepBatches(Dataset):
+    """A training source, indexed by (epoch, step): item (e, s) is this process's rows of step s of epoch e,
+    as uint8 images (B/N, 3, S, S) from ``self.store`` and integer labels (B/N,). A subclass plans each
+    epoch as a function of (seed, epoch) alone, so a resumed run meets the same batches at any step, with
+    any number of loader workers; under torchrun process r of N takes rows [r B/N, (r+1) B/N)."""
+
+    def __init__(self, store: ImageStore, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.store, self.batch_size, self.seed, self.rank, self.world = store, batch_size, seed, rank, world
+        self._planned = (None, None)
+
+    def plan(self, epoch: int) -> tuple[list, list]:
+        """([item numbers (steps, B) per image group], [labels (steps, B) per label group])."""
+        raise NotImplementedError
+
+    def __getitem__(self, key: tuple) -> tuple:
+        epoch, step = key
+        if self._planned[0] != epoch:
+            self._planned = (epoch, self.plan(epoch))
+        images, labels = self._planned[1]
+        b = self.batch_size // self.world
+        rows = slice(self.rank * b, (self.rank + 1) * b)
+        flat = self.store.get(np.concatenate([g[step, rows] for g in images]))  # (groups * b, 3, S, S)
+        return (*flat.split(b), *(torch.from_numpy(np.ascontiguousarray(g[step, rows])) for g in labels))
+
+
+class TripletBatches(StepBatches):
+    """Batches of (anchor sketch, positive photo of its class, negative photo of another seen class, anchor
+    class, negative class). One epoch visits every training sketch once as the anchor, in a seeded order
+    (the last partial batch dropped). The negative's class is drawn by negative_class_probs."""
+
+    def __init__(self, split: dict, classes: list, image_size: int, batch_size: int,
+                 class_embeddings: np.ndarray | None = None, temperature: float = 0.1, seed: int = 0,
+                 rank: int = 0, world: int = 1, root: str = ""):
+        self.sketches, labels = flatten(split["sketches"], classes)
+        self.photos, photo_labels = flatten(split["photos"], classes)
+        self.labels = np.array(labels, dtype=np.int64)
+        self.photo_start = np.searchsorted(np.array(photo_labels), np.arange(len(classes) + 1))  # (C + 1,)
+        self.neg_cdf = np.cumsum(negative_class_probs(len(classes), class_embeddings, temperature), axis=1)
+        items = [(p, False) for p in self.sketches + self.photos]
+        super().__init__(ImageStore(items, image_size, root), batch_size, seed, rank, world)
+
+    def __len__(self) -> int:
+        return len(self.sketches) // self.batch_size
+
+    def plan(self, epoch: int) -> tuple[list, list]:
+        rng = np.random.default_rng((self.seed, epoch))
+        steps, c_max = len(self), len(self.neg_cdf) - 1
+        anchors = rng.permutation(len(self.sketches))[:steps * self.batch_size]
+        c = self.labels[anchors]
+        u = rng.random((len(anchors), 3))
+        n = np.minimum((self.neg_cdf[c] <= u[:, 1:2]).sum(axis=1), c_max)   # inverse CDF of the negative class
+        start, size = self.photo_start[:-1], np.diff(self.photo_start)
+        pos = start[c] + (u[:, 0] * size[c]).astype(np.int64)
+        neg = start[n] + (u[:, 2] * size[n]).astype(np.int64)
+        off = len(self.sketches)  # photos follow the sketches in the store
+        return ([x.reshape(steps, -1) for x in (anchors, off + pos, off + neg)],
+                [c.reshape(steps, -1), n.reshape(steps, -1)])
+
+
+class PairedBatches(StepBatches):
+    """Batches of (B sketch-domain images, B photos, labels), photo i of sketch i's class.
 
     One epoch is one pass over the training photos in a seeded order (the last partial batch dropped).
     Each photo's partner is drawn uniformly from its class's sketch-domain pool: the real sketches and,
-    with ``edge_maps``, the edge maps of the class's training photos (extra sketch-like samples). The
-    plan of epoch e depends only on (seed, e), so a run resumed at any step sees the same batches.
-    Images are held in memory at S px when that fits in ``cache_bytes``, otherwise read from their
-    files by ``workers`` processes batch by batch. Under torchrun, process r of N takes rows
-    [r B/N, (r+1) B/N) of every global batch.
+    with ``edge_maps``, the edge maps of the class's training photos (extra sketch-like samples).
     """
 
     def __init__(self, split: dict, classes: list, image_size: int, batch_size: int, edge_maps: bool, seed: int,
-                 cache_bytes: float, workers: int = 0, rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, root: str = ""):
         self.photos, labels = flatten(split["photos"], classes)       # photo j: path, class
         self.labels = np.array(labels, dtype=np.int64)
         sketches, sketch_labels = flatten(split["sketches"], classes)
         # The sketch-domain pool: real sketches first, then the edge maps (one per training photo).
         self.pool = [(p, False) for p in sketches] + ([(p, True) for p in self.photos] if edge_maps else [])
         pool_labels = np.array(sketch_labels + (labels if edge_maps else []), dtype=np.int64)
-        order = np.argsort(pool_labels, kind="stable")
-        self.pool_start = np.searchsorted(pool_labels[order], np.arange(len(classes) + 1))  # (C + 1,)
-        self.pool_order = order
-        self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
-        self.workers, self.rank, self.world = workers, rank, world
-        n = len(self.pool) + len(self.photos)
-        self.cached = n * 3 * image_size ** 2 <= cache_bytes
-        self.sketch_cache = self.photo_cache = None
+        self.pool_order = np.argsort(pool_labels, kind="stable")
+        self.pool_start = np.searchsorted(pool_labels[self.pool_order], np.arange(len(classes) + 1))  # (C + 1,)
+        items = self.pool + [(p, False) for p in self.photos]   # the store: the pool, then the photos
+        super().__init__(ImageStore(items, image_size, root), batch_size, seed, rank, world)
 
     def __len__(self) -> int:
         return len(self.photos) // self.batch_size
 
-    def fill_cache(self) -> None:
-        """Read every training image once into memory (no-op when the images do not fit)."""
-        if not self.cached or self.photo_cache is not None:
-            return
-        items = self.pool + [(p, False) for p in self.photos]
-        loader = torch.utils.data.DataLoader(ResizedImages(items, self.image_size), batch_size=64,
-                                             num_workers=self.workers)
-        from tqdm import tqdm
-        images = torch.cat([b for b in tqdm(loader, desc="caching images", leave=False)])  # (N, 3, S, S)
-        self.sketch_cache, self.photo_cache = images[:len(self.pool)], images[len(self.pool):]
-
-    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(photo indices, partner indices into the sketch-domain pool), each (steps, B)."""
+    def plan(self, epoch: int) -> tuple[list, list]:
         rng = np.random.default_rng((self.seed, epoch))
         steps = len(self)
         photos = rng.permutation(len(self.photos))[:steps * self.batch_size]
         c = self.labels[photos]
         size = self.pool_start[c + 1] - self.pool_start[c]
         partners = self.pool_order[self.pool_start[c] + (rng.random(len(photos)) * size).astype(np.int64)]
-        return photos.reshape(steps, -1), partners.reshape(steps, -1)
+        return ([partners.reshape(steps, -1), len(self.pool) + photos.reshape(steps, -1)],
+                [c.reshape(steps, -1)])
 
-    def batches(self, epoch: int, start: int = 0):
-        """Yield (sketch-domain uint8 (b, 3, S, S), photos uint8 (b, 3, S, S), labels (b,)) for this process's
-        rows of steps start, start + 1, ... of the epoch."""
-        photos, partners = self.plan(epoch)
-        b = self.batch_size // self.world
-        rows = slice(self.rank * b, (self.rank + 1) * b)
-        photos, partners = photos[start:, rows], partners[start:, rows]
-        if self.cached:
-            self.fill_cache()
-            for ph, pa in zip(photos, partners):
-                yield self.sketch_cache[pa], self.photo_cache[ph], torch.from_numpy(self.labels[ph])
-            return
-        items = [it for ph, pa in zip(photos, partners) for it in
-                 [self.pool[k] for k in pa] + [(self.photos[k], False) for k in ph]]
-        loader = torch.utils.data.DataLoader(ResizedImages(items, self.image_size), batch_size=2 * b,
-                                             num_workers=self.workers, pin_memory=torch.cuda.is_available())
-        for ph, images in zip(photos, loader):
-            yield images[:b], images[b:], torch.from_numpy(self.labels[ph])
+
+class _StepSampler(torch.utils.data.Sampler):
+    """The keys (epoch, step) of one epoch from a given step on; it runs in the main process, so persistent
+    workers follow it from epoch to epoch."""
+
+    def __init__(self, steps: int):
+        self.steps, self.epoch, self.start = steps, 0, 0
+
+    def __iter__(self):
+        return iter([(self.epoch, s) for s in range(self.start, self.steps)])
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+
+class BatchLoader:
+    """Epoch after epoch of a StepBatches' batches, loaded ahead of the model: ``workers`` processes that
+    persist across epochs, each assembling whole batches, ``prefetch`` batches each in flight, pinned for
+    an asynchronous copy to the GPU. With ``memory``, prepare() first reads every image into memory; the
+    workers then gather batches from it (forked, they share it), or without pinning (on the CPU, where the
+    model needs every core) this process does."""
+
+    def __init__(self, source: StepBatches, workers: int, pin_memory: bool, memory: bool = False, prefetch: int = 2):
+        self.source, self.workers, self.pin_memory, self.prefetch = source, workers, pin_memory, prefetch
+        self.memory, self.sampler, self.loader = memory, _StepSampler(len(source)), None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def prepare(self) -> None:
+        if self.memory:
+            self.source.store.load_memory(self.workers)
+
+    def epoch(self, epoch: int, start: int = 0):
+        """An iterator over the batches of steps start, start + 1, ... of this epoch."""
+        if self.loader is None:
+            workers = 0 if self.source.store.memory is not None and not self.pin_memory else self.workers
+            self.loader = torch.utils.data.DataLoader(
+                self.source, batch_size=None, sampler=self.sampler, num_workers=workers,
+                persistent_workers=workers > 0, prefetch_factor=self.prefetch if workers else None,
+                pin_memory=self.pin_memory)
+        self.sampler.epoch, self.sampler.start = epoch, start
+        return iter(self.loader)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on ``device`` without making the host wait for the GPU: through pinned memory
+    and an asynchronous copy (a blocking copy would first wait for all the work queued on the GPU)."""
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, scale: tuple = (0.5, 1.0),
@@ -390,7 +562,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, scale: tuple = (0.
     in one pass: a random resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) and a
     random horizontal flip per image, sampled by one affine grid; with ``thicken`` > 0, that fraction
     of the images has its dark strokes thickened by a 3x3 minimum filter. The random numbers come from
-    ``generator`` (on the CPU), so a seeded generator gives the same batch on any device."""
+    ``generator`` (on the CPU), so a seeded generator gives the same batch on any device; nothing here
+    waits for the device."""
     b = images.shape[0]
     u = torch.rand(b, 5, generator=generator)                     # (B, 5) on the CPU
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
@@ -401,30 +574,31 @@ def augment(images: torch.Tensor, generator: torch.Generator, scale: tuple = (0.
     flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, tx, h, ty
+    # One copy to the device: the affine matrices, which images to thicken, the normalisation constants.
+    pick = (torch.rand(b, generator=generator) < thicken).float() if thicken > 0 else torch.zeros(b)
+    small = _to_device(torch.cat([theta.flatten(), pick, torch.tensor(IMAGENET_MEAN + IMAGENET_STD)]), images.device)
+    theta, pick, stats = small[:6 * b].view(b, 2, 3), small[6 * b:7 * b], small[7 * b:]
     x = images.float() / 255.0
-    grid = torch.nn.functional.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if thicken > 0:
-        pick = (torch.rand(b, generator=generator) < thicken).to(x.device)[:, None, None, None]
-        x = torch.where(pick, -torch.nn.functional.max_pool2d(-x, 3, 1, 1), x)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
-    return (x - mean) / std
+        x = torch.where(pick[:, None, None, None] > 0, -torch.nn.functional.max_pool2d(-x, 3, 1, 1), x)
+    return (x - stats[:3, None, None]) / stats[3:, None, None]
 
 
 class ImageListDataset(Dataset):
-    """Images of a list of paths, for embedding: returns (image (3, S, S), label)."""
+    """Images of a list of paths, for embedding: returns (image (3, S, S), label), read by read_resized
+    (as training reads them) and normalised."""
 
     def __init__(self, paths: list, labels: list, image_size: int):
-        self.paths, self.labels = paths, labels
-        self.transform = build_transform(image_size, train=False)
+        self.paths, self.labels, self.image_size = paths, labels, image_size
+        self.transform = build_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return self.transform(load_image(self.paths[index])), self.labels[index]
-
+        return self.transform(read_resized(self.paths[index], self.image_size)), self.labels[index]
 
 
 # ----------------------------------------------------------------------------------- user images
@@ -523,13 +697,13 @@ class ImageFilesDataset(Dataset):
     def __init__(self, paths: list, image_size: int):
         self.paths = paths
         self.image_size = image_size
-        self.transform = build_transform(image_size, train=False)
+        self.transform = build_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(to_rgb(load_upright(self.paths[index]))), True
+            return self.transform(read_resized(self.paths[index], self.image_size, upright=True)), True
         except IMAGE_ERRORS:
             return torch.zeros(3, self.image_size, self.image_size), False

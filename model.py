@@ -262,11 +262,10 @@ def hardest_negative_triplet(s: torch.Tensor, p: torch.Tensor, labels: torch.Ten
     2017). max(0, margin + |s_i - p_i| - |s_i - p_n|), mean over the anchors that have a negative."""
     d = torch.cdist(s, p)                                    # (B, B)
     other = labels[:, None] != labels[None, :]               # (B, B) photo j is of another class
-    if not other.any():
-        return s.sum() * 0.0
-    d_neg = d.masked_fill(~other, float("inf")).min(dim=1).values  # (B,)
-    has = other.any(dim=1)
-    return F.relu(margin + d.diagonal() - d_neg)[has].mean()
+    d_neg = d.masked_fill(~other, float("inf")).min(dim=1).values  # (B,) inf where there is no negative
+    # relu(-inf) = 0: an anchor without a negative adds nothing. No boolean indexing, so the host never
+    # waits for the device here.
+    return F.relu(margin + d.diagonal() - d_neg).sum() / other.any(dim=1).sum().clamp(min=1)
 
 
 def paired_losses(model: ZSSBIRModel, sketch: torch.Tensor, photo: torch.Tensor, labels: torch.Tensor,

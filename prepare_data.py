@@ -582,6 +582,26 @@ def get_dataset(name: str, dest: str, exclude_invalid: bool, word_vectors: str =
     return count_images(out)
 
 
+def write_caches(root: str, sizes: list, edge_maps: bool) -> None:
+    """Write (or complete) the disk cache of every image of a prepared dataset at each size."""
+    import dataset
+    import utils
+
+    if not sizes:
+        return
+    try:
+        data = dataset.scan_dataset(root, check_images=False)
+    except dataset.DataError as e:
+        raise PrepareError(str(e)) from None
+    classes = data.seen + data.unseen
+    items = [(p, False) for table in (data.sketches, data.photos) for c in classes for p in table[c]]
+    items += [(p, True) for c in classes for p in data.photos[c]] if edge_maps else []
+    for size in sizes:
+        added, kept = dataset.write_disk_cache(root, items, size, os.path.join(root, "cache"), utils.available_cpus())
+        npy = dataset.cache_paths(os.path.join(root, "cache"), size)[0]
+        print(f"disk cache {npy}: {added} images written, {kept} kept ({os.path.getsize(npy) / 2 ** 30:.2f} GiB)")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -592,6 +612,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", type=str, default="", dest="from_dir",
                    help="take the archives from this folder (fetched by hand, e.g. from a mirror) instead of "
                         "downloading them; they are checked like downloads (docs/datasets.md lists names and MD5s)")
+    p.add_argument("--cache_sizes", type=int, nargs="*", default=[],
+                   help="also write the disk cache that train.py reads at these --image_size values (DEST/<dataset>/"
+                        "cache/<S>px.npy, 3 S^2 bytes per image; docs/performance.md lists the sizes)")
+    p.add_argument("--cache_edge_maps", action=argparse.BooleanOptionalAction, default=False,
+                   help="the disk cache also holds the photos' edge maps (the scratch recipe's --edge_maps)")
     p.add_argument("--with_embeddings", type=str, default="",
                    help="a word-vector file (GloVe .txt, word2vec .bin or .txt, optionally .gz): also write "
                         "class-name vectors train_embeddings.npy / test_embeddings.npy for every split")
@@ -613,7 +638,11 @@ def main(args) -> None:
                            "word2vec .bin/.txt file")
     if args.from_dir and not os.path.isdir(args.from_dir):
         raise PrepareError(f"--from {args.from_dir} is not a folder; pass the folder that holds the archives")
+    if any(s < 32 for s in args.cache_sizes):
+        raise PrepareError(f"--cache_sizes must be at least 32 pixels each, got {args.cache_sizes}")
     summary = {n: get_dataset(n, args.dest, args.exclude_invalid, args.with_embeddings, args.from_dir) for n in names}
+    for n in names:
+        write_caches(os.path.join(args.dest, n), args.cache_sizes, args.cache_edge_maps)
     for n, (c, s, p) in summary.items():
         splits = ", ".join(f"{s_}{' (default)' if i == 0 else ''}" for i, s_ in enumerate(SPLITS[n]))
         print(f"{n}: {c} classes, {s} sketches, {p} photos -> {os.path.join(args.dest, n)}; splits: {splits}")

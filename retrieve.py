@@ -336,7 +336,7 @@ def faiss_search(built, queries: torch.Tensor, k: int, nprobe: int) -> tuple[tor
 
 def embed_sketches(encoder, sketches: list, image_size: int, args, device) -> torch.Tensor:
     """Prepared query sketches (PIL) -> unit embeddings (Q, D) on the CPU."""
-    transform = dataset.build_transform(image_size, train=False)
+    transform = dataset.build_transform(image_size)
     batches = ((torch.stack([transform(s) for s in sketches[i:i + args.batch_size]]),)  # (B, 3, S, S)
                for i in range(0, len(sketches), args.batch_size))
     return torch.cat([emb for emb, in utils.embed_batches(encoder, batches, device, args.amp, desc="embed queries")])

@@ -40,13 +40,14 @@ from model import BACKBONES, PretrainedWeightsUnavailable, ZSSBIRModel, grl_lamb
 # original: the paper's recipe (two branches, triplet loss + gradient-reversal domain loss, lr 1e-4).
 SCRATCH = dict(backbone="resnet18", image_size=32, batch_size=64, lr=2e-3, weight_decay=5e-4, warmup=0.3,
                shared_trunk=True, domain_bn=False, edge_maps=True, sampling="pairs", triplet_loss_ratio=0.0,
-               class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0)
+               class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0, crop_scale=0.5)
 RECIPES = {
     "scratch": SCRATCH,
     "finetune": {**SCRATCH, "backbone": "resnet50", "image_size": 224, "lr": 1e-4, "warmup": 0.1},
     "original": dict(backbone="vgg16", image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4, warmup=0.5 / 30,
                      shared_trunk=False, domain_bn=False, edge_maps=False, sampling="triplets", triplet_loss_ratio=1.0,
-                     class_loss_ratio=0.0, domain_loss_ratio=0.5, grl_threshold_epoch=5, proxy_lr_mult=1.0),
+                     class_loss_ratio=0.0, domain_loss_ratio=0.5, grl_threshold_epoch=5, proxy_lr_mult=1.0,
+                     crop_scale=0.7),
 }
 
 
@@ -74,9 +75,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None, help=recipe_help(
         "batch_size", "triplets (original) or sketch-photo pairs per step, over all processes under torchrun"))
     p.add_argument("--sampling", type=str, default=None, choices=["pairs", "triplets"], help=recipe_help(
-        "sampling", "pairs: one pass over the photos per epoch, each with a sketch-domain partner of its class, "
-                    "images cached in memory and augmented on the device; triplets: one (sketch, positive, "
-                    "negative) per training sketch, read by the loader processes"))
+        "sampling", "pairs: one pass over the photos per epoch, each with a sketch-domain partner of its class; "
+                    "triplets: one (sketch, positive, negative) per training sketch"))
     p.add_argument("--triplet_loss_ratio", type=float, default=None, help=recipe_help("triplet_loss_ratio",
                    "weight of the triplet loss (pairs: batch-hard negative)"))
     p.add_argument("--domain_loss_ratio", type=float, default=None,
@@ -90,7 +90,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="what the domain classifier reads: the unit embedding or the trunk's pooled features")
     p.add_argument("--domain_label_smoothing", type=float, default=0.0,
                    help="domain targets s/2 and 1 - s/2 instead of 0 and 1")
-    p.add_argument("--print_every", type=int, default=100, help="log losses every N steps")
+    p.add_argument("--print_every", type=int, default=100,
+                   help="log the mean losses of the last N steps every N steps (the only time the loop waits for the GPU)")
+    p.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and after the last)")
     p.add_argument("--backbone", type=str, default=None, choices=sorted(BACKBONES),
                    help=recipe_help("backbone", "torchvision CNN of the encoder(s)"))
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
@@ -103,7 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "edge_maps", "edge maps of the training photos as extra sketch-domain samples (pairs only)"))
     p.add_argument("--thicken", type=float, default=0.0,
                    help="fraction of sketch-domain images whose strokes are thickened (pairs only)")
-    p.add_argument("--crop_scale", type=float, default=0.5, help="smallest area of the random resized crop (pairs)")
+    p.add_argument("--crop_scale", type=float, default=None,
+                   help=recipe_help("crop_scale", "smallest area of the random resized crop, done on the device"))
     p.add_argument("--image_size", type=int, default=None, help=recipe_help("image_size", "input side in pixels"))
     p.add_argument("--embedding_dim", type=int, default=512, help="size of the shared embedding")
     p.add_argument("--margin", type=float, default=0.2, help="triplet margin on unit-norm embeddings")
@@ -123,15 +126,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--semantic_temperature", type=float, default=0.2,
                    help="softmax temperature of class-name cosine similarity for negative sampling")
     p.add_argument("--cache_gb", type=float, default=8.0,
-                   help="pairs: hold the training images in memory at --image_size when they fit in this many GiB")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes")
+                   help="hold the training images in memory at --image_size when they fit in this many GiB "
+                        "(and the disk cache does not hold them all)")
+    p.add_argument("--disk_cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="the training images resized to --image_size in one .npy file (--cache_dir), read without "
+                        "decoding: --disk_cache writes what is missing before training, the default reads it "
+                        "where it exists, --no-disk_cache ignores it")
+    p.add_argument("--cache_dir", type=str, default="", help="where the disk cache lives (default DATA/cache)")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="data loader processes (-1: the CPUs this process may use, shared among torchrun's processes)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision on CUDA: bfloat16 where the GPU supports it, else float16 with a "
                         "GradScaler; ignored on CPU")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
-                   help="NHWC memory format for the CNNs (faster convolutions with --amp on recent GPUs)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format for the CNNs (default: on with --amp on CUDA, where it speeds up "
+                        "convolutions; off on the CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the two encoders (slower start, faster steps; needs a C++ compiler on CPU)")
     p.add_argument("--resume", type=str, default="", help="checkpoint (e.g. ckpt/last.pth) to continue from")
@@ -160,17 +171,19 @@ def apply_recipe(args) -> None:
 
 def check_args(args) -> None:
     apply_recipe(args)
-    for name in ("epochs", "batch_size", "print_every", "image_size", "embedding_dim"):
+    for name in ("epochs", "batch_size", "print_every", "val_every", "image_size", "embedding_dim"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("lr", "margin"):
         if not getattr(args, name) > 0:
             raise utils.UserError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("triplet_loss_ratio", "domain_loss_ratio", "class_loss_ratio", "weight_decay", "grad_clip", "warmup",
-                 "grl_threshold_epoch", "workers", "budget_minutes", "thicken", "domain_label_smoothing",
+                 "grl_threshold_epoch", "budget_minutes", "thicken", "domain_label_smoothing",
                  "grl_max_lambda", "cache_gb"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.workers < -1:
+        raise utils.UserError(f"--workers must be -1 (all CPUs) or at least 0, got {args.workers}")
     if not 0 <= args.val_fraction < 1:
         raise utils.UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     if args.image_size < 32:
@@ -234,14 +247,12 @@ class TrainingLosses(nn.Module):
 
 
 def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr: float, args,
-               dtype: torch.dtype | None, stop: bool = False, where: str = "", clock=lambda: 0.0) -> tuple[dict, bool]:
+               dtype: torch.dtype | None) -> dict:
     """One optimisation step on this process's share of the global batch (images already on the device).
 
-    Returns the losses of the global batch (under torchrun: the mean over processes, which is the global
-    batch's mean since every process holds an equal share) and whether any process was asked to stop.
-    One all-reduce before backward shares both, so every process sees the same non-finite loss and
-    stops after the same step. vals["seconds"] is ``clock()`` (seconds of training so far); under torchrun
-    the mean over processes, so that every process follows one time-based schedule."""
+    Returns this process's losses, and their weighted sum as "loss", as detached 0-dim tensors on the
+    device: nothing here waits for the GPU. The loop sums them there and reads them (global_mean) every
+    --print_every steps and at the end of an epoch, where a non-finite loss stops training."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
     with torch.autocast(batch[0].device.type, dtype=dtype, enabled=dtype is not None):
@@ -249,21 +260,6 @@ def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr
     loss = args.triplet_loss_ratio * out["triplet"] + args.domain_loss_ratio * out["domain"]
     if "class" in out and args.class_loss_ratio:
         loss = loss + args.class_loss_ratio * out["class"]
-    world = utils.rank_and_world()[1]
-    if world == 1:
-        vals, total = {k: v.item() for k, v in out.items()}, loss.item()
-        vals["seconds"] = clock()
-    else:
-        summed = utils.all_ranks_sum(torch.cat([torch.stack([*(v.detach().double() for v in out.values()),
-                                                             loss.detach().double()]),
-                                                torch.tensor([float(stop), clock()], dtype=torch.float64,
-                                                             device=loss.device)])).tolist()
-        vals = {k: v / world for k, v in zip(out, summed)}
-        total, stop = summed[-3] / world, summed[-2] > 0
-        vals["seconds"] = summed[-1] / world  # every process schedules by the same (mean) clock
-    if not math.isfinite(total):
-        raise utils.UserError(f"the loss became {total}{where}; lower --lr or use --no-amp; "
-                              "last.pth holds the last good epoch")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if args.grad_clip > 0:
@@ -271,7 +267,36 @@ def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr
         torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return vals, stop
+    return {**{k: v.detach() for k, v in out.items()}, "loss": loss.detach()}
+
+
+def global_mean(values: dict, count: int = 1) -> dict:
+    """Sums of per-step losses on the device -> their means per step as floats, over every process under
+    torchrun (each holds an equal share of the global batch, so this is the global batch's mean). One read
+    from the device (and one all-reduce); every process must call it at the same steps."""
+    if not values:
+        return {}
+    summed = utils.all_ranks_sum(torch.stack([v.double() for v in values.values()])).tolist()
+    world = utils.rank_and_world()[1]
+    return {k: v / (world * count) for k, v in zip(values, summed)}
+
+
+def agree(stop: bool, seconds: float) -> tuple[bool, float]:
+    """Under torchrun: whether any process was asked to stop, and the processes' mean clock (so that every
+    process follows one time-based schedule), over the CPU, never waiting for a GPU. Alone: as given."""
+    if utils.rank_and_world()[1] == 1:
+        return stop, seconds
+    summed = utils.cpu_ranks_sum(torch.tensor([float(stop), seconds], dtype=torch.float64))
+    return summed[0].item() > 0, summed[1].item() / utils.rank_and_world()[1]
+
+
+def check_finite(sums: dict, before: dict, step_before: int, step_now: int, epoch: int) -> None:
+    """Stop with one line when the summed loss is no longer finite (it was at the previous read)."""
+    total = sums.get("loss", 0.0)
+    if not math.isfinite(total):
+        raise utils.UserError(f"the loss became {total - before.get('loss', 0.0)} between steps {step_before} and "
+                              f"{step_now} of epoch {epoch + 1}; lower --lr or use --no-amp; last.pth holds the "
+                              "last good epoch")
 
 
 def any_process(flag: bool) -> bool:
@@ -381,6 +406,10 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     if args.batch_size % world:
         raise utils.UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes; "
                               "each process takes an equal share of the batch")
+    if args.workers == -1:
+        args.workers = max(1, utils.available_cpus() // world)
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda" and args.amp
     resume = load_resume_checkpoint(args.resume, args, world) if args.resume else None
     info = utils.print_banner("train.py", args)
     print(f"recipe: {args.recipe} ({args.recipe_source}): "
@@ -403,40 +432,22 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
           f"train {n_train[0]} sketches + {n_train[1]} photos; val {n_val[0]} sketches + {n_val[1]} photos")
     if args.sampling == "pairs":
         source = dataset.PairedBatches(train, data.seen, args.image_size, args.batch_size, args.edge_maps, args.seed,
-                                       args.cache_gb * 2 ** 30, args.workers, rank, world)
-        print(f"pairs: {len(source)} steps of {args.batch_size} photos + {args.batch_size} sketch-domain images per epoch; "
-              f"images {'cached in memory' if source.cached else 'read from disk (they exceed --cache_gb)'}")
+                                       rank, world, root=args.data_dir)
+        print(f"pairs: {len(source)} steps of {args.batch_size} photos + {args.batch_size} sketch-domain images per epoch")
         if len(source) < 1:
             raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[1]} training photos; lower it")
     else:
         semantic = data.train_embeddings if args.semantic_negatives else None
         print("negatives: " + ("by class-name similarity (train_embeddings.npy)" if semantic is not None
                                else "uniform over the other seen classes"))
-        triplets = dataset.TripletDataset(train, data.seen, args.image_size, semantic, args.semantic_temperature,
-                                          seed=args.seed)
-        if len(triplets) < args.batch_size:
-            raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {len(triplets)} training "
+        source = dataset.TripletBatches(train, data.seen, args.image_size, args.batch_size, semantic,
+                                        args.semantic_temperature, args.seed, rank, world, root=args.data_dir)
+        if len(source) < 1:
+            raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[0]} training "
                                   "sketches; lower it")
-        # Alone: a seeded shuffle. Under torchrun: every process shuffles the same way (seed, epoch) and
-        # takes every world-th triplet of it.
-        sampler = (torch.utils.data.DistributedSampler(triplets, world, rank, shuffle=True, seed=args.seed,
-                                                       drop_last=True) if world > 1 else None)
-        source = torch.utils.data.DataLoader(
-            triplets, batch_size=args.batch_size // world, shuffle=sampler is None, sampler=sampler, drop_last=True,
-            num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=utils.seed_worker,
-            generator=torch.Generator().manual_seed(args.seed))
-
-    uses_proxies = args.sampling == "pairs" or args.class_loss_ratio > 0
-    model = ZSSBIRModel(args.backbone, args.embedding_dim, args.pretrained,
-                        num_classes=len(data.seen) if uses_proxies else 0, shared_trunk=args.shared_trunk,
-                        domain_bn=args.domain_bn, domain_input=args.domain_input)
-    if world > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    proxies = list(model.class_proxies.parameters()) if uses_proxies else []
-    others = [p for p in model.parameters() if all(p is not q for q in proxies)]
-    optimizer = torch.optim.AdamW([{"params": others}, {"params": proxies, "lr_mult": args.proxy_lr_mult}],
-                                  lr=args.lr, weight_decay=args.weight_decay)
+    loader = open_image_store(source, args, rank, world, device)
+    utils.seed_everything(args.seed)  # the initial weights do not depend on what reading the data drew
+    model, optimizer = build_model_and_optimizer(args, len(data.seen), device, world)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, step, best, resumed = 0, 0, -1.0, {}
     if args.resume:
@@ -459,8 +470,46 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     log_path = os.path.join(args.checkpoint_dir, "log.jsonl")
     with StopRequest() as stop:
-        train_epochs(args, model, net, optimizer, scaler, source, val, data, device, dtype, start_epoch,
+        train_epochs(args, model, net, optimizer, scaler, loader, val, data, device, dtype, start_epoch,
                      step, best, resumed, log_path, stop)
+
+
+def build_model_and_optimizer(args, num_classes: int, device: torch.device, world: int = 1):
+    """The model the flags describe, on the device in --channels_last's layout, and its AdamW (the class
+    proxies in their own group, at --proxy_lr_mult times the learning rate)."""
+    uses_proxies = args.sampling == "pairs" or args.class_loss_ratio > 0
+    model = ZSSBIRModel(args.backbone, args.embedding_dim, args.pretrained,
+                        num_classes=num_classes if uses_proxies else 0, shared_trunk=args.shared_trunk,
+                        domain_bn=args.domain_bn, domain_input=args.domain_input)
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    proxies = list(model.class_proxies.parameters()) if uses_proxies else []
+    others = [p for p in model.parameters() if all(p is not q for q in proxies)]
+    optimizer = torch.optim.AdamW([{"params": others}, {"params": proxies, "lr_mult": args.proxy_lr_mult}],
+                                  lr=args.lr, weight_decay=args.weight_decay)
+    return model, optimizer
+
+
+def open_image_store(source, args, rank: int, world: int, device: torch.device) -> dataset.BatchLoader:
+    """Where the training images come from, printed: the disk cache (written first with --disk_cache), then
+    memory when they fit in --cache_gb (filled by train_epochs, inside the budget), else their files."""
+    store = source.store
+    cache_dir = args.cache_dir or os.path.join(args.data_dir, "cache")
+    if args.disk_cache and rank == 0:
+        try:
+            added, kept = dataset.write_disk_cache(args.data_dir, store.items, args.image_size, cache_dir, args.workers)
+        except OSError as e:
+            raise utils.UserError(f"cannot write the disk cache in {cache_dir} ({e.strerror or e}); pass --cache_dir "
+                                  "with a writable folder, or --no-disk_cache") from None
+        print(f"disk cache {dataset.cache_paths(cache_dir, args.image_size)[0]}: {added} images added, {kept} kept")
+    if args.disk_cache and world > 1:
+        torch.distributed.barrier()
+    cached = store.open_disk_cache(cache_dir) if args.disk_cache is not False else 0
+    fits = store.bytes() <= args.cache_gb * 2 ** 30
+    print(f"images: {len(store)} at {args.image_size}px ({store.bytes() / 2 ** 30:.2f} GiB), {cached} from the disk "
+          f"cache, " + ("held in memory" if fits else f"{args.workers} loader processes (over --cache_gb)"))
+    return dataset.BatchLoader(source, args.workers, pin_memory=device.type == "cuda", memory=fits)
 
 
 class Schedule:
@@ -505,50 +554,39 @@ class Schedule:
 
 
 def to_device_batch(batch, args, device, step: int, memory_format) -> list:
-    """A loaded batch on the device: pairs are augmented there (random numbers seeded by (seed, step), so a
-    resumed run draws the same ones), triplets arrive augmented by the loader processes."""
-    if args.sampling == "pairs":
-        sketch, photo, labels = batch
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        sketch = dataset.augment(sketch.to(device, non_blocking=True), g, (args.crop_scale, 1.0), thicken=args.thicken)
-        photo = dataset.augment(photo.to(device, non_blocking=True), g, (args.crop_scale, 1.0))
-        return [sketch.contiguous(memory_format=memory_format), photo.contiguous(memory_format=memory_format),
-                labels.to(device, non_blocking=True)]
-    sketch, pos, neg, labels, neg_labels = batch
-    return ([x.to(device, non_blocking=True, memory_format=memory_format) for x in (sketch, pos, neg)]
-            + [x.to(device, non_blocking=True) for x in (labels, neg_labels)])
+    """A loaded batch (uint8 images, labels) on the device, its images augmented there (augment: crop, flip,
+    normalisation) with random numbers seeded by (seed, step, rank), so a resumed run draws the same ones."""
+    rank, world = utils.rank_and_world()
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * world + rank)
+    n_images = 2 if args.sampling == "pairs" else 3
+    images = [dataset.augment(x.to(device, non_blocking=True), g, (args.crop_scale, 1.0),
+                              thicken=args.thicken if i == 0 else 0.0).contiguous(memory_format=memory_format)
+              for i, x in enumerate(batch[:n_images])]  # the sketch-domain images first
+    return images + [x.to(device, non_blocking=True) for x in batch[n_images:]]
 
 
-def train_epochs(args, model, net, optimizer, scaler, source, val, data, device, dtype, start_epoch, step,
+def train_epochs(args, model, net, optimizer, scaler, loader, val, data, device, dtype, start_epoch, step,
                  best, resumed, log_path, stop) -> None:
+    """The training loop over a BatchLoader (or anything with len(), prepare() and epoch(e, start)). It reads
+    from the device only every --print_every steps, at a stop and at the end of an epoch."""
     rank, world = utils.rank_and_world()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    pairs = args.sampling == "pairs"
-    steps_per_epoch = len(source)
+    steps_per_epoch = len(loader)
     schedule = Schedule(args, steps_per_epoch, resumed.get("seconds", 0.0), resumed.get("grl_start_seconds", -1.0))
-    if pairs:
-        source.fill_cache()  # inside the budget: reading the images is part of training
+    loader.prepare()  # inside the budget: reading the images is part of training
     last_path = os.path.join(args.checkpoint_dir, "last.pth")
     epoch, seconds, lambd, finished = start_epoch, schedule.seconds(), 0.0, False
     while args.epochs is None or epoch < args.epochs:
         model.train()
-        # A resumed epoch draws the same shuffle, augmentations and dropout; each process its own.
-        epoch_seed = args.seed * 1000 + epoch + 1_000_003 * rank
-        utils.seed_everything(epoch_seed)
+        # A resumed epoch draws the same dropout; each process its own. Batches and augmentations depend on
+        # (seed, epoch, step) alone.
+        utils.seed_everything(args.seed * 1000 + epoch + 1_000_003 * rank)
         skip = resumed.get("epoch_step", 0) if epoch == start_epoch else 0
-        sums = dict(resumed.get("epoch_sums", {})) if skip else {}  # per-epoch sums of the losses' values
+        sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in resumed.get("epoch_sums", {}).items()} if skip else {}
+        read, read_at = {k: v.item() for k, v in sums.items()}, skip  # the sums as last read, and at which step
         schedule.start_epoch(epoch, seconds)
         t0 = time.time()
-        if pairs:
-            batches = source.batches(epoch, skip)
-        else:
-            source.dataset.set_epoch(epoch)
-            if source.sampler is not None and hasattr(source.sampler, "set_epoch"):
-                source.sampler.set_epoch(epoch)
-            source.generator.manual_seed(epoch_seed)
-            batches = iter(source)
-            for _ in range(skip):  # replay the loader to the stop: the same batches and augmentation streams
-                next(batches)
+        batches = loader.epoch(epoch, skip)
         if skip:
             set_rng_state(resumed["rng_by_rank"][rank] if "rng_by_rank" in resumed
                           else resumed["rng"])  # "rng": one process's states, as saved before torchrun support
@@ -559,44 +597,59 @@ def train_epochs(args, model, net, optimizer, scaler, source, val, data, device,
             batch = to_device_batch(batch, args, device, step, memory_format)
             lambd = schedule.lambd(step, seconds)
             lr = lr_at(schedule.progress(step, seconds), args.warmup, args.lr)
-            vals, stopping = train_step(net, optimizer, scaler, batch, lambd, lr, args, dtype, stop.signal is not None,
-                                        where=f" at step {step} (epoch {epoch + 1})", clock=schedule.seconds)
-            seconds = vals.pop("seconds")
+            vals = train_step(net, optimizer, scaler, batch, lambd, lr, args, dtype)
+            stopping, seconds = agree(stop.signal is not None, schedule.seconds())
             step, done = step + 1, i
             for k, v in vals.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items() if k in ("class", "triplet", "domain")})
-            if step % args.print_every == 0:
-                print(f"epoch {epoch + 1} step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in vals.items())
-                      + f"  lambda {lambd:.3f}  lr {lr:.2e}")
-                if rank == 0:
-                    utils.append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, "lambda": lambd,
-                                                  "lr": lr, "seconds": seconds, **vals})
+                sums[k] = sums[k] + v.double() if k in sums else v.double()
             finished = schedule.over(seconds)
+            if step % args.print_every == 0 or finished or (stopping and i < steps_per_epoch):
+                now = global_mean(sums)  # the one wait for the device
+                check_finite(now, read, read_at, i, epoch)
+                means = {k: (now[k] - read.get(k, 0.0)) / (i - read_at) for k in now if k != "loss"}
+                read, read_at = now, i
+                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("class", "triplet", "domain")})
+                if step % args.print_every == 0:
+                    print(f"epoch {epoch + 1} step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+                          + f"  lambda {lambd:.3f}  lr {lr:.2e}")
+                    if rank == 0:
+                        utils.append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, "lambda": lambd,
+                                                      "lr": lr, "seconds": seconds, **means})
             if finished:
                 break
             if stopping and i < steps_per_epoch:
                 rngs = utils.all_gather_objects(rng_state())
                 if rank == 0:
-                    utils.save_checkpoint(make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i, sums,
+                    utils.save_checkpoint(make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i, read,
                                                           rngs, schedule.state(seconds)), last_path)
                 print(f"stopped at step {step} ({i}/{steps_per_epoch} of epoch {epoch + 1}); continue with "
                       f"--resume {last_path}")
                 return
+        if done > read_at:
+            now = global_mean(sums)
+            check_finite(now, read, read_at, done, epoch)
+            read = now
         train_s = time.time() - t0
-        val_map = validate(model, val, data.seen, args, device)
-        means = {k: v / max(1, done) for k, v in sums.items()}
-        improved = math.isnan(val_map) or val_map > best  # without a validation set, the last epoch is best
-        best = val_map if improved else best
+        last = finished or (args.epochs is not None and epoch + 1 == args.epochs)
+        if last or (epoch + 1) % args.val_every == 0:
+            t1 = time.time()
+            val_map = validate(model, val, data.seen, args, device)
+            val_s = time.time() - t1
+            improved = math.isnan(val_map) or val_map > best  # without a validation set, the last epoch is best
+            best = val_map if improved else best
+            val_text = f"val mAP@all {val_map:.4f}{'  (best)' if improved else ''}  [{val_s:.0f}s validation]"
+        else:
+            val_map, val_s, improved, val_text = None, 0.0, False, f"(validation every {args.val_every} epochs)"
+        means = {k: v / max(1, done) for k, v in read.items() if k != "loss"}
         seconds = schedule.seconds()
         print(f"epoch {epoch + 1}" + (f"/{args.epochs}" if args.epochs else "") + ": "
-              + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
-              + f"  lambda {lambd:.3f}  val mAP@all {val_map:.4f}"
-              f"{'  (best)' if improved else ''}  [{train_s:.0f}s, {(done - skip) * args.batch_size / max(train_s, 1e-9):.1f} "
+              + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) + f"  lambda {lambd:.3f}  {val_text}"
+              f"  [{train_s:.0f}s, {(done - skip) * args.batch_size / max(train_s, 1e-9):.1f} "
               f"{args.sampling}/s" + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "") + "]")
         if rank == 0:
             utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
-                                          "lambda": lambd, "train_seconds": train_s, "seconds": seconds, **means})
+                                          "lambda": lambd, "train_seconds": train_s, "val_seconds": val_s,
+                                          "seconds": seconds, **means})
             # A budget that ends inside an epoch ends training there: the checkpoint counts the epoch as done.
             ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best,
                                    schedule_state=schedule.state(seconds))

@@ -95,9 +95,16 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
+    global _CPU_GROUP
+    _CPU_GROUP = dist.new_group(backend="gloo") if device.type == "cuda" else None  # for cpu_ranks_sum
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # one copy of the logs; errors still reach stderr
     return rank, world, device
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -115,6 +122,18 @@ def all_ranks_sum(values: torch.Tensor) -> torch.Tensor:
     summed = values.detach().to(device, torch.float64).clone()
     dist.all_reduce(summed)
     return summed.to(values.device)
+
+
+_CPU_GROUP = None  # a gloo group beside NCCL's, set by init_distributed
+
+
+def cpu_ranks_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over all processes through gloo, which never waits for a GPU (itself when alone)."""
+    if rank_and_world()[1] == 1:
+        return values
+    summed = values.clone()
+    dist.all_reduce(summed, group=_CPU_GROUP)
+    return summed
 
 
 def all_gather_objects(obj) -> list:
@@ -346,7 +365,8 @@ def plot_training_curves(records: list, path: str) -> None:
         ax.set_xlabel("step")
     axes[0].legend()
     axes[1].axhline(0.5, color="grey", ls="--", lw=0.8)
-    axes[3].plot([r["epoch"] for r in epochs], [r["val_map"] for r in epochs], marker="o")
+    validated = [r for r in epochs if r.get("val_map") is not None]  # --val_every skips some epochs
+    axes[3].plot([r["epoch"] for r in validated], [r["val_map"] for r in validated], marker="o")
     axes[3].set_title("seen-class validation mAP@all")
     axes[3].set_xlabel("epoch")
     fig.tight_layout()

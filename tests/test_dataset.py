@@ -1,4 +1,4 @@
-"""dataset.py: image modes, layout checks, the seen-class hold-out, the triplet sampler."""
+"""dataset.py: image modes, layout checks, the seen-class hold-out, training batches, the image store and disk cache."""
 import os
 from collections import Counter
 
@@ -173,20 +173,23 @@ def test_split_seen_holds_out_a_fraction_of_small_classes_and_never_their_last_i
     assert all(len(v) == 1 for v in train["photos"].values()) and sum(map(len, val["photos"].values())) == 10
 
 
-def _sample_many(ds, epochs=40):
+def _triplets(ds, epochs=40):
+    """(sketch path, positive path, negative path, class, negative class) of every triplet of these epochs."""
     out = []
     for e in range(epochs):
-        ds.set_epoch(e)
-        out += [ds.sample(i) for i in range(len(ds))]
+        (anchors, pos, neg), (c, n) = ds.plan(e)
+        out += [(ds.store.items[a][0], ds.store.items[p][0], ds.store.items[q][0], ci, ni)
+                for a, p, q, ci, ni in zip(anchors.ravel(), pos.ravel(), neg.ravel(), c.ravel(), n.ravel())]
     return out
 
 
-def test_triplet_sampler_positive_same_class_negative_other_class_balanced(tmp_path):
+def test_triplet_batches_positive_same_class_negative_other_class_balanced(tmp_path):
     root = make_tiny_dataset(str(tmp_path / "d"), seen=("a", "b", "c", "d", "e"), per_class=4)
     data = D.scan_dataset(root)
     train, _ = D.split_seen(data, 0.0)
-    ds = D.TripletDataset(train, data.seen, image_size=32, seed=1)
-    triplets = _sample_many(ds)
+    ds = D.TripletBatches(train, data.seen, image_size=32, batch_size=4, seed=1)
+    assert len(ds) == 5 and len({t[0] for t in _triplets(ds, epochs=1)}) == 20  # every sketch once per epoch
+    triplets = _triplets(ds)
     cls_of = {p: c for c in data.seen for p in data.photos[c]}
     neg_counts = Counter()
     for sketch, pos, neg, c, n in triplets:
@@ -212,23 +215,23 @@ def test_semantic_negatives_prefer_closer_classes(tmp_path):
     probs = D.negative_class_probs(3, emb, temperature=0.2)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
     assert np.all(np.diag(probs) == 0) and probs[0, 1] > 0.9
-    ds = D.TripletDataset(train, data.seen, 32, class_embeddings=emb, temperature=0.2)
-    negs = Counter(n for _, _, _, c, n in _sample_many(ds, epochs=50) if c == 0)
+    ds = D.TripletBatches(train, data.seen, 32, 4, class_embeddings=emb, temperature=0.2)
+    negs = Counter(n for _, _, _, c, n in _triplets(ds, epochs=50) if c == 0)
     assert negs[1] > 5 * negs[2]
 
 
-def test_triplet_sampling_is_reproducible_per_epoch_and_item(tiny_data):
+def test_triplet_batches_depend_on_seed_and_epoch_only_and_split_rows_between_processes(tiny_data):
     data = D.scan_dataset(tiny_data)
     train, _ = D.split_seen(data, 0.0)
-    a = D.TripletDataset(train, data.seen, 32, seed=3)
-    b = D.TripletDataset(train, data.seen, 32, seed=3)
-    b.set_epoch(1)
-    b.set_epoch(0)
-    assert [a.sample(i) for i in range(len(a))] == [b.sample(i) for i in reversed(range(len(b)))][::-1]
-    b.set_epoch(1)
-    assert [a.sample(i) for i in range(len(a))] != [b.sample(i) for i in range(len(b))]
-    s, p, n, c, k = a[0]
-    assert s.shape == p.shape == n.shape == (3, 32, 32) and c != k
+    a = D.TripletBatches(train, data.seen, 32, 4, seed=3)
+    b = D.TripletBatches(train, data.seen, 32, 4, seed=3)
+    b[(1, 0)]
+    assert _triplets(a, 2) == _triplets(b, 2)
+    assert _triplets(a, 1) != _triplets(a, 2)[len(_triplets(a, 1)):]  # epoch 1 differs from epoch 0
+    s, p, n, c, k = b[(0, 1)]
+    assert s.shape == p.shape == n.shape == (4, 3, 32, 32) and s.dtype == torch.uint8 and (c != k).all()
+    half = D.TripletBatches(train, data.seen, 32, 4, seed=3, rank=1, world=2)
+    assert all(torch.equal(x, y[2:]) for x, y in zip(half[(0, 1)], b[(0, 1)]))
 
 
 # ----------------------------------------------------------------------------------- paired batches
@@ -246,26 +249,89 @@ def test_paired_batches_are_one_pass_over_the_photos_with_partners_of_the_same_c
     root = make_tiny_dataset(str(tmp_path / "d"), seen=("a", "b", "c", "d", "e"), per_class=4)
     data = D.scan_dataset(root)
     train, _ = D.split_seen(data, 0.0)
-    pb = D.PairedBatches(train, data.seen, 32, batch_size=5, edge_maps=True, seed=3, cache_bytes=1e9)
-    photos, partners = pb.plan(0)
+    pb = D.PairedBatches(train, data.seen, 32, batch_size=5, edge_maps=True, seed=3)
+    (partners, photos), (labels,) = pb.plan(0)
+    photos = photos - len(pb.pool)  # the store holds the pool, then the photos
     assert photos.shape == (4, 5) and len(set(photos.ravel())) == 20  # every photo once per epoch
+    assert np.array_equal(labels, pb.labels[photos])
     for ph, pa in zip(photos.ravel(), partners.ravel()):
         path, edges = pb.pool[pa]
         cls = os.path.basename(os.path.dirname(path))
         assert cls == data.seen[pb.labels[ph]]                     # the partner is of the photo's class
-    kinds = Counter(pb.pool[k][1] for e in range(30) for k in pb.plan(e)[1].ravel())
+    kinds = Counter(pb.pool[k][1] for e in range(30) for k in pb.plan(e)[0][0].ravel())
     assert 0.35 < kinds[True] / sum(kinds.values()) < 0.65        # 4 sketches + 4 edge maps per class: half each
-    assert np.array_equal(pb.plan(0)[0], photos) and not np.array_equal(pb.plan(1)[0], photos)
-    # the cache and the files give the same batches, from any step on; under 2 processes each takes half
-    streamed = D.PairedBatches(train, data.seen, 32, 5, True, 3, cache_bytes=0)
-    assert pb.cached and not streamed.cached
-    for (s1, p1, l1), (s2, p2, l2) in zip(pb.batches(2, start=1), streamed.batches(2, start=1)):
-        assert torch.equal(s1, s2) and torch.equal(p1, p2) and torch.equal(l1, l2) and s1.dtype == torch.uint8
-    pb2 = D.PairedBatches(train, data.seen, 32, 4, True, 3, 1e9, rank=1, world=2)
-    _, p_r1, l_r1 = next(pb2.batches(0))
-    full = D.PairedBatches(train, data.seen, 32, 4, True, 3, 1e9)
-    _, p_all, l_all = next(full.batches(0))
-    assert torch.equal(p_r1, p_all[2:]) and torch.equal(l_r1, l_all[2:])
+    assert np.array_equal(pb.plan(0)[0][1], photos + len(pb.pool)) and not np.array_equal(pb.plan(1)[0][1], pb.plan(0)[0][1])
+    s, p, y = pb[(2, 1)]
+    assert s.shape == p.shape == (5, 3, 32, 32) and s.dtype == torch.uint8 and torch.equal(y, torch.from_numpy(pb.plan(2)[1][0][1]))
+    assert torch.equal(p[0], D.load_resized(pb.photos[pb.plan(2)[0][1][1, 0] - len(pb.pool)], 32))
+    half = D.PairedBatches(train, data.seen, 32, 4, True, 3, rank=1, world=2)
+    full = D.PairedBatches(train, data.seen, 32, 4, True, 3)
+    assert all(torch.equal(x, y[2:]) for x, y in zip(half[(0, 0)], full[(0, 0)]))
+
+
+def test_the_store_gives_the_same_images_from_files_memory_and_the_disk_cache(tmp_path):
+    root = make_tiny_dataset(str(tmp_path / "d"), seen=("a", "b", "c"), per_class=3)
+    data = D.scan_dataset(root)
+    train, _ = D.split_seen(data, 0.0)
+    pb = D.PairedBatches(train, data.seen, 32, 3, edge_maps=True, seed=0, root=root)
+    keys = [(e, s) for e in range(2) for s in range(len(pb))]
+    from_files = [pb[k] for k in keys]
+    cache = str(tmp_path / "cache")
+    assert D.write_disk_cache(root, pb.store.items, 32, cache) == (len(pb.store), 0)
+    assert D.write_disk_cache(root, pb.store.items, 32, cache) == (0, len(pb.store))  # nothing new to write
+    assert pb.store.open_disk_cache(cache) == len(pb.store)
+    pb.store.items = [("/nonexistent/" + os.path.basename(p), e) for p, e in pb.store.items]  # files are not read
+    pb.store.root = "/nonexistent"
+    assert all(all(torch.equal(x, y) for x, y in zip(pb[k], f)) for k, f in zip(keys, from_files))
+    pb.store.load_memory()
+    assert all(all(torch.equal(x, y) for x, y in zip(pb[k], f)) for k, f in zip(keys, from_files))
+    npy, index = D.cache_paths(cache, 32)
+    assert os.path.getsize(npy) >= len(pb.store) * 3 * 32 * 32 and sorted(os.listdir(cache)) == ["32px.json", "32px.npy"]
+
+
+def test_the_disk_cache_drops_a_changed_file_and_adds_new_items(tmp_path):
+    root = make_tiny_dataset(str(tmp_path / "d"), seen=("a", "b"), per_class=2)
+    data = D.scan_dataset(root)
+    photos = [(p, False) for c in data.seen for p in data.photos[c]]
+    cache = str(tmp_path / "cache")
+    D.write_disk_cache(root, photos, 32, cache)
+    changed = photos[0][0]
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(changed)  # another size: the stamp no longer matches
+    store = D.ImageStore(photos + [(photos[1][0], True)], 32, root)
+    assert store.open_disk_cache(cache) == len(photos) - 1                         # neither the changed one nor the edge map
+    assert torch.equal(store[0], D.load_resized(changed, 32)) and store[0][1, 16, 16] == 200  # read from its file
+    assert D.write_disk_cache(root, store.items, 32, cache) == (2, len(photos) - 1)
+    assert store.open_disk_cache(cache) == len(store)
+    assert torch.equal(store[0], D.load_resized(changed, 32)) and torch.equal(store[len(photos)], D.load_resized(photos[1][0], 32, True))
+
+
+def test_the_batch_loader_follows_the_epochs_with_persistent_workers_from_any_step(tiny_data):
+    data = D.scan_dataset(tiny_data)
+    train, _ = D.split_seen(data, 0.0)
+    source = D.TripletBatches(train, data.seen, 32, 4, seed=5)
+    loader = D.BatchLoader(source, workers=1, pin_memory=False)
+    for epoch, start in ((0, 0), (1, 2), (0, 4)):
+        got = list(loader.epoch(epoch, start))
+        assert len(got) == len(source) - start
+        for s, batch in enumerate(got, start=start):
+            assert all(torch.equal(x, y) for x, y in zip(batch, source[(epoch, s)])), (epoch, s)
+    first = loader.loader._iterator._workers[0].pid
+    next(loader.epoch(1))
+    assert loader.loader._iterator._workers[0].pid == first  # the same worker process, epoch after epoch
+
+
+def test_read_resized_decodes_a_large_jpeg_at_a_reduced_scale(tmp_path):
+    im = Image.new("RGB", (256, 200), "white")
+    im.paste((0, 0, 0), (0, 0, 128, 200))  # left half black
+    im.save(tmp_path / "big.jpg", quality=95)
+    with Image.open(tmp_path / "big.jpg") as f:
+        assert f.draft(None, (32, 32)) is not None and f.size == (64, 50)  # libjpeg decodes it at 1/4
+    out = D.read_resized(str(tmp_path / "big.jpg"), 32)
+    arr = np.asarray(out).astype(int)
+    assert out.size == (32, 32) and out.mode == "RGB"
+    assert arr[:, :14].max() < 40 and arr[:, 18:].min() > 215  # the halves survive, the edge is where it was
+    Image.new("L", (20, 60), 0).save(tmp_path / "small.png")  # no reduced decoding; upscaled
+    assert D.read_resized(str(tmp_path / "small.png"), 32).size == (32, 32)
 
 
 def test_augment_without_a_crop_is_normalisation_or_a_mirror():

@@ -1,6 +1,7 @@
 """What the device changes: one embedding policy for evaluate.py, retrieve.py and validation, memory
 layouts, mixed precision and resume on CUDA. Tests marked gpu run wherever CUDA is present (make test
 on a GPU machine) and are skipped elsewhere; the others run on the CPU, and on CUDA too when present."""
+import math
 import os
 
 import pytest
@@ -86,8 +87,8 @@ def test_a_channels_last_step_computes_what_the_default_layout_computes(device):
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is then minus the (clipped) gradient
         batch = batch_on(device, torch.float64)
         batch[:3] = [x.contiguous(memory_format=fmt) for x in batch[:3]]
-        vals, _ = train.train_step(train.TrainingLosses(model), optimizer, torch.amp.GradScaler(device, enabled=False),
-                                   batch, 0.5, 1.0, args, None)
+        vals = train.global_mean(train.train_step(train.TrainingLosses(model), optimizer,
+                                                  torch.amp.GradScaler(device, enabled=False), batch, 0.5, 1.0, args, None))
         grad = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
         results.append((vals, torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]),
                         grad))
@@ -125,8 +126,8 @@ def test_a_bfloat16_train_step_computes_in_bfloat16_and_learns():
     batch = batch_on("cuda")
     totals = []
     for i in range(10):  # lambda 0: no reversal, so every loss is minimised
-        step = lambda: totals.append(train.train_step(train.TrainingLosses(model), optimizer, scaler, batch, 0.0,
-                                                      1e-3, args, torch.bfloat16)[0])
+        step = lambda: totals.append(train.global_mean(train.train_step(train.TrainingLosses(model), optimizer, scaler,
+                                                                        batch, 0.0, 1e-3, args, torch.bfloat16)))
         if i == 0:
             assert trunk_output_dtype(model, step) == torch.bfloat16
         else:
@@ -154,7 +155,8 @@ def test_a_float16_step_is_scaled_and_an_overflowing_one_is_skipped():
     assert torch.equal(weights(), before) and scaler.get_scale() == 2.0 ** 39
 
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
-    vals, _ = train.train_step(train.TrainingLosses(model), optimizer, scaler, batch, 0.0, 1e-3, args, torch.float16)
+    vals = train.global_mean(train.train_step(train.TrainingLosses(model), optimizer, scaler, batch, 0.0, 1e-3, args,
+                                              torch.float16))
     after = weights()
     assert all(torch.isfinite(torch.tensor(v)) for v in vals.values())
     assert torch.isfinite(after).all() and not torch.equal(after, before) and scaler.get_scale() == 2.0 ** 8
@@ -180,3 +182,43 @@ def test_training_on_cuda_stops_mid_epoch_and_resumes(tmp_path, monkeypatch):
     assert {float(s["step"]) for s in done["optimizers"]["adamw"]["state"].values()} == {10.0}
     for state in done["models"].values():
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+# ----------------------------------------------------------------------------------- the loop does not wait
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["scratch", "original"])
+def test_a_training_step_never_makes_the_host_wait_for_the_gpu(recipe):
+    """Under CUDA's sync debug mode "error", any operation that makes the host wait for the GPU raises. The body
+    of train.py's loop (a pinned uint8 batch to the device, the augmentation there, train_step, the device-side
+    sums of the losses) runs three steps under it, after two steps of warm-up (lazy initialisation may wait)."""
+    args = train.get_args_parser().parse_args(["--data_dir", "unused", "--recipe", recipe, "--no-pretrained",
+                                               "--backbone", "resnet18", "--image_size", str(SIZE), "--batch_size", "4",
+                                               "--thicken", "0.5", "--device", "cuda"])
+    train.check_args(args)
+    args.channels_last = True
+    device = torch.device("cuda")
+    model, optimizer = train.build_model_and_optimizer(args, 4, device)
+    net, dtype = train.TrainingLosses(model), utils.amp_dtype(device, True)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    g = torch.Generator().manual_seed(0)
+    n_images = 2 if args.sampling == "pairs" else 3
+    batch = ([torch.randint(0, 256, (4, 3, SIZE, SIZE), generator=g, dtype=torch.uint8).pin_memory()
+              for _ in range(n_images)] + [torch.arange(4).pin_memory(), torch.arange(1, 5).remainder(4).pin_memory()])
+    batch = batch[:n_images + (1 if n_images == 2 else 2)]
+    sums = {}
+
+    def step(i):
+        on_device = train.to_device_batch(batch, args, device, i, torch.channels_last)
+        for k, v in train.train_step(net, optimizer, scaler, on_device, 0.5, 1e-4, args, dtype).items():
+            sums[k] = sums[k] + v.double() if k in sums else v.double()
+
+    step(0)
+    step(1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(2, 5):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(math.isfinite(v) for v in train.global_mean(sums, 5).values())

@@ -18,11 +18,12 @@ import threading
 import time
 import zipfile
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import prepare_data
-from conftest import ROOT
+from conftest import ROOT, make_tiny_dataset
 
 PNG, JPG = io.BytesIO(), io.BytesIO()
 Image.new("RGB", (8, 8), "white").save(PNG, format="PNG")
@@ -533,3 +534,18 @@ def test_class_name_word_vectors(server, tmp_path):
     assert data.train_embeddings.shape == (80, 4) and data.test_embeddings.shape == (30, 4)
     missing = run_download(server, "quickdraw", dest, "--with_embeddings", str(tmp_path / "none.txt"))
     one_error_line(missing, "none.txt not found")
+
+
+def test_the_disk_cache_written_after_preparation_covers_what_train_py_reads(tmp_path, capsys):
+    import dataset
+
+    root = make_tiny_dataset(str(tmp_path / "d"))
+    prepare_data.write_caches(root, [32], edge_maps=True)
+    assert "disk cache" in capsys.readouterr().out
+    data = dataset.scan_dataset(root)
+    train, _ = dataset.split_seen(data, 0.1)
+    pairs = dataset.PairedBatches(train, data.seen, 32, 4, edge_maps=True, seed=0, root=root)
+    assert pairs.store.open_disk_cache(os.path.join(root, "cache")) == len(pairs.store)
+    every = sum(len(v) for v in list(data.sketches.values()) + list(data.photos.values()))
+    assert np.load(dataset.cache_paths(os.path.join(root, "cache"), 32)[0]).shape == (
+        every + sum(map(len, data.photos.values())), 3, 32, 32)  # every image, and every photo's edge map

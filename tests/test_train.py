@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -259,3 +260,50 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
         utils.save_checkpoint({"bad": Boom()}, path)
     assert torch.equal(torch.load(path)["good"], torch.ones(3))
     assert os.listdir(tmp_path) == ["last.pth"]
+
+
+# ----------------------------------------------------------------------------------- data pipeline and loop
+
+def test_the_disk_cache_and_the_loader_processes_train_exactly_as_decoding_in_this_process(tiny_data, tmp_path):
+    """The same uint8 images, whether decoded here, by a worker or read from the disk cache: the same weights."""
+    plain = str(tmp_path / "plain")
+    train.main(train_args(tiny_data, plain, "--epochs", "1", "--cache_gb", "0"))
+    cached, cache = str(tmp_path / "cached"), str(tmp_path / "cache")
+    proc = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", cached, *TINY, "--epochs", "1",
+                    "--cache_gb", "0", "--disk_cache", "--cache_dir", cache, "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    n = int(re.search(r"images: (\d+) at 32px", proc.stdout).group(1))
+    assert f"{n} images added, 0 kept" in proc.stdout and f"{n} from the disk cache, 1 loader processes" in proc.stdout
+    a, b = (utils.load_checkpoint(os.path.join(d, "last.pth")) for d in (plain, cached))
+    for name in a["models"]:
+        for k, v in a["models"][name].items():
+            assert torch.equal(v, b["models"][name][k]), (name, k)
+    again = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", str(tmp_path / "again"), *TINY, "--epochs",
+                     "1", "--disk_cache", "--cache_dir", cache)
+    assert f"0 images added, {n} kept" in again.stdout and "held in memory" in again.stdout
+
+
+def test_validation_every_n_epochs_and_after_the_last(tiny_data, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    train.main(train_args(tiny_data, ckpt, "--epochs", "3", "--val_every", "2"))
+    epochs = [r for r in utils.read_jsonl(os.path.join(ckpt, "log.jsonl")) if r["kind"] == "epoch"]
+    assert [r["val_map"] is None for r in epochs] == [True, False, False]
+    assert utils.load_checkpoint(os.path.join(ckpt, "best.pth"))["epoch"] in (2, 3)
+    assert os.path.isfile(os.path.join(ckpt, "curves.png"))
+
+
+def test_defaults_resolved_for_this_machine(tiny_data, tmp_path):
+    """--workers defaults to the CPUs this process may use; channels_last is off on the CPU."""
+    ckpt = str(tmp_path / "ckpt")
+    args = train.get_args_parser().parse_args(["--data_dir", tiny_data, "--checkpoint_dir", ckpt, "--epochs", "1",
+                                               "--no-pretrained", "--batch_size", "8", "--device", "cpu"])
+    train.main(args)
+    saved = json.load(open(os.path.join(ckpt, "args.json")))["args"]
+    assert saved["workers"] == utils.available_cpus() and saved["channels_last"] is False
+
+
+def test_a_diverging_run_stops_with_one_line_at_the_next_read(tiny_data, tmp_path):
+    proc = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", str(tmp_path / "c"), *TINY, "--epochs", "1",
+                    "--lr", "1e30", "--grad_clip", "0")
+    assert_one_line_error(proc, "the loss became", "between steps", "lower --lr")
+    assert not os.path.exists(tmp_path / "c" / "last.pth")
