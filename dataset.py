@@ -38,7 +38,10 @@ class DataError(ValueError):
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow image -> 8-bit RGB. Transparency is composited onto white; 16-bit and
-    32-bit grey levels are scaled to 0..255; CMYK and palettes are converted."""
+    32-bit grey levels are scaled to 0..255; CMYK and palettes are converted. An RGB image without
+    transparency comes back as it is (no copy)."""
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         top = 1.0 if im.mode == "F" and arr.max() <= 1.0 else (255.0 if arr.max() <= 255 else 65535.0)
@@ -236,7 +239,11 @@ def read_resized(path: str, size: int, upright: bool = False) -> Image.Image:
     with Image.open(path) as im:
         im.draft(None, (size, size))  # a no-op for every format but JPEG
         im.load()
-        im = to_rgb(ImageOps.exif_transpose(im) if upright else im)
+        if upright:
+            im = ImageOps.exif_transpose(im)
+        if im.mode in ("L", "RGB") and "transparency" not in im.info and im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)  # grey sketches: a third of the work of resizing RGB
+        im = to_rgb(im)
     return im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
 
 
@@ -258,12 +265,15 @@ def edge_map(im: Image.Image) -> Image.Image:
 
 def load_resized(path: str, image_size: int, edges: bool = False) -> torch.Tensor:
     """An image file as uint8 (3, S, S), read by read_resized (as evaluation reads it); with ``edges`` its
-    edge_map, drawn at twice the size and then resized."""
+    edge_map, drawn at twice the size (at most the image's own, never below S) and then resized. Channels
+    last in memory, as Pillow holds it: a view, not a transposed copy (the device makes the layout it wants)."""
     if edges:
-        im = edge_map(read_resized(path, 2 * image_size)).resize((image_size, image_size), Image.BILINEAR)
+        with Image.open(path) as f:  # the header only
+            side = max(image_size, min(2 * image_size, *f.size))
+        im = edge_map(read_resized(path, side)).resize((image_size, image_size), Image.BILINEAR)
     else:
         im = read_resized(path, image_size)
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (3, S, S), memory (S, S, 3)
 
 
 class ResizedImages(Dataset):
@@ -283,7 +293,7 @@ class ResizedImages(Dataset):
 # ----------------------------------------------------------------------------------- image store, disk cache
 
 def cache_paths(cache_dir: str, image_size: int) -> tuple[str, str]:
-    """The disk cache at one size: (images (N, 3, S, S) uint8 in a .npy file, its index .json)."""
+    """The disk cache at one size: (images (N, S, S, 3) uint8 in a .npy file, its index .json)."""
     return os.path.join(cache_dir, f"{image_size}px.npy"), os.path.join(cache_dir, f"{image_size}px.json")
 
 
@@ -307,7 +317,7 @@ def read_cache_index(cache_dir: str, image_size: int) -> dict:
         rows = np.load(npy, mmap_mode="r").shape[0]
     except (OSError, ValueError):
         return {}
-    if meta.get("image_size") != image_size or len(meta.get("keys", [])) != rows:
+    if meta.get("image_size") != image_size or meta.get("layout") != "NHWC" or len(meta.get("keys", [])) != rows:
         return {}
     return {k: (i, s) for i, (k, s) in enumerate(zip(meta["keys"], meta["stamps"]))}
 
@@ -329,7 +339,7 @@ def write_disk_cache(root: str, items: list, image_size: int, cache_dir: str, wo
     npy, index = cache_paths(cache_dir, image_size)
     order = keep + todo
     tmp = npy + ".tmp.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(order), 3, image_size, image_size))
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(order), image_size, image_size, 3))
     if keep:
         previous = np.load(npy, mmap_mode="r")
         for j, k in enumerate(keep):
@@ -340,14 +350,14 @@ def write_disk_cache(root: str, items: list, image_size: int, cache_dir: str, wo
     from tqdm import tqdm
     row = len(keep)
     for batch in tqdm(loader, desc=f"disk cache {image_size}px", leave=False, disable=None):
-        out[row:row + len(batch)] = batch.numpy()
+        out[row:row + len(batch)] = batch.permute(0, 2, 3, 1).numpy()  # (n, S, S, 3)
         row += len(batch)
     out.flush()
     del out
     os.replace(tmp, npy)
     tmp_index = index + ".tmp"
     with open(tmp_index, "w", encoding="utf-8") as f:
-        json.dump({"image_size": image_size, "keys": order, "stamps": [stamps[k] for k in order]}, f)
+        json.dump({"image_size": image_size, "layout": "NHWC", "keys": order, "stamps": [stamps[k] for k in order]}, f)
     os.replace(tmp_index, index)
     return len(todo), len(keep)
 
@@ -355,7 +365,8 @@ def write_disk_cache(root: str, items: list, image_size: int, cache_dir: str, wo
 class ImageStore:
     """The uint8 (3, S, S) images of a fixed list of (path, edges) items, by item number. Each image comes
     from the first of: memory (load_memory), the disk cache (open_disk_cache: rows of a memory-mapped .npy,
-    copied, never decoded), its file (decoded and resized by load_resized)."""
+    copied, never decoded), its file (decoded and resized by load_resized). Images are held channels last,
+    (S, S, 3) as decoded: batches are (n, 3, S, S) views of (n, S, S, 3) memory, never transposed here."""
 
     def __init__(self, items: list, image_size: int, root: str = ""):
         self.items, self.image_size, self.root = items, image_size, root
@@ -383,7 +394,8 @@ class ImageStore:
         return len(self.items) * 3 * self.image_size ** 2
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.get(np.array([index]))[0]
+        """Image ``index`` as stored: uint8 (S, S, 3)."""
+        return self._rows(np.array([index]))[0]
 
     def load_memory(self, workers: int = 0) -> None:
         """Hold every image in memory (one pass over the disk cache or the files, by ``workers`` processes)."""
@@ -391,13 +403,17 @@ class ImageStore:
             return
         loader = torch.utils.data.DataLoader(self, batch_size=64, num_workers=workers)
         from tqdm import tqdm
-        self.memory = torch.cat([b for b in tqdm(loader, desc="images to memory", leave=False, disable=None)])  # (N, 3, S, S)
+        self.memory = torch.cat([b for b in tqdm(loader, desc="images to memory", leave=False, disable=None)])  # (N, S, S, 3)
 
     def get(self, idx: np.ndarray) -> torch.Tensor:
-        """uint8 (n, 3, S, S) images of the items ``idx``."""
+        """uint8 (n, 3, S, S) images of the items ``idx`` (channels last in memory)."""
+        return self._rows(idx).permute(0, 3, 1, 2)
+
+    def _rows(self, idx: np.ndarray) -> torch.Tensor:
+        """uint8 (n, S, S, 3) images of the items ``idx``."""
         if self.memory is not None:
             return self.memory[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
-        out = torch.empty(len(idx), 3, self.image_size, self.image_size, dtype=torch.uint8)
+        out = torch.empty(len(idx), self.image_size, self.image_size, 3, dtype=torch.uint8)
         rows = self.rows[idx]
         hit = np.nonzero(rows >= 0)[0]
         if len(hit):
@@ -406,7 +422,7 @@ class ImageStore:
             out[torch.from_numpy(hit)] = torch.from_numpy(self._mm[rows[hit]])
         for j in np.nonzero(rows < 0)[0]:
             path, edges = self.items[idx[j]]
-            out[j] = load_resized(path, self.image_size, edges)
+            out[j] = load_resized(path, self.image_size, edges).permute(1, 2, 0)
         return out
 
 

@@ -299,10 +299,11 @@ def test_the_disk_cache_drops_a_changed_file_and_adds_new_items(tmp_path):
     Image.new("RGB", (40, 40), (10, 200, 30)).save(changed)  # another size: the stamp no longer matches
     store = D.ImageStore(photos + [(photos[1][0], True)], 32, root)
     assert store.open_disk_cache(cache) == len(photos) - 1                         # neither the changed one nor the edge map
-    assert torch.equal(store[0], D.load_resized(changed, 32)) and store[0][1, 16, 16] == 200  # read from its file
+    image = lambda i: store.get(np.array([i]))[0]  # noqa: E731
+    assert torch.equal(image(0), D.load_resized(changed, 32)) and image(0)[1, 16, 16] == 200  # read from its file
     assert D.write_disk_cache(root, store.items, 32, cache) == (2, len(photos) - 1)
     assert store.open_disk_cache(cache) == len(store)
-    assert torch.equal(store[0], D.load_resized(changed, 32)) and torch.equal(store[len(photos)], D.load_resized(photos[1][0], 32, True))
+    assert torch.equal(image(0), D.load_resized(changed, 32)) and torch.equal(image(len(photos)), D.load_resized(photos[1][0], 32, True))
 
 
 def test_the_batch_loader_follows_the_epochs_with_persistent_workers_from_any_step(tiny_data):

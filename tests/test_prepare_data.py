@@ -548,4 +548,4 @@ def test_the_disk_cache_written_after_preparation_covers_what_train_py_reads(tmp
     assert pairs.store.open_disk_cache(os.path.join(root, "cache")) == len(pairs.store)
     every = sum(len(v) for v in list(data.sketches.values()) + list(data.photos.values()))
     assert np.load(dataset.cache_paths(os.path.join(root, "cache"), 32)[0]).shape == (
-        every + sum(map(len, data.photos.values())), 3, 32, 32)  # every image, and every photo's edge map
+        every + sum(map(len, data.photos.values())), 32, 32, 3)  # every image and every photo's edge map, channels last
