@@ -31,7 +31,17 @@ BACKBONES = {
     "resnet50": ("resnet50", "ResNet50_Weights", 2048),
     "mobilenet_v3_small": ("mobilenet_v3_small", "MobileNet_V3_Small_Weights", 576),
     "shufflenet_v2_x1_0": ("shufflenet_v2_x1_0", "ShuffleNet_V2_X1_0_Weights", 1024),
+    "efficientnet_b0": ("efficientnet_b0", "EfficientNet_B0_Weights", 1280),
+    "convnext_tiny": ("convnext_tiny", "ConvNeXt_Tiny_Weights", 768),
+    "swin_t": ("swin_t", "Swin_T_Weights", 768),
+    "vit_b_16": ("vit_b_16", "ViT_B_16_Weights", 768),
+    "vit_b_32": ("vit_b_32", "ViT_B_32_Weights", 768),
 }
+# Vision transformers cut the image into patches: their input side is fixed when they are built and must be
+# a multiple of the patch size.
+PATCH_SIZE = {"vit_b_16": 16, "vit_b_32": 32}
+# Backbones normalised by layer norm only: nothing for --domain_bn to split.
+WITHOUT_BATCH_NORM = {"convnext_tiny", "swin_t", "vit_b_16", "vit_b_32"}
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -44,24 +54,41 @@ def backbone_weights(name: str):
     return getattr(torchvision.models, weights_name).DEFAULT
 
 
-def build_trunk(name: str, pretrained: bool) -> tuple[nn.Module, int]:
-    """A backbone without its classifier: images (B, 3, H, W) -> pooled features (B, F)."""
+def build_trunk(name: str, pretrained: bool, image_size: int = 224) -> tuple[nn.Module, int]:
+    """A backbone without its classifier: images (B, 3, H, W) -> pooled features (B, F). A vision
+    transformer is built for ``image_size`` (its ImageNet weights, trained at 224, get their position
+    embeddings interpolated); the CNNs and Swin take any size."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name in PATCH_SIZE and image_size % PATCH_SIZE[name]:
+        raise ValueError(f"{name} needs an image size divisible by {PATCH_SIZE[name]}, got {image_size}")
     builder, _, width = BACKBONES[name]
     weights = backbone_weights(name) if pretrained else None
+    size = {"image_size": image_size} if name in PATCH_SIZE and weights is None else {}
     try:
-        net = torchvision.models.get_model(builder, weights=weights)
+        net = torchvision.models.get_model(builder, weights=weights, **size)
     except Exception as e:  # no network, no cached file, corrupt cache
         raise PretrainedWeightsUnavailable(
             f"could not load ImageNet weights for {name} ({type(e).__name__}: {e}); place "
             f"{weights.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints/ or pass --no-pretrained"
         ) from None
-    if name.startswith("vgg") or name.startswith("mobilenet"):
+    if name in PATCH_SIZE:
+        if net.image_size != image_size:  # pretrained at 224: the same weights, position embeddings resized
+            from torchvision.models.vision_transformer import interpolate_embeddings
+            state = interpolate_embeddings(image_size, PATCH_SIZE[name], net.state_dict())
+            net = torchvision.models.get_model(builder, weights=None, image_size=image_size)
+            net.load_state_dict(state)
+        net.heads = nn.Identity()
+        trunk = net                                   # the class token after the last layer norm
+    elif name.startswith(("vgg", "mobilenet", "efficientnet")):
         trunk = nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     elif name.startswith("shufflenet"):
         trunk = nn.Sequential(net.conv1, net.maxpool, net.stage2, net.stage3, net.stage4, net.conv5,
                               nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    elif name.startswith("convnext"):
+        trunk = nn.Sequential(net.features, net.avgpool, net.classifier[0], net.classifier[1])  # LayerNorm2d, Flatten
+    elif name.startswith("swin"):
+        trunk = nn.Sequential(net.features, net.norm, net.permute, net.avgpool, net.flatten)
     else:  # resnets: everything up to the global pool, without fc
         trunk = nn.Sequential(*list(net.children())[:-1], nn.Flatten())
     return trunk, width
@@ -96,11 +123,14 @@ class Encoder(nn.Module):
     With ``domain_bn`` the trunk's batch norms are split into one per domain (0 sketch, 1 photo) and
     ``forward`` takes the domain of its batch."""
 
-    def __init__(self, backbone: str, embedding_dim: int, pretrained: bool, domain_bn: bool = False):
+    def __init__(self, backbone: str, embedding_dim: int, pretrained: bool, domain_bn: bool = False,
+                 image_size: int = 224):
         super().__init__()
-        self.trunk, self.width = build_trunk(backbone, pretrained)
+        self.trunk, self.width = build_trunk(backbone, pretrained, image_size)
         self.domain_bn = domain_bn
         if domain_bn:
+            if backbone in WITHOUT_BATCH_NORM:
+                raise ValueError(f"domain_bn splits batch norms, and {backbone} has none (it uses layer norm)")
             split_batch_norms(self.trunk, 2)
         # found once; a plain list, so not registered twice (SyncBatchNorm conversion keeps these modules)
         self.domain_norms = [m for m in self.trunk.modules() if isinstance(m, DomainBatchNorm2d)]
@@ -189,24 +219,25 @@ class ZSSBIRModel(nn.Module):
     norms by domain. ``domain_input`` is what the domain classifier reads: "embedding" (B, D) or the
     trunk's "features" (B, F). With ``num_classes`` > 0 the model also holds seen-class proxies for
     the class loss; they are created last, so the encoders' initialisation does not depend on them.
+    ``image_size`` is the input side a vision transformer is built for (the other backbones take any).
     """
 
     def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool = True,
                  num_classes: int = 0, shared_trunk: bool = False, domain_bn: bool = False,
-                 domain_input: str = "embedding"):
+                 domain_input: str = "embedding", image_size: int = 224):
         super().__init__()
         if domain_input not in ("embedding", "features"):
             raise ValueError(f"domain_input must be 'embedding' or 'features', got {domain_input!r}")
         if shared_trunk:
-            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn)
+            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size)
             width = self.encoder.width
             object.__setattr__(self, "sketch_encoder", DomainView(self.encoder, 0))  # not registered: no
             object.__setattr__(self, "photo_encoder", DomainView(self.encoder, 1))   # second copy in state_dict
         else:
             if domain_bn:
                 raise ValueError("domain_bn needs shared_trunk: two branches already normalise each domain apart")
-            self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained)
-            self.photo_encoder = Encoder(backbone, embedding_dim, pretrained)
+            self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size)
+            self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size)
             width = self.sketch_encoder.width
         self.domain_input = domain_input
         self.domain_classifier = DomainClassifier(embedding_dim if domain_input == "embedding" else width)

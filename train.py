@@ -31,7 +31,8 @@ from tqdm import tqdm
 import dataset
 import metrics
 import utils
-from model import BACKBONES, PretrainedWeightsUnavailable, ZSSBIRModel, grl_lambda, paired_losses, sbir_losses
+from model import (BACKBONES, PATCH_SIZE, WITHOUT_BATCH_NORM, PretrainedWeightsUnavailable, ZSSBIRModel, grl_lambda,
+                   paired_losses, sbir_losses)
 
 
 # Each recipe is a set of defaults; a flag given on the command line always wins over its recipe.
@@ -191,6 +192,13 @@ def check_args(args) -> None:
     for name in ("warmup", "thicken", "domain_label_smoothing", "crop_scale"):
         if not 0 <= getattr(args, name) <= 1:
             raise utils.UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    if args.backbone in PATCH_SIZE and args.image_size % PATCH_SIZE[args.backbone]:
+        raise utils.UserError(f"--backbone {args.backbone} cuts images into {PATCH_SIZE[args.backbone]}-pixel patches; "
+                              f"give an --image_size divisible by {PATCH_SIZE[args.backbone]} (e.g. 224), "
+                              f"not {args.image_size}")
+    if args.domain_bn and args.backbone in WITHOUT_BATCH_NORM:
+        raise utils.UserError(f"--domain_bn splits batch norms, and --backbone {args.backbone} has none (layer "
+                              "norm only); drop --domain_bn or choose a CNN with batch norm")
     if args.domain_bn and not args.shared_trunk:
         raise utils.UserError("--domain_bn splits the batch norms of a shared trunk; add --shared_trunk")
     if args.sampling == "triplets" and (args.edge_maps or args.thicken):
@@ -480,7 +488,7 @@ def build_model_and_optimizer(args, num_classes: int, device: torch.device, worl
     uses_proxies = args.sampling == "pairs" or args.class_loss_ratio > 0
     model = ZSSBIRModel(args.backbone, args.embedding_dim, args.pretrained,
                         num_classes=num_classes if uses_proxies else 0, shared_trunk=args.shared_trunk,
-                        domain_bn=args.domain_bn, domain_input=args.domain_input)
+                        domain_bn=args.domain_bn, domain_input=args.domain_input, image_size=args.image_size)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)

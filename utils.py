@@ -305,7 +305,7 @@ def build_model(ckpt: dict, path: str, trained: bool) -> ZSSBIRModel:
     seed_everything(a["seed"])
     model = ZSSBIRModel(a["backbone"], a["embedding_dim"], pretrained=a["pretrained"] and not trained,
                         shared_trunk=a.get("shared_trunk", False), domain_bn=a.get("domain_bn", False),
-                        domain_input=a.get("domain_input", "embedding"))
+                        domain_input=a.get("domain_input", "embedding"), image_size=a["image_size"])
     if trained:
         load_model_state(model, ckpt, path)
     return model
