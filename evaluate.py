@@ -13,6 +13,7 @@ query sketch (the sketch, then its top --num_images photos, framed green when of
 import argparse
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -257,9 +258,107 @@ def main(args) -> None:
             torch.distributed.destroy_process_group()
 
 
+@dataclass
+class Embedded:
+    """What evaluation scores: query sketches and gallery photos as embeddings with labels, and their source."""
+    classes: list
+    q: torch.Tensor                 # (Q, D)
+    q_labels: torch.Tensor          # (Q,)
+    g: torch.Tensor                 # (G, D)
+    g_labels: torch.Tensor          # (G,)
+    throughput: float               # images/s of the embedding
+    model: str                      # the checkpoint's path
+    data: str
+    class_split: str
+    sketches: tuple = ()            # (paths, labels): from a model only, for the grids
+    photos: tuple = ()
+    image_size: int = 0
+    untrained: tuple = ()           # (queries, gallery) of the untrained network, with --compare_untrained
+
+
+def embeddings_from_file(args, run: dict, ckpt: dict | None) -> Embedded:
+    """The embeddings --embeddings holds, checked against --split, --data and --model where given."""
+    if run["split"] != args.split:
+        raise utils.UserError(f"{args.embeddings} holds the {run['split']} split, not --split {args.split}")
+    if args.data:
+        data = dataset.scan_dataset(args.data, check_images=False,
+                                    class_split=args.class_split or run.get("class_split", ""))
+        classes, sketches, photos = split_images(data, args.split, run["model"]["val_fraction"])
+        check_same_dataset(run, args.embeddings, classes, sketches, photos, args.data, args.split)
+    if ckpt is not None:
+        cfg = utils.checkpoint_model(ckpt)
+        if (cfg.backbone, cfg.embedding_dim) != (run["model"]["backbone"], run["model"]["embedding_dim"]):
+            raise utils.UserError(f"{args.embeddings} was made by a {run['model']['embedding_dim']}-d "
+                                  f"{run['model']['backbone']}, not by {args.model} ({cfg.embedding_dim}-d "
+                                  f"{cfg.backbone})")
+    print(f"embeddings {args.embeddings}: {run['split']} split of {run['data']}, model {run['model']['path']} "
+          f"({run['model']['backbone']}, {run['queries'].shape[1]}-d)")
+    class_split = args.class_split or run.get("class_split") or (ckpt["args"].get("class_split", "") if ckpt else "")
+    return Embedded(run["classes"], run["queries"], run["query_labels"], run["gallery"], run["gallery_labels"],
+                    run["throughput"], args.model or run["model"]["path"], args.data or run["data"], class_split)
+
+
+def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> Embedded | None:
+    """Embed the split's images with the checkpoint's network (under torchrun each process its share; only
+    rank 0 gets the result, the others None); --save_embeddings keeps them."""
+    a, cfg = ckpt["args"], utils.checkpoint_model(ckpt)  # how it was trained; the network it holds
+    print(f"model {args.model}: {cfg.backbone}, {cfg.embedding_dim}-d, {cfg.image_size}px, trained "
+          f"{ckpt['epoch']} epoch(s), seen-class val mAP@all {ckpt['best']:.4f}")
+    class_split = args.class_split or a.get("class_split", "")
+    data = dataset.scan_dataset(args.data, class_split=class_split)
+    if data.skipped:
+        print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
+    classes, sketches, photos = split_images(data, args.split, a["val_fraction"])
+    if not sketches[0] or not photos[0]:
+        raise utils.UserError(f"the {args.split} split of {args.data} has {len(sketches[0])} sketches and "
+                              f"{len(photos[0])} photos; it needs both (for --split val, train with "
+                              "--val_fraction > 0)")
+    q, g, throughput = embed_split(utils.build_model(ckpt, args.model, trained=True), sketches, photos,
+                                   cfg.image_size, args, device)
+    untrained = ()
+    if args.compare_untrained:  # embedded here, while every process still takes part
+        untrained = embed_split(utils.build_model(ckpt, args.model, trained=False), sketches, photos, cfg.image_size,
+                                args, device)[:2]
+    if rank != 0:
+        return None
+    emb = Embedded(classes, q, torch.tensor(sketches[1]), g, torch.tensor(photos[1]), throughput, args.model,
+                   args.data, class_split, sketches, photos, cfg.image_size, untrained)
+    print(f"embedded {len(sketches[0]) + len(photos[0])} images at {throughput:.1f} images/s")
+    if args.save_embeddings:
+        root = os.path.abspath(args.data)
+        save_embeddings(args.save_embeddings, {
+            "queries": q, "query_labels": emb.q_labels, "query_paths": [os.path.relpath(p, root) for p in sketches[0]],
+            "gallery": g, "gallery_labels": emb.g_labels, "gallery_paths": [os.path.relpath(p, root) for p in photos[0]],
+            "classes": list(classes), "split": args.split, "data": root, "throughput": throughput,
+            "class_split": class_split,
+            "model": {"path": os.path.abspath(args.model), "epoch": ckpt["epoch"], "step": ckpt["step"],
+                      "backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim, "image_size": cfg.image_size,
+                      "val_fraction": a["val_fraction"]}})
+        print(f"saved embeddings to {args.save_embeddings}")
+    return emb
+
+
+def classes_without_photos(emb: Embedded, split: str) -> list:
+    """The query classes with no photo in the gallery (warned about, left out of every mean); an empty side
+    or no class with photos is a UserError."""
+    if emb.g.shape[0] == 0:
+        raise utils.UserError(f"the gallery is empty: the {split} split has no photos to retrieve")
+    if emb.q.shape[0] == 0:
+        raise utils.UserError(f"there are no query sketches in the {split} split")
+    missing = sorted(set(emb.q_labels.tolist()) - set(emb.g_labels.tolist()))
+    if missing:
+        num = int(torch.isin(emb.q_labels, torch.tensor(missing)).sum())
+        print(f"warning: {num} query sketch(es) of {len(missing)} class(es) with no photo in the gallery "
+              f"({', '.join(emb.classes[c] for c in missing[:5])}{', ...' if len(missing) > 5 else ''}) are left "
+              "out of every mean")
+        if len(missing) == len(set(emb.q_labels.tolist())):
+            raise utils.UserError("no query sketch has a photo of its class in the gallery; check the dataset's "
+                                  "photos folders")
+    return missing
+
+
 def run_evaluation(args, rank: int, device: torch.device) -> None:
     """Under torchrun every process embeds its share of the images; rank 0 alone computes and writes."""
-    names = list(metrics.PROTOCOLS) if args.protocol == "all" else [args.protocol]
     anchor = args.embeddings or args.model
     # The inputs are checked before anything is written.
     run = load_embeddings(args.embeddings) if args.embeddings else None
@@ -267,116 +366,61 @@ def run_evaluation(args, rank: int, device: torch.device) -> None:
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(anchor)), "eval")
     utils.ensure_dir(out_dir, "output folder")
     info = utils.print_banner("evaluate.py", args)
-
     if args.embeddings:
         if rank != 0:  # nothing to embed: the other processes have no work
             return
-        if run["split"] != args.split:
-            raise utils.UserError(f"{args.embeddings} holds the {run['split']} split, not --split {args.split}")
-        if args.data:
-            data = dataset.scan_dataset(args.data, check_images=False,
-                                        class_split=args.class_split or run.get("class_split", ""))
-            classes, sketches, photos = split_images(data, args.split, run["model"]["val_fraction"])
-            check_same_dataset(run, args.embeddings, classes, sketches, photos, args.data, args.split)
-        if args.model:
-            a = ckpt["args"]
-            if (a["backbone"], a["embedding_dim"]) != (run["model"]["backbone"], run["model"]["embedding_dim"]):
-                raise utils.UserError(f"{args.embeddings} was made by a {run['model']['embedding_dim']}-d "
-                                      f"{run['model']['backbone']}, not by {args.model} ({a['embedding_dim']}-d "
-                                      f"{a['backbone']})")
-        classes, q, g = run["classes"], run["queries"], run["gallery"]
-        q_labels, g_labels = run["query_labels"], run["gallery_labels"]
-        throughput = run["throughput"]
-        print(f"embeddings {args.embeddings}: {run['split']} split of {run['data']}, model {run['model']['path']} "
-              f"({run['model']['backbone']}, {q.shape[1]}-d)")
+        emb = embeddings_from_file(args, run, ckpt)
     else:
-        a = ckpt["args"]
-        print(f"model {args.model}: {a['backbone']}, {a['embedding_dim']}-d, {a['image_size']}px, trained "
-              f"{ckpt['epoch']} epoch(s), seen-class val mAP@all {ckpt['best']:.4f}")
-        class_split = args.class_split or a.get("class_split", "")
-        data = dataset.scan_dataset(args.data, class_split=class_split)
-        if data.skipped:
-            print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
-        classes, sketches, photos = split_images(data, args.split, a["val_fraction"])
-        if not sketches[0] or not photos[0]:
-            raise utils.UserError(f"the {args.split} split of {args.data} has {len(sketches[0])} sketches and "
-                                  f"{len(photos[0])} photos; it needs both (for --split val, train with "
-                                  "--val_fraction > 0)")
-        model = utils.build_model(ckpt, args.model, trained=True)
-        q, g, throughput = embed_split(model, sketches, photos, a["image_size"], args, device)
-        if args.compare_untrained:  # embedded here, while every process still takes part
-            bq, bg, _ = embed_split(utils.build_model(ckpt, args.model, trained=False), sketches, photos, a["image_size"],
-                                    args, device)
-        if rank != 0:
+        emb = embeddings_from_model(args, ckpt, rank, device)
+        if emb is None:
             return
-        q_labels, g_labels = torch.tensor(sketches[1]), torch.tensor(photos[1])
-        print(f"embedded {len(sketches[0]) + len(photos[0])} images at {throughput:.1f} images/s")
-        if args.save_embeddings:
-            root = os.path.abspath(args.data)
-            save_embeddings(args.save_embeddings, {
-                "queries": q, "query_labels": q_labels, "query_paths": [os.path.relpath(p, root) for p in sketches[0]],
-                "gallery": g, "gallery_labels": g_labels, "gallery_paths": [os.path.relpath(p, root) for p in photos[0]],
-                "classes": list(classes), "split": args.split, "data": root, "throughput": throughput,
-                "class_split": class_split,
-                "model": {"path": os.path.abspath(args.model), "epoch": ckpt["epoch"], "step": ckpt["step"],
-                          **{k: a[k] for k in ("backbone", "embedding_dim", "image_size", "val_fraction")}}})
-            print(f"saved embeddings to {args.save_embeddings}")
+    score(emb, args, info["commit"], out_dir)
 
-    if g.shape[0] == 0:
-        raise utils.UserError(f"the gallery is empty: the {args.split} split has no photos to retrieve")
-    if q.shape[0] == 0:
-        raise utils.UserError(f"there are no query sketches in the {args.split} split")
-    missing = sorted(set(q_labels.tolist()) - set(g_labels.tolist()))
-    if missing:
-        num = int(torch.isin(q_labels, torch.tensor(missing)).sum())
-        print(f"warning: {num} query sketch(es) of {len(missing)} class(es) with no photo in the gallery "
-              f"({', '.join(classes[c] for c in missing[:5])}{', ...' if len(missing) > 5 else ''}) are left out "
-              "of every mean")
-        if len(missing) == len(set(q_labels.tolist())):
-            raise utils.UserError("no query sketch has a photo of its class in the gallery; check the dataset's "
-                                  "photos folders")
+
+def score(emb: Embedded, args, commit: str, out_dir: str) -> None:
+    """The metrics of every protocol asked for, printed, with plots, grids (from a model) and results.json."""
+    names = list(metrics.PROTOCOLS) if args.protocol == "all" else [args.protocol]
+    missing = classes_without_photos(emb, args.split)
     start = time.perf_counter()
     try:
-        res = metrics.retrieval_metrics(q, q_labels, g, g_labels, ks=KS, protocols=names, pr_points=101)
+        res = metrics.retrieval_metrics(emb.q, emb.q_labels, emb.g, emb.g_labels, ks=KS, protocols=names, pr_points=101)
     except ValueError as e:  # e.g. NaN embeddings from a diverged model
         raise utils.UserError(f"cannot compute the metrics: {e}") from None
     metric_seconds = time.perf_counter() - start
-    chance = metrics.chance_map(q_labels, g_labels)
-
-    used_split = args.class_split or (run or {}).get("class_split") or (ckpt["args"].get("class_split", "") if ckpt else "")
-    results = {"model": args.model or run["model"]["path"], "data": args.data or run["data"], "split": args.split,
-               "class_split": used_split or None,
-               "embeddings": args.embeddings or None, "commit": info["commit"],
-               "num_queries": res["num_queries"], "num_gallery": int(g.shape[0]), "num_classes": len(classes),
+    chance = metrics.chance_map(emb.q_labels, emb.g_labels)
+    classes = emb.classes
+    results = {"model": emb.model, "data": emb.data, "split": args.split, "class_split": emb.class_split or None,
+               "embeddings": args.embeddings or None, "commit": commit,
+               "num_queries": res["num_queries"], "num_gallery": int(emb.g.shape[0]), "num_classes": len(classes),
                "num_queries_without_relevant": res["num_queries_without_relevant"],
                "classes_without_photos": [classes[c] for c in missing],
-               "throughput_images_per_s": throughput, "metrics_seconds": metric_seconds,
+               "throughput_images_per_s": emb.throughput, "metrics_seconds": metric_seconds,
                "chance_map_all": chance, "protocols": {n: summary(res, n, classes) for n in names},
                "pr_curve": {k: v.tolist() for k, v in res["pr_curve"].items()}}
     if "standard" in names:
         results.update(results["protocols"]["standard"])  # the headline numbers, also at the top level
     head = names[0]
     what = "unseen classes" if args.split == "test" else "seen-class validation hold-out"
-    print(f"{args.split} split ({what}): {res['num_queries']} query sketches, {g.shape[0]} gallery photos, "
+    print(f"{args.split} split ({what}): {res['num_queries']} query sketches, {emb.g.shape[0]} gallery photos, "
           f"{len(classes)} classes; metrics in {metric_seconds:.2f}s")
     print_table(results, names)
     top = results["protocols"][head]["map_all"]
     print(f"chance level mAP@all {chance:.4f}  ({head} / chance = {top / chance:.2f}x)")
-    if args.compare_untrained:
-        base = metrics.retrieval_metrics(bq, q_labels, bg, g_labels, ks=KS, protocols=names)
+    if emb.untrained:
+        base = metrics.retrieval_metrics(emb.untrained[0], emb.q_labels, emb.untrained[1], emb.g_labels, ks=KS,
+                                         protocols=names)
         results["untrained"] = {n: summary(base, n, classes) for n in names}
         if "standard" in names:
             results["untrained"].update(results["untrained"]["standard"])
         b = results["untrained"][head]["map_all"]
         print(f"untrained network mAP@all {b:.4f}  ({head}: trained / untrained = {top / b:.2f}x)")
-
     plot_pr_curve(results["pr_curve"], f"{head} mAP@all {top:.3f}", os.path.join(out_dir, "pr_curve.png"))
     plot_per_class_ap(results["protocols"][head]["per_class_ap"], chance, os.path.join(out_dir, "per_class_ap.png"))
-    if args.embeddings:
+    if emb.sketches:
+        results["grids"] = write_grids(emb.q, emb.g, emb.sketches, emb.photos, classes, args, emb.image_size, out_dir)
+    else:
         results["grids"] = []
         print("no retrieval grids from --embeddings (they need the images)")
-    else:
-        results["grids"] = write_grids(q, g, sketches, photos, classes, args, a["image_size"], out_dir)
     utils.write_json(os.path.join(out_dir, "results.json"), results)
     worst = sorted(results["protocols"][head]["per_class_ap"].items(), key=lambda kv: kv[1])
     print("per-class AP: " + ", ".join(f"{c} {ap:.3f}" for c, ap in worst[:10]) + (" ..." if len(worst) > 10 else ""))

@@ -16,6 +16,7 @@ no device.
 """
 import copy
 import math
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -42,6 +43,37 @@ BACKBONES = {
 PATCH_SIZE = {"vit_b_16": 16, "vit_b_32": 32}
 # Backbones normalised by layer norm only: nothing for --domain_bn to split.
 WITHOUT_BATCH_NORM = {"convnext_tiny", "swin_t", "vit_b_16", "vit_b_32"}
+
+
+MODEL_FORMAT = 1  # of a checkpoint's "model" entry; checkpoints without one (format 0) describe it in their args
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network a checkpoint holds, in its own terms, not in any script's flags; a checkpoint stores it
+    as ``{"format": MODEL_FORMAT, **fields}`` under "model". ``weights`` is where the trunk started:
+    "imagenet" (torchvision's default weights for the backbone) or "none" (random)."""
+    backbone: str
+    embedding_dim: int
+    image_size: int
+    shared_trunk: bool = False
+    domain_bn: bool = False
+    domain_input: str = "embedding"
+    weights: str = "imagenet"
+
+    def to_dict(self) -> dict:
+        return {"format": MODEL_FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """The inverse of to_dict; ValueError for another format or a field this version does not know."""
+        if d.get("format") != MODEL_FORMAT:
+            raise ValueError(f"model format {d.get('format')!r}; this version reads format {MODEL_FORMAT}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"format"})
+        if unknown:
+            raise ValueError(f"unknown model field(s) {', '.join(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k != "format"})
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -243,6 +275,14 @@ class ZSSBIRModel(nn.Module):
         self.domain_classifier = DomainClassifier(embedding_dim if domain_input == "embedding" else width)
         if num_classes > 0:
             self.class_proxies = ClassProxies(embedding_dim, num_classes)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, num_classes: int = 0, start_weights: bool = True) -> "ZSSBIRModel":
+        """The network a ModelConfig describes; with ``start_weights`` the trunk starts from config.weights
+        (False: random, e.g. before loading a checkpoint's trained weights)."""
+        return cls(config.backbone, config.embedding_dim, start_weights and config.weights == "imagenet",
+                   num_classes=num_classes, shared_trunk=config.shared_trunk, domain_bn=config.domain_bn,
+                   domain_input=config.domain_input, image_size=config.image_size)
 
     def embed_pair(self, sketch: torch.Tensor, photo: torch.Tensor) -> tuple:
         """Embeddings (B1, D), (B2, D) and trunk features (B1, F), (B2, F) of sketches and photos. A shared

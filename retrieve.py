@@ -131,8 +131,8 @@ def scan_gallery(root: str, exclude: str) -> tuple[list, list]:
 def model_identity(ckpt: dict) -> str:
     """sha256 of what a photo's embedding depends on: the photo encoder's weights, the backbone,
     the embedding size, the input size and the index format (the file's name and date do not count)."""
-    a = ckpt["args"]
-    h = hashlib.sha256(f"{INDEX_FORMAT}|{a['backbone']}|{a['embedding_dim']}|{a['image_size']}".encode())
+    cfg = utils.checkpoint_model(ckpt)
+    h = hashlib.sha256(f"{INDEX_FORMAT}|{cfg.backbone}|{cfg.embedding_dim}|{cfg.image_size}".encode())
     photo = "photo_encoder" if "photo_encoder" in ckpt["models"] else "encoder"  # two branches or one shared trunk
     for name, t in sorted(ckpt["models"][photo].items()):
         h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -409,12 +409,12 @@ def run(args) -> dict:
     utils.ensure_dir(os.path.dirname(os.path.abspath(index_path)), "index folder")
     info = utils.print_banner("retrieve.py", args)
 
-    a = ckpt["args"]
-    print(f"model {args.model}: {a['backbone']}, {a['embedding_dim']}-d, {a['image_size']}px")
+    cfg = utils.checkpoint_model(ckpt)
+    print(f"model {args.model}: {cfg.backbone}, {cfg.embedding_dim}-d, {cfg.image_size}px")
     start = time.perf_counter()
     index, counts = update_index(
         old_index, index_path, root, files, model_identity(ckpt),
-        lambda paths: embed_files(model.photo_encoder, paths, a["image_size"], args, device))
+        lambda paths: embed_files(model.photo_encoder, paths, cfg.image_size, args, device))
     print(f"gallery {args.gallery}: {counts['images']} photos in {index_path} ({counts['embedded']} embedded, "
           f"{counts['unchanged']} unchanged, {counts['deleted']} deleted since the last run) "
           f"in {time.perf_counter() - start:.1f} s")
@@ -426,7 +426,7 @@ def run(args) -> dict:
     if counts["images"] == 0:
         raise utils.UserError(f"gallery {args.gallery} holds no readable image; pass the folder that holds your photos")
 
-    queries = embed_sketches(model.sketch_encoder, sketches, a["image_size"], args, device)  # (Q, D)
+    queries = embed_sketches(model.sketch_encoder, sketches, cfg.image_size, args, device)  # (Q, D)
     start = time.perf_counter()
     if faiss is not None:
         built = cached_faiss_index(faiss, index, os.path.splitext(index_path)[0] + ".faiss")

@@ -31,8 +31,8 @@ from tqdm import tqdm
 import dataset
 import metrics
 import utils
-from model import (BACKBONES, PATCH_SIZE, WITHOUT_BATCH_NORM, PretrainedWeightsUnavailable, ZSSBIRModel, grl_lambda,
-                   paired_losses, sbir_losses)
+from model import (BACKBONES, PATCH_SIZE, WITHOUT_BATCH_NORM, ModelConfig, PretrainedWeightsUnavailable, ZSSBIRModel,
+                   grl_lambda, paired_losses, sbir_losses)
 
 
 # Each recipe is a set of defaults; a flag given on the command line always wins over its recipe.
@@ -330,7 +330,8 @@ def make_checkpoint(model, optimizer, scaler, epoch, step, args, best, epoch_ste
     schedule_state (Schedule.state) adds the seconds spent and where the lambda ramp began."""
     ckpt = {"models": {name: m.state_dict() for name, m in model.named_children()},
             "optimizers": {"adamw": optimizer.state_dict()}, "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "args": vars(args), "best": best, "epoch_step": epoch_step,
+            "epoch": epoch, "step": step, "args": vars(args), "model": model_config(args).to_dict(), "best": best,
+            "epoch_step": epoch_step,
             "world_size": utils.rank_and_world()[1], **(schedule_state or {})}
     if epoch_step:
         ckpt["epoch_sums"] = dict(epoch_sums or {})
@@ -365,9 +366,10 @@ class StopRequest:
 def load_resume_checkpoint(path: str, args, world: int) -> dict:
     """The --resume checkpoint, read and checked against this run before any data is read."""
     ckpt = utils.load_checkpoint(path)
+    saved = utils.checkpoint_model(ckpt)
     for key in ("backbone", "embedding_dim"):
-        if ckpt["args"].get(key) != getattr(args, key):
-            raise utils.UserError(f"{path} was trained with --{key} {ckpt['args'].get(key)} but this run uses "
+        if getattr(saved, key) != getattr(args, key):
+            raise utils.UserError(f"{path} was trained with --{key} {getattr(saved, key)} but this run uses "
                                   f"--{key} {getattr(args, key)}; pass the same value to resume")
     if ckpt.get("epoch_step") and ckpt.get("world_size", 1) != world:
         raise utils.UserError(f"{path} was saved inside an epoch by {ckpt.get('world_size', 1)} process(es); resume "
@@ -482,13 +484,17 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
                      step, best, resumed, log_path, stop)
 
 
+def model_config(args) -> ModelConfig:
+    """The network the flags describe, as checkpoints store it."""
+    return ModelConfig(args.backbone, args.embedding_dim, args.image_size, args.shared_trunk, args.domain_bn,
+                       args.domain_input, "imagenet" if args.pretrained else "none")
+
+
 def build_model_and_optimizer(args, num_classes: int, device: torch.device, world: int = 1):
     """The model the flags describe, on the device in --channels_last's layout, and its AdamW (the class
     proxies in their own group, at --proxy_lr_mult times the learning rate)."""
     uses_proxies = args.sampling == "pairs" or args.class_loss_ratio > 0
-    model = ZSSBIRModel(args.backbone, args.embedding_dim, args.pretrained,
-                        num_classes=num_classes if uses_proxies else 0, shared_trunk=args.shared_trunk,
-                        domain_bn=args.domain_bn, domain_input=args.domain_input, image_size=args.image_size)
+    model = ZSSBIRModel.from_config(model_config(args), num_classes=num_classes if uses_proxies else 0)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)

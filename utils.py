@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 
-from model import BACKBONES, ZSSBIRModel
+from model import BACKBONES, MODEL_FORMAT, ModelConfig, ZSSBIRModel
 
 
 class UserError(Exception):
@@ -274,18 +274,50 @@ def load_checkpoint(path: str) -> dict:
     }, {"epoch_step": lambda e: is_int(e) and e >= 0, "world_size": lambda w: is_int(w) and w >= 1,
         "epoch_sums": lambda d: isinstance(d, dict) and all(is_number(v) for v in d.values()),
         "rng_by_rank": lambda r: isinstance(r, list) and all(map(_is_rng_state, r)), "rng": _is_rng_state})
-    if not bad:
-        bad = ["args." + k for k in wrong_fields(ckpt["args"], {
+    if not bad:  # what evaluation reads of the training arguments; format 0 also describes the model there
+        model_args = {} if "model" in ckpt else {
             "backbone": lambda b: b in BACKBONES, "embedding_dim": lambda d: is_int(d) and d >= 1,
-            "image_size": lambda s: is_int(s) and s >= 32, "seed": is_int, "pretrained": lambda p: isinstance(p, bool),
-            "val_fraction": lambda f: is_number(f) and 0 <= f < 1}, {
+            "image_size": lambda s: is_int(s) and s >= 32, "pretrained": lambda p: isinstance(p, bool)}
+        bad = ["args." + k for k in wrong_fields(ckpt["args"], {
+            **model_args, "seed": is_int, "val_fraction": lambda f: is_number(f) and 0 <= f < 1}, {
                 "class_split": lambda c: isinstance(c, str), "shared_trunk": lambda b: isinstance(b, bool),
                 "domain_bn": lambda b: isinstance(b, bool) and (not b or ckpt["args"].get("shared_trunk") is True),
                 "domain_input": lambda d: d in ("embedding", "features")})]
+    if not bad and "model" in ckpt:
+        bad = _wrong_model_entry(ckpt["model"], path)
     if bad:
         raise UserError(f"{path} is not a checkpoint written by train.py (wrong {', '.join(bad)}); the file is "
                         f"damaged or from another program; {CHECKPOINT_HINT}")
     return ckpt
+
+
+def _wrong_model_entry(entry, path: str) -> list:
+    """The wrong fields of a checkpoint's "model" entry (a newer format is a UserError of its own)."""
+    if not isinstance(entry, dict):
+        return ["model"]
+    if is_int(entry.get("format")) and entry["format"] > MODEL_FORMAT:
+        raise UserError(f"{path} describes its model in format {entry['format']}, newer than this code's "
+                        f"({MODEL_FORMAT}); update this code (git pull) to read it")
+    try:
+        config = ModelConfig.from_dict(entry)
+    except (ValueError, TypeError) as e:
+        return [f"model ({e})"]
+    return ["model." + k for k in wrong_fields(vars(config), {
+        "backbone": lambda b: b in BACKBONES, "embedding_dim": lambda d: is_int(d) and d >= 1,
+        "image_size": lambda s: is_int(s) and s >= 32, "shared_trunk": lambda b: isinstance(b, bool),
+        "domain_bn": lambda b: isinstance(b, bool) and (not b or config.shared_trunk),
+        "domain_input": lambda d: d in ("embedding", "features"), "weights": lambda w: w in ("imagenet", "none")})]
+
+
+def checkpoint_model(ckpt: dict) -> ModelConfig:
+    """The network a checkpoint (from load_checkpoint) holds: its "model" entry, or for a checkpoint written
+    before there was one (format 0) the same description rebuilt from train.py's saved arguments."""
+    if "model" in ckpt:
+        return ModelConfig.from_dict(ckpt["model"])
+    a = ckpt["args"]
+    return ModelConfig(a["backbone"], a["embedding_dim"], a["image_size"], a.get("shared_trunk", False),
+                       a.get("domain_bn", False), a.get("domain_input", "embedding"),
+                       "imagenet" if a["pretrained"] else "none")
 
 
 def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:
@@ -295,17 +327,15 @@ def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:
             module.load_state_dict(ckpt["models"][name])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"the weights in {path} do not fit a {ckpt['args'].get('backbone')} model "
+        raise UserError(f"the weights in {path} do not fit a {checkpoint_model(ckpt).backbone} model "
                         f"({first}); the checkpoint may be corrupt or from another version") from None
 
 
 def build_model(ckpt: dict, path: str, trained: bool) -> ZSSBIRModel:
-    """The checkpoint's network: with its trained weights, or as initialised under its seed."""
-    a = ckpt["args"]
-    seed_everything(a["seed"])
-    model = ZSSBIRModel(a["backbone"], a["embedding_dim"], pretrained=a["pretrained"] and not trained,
-                        shared_trunk=a.get("shared_trunk", False), domain_bn=a.get("domain_bn", False),
-                        domain_input=a.get("domain_input", "embedding"), image_size=a["image_size"])
+    """The checkpoint's network (checkpoint_model): with its trained weights, or as initialised under its
+    training seed."""
+    seed_everything(ckpt["args"]["seed"])
+    model = ZSSBIRModel.from_config(checkpoint_model(ckpt), start_weights=not trained)
     if trained:
         load_model_state(model, ckpt, path)
     return model

@@ -232,7 +232,7 @@ def test_cli_checkpoint_of_another_backbone(trained, tmp_path):
     assert_one_line_error(proc, "--backbone resnet18", "--backbone mobilenet_v3_small")
     # a checkpoint whose weights do not fit the backbone its arguments name
     bad = utils.load_checkpoint(last)
-    bad["args"]["backbone"] = "resnet34"
+    bad["model"]["backbone"] = "resnet34"  # the model entry describes the network (its format 1)
     utils.save_checkpoint(bad, str(tmp_path / "bad.pth"))
     proc = run_main("evaluate.py", "--model", str(tmp_path / "bad.pth"), "--data", data)
     assert_one_line_error(proc, "do not fit a resnet34 model")

@@ -1,0 +1,71 @@
+"""A checkpoint's model description: what train.py writes (format 1), what it wrote before (format 0, a
+committed fixture), and what a newer or damaged description gives."""
+import json
+import os
+
+import torch
+
+import train
+import utils
+from conftest import U64, make_tiny_dataset, reordering_rtol, run_main
+from test_train import assert_one_line_error, train_args
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+U32 = 2.0 ** -24
+
+
+def evaluate(model: str, data: str, out: str, *extra):
+    return run_main("evaluate.py", "--model", model, "--data", data, "--workers", "0", "--device", "cpu",
+                    "--num_sketches", "0", "--output_dir", out, *extra)
+
+
+def test_a_format_0_checkpoint_evaluates_to_the_numbers_it_gave(tmp_path):
+    """tests/fixtures/README.md says how the fixture and its numbers were made, by the code before format 1."""
+    data = make_tiny_dataset(str(tmp_path / "data"))
+    path, expected = os.path.join(FIXTURES, "checkpoint_format0.pth"), json.load(open(os.path.join(FIXTURES, "checkpoint_format0.json")))
+    ckpt = utils.load_checkpoint(path)
+    assert "model" not in ckpt and utils.checkpoint_model(ckpt).backbone == "mobilenet_v3_small"
+    out = str(tmp_path / "eval")
+    proc = evaluate(path, data, out, "--save_embeddings", os.path.join(out, "emb.pt"))
+    assert proc.returncode == 0, proc.stderr
+    emb = torch.load(os.path.join(out, "emb.pt"), weights_only=False)
+    assert emb["query_paths"] == expected["query_paths"] and emb["gallery_paths"] == expected["gallery_paths"]
+    q_old, g_old = torch.tensor(expected["queries"]), torch.tensor(expected["gallery"])
+    # Unit embeddings in float32: another BLAS may sum in another order, within 2 L K u (conftest.reordering_rtol).
+    model = utils.build_model(ckpt, path, trained=True)
+    atol = reordering_rtol(model, 3 * 32 * 32) * U32 / U64
+    torch.testing.assert_close(emb["queries"], q_old, rtol=0, atol=atol)
+    torch.testing.assert_close(emb["gallery"], g_old, rtol=0, atol=atol)
+    got = json.load(open(os.path.join(out, "results.json")))["protocols"]
+    sims_new, sims_old = emb["queries"] @ emb["gallery"].T, q_old @ g_old.T
+    if torch.equal(sims_new.argsort(dim=1, stable=True), sims_old.argsort(dim=1, stable=True)):
+        assert got == expected["protocols"]  # the same ranking: every metric the same, to the bit
+    else:  # a near-tie broke the other way on this machine: only within the float tolerance
+        assert (sims_new - sims_old).abs().max() <= 4 * atol
+
+
+def test_a_new_checkpoint_describes_its_model_in_its_own_terms(tiny_data, tmp_path):
+    ckpt_dir = str(tmp_path / "ckpt")
+    train.main(train_args(tiny_data, ckpt_dir, "--epochs", "1"))
+    path = os.path.join(ckpt_dir, "last.pth")
+    ckpt = utils.load_checkpoint(path)
+    assert ckpt["model"] == {"format": 1, "backbone": "resnet18", "embedding_dim": 16, "image_size": 32,
+                             "shared_trunk": False, "domain_bn": False, "domain_input": "embedding", "weights": "none"}
+    before = evaluate(path, tiny_data, str(tmp_path / "a"))
+    assert before.returncode == 0, before.stderr
+    # Evaluation reads the model entry, not the flags: renaming or dropping train.py's flags changes nothing.
+    for key in ("backbone", "embedding_dim", "image_size", "pretrained", "shared_trunk", "domain_bn", "domain_input"):
+        ckpt["args"].pop(key)
+    renamed = str(tmp_path / "renamed.pth")
+    utils.save_checkpoint(ckpt, renamed)
+    after = evaluate(renamed, tiny_data, str(tmp_path / "b"))
+    assert after.returncode == 0, after.stderr
+    a, b = (json.load(open(str(tmp_path / d / "results.json")))["protocols"] for d in ("a", "b"))
+    assert a == b
+    # A newer format, and a damaged entry: one line each.
+    ckpt["model"]["format"] = 2
+    utils.save_checkpoint(ckpt, renamed)
+    assert_one_line_error(evaluate(renamed, tiny_data, str(tmp_path / "c")), "format 2", "newer than this code")
+    ckpt["model"] = {**ckpt["model"], "format": 1, "backbone": "resnet999"}
+    utils.save_checkpoint(ckpt, renamed)
+    assert_one_line_error(evaluate(renamed, tiny_data, str(tmp_path / "d")), "wrong model.backbone")
