@@ -579,6 +579,65 @@ def to_device_batch(batch, args, device, step: int, memory_format) -> list:
     return images + [x.to(device, non_blocking=True) for x in batch[n_images:]]
 
 
+class LossSums:
+    """The losses of an epoch's steps, summed on the device; read (one wait for the device, one all-reduce
+    under torchrun) only when asked, where a non-finite loss stops training. ``read`` holds the per-step
+    means' sums as last read, after step ``read_at`` of the epoch (a resumed epoch starts from its saved sums)."""
+
+    def __init__(self, device: torch.device, saved: dict, at: int, epoch: int):
+        self.sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in saved.items()}
+        self.read, self.read_at, self.epoch = dict(saved), at, epoch
+
+    def add(self, vals: dict) -> None:
+        for k, v in vals.items():
+            self.sums[k] = self.sums[k] + v.double() if k in self.sums else v.double()
+
+    def window(self, i: int) -> dict:
+        """The mean losses of the steps since the last read, up to step i of the epoch."""
+        now = global_mean(self.sums)
+        check_finite(now, self.read, self.read_at, i, self.epoch)
+        means = {k: (now[k] - self.read.get(k, 0.0)) / (i - self.read_at) for k in now if k != "loss"}
+        self.read, self.read_at = now, i
+        return means
+
+    def means(self, done: int) -> dict:
+        """The epoch's mean losses over its ``done`` steps."""
+        if done > self.read_at:
+            self.window(done)
+        return {k: v / max(1, done) for k, v in self.read.items() if k != "loss"}
+
+
+def end_epoch(args, model, optimizer, scaler, val, data, device, epoch: int, step: int, best: float, means: dict,
+              lambd: float, train_s: float, rate: float, last: bool, schedule, log_path: str) -> float:
+    """Validate (every --val_every epochs and after the last), print and log the epoch, and write last.pth
+    and, when it improved, best.pth (rank 0); returns the best validation mAP so far."""
+    if last or (epoch + 1) % args.val_every == 0:
+        t1 = time.time()
+        val_map = validate(model, val, data.seen, args, device)
+        val_s = time.time() - t1
+        improved = math.isnan(val_map) or val_map > best  # without a validation set, the last epoch is best
+        best = val_map if improved else best
+        val_text = f"val mAP@all {val_map:.4f}{'  (best)' if improved else ''}  [{val_s:.0f}s validation]"
+    else:
+        val_map, val_s, improved, val_text = None, 0.0, False, f"(validation every {args.val_every} epochs)"
+    seconds = schedule.seconds()
+    print(f"epoch {epoch + 1}" + (f"/{args.epochs}" if args.epochs else "") + ": "
+          + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) + f"  lambda {lambd:.3f}  {val_text}"
+          f"  [{train_s:.0f}s, {rate:.1f} {args.sampling}/s"
+          + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "") + "]")
+    if utils.rank_and_world()[0] == 0:
+        utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
+                                      "lambda": lambd, "train_seconds": train_s, "val_seconds": val_s,
+                                      "seconds": seconds, **means})
+        # A budget that ends inside an epoch ends training there: the checkpoint counts the epoch as done.
+        ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best, schedule_state=schedule.state(seconds))
+        if improved:
+            utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
+        utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "last.pth"))
+        utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
+    return best
+
+
 def train_epochs(args, model, net, optimizer, scaler, loader, val, data, device, dtype, start_epoch, step,
                  best, resumed, log_path, stop) -> None:
     """The training loop over a BatchLoader (or anything with len(), prepare() and epoch(e, start)). It reads
@@ -596,8 +655,7 @@ def train_epochs(args, model, net, optimizer, scaler, loader, val, data, device,
         # (seed, epoch, step) alone.
         utils.seed_everything(args.seed * 1000 + epoch + 1_000_003 * rank)
         skip = resumed.get("epoch_step", 0) if epoch == start_epoch else 0
-        sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in resumed.get("epoch_sums", {}).items()} if skip else {}
-        read, read_at = {k: v.item() for k, v in sums.items()}, skip  # the sums as last read, and at which step
+        losses = LossSums(device, resumed.get("epoch_sums", {}) if skip else {}, skip, epoch)
         schedule.start_epoch(epoch, seconds)
         t0 = time.time()
         batches = loader.epoch(epoch, skip)
@@ -614,14 +672,10 @@ def train_epochs(args, model, net, optimizer, scaler, loader, val, data, device,
             vals = train_step(net, optimizer, scaler, batch, lambd, lr, args, dtype)
             stopping, seconds = agree(stop.signal is not None, schedule.seconds())
             step, done = step + 1, i
-            for k, v in vals.items():
-                sums[k] = sums[k] + v.double() if k in sums else v.double()
+            losses.add(vals)
             finished = schedule.over(seconds)
             if step % args.print_every == 0 or finished or (stopping and i < steps_per_epoch):
-                now = global_mean(sums)  # the one wait for the device
-                check_finite(now, read, read_at, i, epoch)
-                means = {k: (now[k] - read.get(k, 0.0)) / (i - read_at) for k in now if k != "loss"}
-                read, read_at = now, i
+                means = losses.window(i)  # the one wait for the device
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("class", "triplet", "domain")})
                 if step % args.print_every == 0:
                     print(f"epoch {epoch + 1} step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
@@ -634,43 +688,15 @@ def train_epochs(args, model, net, optimizer, scaler, loader, val, data, device,
             if stopping and i < steps_per_epoch:
                 rngs = utils.all_gather_objects(rng_state())
                 if rank == 0:
-                    utils.save_checkpoint(make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i, read,
-                                                          rngs, schedule.state(seconds)), last_path)
+                    utils.save_checkpoint(make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i,
+                                                          losses.read, rngs, schedule.state(seconds)), last_path)
                 print(f"stopped at step {step} ({i}/{steps_per_epoch} of epoch {epoch + 1}); continue with "
                       f"--resume {last_path}")
                 return
-        if done > read_at:
-            now = global_mean(sums)
-            check_finite(now, read, read_at, done, epoch)
-            read = now
         train_s = time.time() - t0
-        last = finished or (args.epochs is not None and epoch + 1 == args.epochs)
-        if last or (epoch + 1) % args.val_every == 0:
-            t1 = time.time()
-            val_map = validate(model, val, data.seen, args, device)
-            val_s = time.time() - t1
-            improved = math.isnan(val_map) or val_map > best  # without a validation set, the last epoch is best
-            best = val_map if improved else best
-            val_text = f"val mAP@all {val_map:.4f}{'  (best)' if improved else ''}  [{val_s:.0f}s validation]"
-        else:
-            val_map, val_s, improved, val_text = None, 0.0, False, f"(validation every {args.val_every} epochs)"
-        means = {k: v / max(1, done) for k, v in read.items() if k != "loss"}
-        seconds = schedule.seconds()
-        print(f"epoch {epoch + 1}" + (f"/{args.epochs}" if args.epochs else "") + ": "
-              + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) + f"  lambda {lambd:.3f}  {val_text}"
-              f"  [{train_s:.0f}s, {(done - skip) * args.batch_size / max(train_s, 1e-9):.1f} "
-              f"{args.sampling}/s" + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "") + "]")
-        if rank == 0:
-            utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
-                                          "lambda": lambd, "train_seconds": train_s, "val_seconds": val_s,
-                                          "seconds": seconds, **means})
-            # A budget that ends inside an epoch ends training there: the checkpoint counts the epoch as done.
-            ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best,
-                                   schedule_state=schedule.state(seconds))
-            if improved:
-                utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
-            utils.save_checkpoint(ckpt, last_path)
-            utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
+        best = end_epoch(args, model, optimizer, scaler, val, data, device, epoch, step, best, losses.means(done),
+                         lambd, train_s, (done - skip) * args.batch_size / max(train_s, 1e-9),
+                         finished or (args.epochs is not None and epoch + 1 == args.epochs), schedule, log_path)
         epoch += 1
         if finished:
             print(f"budget of {args.budget_minutes} min spent after {step} steps ({epoch} epoch(s), the last one "
