@@ -206,29 +206,7 @@ def plot_per_class_ap(per_class: dict, chance: float, out_path: str) -> None:
     utils.save_figure(fig, out_path)
 
 
-def save_grid(query_path: str, query_class: str, hits: list, out_path: str, image_size: int) -> None:
-    """One row: the query sketch, then (path, class, score) photos framed green (right) or red (wrong)."""
-    plt = utils.pyplot()
-    n = len(hits) + 1
-    fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.3))
-    axes = np.atleast_1d(axes)
-    panels = [(query_path, f"query: {query_class}", "black")]
-    panels += [(p, f"{i + 1}. {c}\n{s:.3f}", "green" if c == query_class else "red")
-               for i, (p, c, s) in enumerate(hits)]
-    for ax, (path, title, colour) in zip(axes, panels):
-        img = dataset.load_image(path).resize((max(image_size, 96),) * 2)
-        ax.imshow(img)
-        ax.set_title(title, fontsize=8, color=colour)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_edgecolor(colour)
-            spine.set_linewidth(4 if colour != "black" else 1)
-    fig.tight_layout()
-    utils.save_figure(fig, out_path)
-
-
-def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, args, image_size, out_dir) -> list:
+def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, args, out_dir) -> list:
     """Grids for --num_sketches seeded random queries; returns the PNG paths."""
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(sketches[0]), size=min(args.num_sketches, len(sketches[0])), replace=False)
@@ -240,8 +218,11 @@ def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, arg
     written = []
     for row, qi in enumerate(picks):
         hits = [(photos[0][j], classes[photos[1][j]], float(s)) for s, j in zip(top.values[row], top.indices[row])]
-        name = f"grid_{row:02d}_{classes[sketches[1][qi]]}.png"
-        save_grid(sketches[0][qi], classes[sketches[1][qi]], hits, os.path.join(out_dir, name), image_size)
+        query_class = classes[sketches[1][qi]]
+        name = f"grid_{row:02d}_{query_class}.png"
+        utils.save_retrieval_grid(dataset.load_image(sketches[0][qi]), f"query: {query_class}",
+                                  [(p, f"{i + 1}. {c}\n{s:.3f}", "green" if c == query_class else "red")
+                                   for i, (p, c, s) in enumerate(hits)], os.path.join(out_dir, name))
         written.append(os.path.join(out_dir, name))
     return written
 
@@ -272,7 +253,6 @@ class Embedded:
     class_split: str
     sketches: tuple = ()            # (paths, labels): from a model only, for the grids
     photos: tuple = ()
-    image_size: int = 0
     untrained: tuple = ()           # (queries, gallery) of the untrained network, with --compare_untrained
 
 
@@ -322,7 +302,7 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
     if rank != 0:
         return None
     emb = Embedded(classes, q, torch.tensor(sketches[1]), g, torch.tensor(photos[1]), throughput, args.model,
-                   args.data, class_split, sketches, photos, cfg.image_size, untrained)
+                   args.data, class_split, sketches, photos, untrained)
     print(f"embedded {len(sketches[0]) + len(photos[0])} images at {throughput:.1f} images/s")
     if args.save_embeddings:
         root = os.path.abspath(args.data)
@@ -417,7 +397,7 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> None:
     plot_pr_curve(results["pr_curve"], f"{head} mAP@all {top:.3f}", os.path.join(out_dir, "pr_curve.png"))
     plot_per_class_ap(results["protocols"][head]["per_class_ap"], chance, os.path.join(out_dir, "per_class_ap.png"))
     if emb.sketches:
-        results["grids"] = write_grids(emb.q, emb.g, emb.sketches, emb.photos, classes, args, emb.image_size, out_dir)
+        results["grids"] = write_grids(emb.q, emb.g, emb.sketches, emb.photos, classes, args, out_dir)
     else:
         results["grids"] = []
         print("no retrieval grids from --embeddings (they need the images)")

@@ -59,14 +59,19 @@ def _count_relevant(query_labels: Tensor, gallery_labels: Tensor) -> Tensor:
     return torch.where(classes[pos] == query_labels, counts[pos], torch.zeros_like(counts[pos]))
 
 
+def float_order(bits: Tensor) -> Tensor:
+    """float32 bit patterns viewed as int32 -> int32 keys that sort as the floats do (and back: the map is its
+    own inverse). A non-negative float's bits already sort as integers; a negative float's low 31 bits are
+    reversed, so that more negative sorts lower. Integer sorts and top-k of the keys are faster than float ones."""
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
 def _sort_rows(x: Tensor) -> Tensor:
-    """x sorted along dim 1, ascending. float32 is sorted as order-preserving int32 keys (faster)."""
+    """x sorted along dim 1, ascending. float32 is sorted as float_order keys (faster)."""
     if x.dtype != torch.float32:
         return x.sort(dim=1).values
-    bits = x.contiguous().view(torch.int32)
-    keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse their order
-    keys = keys.sort(dim=1).values
-    return torch.where(keys < 0, keys ^ 0x7FFFFFFF, keys).view(torch.float32)
+    keys = float_order(x.contiguous().view(torch.int32)).sort(dim=1).values
+    return float_order(keys).view(torch.float32)
 
 
 def _ranks_of_relevant(scores: Tensor, start: int, stop: int, grid: float = 0.5) -> tuple[Tensor, Tensor]:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import dataset
+import metrics
 import utils
 from model import PretrainedWeightsUnavailable
 
@@ -247,8 +248,7 @@ def _order_keys(scores: torch.Tensor, first_row: int) -> torch.Tensor:
     """float32 scores (q, c) of gallery rows first_row.. -> int64 keys in the same order; equal
     scores are ordered by row, the lower row first. (Order-preserving float bits in the top 32 bits,
     2^32 - 1 - row in the low 32 bits, so one topk of the keys ranks by score and breaks ties.)"""
-    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    ordered = metrics.float_order((scores + 0.0).view(torch.int32)).long()  # + 0.0 turns -0.0 into +0.0
     rows = torch.arange(first_row, first_row + scores.shape[1])
     return ordered * 2**32 + (2**32 - 1 - rows)
 
@@ -257,8 +257,7 @@ def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of _order_keys: (scores float32, rows int64)."""
     ordered = torch.div(keys, 2**32, rounding_mode="floor")
     rows = 2**32 - 1 - (keys - ordered * 2**32)
-    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).int()
-    return bits.view(torch.float32), rows
+    return metrics.float_order(ordered.int()).view(torch.float32), rows
 
 
 def search(queries: torch.Tensor, gallery: torch.Tensor, k: int,
@@ -342,31 +341,6 @@ def embed_sketches(encoder, sketches: list, image_size: int, args, device) -> to
     return torch.cat([emb for emb, in utils.embed_batches(encoder, batches, device, args.amp, desc="embed queries")])
 
 
-def save_grid(sketch, query_path: str, hits: list, out_path: str) -> None:
-    """The prepared query sketch on the left, its ranked (path, score) photos in rows of 5 beside it."""
-    plt = utils.pyplot()
-    per_row = min(5, max(1, len(hits)))
-    n_rows = max(1, -(-len(hits) // per_row))
-    fig = plt.figure(figsize=(1.9 * (per_row + 1.4), 2.1 * n_rows + 0.2))
-    grid = fig.add_gridspec(n_rows, per_row + 1, width_ratios=[1.4] + [1] * per_row)
-    ax = fig.add_subplot(grid[:, 0])
-    ax.imshow(sketch)
-    ax.set_title(f"query\n{os.path.basename(query_path)[:24]}", fontsize=9)
-    ax.axis("off")
-    for rank, (path, score) in enumerate(hits):
-        ax = fig.add_subplot(grid[rank // per_row, 1 + rank % per_row])
-        try:
-            photo = dataset.load_image(path)
-            photo.thumbnail((256, 256))
-            ax.imshow(photo)
-        except dataset.IMAGE_ERRORS:  # changed or deleted since it was indexed
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=8)
-        ax.set_title(f"{rank + 1}. {score:.3f}\n{os.path.basename(path)[:22]}", fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    utils.save_figure(fig, out_path)
-
-
 def grid_name(i: int, query_path: str) -> str:
     stem = os.path.splitext(os.path.basename(query_path))[0]
     return f"grid_{i + 1:02d}_{''.join(c if c.isalnum() or c in '-_' else '_' for c in stem)[:40]}.png"
@@ -443,7 +417,9 @@ def run(args) -> dict:
                 for s, r in zip(scores[i].tolist(), rows[i].tolist()) if r >= 0]
         grid = os.path.join(out_dir, grid_name(i, query)) if args.grids else None
         if grid:
-            save_grid(sketches[i], query, hits, grid)
+            utils.save_retrieval_grid(sketches[i], f"query\n{os.path.basename(query)[:24]}",
+                                      [(p, f"{r + 1}. {s:.3f}\n{os.path.basename(p)[:22]}", None)
+                                       for r, (p, s) in enumerate(hits)], grid, per_row=5)
         results.append({"query": query, "grid": grid, "results": [{"rank": r + 1, "path": p, "score": s}
                                                                   for r, (p, s) in enumerate(hits)]})
         print(f"\nquery {i + 1}/{len(args.query)}: {query}" + (f"  (grid: {grid})" if grid else ""))

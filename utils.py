@@ -403,6 +403,39 @@ def plot_training_curves(records: list, path: str) -> None:
     save_figure(fig, path, dpi=90)
 
 
+def save_retrieval_grid(query, query_title: str, hits: list, out_path: str, per_row: int = 0) -> None:
+    """The one retrieval grid: the query image (PIL) on the left, then its ranked hits, each (photo path, title,
+    frame colour or None), in rows of ``per_row`` (0: all in one row). A photo that cannot be read (changed
+    or deleted since it was ranked) shows as "unreadable"."""
+    from dataset import IMAGE_ERRORS, load_image
+
+    plt = pyplot()
+    per_row = per_row or max(1, len(hits))
+    n_rows = max(1, -(-len(hits) // per_row))
+    fig = plt.figure(figsize=(1.9 * (per_row + 1.4), 2.1 * n_rows + 0.2))
+    grid = fig.add_gridspec(n_rows, per_row + 1, width_ratios=[1.4] + [1] * per_row)
+    ax = fig.add_subplot(grid[:, 0])
+    ax.imshow(query)
+    ax.set_title(query_title, fontsize=9)
+    ax.axis("off")
+    for rank, (path, title, colour) in enumerate(hits):
+        ax = fig.add_subplot(grid[rank // per_row, 1 + rank % per_row])
+        try:
+            photo = load_image(path)
+            photo.thumbnail((256, 256))
+            ax.imshow(photo)
+        except IMAGE_ERRORS:
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=8)
+        ax.set_title(title, fontsize=8, color=colour or "black")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():  # the frame: green right, red wrong; none when there is no truth
+            spine.set_edgecolor(colour or "white")
+            spine.set_linewidth(4 if colour else 0)
+    fig.tight_layout()
+    save_figure(fig, out_path)
+
+
 # ----------------------------------------------------------------------------------- embedding
 
 @torch.no_grad()
