@@ -602,21 +602,6 @@ def augment(images: torch.Tensor, generator: torch.Generator, scale: tuple = (0.
     return (x - stats[:3, None, None]) / stats[3:, None, None]
 
 
-class ImageListDataset(Dataset):
-    """Images of a list of paths, for embedding: returns (image (3, S, S), label), read by read_resized
-    (as training reads them) and normalised."""
-
-    def __init__(self, paths: list, labels: list, image_size: int):
-        self.paths, self.labels, self.image_size = paths, labels, image_size
-        self.transform = build_transform(image_size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        return self.transform(read_resized(self.paths[index], self.image_size)), self.labels[index]
-
-
 # ----------------------------------------------------------------------------------- user images
 
 SKETCH_MARGIN = 0.1     # white margin around a query drawing, as a fraction of its longer extent
@@ -703,16 +688,16 @@ def load_sketch(path: str) -> Image.Image:
 
 
 class ImageFilesDataset(Dataset):
-    """A user's photos for embedding: returns (image (3, S, S), readable).
+    """The one dataset of image paths for embedding (validation, evaluate.py, retrieve.py): returns
+    (image (3, S, S) normalised, readable), read by read_resized as training reads its images.
 
-    Loaded and resized like ImageListDataset (so embeddings match evaluate.py's), after turning
-    each photo upright by its EXIF orientation. A file Pillow cannot read gives a zero image and
-    readable=False instead of an error, so one bad file does not stop a large collection.
+    With ``upright`` (a user's photos) each image is first turned by its EXIF orientation. With
+    ``tolerant`` a file Pillow cannot read gives a zero image and readable=False instead of an error,
+    so one bad file does not stop a large collection; a benchmark's files were checked by scan_dataset.
     """
 
-    def __init__(self, paths: list, image_size: int):
-        self.paths = paths
-        self.image_size = image_size
+    def __init__(self, paths: list, image_size: int, upright: bool = True, tolerant: bool = True):
+        self.paths, self.image_size, self.upright, self.tolerant = paths, image_size, upright, tolerant
         self.transform = build_transform(image_size)
 
     def __len__(self) -> int:
@@ -720,6 +705,8 @@ class ImageFilesDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(read_resized(self.paths[index], self.image_size, upright=True)), True
+            return self.transform(read_resized(self.paths[index], self.image_size, upright=self.upright)), True
         except IMAGE_ERRORS:
+            if not self.tolerant:
+                raise
             return torch.zeros(3, self.image_size, self.image_size), False

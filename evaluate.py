@@ -29,14 +29,15 @@ KS = (100, 200)
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                parents=[utils.common_parser(64, "images per embedding batch")],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=str, default="", help="checkpoint written by train.py (best.pth / last.pth)")
     p.add_argument("--data", type=str, default="", help="dataset folder (see README: data layout)")
     p.add_argument("--class_split", type=str, default="",
                    help="named zero-shot split under DATA/splits/ (default: the one the model was trained on)")
     p.add_argument("--split", type=str, default="test",
-                   help="test: unseen classes; val: the seen-class validation hold-out used for model selection; "
-                        "a split name (e.g. sempcyc25) means that class split's test set")
+                   help="which images: test, the unseen classes; val, the seen-class validation hold-out used "
+                        "for model selection (the classes come from --class_split)")
     p.add_argument("--protocol", type=str, default="all",
                    help=f"metric convention: {', '.join(metrics.PROTOCOLS)}, or all (docs/metrics.md)")
     p.add_argument("--save_embeddings", type=str, default="",
@@ -45,14 +46,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="evaluate embeddings saved by --save_embeddings (no model or images are loaded)")
     p.add_argument("--num_images", type=int, default=5, help="photos shown per retrieval grid")
     p.add_argument("--num_sketches", type=int, default=10, help="random query sketches drawn as grids")
-    p.add_argument("--batch_size", type=int, default=64, help="images per embedding batch")
     p.add_argument("--output_dir", type=str, default="",
                    help="results folder (default: eval/ beside the model, or beside --embeddings)")
     p.add_argument("--compare_untrained", action=argparse.BooleanOptionalAction, default=False,
                    help="also evaluate the same network at its (seeded) initialisation, as a baseline")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes")
-    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA (bfloat16 where supported, else float16); ignored on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the grid queries")
     return p
 
@@ -60,16 +57,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     if args.batch_size < 1:
         raise utils.UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    for name in ("num_images", "num_sketches", "workers"):
+    for name in ("num_images", "num_sketches"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.protocol != "all" and args.protocol not in metrics.PROTOCOLS:
         raise utils.UserError(f"unknown --protocol {args.protocol!r}; choose one of "
                               f"{', '.join(metrics.PROTOCOLS)}, or all")
-    if args.split not in ("test", "val"):  # a named class split: evaluate its unseen classes
-        if args.class_split and args.class_split != args.split:
-            raise utils.UserError(f"--split {args.split} and --class_split {args.class_split} disagree; pass one")
-        args.class_split, args.split = args.split, "test"
+    if args.split not in ("test", "val"):  # one meaning in every script: which images, never which classes
+        raise utils.UserError(f"--split takes test or val, not {args.split!r}; a named class split is chosen "
+                              f"with --class_split {args.split}")
     if args.embeddings:
         if args.save_embeddings:
             raise utils.UserError("--embeddings and --save_embeddings together would only copy the file")
@@ -233,6 +229,7 @@ def main(args) -> None:
     check_args(args)
     rank, world, device = utils.init_distributed(args.device)
     try:
+        args.workers = utils.resolve_workers(args.workers)
         run_evaluation(args, rank, device)
     finally:
         if world > 1:

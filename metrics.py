@@ -219,20 +219,7 @@ def retrieval_metrics(
         excluded queries), "per_class_ap": {label: mean AP of its queries}}},
         and with pr_points "pr_curve": {"recall": (P,), "precision": (P,)} float64}.
     """
-    if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
-        raise ValueError(f"expected (Q, D) and (N, D) embeddings, got {tuple(query_emb.shape)} and "
-                         f"{tuple(gallery_emb.shape)}")
-    if query_labels.shape != query_emb.shape[:1] or gallery_labels.shape != gallery_emb.shape[:1]:
-        raise ValueError("need one label per embedding")
-    if gallery_emb.shape[0] == 0:
-        raise ValueError("the gallery is empty")
-    unknown = [p for p in protocols if p not in PROTOCOLS]
-    if unknown:
-        raise ValueError(f"unknown protocol {unknown[0]!r}; choose from {', '.join(PROTOCOLS)}")
-    if not (torch.isfinite(query_emb).all() and torch.isfinite(gallery_emb).all()):
-        raise ValueError("embeddings contain NaN or inf")
-    if any(int(k) < 1 for k in ks) or chunk_size < 1 or pr_points == 1 or pr_points < 0:
-        raise ValueError("ks and chunk_size must be positive and pr_points 0 or at least 2")
+    _check_inputs(query_emb, query_labels, gallery_emb, gallery_labels, ks, protocols, chunk_size, pr_points)
     device = query_emb.device
     query_labels = query_labels.to(device=device, dtype=torch.long)
     gallery_labels = gallery_labels.to(device=device, dtype=torch.long)
@@ -270,24 +257,48 @@ def retrieval_metrics(
             del scores
 
     out = {"num_relevant": num_rel, "num_queries": int(valid.sum()),
-           "num_queries_without_relevant": int((~valid).sum()), "protocols": {}}
-    classes, inverse = torch.unique(q_labels_cpu[valid], return_inverse=True)  # (C,), (Qv,)
-    counts = torch.bincount(inverse, minlength=len(classes))  # (C,)
-    for name in protocols:
-        res = {"ap": per_query[name]["ap"], "map_all": per_query[name]["ap"][valid].mean().item()}
-        for k in ks:
-            res[f"per_query_p@{k}"] = per_query[name][f"p@{k}"]
-            res[f"p@{k}"] = res[f"per_query_p@{k}"][valid].mean().item()
-            if name != "doodle2search":
-                res[f"per_query_ap@{k}"] = per_query[name][f"ap@{k}"]
-                res[f"map@{k}"] = res[f"per_query_ap@{k}"][valid].mean().item()
-        sums = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, res["ap"][valid])
-        res["per_class_ap"] = dict(zip(classes.tolist(), (sums / counts).tolist()))
-        out["protocols"][name] = res
+           "num_queries_without_relevant": int((~valid).sum()),
+           "protocols": {name: _summary(per_query[name], valid, q_labels_cpu, ks) for name in protocols}}
     if pr_points:
         out["pr_curve"] = {"recall": torch.linspace(0, 1, pr_points, dtype=torch.float64),
                            "precision": pr_sum / out["num_queries"]}
     return out
+
+
+def _check_inputs(query_emb: Tensor, query_labels: Tensor, gallery_emb: Tensor, gallery_labels: Tensor,
+                  ks: Sequence[int], protocols: Sequence[str], chunk_size: int, pr_points: int) -> None:
+    """retrieval_metrics' arguments, or a ValueError that says which is wrong."""
+    if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
+        raise ValueError(f"expected (Q, D) and (N, D) embeddings, got {tuple(query_emb.shape)} and "
+                         f"{tuple(gallery_emb.shape)}")
+    if query_labels.shape != query_emb.shape[:1] or gallery_labels.shape != gallery_emb.shape[:1]:
+        raise ValueError("need one label per embedding")
+    if gallery_emb.shape[0] == 0:
+        raise ValueError("the gallery is empty")
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocol {unknown[0]!r}; choose from {', '.join(PROTOCOLS)}")
+    if not (torch.isfinite(query_emb).all() and torch.isfinite(gallery_emb).all()):
+        raise ValueError("embeddings contain NaN or inf")
+    if any(int(k) < 1 for k in ks) or chunk_size < 1 or pr_points == 1 or pr_points < 0:
+        raise ValueError("ks and chunk_size must be positive and pr_points 0 or at least 2")
+
+
+def _summary(per_query: dict, valid: Tensor, query_labels: Tensor, ks: Sequence[int]) -> dict:
+    """One protocol's per-query values (Q,) -> their means over the queries with a relevant item, the
+    per-query tensors, and the mean AP of each query class."""
+    classes, inverse = torch.unique(query_labels[valid], return_inverse=True)  # (C,), (Qv,)
+    counts = torch.bincount(inverse, minlength=len(classes))  # (C,)
+    res = {"ap": per_query["ap"], "map_all": per_query["ap"][valid].mean().item()}
+    for k in ks:
+        res[f"per_query_p@{k}"] = per_query[f"p@{k}"]
+        res[f"p@{k}"] = res[f"per_query_p@{k}"][valid].mean().item()
+        if f"ap@{k}" in per_query:  # every protocol but doodle2search
+            res[f"per_query_ap@{k}"] = per_query[f"ap@{k}"]
+            res[f"map@{k}"] = res[f"per_query_ap@{k}"][valid].mean().item()
+    sums = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, res["ap"][valid])
+    res["per_class_ap"] = dict(zip(classes.tolist(), (sums / counts).tolist()))
+    return res
 
 
 def expected_random_ap(num_relevant: Tensor, num_gallery: int) -> Tensor:

@@ -40,6 +40,7 @@ FAISS_FLAT_BELOW = 50000  # smaller galleries get faiss's exact inner-product in
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                parents=[utils.common_parser(64, "images per embedding batch")],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=str, required=True, help="checkpoint written by train.py (best.pth / last.pth)")
     p.add_argument("--gallery", type=str, required=True, help="folder of photos to search (sub-folders included)")
@@ -57,11 +58,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="print one JSON document on stdout (all other messages go to stderr)")
     p.add_argument("--grids", action=argparse.BooleanOptionalAction, default=True,
                    help="write a PNG per query: the prepared sketch, then its top photos with their scores")
-    p.add_argument("--batch_size", type=int, default=64, help="images per embedding batch")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes for embedding the gallery")
-    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="mixed precision on CUDA (bfloat16 where supported, else float16); ignored on CPU")
     return p
 
 
@@ -69,8 +65,7 @@ def check_args(args) -> None:
     for name in ("topk", "batch_size", "chunk", "nprobe"):
         if getattr(args, name) < 1:
             raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise utils.UserError(f"--workers must not be negative, got {args.workers}")
+    args.workers = utils.resolve_workers(args.workers)
 
 
 def import_faiss():

@@ -58,10 +58,12 @@ def recipe_help(name: str, text: str) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    common = utils.common_parser(None, recipe_help(
+        "batch_size", "triplets (original) or sketch-photo pairs per step, over all processes under torchrun"))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_dir", type=str, required=True, help="dataset folder (see README: data layout)")
-    p.add_argument("--class_split", "--split", type=str, default="", dest="class_split",
+    p.add_argument("--class_split", type=str, default="",
                    help="a named zero-shot split under DATA/splits/ (e.g. sake25, sempcyc25, yelamarthi21); "
                         "default: DATA/train_labels.txt and test_labels.txt")
     p.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="where checkpoints and logs go")
@@ -73,8 +75,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget_minutes", type=float, default=0.0,
                    help="wall-clock budget of the training: the learning rate and lambda schedules span it and "
                         "training stops when it is spent, with a checkpoint (0: the schedules span --epochs)")
-    p.add_argument("--batch_size", type=int, default=None, help=recipe_help(
-        "batch_size", "triplets (original) or sketch-photo pairs per step, over all processes under torchrun"))
     p.add_argument("--sampling", type=str, default=None, choices=["pairs", "triplets"], help=recipe_help(
         "sampling", "pairs: one pass over the photos per epoch, each with a sketch-domain partner of its class; "
                     "triplets: one (sketch, positive, negative) per training sketch"))
@@ -126,6 +126,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="draw negatives by class-name similarity when DATA/train_embeddings.npy exists (triplets)")
     p.add_argument("--semantic_temperature", type=float, default=0.2,
                    help="softmax temperature of class-name cosine similarity for negative sampling")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    add_speed_args(p)
+    p.add_argument("--resume", type=str, default="", help="checkpoint (e.g. ckpt/last.pth) to continue from")
+    return p
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """The flags that change how fast training runs, not what it learns: caches, memory layout, compilation."""
     p.add_argument("--cache_gb", type=float, default=8.0,
                    help="hold the training images in memory at --image_size when they fit in this many GiB "
                         "(and the disk cache does not hold them all)")
@@ -134,20 +142,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "decoding: --disk_cache writes what is missing before training, the default reads it "
                         "where it exists, --no-disk_cache ignores it")
     p.add_argument("--cache_dir", type=str, default="", help="where the disk cache lives (default DATA/cache)")
-    p.add_argument("--workers", type=int, default=-1,
-                   help="data loader processes (-1: the CPUs this process may use, shared among torchrun's processes)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="mixed precision on CUDA: bfloat16 where the GPU supports it, else float16 with a "
-                        "GradScaler; ignored on CPU")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for the CNNs (default: on with --amp on CUDA, where it speeds up "
                         "convolutions; off on the CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the two encoders (slower start, faster steps; needs a C++ compiler on CPU)")
-    p.add_argument("--resume", type=str, default="", help="checkpoint (e.g. ckpt/last.pth) to continue from")
-    return p
 
 
 def apply_recipe(args) -> None:
@@ -183,8 +182,6 @@ def check_args(args) -> None:
                  "grl_max_lambda", "cache_gb"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.workers < -1:
-        raise utils.UserError(f"--workers must be -1 (all CPUs) or at least 0, got {args.workers}")
     if not 0 <= args.val_fraction < 1:
         raise utils.UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     if args.image_size < 32:
@@ -416,8 +413,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     if args.batch_size % world:
         raise utils.UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes; "
                               "each process takes an equal share of the batch")
-    if args.workers == -1:
-        args.workers = max(1, utils.available_cpus() // world)
+    args.workers = utils.resolve_workers(args.workers)
     if args.channels_last is None:
         args.channels_last = device.type == "cuda" and args.amp
     resume = load_resume_checkpoint(args.resume, args, world) if args.resume else None

@@ -4,6 +4,7 @@
     utils.save_checkpoint(ckpt, "ckpt/last.pth")     # atomic: temp file + os.replace
     ckpt = utils.load_checkpoint("ckpt/last.pth")    # map_location="cpu", clear errors
 """
+import argparse
 import json
 import os
 import random
@@ -100,6 +101,27 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # one copy of the logs; errors still reach stderr
     return rank, world, device
+
+
+def common_parser(batch_size: int | None, batch_help: str) -> argparse.ArgumentParser:
+    """The flags every script shares, as a parent parser (``parents=[...]``): --batch_size (each script gives
+    its default and meaning), --workers, --device and --amp."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--batch_size", type=int, default=batch_size, help=batch_help)
+    p.add_argument("--workers", type=int, default=-1, help="data loader processes (-1: the CPUs this process may "
+                                                           "use, divided among torchrun's processes)")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on CUDA: bfloat16 where the GPU supports it, else float16 (with a "
+                        "GradScaler when training); ignored on the CPU")
+    return p
+
+
+def resolve_workers(workers: int) -> int:
+    """--workers as a number of processes: -1 becomes this process's share of the CPUs it may use."""
+    if workers < -1:
+        raise UserError(f"--workers must be -1 (all CPUs) or at least 0, got {workers}")
+    return max(1, available_cpus() // rank_and_world()[1]) if workers == -1 else workers
 
 
 def available_cpus() -> int:
@@ -461,12 +483,12 @@ def embed_images(encoder: torch.nn.Module, paths: list, image_size: int, batch_s
                  device: torch.device, amp: bool, desc: str = "embed") -> torch.Tensor:
     """Embed images batch by batch; only the embeddings (N, D) are kept, on the CPU. Under torchrun
     each process embeds every world-th image, and every process gets all N rows back in order."""
-    from dataset import ImageListDataset
+    from dataset import ImageFilesDataset
 
     rank, world = rank_and_world()
     mine = paths[rank::world]
     loader = torch.utils.data.DataLoader(
-        ImageListDataset(mine, [0] * len(mine), image_size), batch_size=batch_size, shuffle=False,
+        ImageFilesDataset(mine, image_size, upright=False, tolerant=False), batch_size=batch_size, shuffle=False,
         num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
     out = [emb for emb, _ in embed_batches(encoder, loader, device, amp, desc, show=rank == 0)]
     emb = torch.cat(out) if out else torch.empty(0, 0)

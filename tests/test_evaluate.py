@@ -162,7 +162,7 @@ def test_cli_needs_a_model_or_embeddings(tmp_path):
     assert_one_line_error(proc, "none.pt not found")
 
 
-def test_split_name_selects_a_class_split(run, tmp_path):
+def test_class_split_selects_a_named_split_and_split_means_which_images(run, tmp_path):
     folder = os.path.join(run["data"], "splits", "alt")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "train_labels.txt"), "w") as f:
@@ -170,8 +170,10 @@ def test_split_name_selects_a_class_split(run, tmp_path):
     with open(os.path.join(folder, "test_labels.txt"), "w") as f:
         f.write("tri\nsquare\n")
     evaluate.main(evaluate.get_args_parser().parse_args([
-        "--model", run["model"], "--data", run["data"], "--split", "alt", "--workers", "0", "--device", "cpu", "--protocol", "standard",
+        "--model", run["model"], "--data", run["data"], "--class_split", "alt", "--workers", "0", "--device", "cpu", "--protocol", "standard",
         "--num_sketches", "0", "--output_dir", str(tmp_path)]))
     out = results(str(tmp_path))
     assert out["split"] == "test" and out["class_split"] == "alt" and out["num_queries"] == 16
     assert set(out["per_class_ap"]) == {"tri", "square"}
+    proc = run_main("evaluate.py", "--model", run["model"], "--data", run["data"], "--split", "alt")
+    assert_one_line_error(proc, "--split takes test or val", "--class_split alt")

@@ -497,11 +497,10 @@ def test_unknown_class_split(tmp_path):
                     "--class_split", "sake25")
     assert_one_line_error(proc, "unknown class split 'sake25'", "no splits/ folder")
     os.makedirs(os.path.join(data, "splits", "mine"))
-    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY, "--split", "nope")
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY, "--class_split", "nope")
     assert_one_line_error(proc, "unknown class split 'nope'", "choose one of mine")
-    proc = run_main("evaluate.py", "--model", os.path.join(ROOT, "missing.pth"), "--data", data, "--split", "a",
-                    "--class_split", "b")
-    assert_one_line_error(proc, "--split a and --class_split b disagree")
+    proc = run_main("evaluate.py", "--model", os.path.join(ROOT, "missing.pth"), "--data", data, "--split", "a")
+    assert_one_line_error(proc, "--split takes test or val", "--class_split a")
 
 
 def test_class_name_word_vectors(server, tmp_path):
