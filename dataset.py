@@ -55,11 +55,21 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def open_image(path: str, upright: bool = False, draft: int = 0) -> Image.Image:
+    """The one place an image file is decoded: any common format, in the mode it is stored in (raises
+    IMAGE_ERRORS). With ``upright`` it is turned by its EXIF orientation (a phone's photo or sketch). With
+    ``draft`` a JPEG is decoded at 1/2, 1/4 or 1/8 scale when that still covers draft x draft pixels
+    (libjpeg's scaled decoding: most of a later resize for free)."""
+    with Image.open(path) as im:
+        if draft:
+            im.draft(None, (draft, draft))  # a no-op for every format but JPEG
+        im.load()
+        return ImageOps.exif_transpose(im) if upright else im
+
+
 def load_image(path: str) -> Image.Image:
     """Read an image file of any common format and mode as 8-bit RGB (raises IMAGE_ERRORS)."""
-    with Image.open(path) as im:
-        im.load()
-        return to_rgb(im)
+    return to_rgb(open_image(path))
 
 
 def is_readable_image(path: str) -> bool:
@@ -233,17 +243,12 @@ def negative_class_probs(num_classes: int, class_embeddings: np.ndarray | None, 
 # ----------------------------------------------------------------------------------- loading for training
 
 def read_resized(path: str, size: int, upright: bool = False) -> Image.Image:
-    """An image file as 8-bit RGB of exactly size x size (any mode, as load_image reads it; with ``upright``
-    turned by its EXIF orientation first). A JPEG is decoded at 1/2, 1/4 or 1/8 scale when that still
-    covers ``size`` (libjpeg's scaled decoding: most of the resize for free); then a bilinear resize."""
-    with Image.open(path) as im:
-        im.draft(None, (size, size))  # a no-op for every format but JPEG
-        im.load()
-        if upright:
-            im = ImageOps.exif_transpose(im)
-        if im.mode in ("L", "RGB") and "transparency" not in im.info and im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)  # grey sketches: a third of the work of resizing RGB
-        im = to_rgb(im)
+    """An image file as 8-bit RGB of exactly size x size (open_image, with a reduced JPEG decode and with
+    ``upright`` its EXIF orientation; any mode, as load_image reads it), resized bilinearly."""
+    im = open_image(path, upright, draft=size)
+    if im.mode in ("L", "RGB") and "transparency" not in im.info and im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)  # grey sketches: a third of the work of resizing RGB
+    im = to_rgb(im)
     return im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
 
 
@@ -675,16 +680,9 @@ def prepare_sketch(im: Image.Image) -> Image.Image:
     return square.convert("RGB")
 
 
-def load_upright(path: str) -> Image.Image:
-    """Read an image file as it is stored (any mode), turned upright by its EXIF orientation (raises IMAGE_ERRORS)."""
-    with Image.open(path) as im:
-        im.load()
-        return ImageOps.exif_transpose(im)
-
-
 def load_sketch(path: str) -> Image.Image:
     """Read a query sketch file of any origin, ready for the sketch encoder (see prepare_sketch)."""
-    return prepare_sketch(load_upright(path))
+    return prepare_sketch(open_image(path, upright=True))
 
 
 class ImageFilesDataset(Dataset):

@@ -181,7 +181,7 @@ def test_phone_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: the camera was turned; show the stored image rotated 90 degrees clockwise
     Image.new("RGB", (40, 20), "white").save(tmp_path / "phone.jpg", exif=exif)
-    assert dataset.load_upright(str(tmp_path / "phone.jpg")).size == (20, 40)
+    assert dataset.open_image(str(tmp_path / "phone.jpg"), upright=True).size == (20, 40)
     image, readable = dataset.ImageFilesDataset([str(tmp_path / "phone.jpg")], 32)[0]
     assert readable and image.shape == (3, 32, 32)
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
