@@ -15,7 +15,9 @@ Seen-class proxies give the normalised-softmax class loss. This module does no I
 no device.
 """
 import copy
+import logging
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -37,12 +39,17 @@ BACKBONES = {
     "swin_t": ("swin_t", "Swin_T_Weights", 768),
     "vit_b_16": ("vit_b_16", "ViT_B_16_Weights", 768),
     "vit_b_32": ("vit_b_32", "ViT_B_32_Weights", 768),
+    # CLIP's image encoders (Radford et al., ICML 2021) through the open_clip package: (its model name, the
+    # pretrained tag of OpenAI's weights, the width of the projected image embedding)
+    "clip_vit_b_32": ("ViT-B-32", "openai", 512),
+    "clip_vit_b_16": ("ViT-B-16", "openai", 512),
 }
+CLIP_BACKBONES = {"clip_vit_b_32", "clip_vit_b_16"}
 # Vision transformers cut the image into patches: their input side is fixed when they are built and must be
 # a multiple of the patch size.
-PATCH_SIZE = {"vit_b_16": 16, "vit_b_32": 32}
+PATCH_SIZE = {"vit_b_16": 16, "vit_b_32": 32, "clip_vit_b_16": 16, "clip_vit_b_32": 32}
 # Backbones normalised by layer norm only: nothing for --domain_bn to split.
-WITHOUT_BATCH_NORM = {"convnext_tiny", "swin_t", "vit_b_16", "vit_b_32"}
+WITHOUT_BATCH_NORM = {"convnext_tiny", "swin_t", "vit_b_16", "vit_b_32", "clip_vit_b_16", "clip_vit_b_32"}
 
 
 MODEL_FORMAT = 1  # of a checkpoint's "model" entry; checkpoints without one (format 0) describe it in their args
@@ -52,7 +59,10 @@ MODEL_FORMAT = 1  # of a checkpoint's "model" entry; checkpoints without one (fo
 class ModelConfig:
     """The network a checkpoint holds, in its own terms, not in any script's flags; a checkpoint stores it
     as ``{"format": MODEL_FORMAT, **fields}`` under "model". ``weights`` is where the trunk started:
-    "imagenet" (torchvision's default weights for the backbone) or "none" (random)."""
+    "imagenet" (torchvision's default weights for the backbone), "openai" (CLIP's), "file" (a user's,
+    train.py --weights) or "none" (random). ``mean`` and ``std`` are the channel statistics the trunk's
+    weights expect (backbone_stats); the encoder converts the data pipeline's ImageNet-normalised images to
+    them when they differ (Renormalize)."""
     backbone: str
     embedding_dim: int
     image_size: int
@@ -60,6 +70,8 @@ class ModelConfig:
     domain_bn: bool = False
     domain_input: str = "embedding"
     weights: str = "imagenet"
+    mean: tuple = ()  # () when built by hand: backbone_stats(backbone); checkpoints always hold the numbers
+    std: tuple = ()
 
     def to_dict(self) -> dict:
         return {"format": MODEL_FORMAT, **asdict(self)}
@@ -73,11 +85,12 @@ class ModelConfig:
         unknown = sorted(set(d) - known - {"format"})
         if unknown:
             raise ValueError(f"unknown model field(s) {', '.join(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k != "format"})
+        return cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in d.items() if k != "format"})
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
-    """ImageNet weights were asked for but could not be downloaded or read."""
+    """A backbone's pretrained weights were asked for but could not be downloaded or read, or the optional
+    package it needs (open_clip) is not installed."""
 
 
 def backbone_weights(name: str):
@@ -86,24 +99,34 @@ def backbone_weights(name: str):
     return getattr(torchvision.models, weights_name).DEFAULT
 
 
-def build_trunk(name: str, pretrained: bool, image_size: int = 224) -> tuple[nn.Module, int]:
-    """A backbone without its classifier: images (B, 3, H, W) -> pooled features (B, F). A vision
-    transformer is built for ``image_size`` (its ImageNet weights, trained at 224, get their position
-    embeddings interpolated); the CNNs and Swin take any size."""
+def build_trunk(name: str, pretrained: bool, image_size: int = 224, start_state: dict | None = None) -> tuple[nn.Module, int]:
+    """A backbone without its classifier: images (B, 3, H, W) -> pooled features (B, F). It starts from
+    torchvision's ImageNet weights (``pretrained``), from ``start_state`` (a state dict of the whole
+    torchvision network, e.g. a weights file a user already has; ValueError when it does not fit), or at
+    random. A vision transformer is built for ``image_size``: weights trained at another size (224 for
+    ImageNet's) get their position embeddings interpolated. The CNNs and Swin take any size."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if name in PATCH_SIZE and image_size % PATCH_SIZE[name]:
         raise ValueError(f"{name} needs an image size divisible by {PATCH_SIZE[name]}, got {image_size}")
+    if name in CLIP_BACKBONES:
+        return build_clip_trunk(name, pretrained, image_size, start_state)
     builder, _, width = BACKBONES[name]
     weights = backbone_weights(name) if pretrained else None
-    size = {"image_size": image_size} if name in PATCH_SIZE and weights is None else {}
+    random_vit = name in PATCH_SIZE and weights is None and start_state is None
     try:
-        net = torchvision.models.get_model(builder, weights=weights, **size)
+        net = torchvision.models.get_model(builder, weights=weights, **({"image_size": image_size} if random_vit else {}))
     except Exception as e:  # no network, no cached file, corrupt cache
         raise PretrainedWeightsUnavailable(
             f"could not load ImageNet weights for {name} ({type(e).__name__}: {e}); place "
             f"{weights.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints/ or pass --no-pretrained"
         ) from None
+    if start_state is not None:
+        try:
+            net.load_state_dict(start_state)
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or ["mismatch"])[0][:160]
+            raise ValueError(f"the weights do not fit torchvision's {name} ({first})") from None
     if name in PATCH_SIZE:
         if net.image_size != image_size:  # pretrained at 224: the same weights, position embeddings resized
             from torchvision.models.vision_transformer import interpolate_embeddings
@@ -124,6 +147,75 @@ def build_trunk(name: str, pretrained: bool, image_size: int = 224) -> tuple[nn.
     else:  # resnets: everything up to the global pool, without fc
         trunk = nn.Sequential(*list(net.children())[:-1], nn.Flatten())
     return trunk, width
+
+
+def imagenet_stats() -> tuple:
+    """(mean, std) of torchvision's ImageNet weights: the normalisation the data pipeline gives every model."""
+    return backbone_stats("resnet18")
+
+
+def backbone_stats(name: str) -> tuple:
+    """(mean, std): the channel statistics a backbone's published weights expect, from their own package."""
+    if name in CLIP_BACKBONES:
+        open_clip = import_open_clip(name)
+        return tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD)
+    preset = backbone_weights(name).transforms()
+    return tuple(preset.mean), tuple(preset.std)
+
+
+def import_open_clip(name: str):
+    """The open_clip package, or one line saying how to install it."""
+    try:
+        import open_clip
+    except ImportError:
+        raise PretrainedWeightsUnavailable(f"--backbone {name} needs the open_clip package: pip install "
+                                           "open_clip_torch (requirements.txt lists it)") from None
+    return open_clip
+
+
+class Renormalize(nn.Module):
+    """Images normalised with one set of channel statistics -> normalised with another: x * scale + shift,
+    for a trunk whose weights expect other statistics than the data pipeline's (CLIP's)."""
+
+    def __init__(self, stats_in: tuple, stats_out: tuple):
+        super().__init__()
+        (m_in, s_in), (m_out, s_out) = [[torch.tensor(v, dtype=torch.float32)[:, None, None] for v in s]
+                                        for s in (stats_in, stats_out)]
+        self.register_buffer("scale", s_in / s_out, persistent=False)   # (3, 1, 1); not in the state dict
+        self.register_buffer("shift", (m_in - m_out) / s_out, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
+def build_clip_trunk(name: str, pretrained: bool, image_size: int, start_state: dict | None) -> tuple[nn.Module, int]:
+    """CLIP's image encoder through open_clip (an optional package), built for ``image_size`` (OpenAI's
+    weights, trained at 224, get their position embeddings resized). Its weights are cached in
+    <torch hub dir>/open_clip. The text tower is dropped."""
+    open_clip = import_open_clip(name)
+    model_name, tag, width = BACKBONES[name]
+    cache = os.path.join(torch.hub.get_dir(), "open_clip")
+    logging.disable(logging.WARNING)  # open_clip logs a warning for every randomly initialised model
+    try:
+        clip = open_clip.create_model(model_name, pretrained=tag if pretrained and start_state is None else None,
+                                      force_image_size=image_size, cache_dir=cache)
+    except Exception as e:  # no network, no cached file, corrupt cache
+        raise PretrainedWeightsUnavailable(
+            f"could not load CLIP weights {model_name} ({tag}) ({type(e).__name__}: {str(e)[:120]}); they are "
+            f"downloaded into {cache}; or pass --no-pretrained") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    if start_state is not None:
+        from open_clip.model import resize_pos_embed
+
+        state = dict(start_state)
+        resize_pos_embed(state, clip)  # weights trained at another size: positions resized in place
+        try:
+            clip.load_state_dict(state)
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or ["mismatch"])[0][:160]
+            raise ValueError(f"the weights do not fit open_clip's {model_name} ({first})") from None
+    return clip.visual, width
 
 
 class DomainBatchNorm2d(nn.Module):
@@ -156,9 +248,11 @@ class Encoder(nn.Module):
     ``forward`` takes the domain of its batch."""
 
     def __init__(self, backbone: str, embedding_dim: int, pretrained: bool, domain_bn: bool = False,
-                 image_size: int = 224):
+                 image_size: int = 224, start_state: dict | None = None, input_stats: tuple | None = None):
         super().__init__()
-        self.trunk, self.width = build_trunk(backbone, pretrained, image_size)
+        self.trunk, self.width = build_trunk(backbone, pretrained, image_size, start_state)
+        stats = input_stats or backbone_stats(backbone)  # what the trunk expects; the pipeline gives ImageNet's
+        self.renorm = Renormalize(imagenet_stats(), stats) if tuple(map(tuple, stats)) != imagenet_stats() else None
         self.domain_bn = domain_bn
         if domain_bn:
             if backbone in WITHOUT_BATCH_NORM:
@@ -171,7 +265,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, domain: int = 0, with_features: bool = False):
         for m in self.domain_norms:
             m.domain = domain
-        feats = self.trunk(x)                         # (B, F)
+        feats = self.trunk(x if self.renorm is None else self.renorm(x))  # (B, F)
         emb = F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D)
         return (emb, feats) if with_features else emb
 
@@ -252,24 +346,28 @@ class ZSSBIRModel(nn.Module):
     trunk's "features" (B, F). With ``num_classes`` > 0 the model also holds seen-class proxies for
     the class loss; they are created last, so the encoders' initialisation does not depend on them.
     ``image_size`` is the input side a vision transformer is built for (the other backbones take any).
+    ``start_state`` (build_trunk) starts the trunk(s) from a user's weights; ``input_stats`` (mean, std) are
+    the statistics the trunk expects (default: backbone_stats).
     """
 
     def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool = True,
                  num_classes: int = 0, shared_trunk: bool = False, domain_bn: bool = False,
-                 domain_input: str = "embedding", image_size: int = 224):
+                 domain_input: str = "embedding", image_size: int = 224, start_state: dict | None = None,
+                 input_stats: tuple | None = None):
         super().__init__()
         if domain_input not in ("embedding", "features"):
             raise ValueError(f"domain_input must be 'embedding' or 'features', got {domain_input!r}")
         if shared_trunk:
-            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size)
+            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size, start_state, input_stats)
             width = self.encoder.width
             object.__setattr__(self, "sketch_encoder", DomainView(self.encoder, 0))  # not registered: no
             object.__setattr__(self, "photo_encoder", DomainView(self.encoder, 1))   # second copy in state_dict
         else:
             if domain_bn:
                 raise ValueError("domain_bn needs shared_trunk: two branches already normalise each domain apart")
-            self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size)
-            self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size)
+            kw = dict(image_size=image_size, start_state=start_state, input_stats=input_stats)
+            self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, **kw)
+            self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, **kw)
             width = self.sketch_encoder.width
         self.domain_input = domain_input
         self.domain_classifier = DomainClassifier(embedding_dim if domain_input == "embedding" else width)
@@ -277,12 +375,16 @@ class ZSSBIRModel(nn.Module):
             self.class_proxies = ClassProxies(embedding_dim, num_classes)
 
     @classmethod
-    def from_config(cls, config: ModelConfig, num_classes: int = 0, start_weights: bool = True) -> "ZSSBIRModel":
-        """The network a ModelConfig describes; with ``start_weights`` the trunk starts from config.weights
-        (False: random, e.g. before loading a checkpoint's trained weights)."""
-        return cls(config.backbone, config.embedding_dim, start_weights and config.weights == "imagenet",
+    def from_config(cls, config: ModelConfig, num_classes: int = 0, start_weights: bool = True,
+                    start_state: dict | None = None) -> "ZSSBIRModel":
+        """The network a ModelConfig describes; with ``start_weights`` the trunk starts from config.weights:
+        the published ones, or for "file" ``start_state`` (random without it); False: random, e.g. before
+        loading a checkpoint's trained weights."""
+        return cls(config.backbone, config.embedding_dim, start_weights and config.weights in ("imagenet", "openai"),
                    num_classes=num_classes, shared_trunk=config.shared_trunk, domain_bn=config.domain_bn,
-                   domain_input=config.domain_input, image_size=config.image_size)
+                   domain_input=config.domain_input, image_size=config.image_size,
+                   start_state=start_state if start_weights and config.weights == "file" else None,
+                   input_stats=(config.mean, config.std) if config.mean else None)
 
     def embed_pair(self, sketch: torch.Tensor, photo: torch.Tensor) -> tuple:
         """Embeddings (B1, D), (B2, D) and trunk features (B1, F), (B2, F) of sketches and photos. A shared

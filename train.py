@@ -31,8 +31,8 @@ from tqdm import tqdm
 import dataset
 import metrics
 import utils
-from model import (BACKBONES, PATCH_SIZE, WITHOUT_BATCH_NORM, ModelConfig, PretrainedWeightsUnavailable, ZSSBIRModel,
-                   grl_lambda, paired_losses, sbir_losses)
+from model import (BACKBONES, CLIP_BACKBONES, PATCH_SIZE, WITHOUT_BATCH_NORM, ModelConfig, PretrainedWeightsUnavailable,
+                   ZSSBIRModel, backbone_stats, grl_lambda, paired_losses, sbir_losses)
 
 
 # Each recipe is a set of defaults; a flag given on the command line always wins over its recipe.
@@ -98,6 +98,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=recipe_help("backbone", "torchvision CNN of the encoder(s)"))
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from torchvision's ImageNet weights")
+    p.add_argument("--weights", type=str, default="",
+                   help="start the trunk from this file instead of downloading: a state dict of the whole "
+                        "torchvision --backbone network (e.g. the .pth behind its ImageNet weights' URL)")
     p.add_argument("--shared_trunk", action=argparse.BooleanOptionalAction, default=None,
                    help=recipe_help("shared_trunk", "one trunk for both domains instead of two branches"))
     p.add_argument("--domain_bn", action=argparse.BooleanOptionalAction, default=None,
@@ -147,6 +150,18 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
                         "convolutions; off on the CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the two encoders (slower start, faster steps; needs a C++ compiler on CPU)")
+
+
+def start_weights(path: str) -> dict:
+    """The state dict in a --weights file (bare, or under "state_dict" or "model" as training scripts save it)."""
+    hint = "pass a .pth state dict of the --backbone network (torchvision's format)"
+    state = utils.load_user_file(path, "weights file", hint)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not utils.is_state_dict(state):
+        raise utils.UserError(f"{path} holds no state dict (names -> tensors); {hint}")
+    return state
 
 
 def apply_recipe(args) -> None:
@@ -482,15 +497,23 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
 
 def model_config(args) -> ModelConfig:
     """The network the flags describe, as checkpoints store it."""
+    published = "openai" if args.backbone in CLIP_BACKBONES else "imagenet"
+    weights = "file" if args.weights else (published if args.pretrained else "none")
     return ModelConfig(args.backbone, args.embedding_dim, args.image_size, args.shared_trunk, args.domain_bn,
-                       args.domain_input, "imagenet" if args.pretrained else "none")
+                       args.domain_input, weights, *backbone_stats(args.backbone))
 
 
 def build_model_and_optimizer(args, num_classes: int, device: torch.device, world: int = 1):
     """The model the flags describe, on the device in --channels_last's layout, and its AdamW (the class
     proxies in their own group, at --proxy_lr_mult times the learning rate)."""
     uses_proxies = args.sampling == "pairs" or args.class_loss_ratio > 0
-    model = ZSSBIRModel.from_config(model_config(args), num_classes=num_classes if uses_proxies else 0)
+    start = start_weights(args.weights) if args.weights else None
+    try:
+        model = ZSSBIRModel.from_config(model_config(args), num_classes=num_classes if uses_proxies else 0,
+                                        start_state=start)
+    except ValueError as e:  # a --weights file of another network
+        raise utils.UserError(f"--weights {args.weights}: {e}; pass a state dict of torchvision's {args.backbone}, "
+                              "or another --backbone") from None
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 
-from model import BACKBONES, MODEL_FORMAT, ModelConfig, ZSSBIRModel
+from model import BACKBONES, MODEL_FORMAT, ModelConfig, ZSSBIRModel, backbone_stats
 
 
 class UserError(Exception):
@@ -328,7 +328,13 @@ def _wrong_model_entry(entry, path: str) -> list:
         "backbone": lambda b: b in BACKBONES, "embedding_dim": lambda d: is_int(d) and d >= 1,
         "image_size": lambda s: is_int(s) and s >= 32, "shared_trunk": lambda b: isinstance(b, bool),
         "domain_bn": lambda b: isinstance(b, bool) and (not b or config.shared_trunk),
-        "domain_input": lambda d: d in ("embedding", "features"), "weights": lambda w: w in ("imagenet", "none")})]
+        "domain_input": lambda d: d in ("embedding", "features"),
+        "weights": lambda w: w in ("imagenet", "openai", "file", "none"),
+        "mean": _channel_stats, "std": lambda s: _channel_stats(s) and all(v > 0 for v in s)})]
+
+
+def _channel_stats(v) -> bool:
+    return isinstance(v, tuple) and len(v) == 3 and all(is_number(x) for x in v)
 
 
 def checkpoint_model(ckpt: dict) -> ModelConfig:
@@ -339,7 +345,7 @@ def checkpoint_model(ckpt: dict) -> ModelConfig:
     a = ckpt["args"]
     return ModelConfig(a["backbone"], a["embedding_dim"], a["image_size"], a.get("shared_trunk", False),
                        a.get("domain_bn", False), a.get("domain_input", "embedding"),
-                       "imagenet" if a["pretrained"] else "none")
+                       "imagenet" if a["pretrained"] else "none", *backbone_stats(a["backbone"]))
 
 
 def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:

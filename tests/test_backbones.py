@@ -1,17 +1,32 @@
-"""The backbones beyond the paper's CNNs (EfficientNet-B0, ConvNeXt-T, Swin-T, ViT-B/16, ViT-B/32), with random
-weights: shapes, unit embeddings, a training step, save and load; two training steps that evaluate.py then
-scores; and the input sizes and normalisations they cannot take."""
+"""The backbones beyond the paper's CNNs (EfficientNet-B0, ConvNeXt-T, Swin-T, ViT-B/16, ViT-B/32, and CLIP's
+ViT-B/32 and ViT-B/16 image encoders), with random weights: shapes, unit embeddings, a training step, save and load; two training steps that evaluate.py then
+scores; the input sizes and normalisations they cannot take; and starting weights from a file."""
 import os
 
 import pytest
 import torch
+import torchvision
 
+import demo_data
 import train
-from conftest import make_tiny_dataset, run_main
+import utils
+from conftest import run_main
+import model as M
 from model import PATCH_SIZE, ZSSBIRModel
 from test_train import assert_one_line_error
 
-NEW = ["efficientnet_b0", "convnext_tiny", "swin_t", "vit_b_16", "vit_b_32"]
+def _has_open_clip() -> bool:
+    try:
+        import open_clip  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# CLIP's encoders need open_clip, which requirements.txt installs; a machine without it skips them.
+NEEDS_OPEN_CLIP = pytest.mark.skipif(not _has_open_clip(), reason="open_clip is not installed")
+NEW = ["efficientnet_b0", "convnext_tiny", "swin_t", "vit_b_16", "vit_b_32",
+       pytest.param("clip_vit_b_32", marks=NEEDS_OPEN_CLIP), pytest.param("clip_vit_b_16", marks=NEEDS_OPEN_CLIP)]
 SIZE = 64
 
 
@@ -46,12 +61,21 @@ def test_a_backbone_embeds_trains_and_reloads(backbone):
         assert torch.equal(clone.eval().photo_encoder(photo), model.photo_encoder(photo))
 
 
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> str:
+    """The demo data (demo_data.py) at 64 px, 2 sketches and 2 photos of each of its 47 classes: 67 training
+    photos after the validation hold-out, so 2 steps of 32."""
+    out = str(tmp_path_factory.mktemp("demo") / "demo")
+    demo_data.main(demo_data.get_args_parser().parse_args(["--out", out, "--image_size", str(SIZE), "--sketches_per_class",
+                                                           "2", "--photos_per_class", "2", "--workers", "1"]))
+    return out
+
+
 @pytest.mark.parametrize("backbone", NEW)
-def test_a_backbone_trains_two_steps_and_evaluates(backbone, tmp_path):
-    data = make_tiny_dataset(str(tmp_path / "data"))  # 22 training photos: 2 steps of 8
-    ckpt = str(tmp_path / "ckpt")
+def test_a_backbone_trains_two_steps_and_evaluates_on_the_demo(backbone, demo, tmp_path):
+    data, ckpt = demo, str(tmp_path / "ckpt")
     proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", ckpt, "--no-pretrained", "--backbone", backbone,
-                    "--image_size", str(SIZE), "--embedding_dim", "16", "--batch_size", "8", "--epochs", "1",
+                    "--image_size", str(SIZE), "--embedding_dim", "16", "--batch_size", "32", "--epochs", "1",
                     "--workers", "0", "--device", "cpu", "--print_every", "1")
     assert proc.returncode == 0, proc.stderr
     assert "epoch 1 step 2:" in proc.stdout and "epoch 1 step 3:" not in proc.stdout
@@ -71,6 +95,66 @@ def test_sizes_and_norms_a_backbone_cannot_take(tiny_data, tmp_path):
     assert_one_line_error(proc, "16-pixel patches", "divisible by 16")
     proc = run_main("train.py", *common, "--backbone", "convnext_tiny", "--domain_bn")
     assert_one_line_error(proc, "--domain_bn", "convnext_tiny has none")
-    assert PATCH_SIZE == {"vit_b_16": 16, "vit_b_32": 32}
+    assert PATCH_SIZE == {"vit_b_16": 16, "vit_b_32": 32, "clip_vit_b_16": 16, "clip_vit_b_32": 32}
     with pytest.raises(ValueError, match="divisible by 32"):
         ZSSBIRModel("vit_b_32", 8, pretrained=False, image_size=48)
+
+
+def test_weights_from_a_file_start_the_trunk_and_another_networks_file_is_one_line(tiny_data, tmp_path):
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18()
+    model = ZSSBIRModel("resnet18", 8, pretrained=False, start_state=net.state_dict())
+    assert all(torch.equal(e.trunk[0].weight, net.conv1.weight) for e in (model.sketch_encoder, model.photo_encoder))
+    # A ViT's weights trained at 224 px start a ViT built for 64 px: its 2 x 2 patches get interpolated positions.
+    vit = torchvision.models.vit_b_32()
+    small = ZSSBIRModel("vit_b_32", 8, pretrained=False, shared_trunk=True, image_size=SIZE, start_state=vit.state_dict())
+    assert torch.equal(small.encoder.trunk.conv_proj.weight, vit.conv_proj.weight)
+    assert small.encoder.trunk.encoder.pos_embedding.shape == (1, 1 + (SIZE // 32) ** 2, 768)
+    # train.py --weights: the checkpoint says where the trunk started; a wrong or missing file is one line.
+    path, other = str(tmp_path / "resnet18.pth"), str(tmp_path / "mobilenet.pth")
+    torch.save({"state_dict": net.state_dict()}, path)  # as many training scripts save it
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), other)
+    common = ["--data_dir", tiny_data, "--backbone", "resnet18", "--image_size", "32", "--embedding_dim", "8",
+              "--batch_size", "8", "--epochs", "1", "--workers", "0", "--device", "cpu"]
+    proc = run_main("train.py", *common, "--checkpoint_dir", str(tmp_path / "c"), "--weights", path)
+    assert proc.returncode == 0, proc.stderr
+    assert utils.load_checkpoint(str(tmp_path / "c" / "last.pth"))["model"]["weights"] == "file"
+    assert_one_line_error(run_main("train.py", *common, "--checkpoint_dir", str(tmp_path / "d"), "--weights", other),
+                          "do not fit torchvision's resnet18")
+    assert_one_line_error(run_main("train.py", *common, "--checkpoint_dir", str(tmp_path / "d"), "--weights",
+                                   str(tmp_path / "missing.pth")), "missing.pth not found")
+    assert not os.path.exists(tmp_path / "d")
+
+
+@NEEDS_OPEN_CLIP
+def test_clip_sees_clips_normalisation_and_starts_from_a_file_of_another_size():
+    """The data pipeline normalises with ImageNet's statistics; CLIP's encoder converts them to its own (and a
+    torchvision backbone has nothing to convert). A state dict of the
+    whole CLIP model made for 224 px starts an encoder built for 64 px, its position embeddings resized."""
+    import open_clip
+
+    model = ZSSBIRModel("clip_vit_b_32", 8, pretrained=False, shared_trunk=True, image_size=SIZE)
+    renorm = model.encoder.renorm
+    mean, std = M.imagenet_stats()
+    pixel = torch.rand(3, 1, 1)  # one pixel in [0, 1], as the pipeline would normalise it, then renormalised
+    imagenet = (pixel - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    clip = (pixel - torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]) / torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
+    torch.testing.assert_close(renorm(imagenet), clip)
+    assert not any("scale" in k or "shift" in k for k in model.state_dict())  # derived, not saved
+    torch.manual_seed(3)
+    full = open_clip.create_model("ViT-B-32", pretrained=None)  # 224 px
+    started = ZSSBIRModel("clip_vit_b_32", 8, pretrained=False, shared_trunk=True, image_size=SIZE,
+                          start_state=full.state_dict())
+    assert torch.equal(started.encoder.trunk.conv1.weight, full.visual.conv1.weight)
+    assert started.encoder.trunk.positional_embedding.shape == (1 + (SIZE // 32) ** 2, 768)
+    assert ZSSBIRModel("resnet18", 8, pretrained=False).sketch_encoder.renorm is None  # ImageNet's: nothing to convert
+
+
+def test_a_missing_open_clip_is_one_line(tiny_data, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if it were not installed: importing it fails
+    proc = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", str(tmp_path / "c"), "--no-pretrained",
+                    "--backbone", "clip_vit_b_32", "--image_size", "64", "--batch_size", "8", "--device", "cpu")
+    assert_one_line_error(proc, "needs the open_clip package", "pip install open_clip_torch")
+    assert not os.path.exists(tmp_path / "c")

@@ -24,7 +24,8 @@ def test_a_format_0_checkpoint_evaluates_to_the_numbers_it_gave(tmp_path):
     data = make_tiny_dataset(str(tmp_path / "data"))
     path, expected = os.path.join(FIXTURES, "checkpoint_format0.pth"), json.load(open(os.path.join(FIXTURES, "checkpoint_format0.json")))
     ckpt = utils.load_checkpoint(path)
-    assert "model" not in ckpt and utils.checkpoint_model(ckpt).backbone == "mobilenet_v3_small"
+    config = utils.checkpoint_model(ckpt)
+    assert "model" not in ckpt and config.backbone == "mobilenet_v3_small" and config.mean == (0.485, 0.456, 0.406)
     out = str(tmp_path / "eval")
     proc = evaluate(path, data, out, "--save_embeddings", os.path.join(out, "emb.pt"))
     assert proc.returncode == 0, proc.stderr
@@ -50,7 +51,8 @@ def test_a_new_checkpoint_describes_its_model_in_its_own_terms(tiny_data, tmp_pa
     path = os.path.join(ckpt_dir, "last.pth")
     ckpt = utils.load_checkpoint(path)
     assert ckpt["model"] == {"format": 1, "backbone": "resnet18", "embedding_dim": 16, "image_size": 32,
-                             "shared_trunk": False, "domain_bn": False, "domain_input": "embedding", "weights": "none"}
+                             "shared_trunk": False, "domain_bn": False, "domain_input": "embedding", "weights": "none",
+                             "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}  # torchvision's ImageNet statistics
     before = evaluate(path, tiny_data, str(tmp_path / "a"))
     assert before.returncode == 0, before.stderr
     # Evaluation reads the model entry, not the flags: renaming or dropping train.py's flags changes nothing.
