@@ -281,20 +281,6 @@ def load_resized(path: str, image_size: int, edges: bool = False) -> torch.Tenso
     return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (3, S, S), memory (S, S, 3)
 
 
-class ResizedImages(Dataset):
-    """uint8 (3, S, S) images of a list of (path, edges) items (filling a cache)."""
-
-    def __init__(self, items: list, image_size: int):
-        self.items, self.image_size = items, image_size
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        path, edges = self.items[index]
-        return load_resized(path, self.image_size, edges)
-
-
 # ----------------------------------------------------------------------------------- image store, disk cache
 
 def cache_paths(cache_dir: str, image_size: int) -> tuple[str, str]:
@@ -350,12 +336,13 @@ def write_disk_cache(root: str, items: list, image_size: int, cache_dir: str, wo
         for j, k in enumerate(keep):
             out[j] = previous[old[k][0]]
         del previous
-    loader = torch.utils.data.DataLoader(ResizedImages([by_key[k] for k in todo], image_size), batch_size=64,
+    # A store of the new items only, with no cache: it decodes their files, giving rows (n, S, S, 3) as stored.
+    loader = torch.utils.data.DataLoader(ImageStore([by_key[k] for k in todo], image_size), batch_size=64,
                                          num_workers=workers)
     from tqdm import tqdm
     row = len(keep)
     for batch in tqdm(loader, desc=f"disk cache {image_size}px", leave=False, disable=None):
-        out[row:row + len(batch)] = batch.permute(0, 2, 3, 1).numpy()  # (n, S, S, 3)
+        out[row:row + len(batch)] = batch.numpy()  # (n, S, S, 3)
         row += len(batch)
     out.flush()
     del out

@@ -206,12 +206,11 @@ def test_a_training_step_never_makes_the_host_wait_for_the_gpu(recipe):
     batch = ([torch.randint(0, 256, (4, 3, SIZE, SIZE), generator=g, dtype=torch.uint8).pin_memory()
               for _ in range(n_images)] + [torch.arange(4).pin_memory(), torch.arange(1, 5).remainder(4).pin_memory()])
     batch = batch[:n_images + (1 if n_images == 2 else 2)]
-    sums = {}
+    losses = train.LossSums(device, {}, 0, 0)  # as the loop sums them, on the device
 
     def step(i):
         on_device = train.to_device_batch(batch, args, device, i, torch.channels_last)
-        for k, v in train.train_step(net, optimizer, scaler, on_device, 0.5, 1e-4, args, dtype).items():
-            sums[k] = sums[k] + v.double() if k in sums else v.double()
+        losses.add(train.train_step(net, optimizer, scaler, on_device, 0.5, 1e-4, args, dtype))
 
     step(0)
     step(1)
@@ -221,4 +220,4 @@ def test_a_training_step_never_makes_the_host_wait_for_the_gpu(recipe):
             step(i)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert all(math.isfinite(v) for v in train.global_mean(sums, 5).values())
+    assert all(math.isfinite(v) for v in losses.means(5).values())
