@@ -72,6 +72,10 @@ def run_main(script: str, *argv: str) -> SimpleNamespace:
 
 
 U64 = 2.0 ** -53  # float64's unit roundoff
+# float32's unit roundoff: a float32 dot product of D terms, summed in any order, is within about D U32 of the
+# exact one relative to the sum of its terms' magnitudes (Higham 2002, section 3.1), so two orders (two BLAS
+# kernels) differ by at most about 2 D U32 for unit vectors
+U32 = 2.0 ** -24
 
 
 def reordering_rtol(model, longest_sum: int) -> float:
