@@ -280,7 +280,9 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
     rank 0 gets the result, the others None); --save_embeddings keeps them."""
     a, cfg = ckpt["args"], utils.checkpoint_model(ckpt)  # how it was trained; the network it holds
     print(f"model {args.model}: {cfg.backbone}, {cfg.embedding_dim}-d, {cfg.image_size}px, trained "
-          f"{ckpt['epoch']} epoch(s), seen-class val mAP@all {ckpt['best']:.4f}")
+          f"{ckpt['epoch']} epoch(s)" + (f" ({ckpt['work']['steps']:,} steps, {ckpt['work']['images']:,} images, "
+                                         f"{utils.flops_text(ckpt['work']['flops'])})" if "work" in ckpt else "")
+          + f", seen-class val mAP@all {ckpt['best']:.4f}")
     class_split = args.class_split or a.get("class_split", "")
     data = dataset.scan_dataset(args.data, class_split=class_split)
     if data.skipped:

@@ -26,6 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import dataset
@@ -50,6 +51,20 @@ RECIPES = {
                      class_loss_ratio=0.0, domain_loss_ratio=0.5, grl_threshold_epoch=5, proxy_lr_mult=1.0,
                      crop_scale=0.7),
 }
+
+
+# The training steps behind each recipe's figures in docs/results.md (the demo's make demo, emoji-dev's longest run),
+# which a run that a --budget_minutes ends is compared with: a slower machine does fewer steps in the same minutes.
+MEASURED_STEPS = {"scratch": {"the demo": 279, "emoji-dev": 2570}}
+
+
+def measured_against(recipe: str, work: "Work") -> str:
+    """How far a run got, against the work the recipe's published figures took."""
+    measured = MEASURED_STEPS.get(recipe)
+    if not measured:
+        return f"docs/results.md has no figure of the {recipe} recipe to compare these {work.steps} steps with"
+    return (f"docs/results.md measured the {recipe} recipe with " + " and ".join(
+        f"{n:,} steps on {where} (this run did {work.steps / n:.0%} of that)" for where, n in measured.items()))
 
 
 def recipe_help(name: str, text: str) -> str:
@@ -551,12 +566,14 @@ class Schedule:
     spent), and the budget ends training. The lambda ramp starts at --grl_threshold_epoch's first step,
     or with a budget at the second that epoch began, and ends with the schedule."""
 
-    def __init__(self, args, steps_per_epoch: int, seconds_before: float = 0.0, grl_start_seconds: float = -1.0):
+    def __init__(self, args, steps_per_epoch: int, seconds_before: float = 0.0, grl_start_seconds: float = -1.0,
+                 work: dict | None = None):
         self.budget = args.budget_minutes * 60.0
         self.total_steps = args.epochs * steps_per_epoch if args.epochs is not None else None
         self.steps_per_epoch, self.args = steps_per_epoch, args
         self.before, self.t0 = seconds_before, time.time()
         self.grl_start_seconds = grl_start_seconds
+        self.work = Work(**(work or {}))
 
     def seconds(self) -> float:
         return self.before + time.time() - self.t0
@@ -583,7 +600,45 @@ class Schedule:
 
     def state(self, seconds: float) -> dict:
         """What a checkpoint keeps for --resume to continue this schedule."""
-        return {"seconds": seconds, "grl_start_seconds": self.grl_start_seconds, "finished": self.over(seconds)}
+        return {"seconds": seconds, "grl_start_seconds": self.grl_start_seconds, "finished": self.over(seconds),
+                "work": self.work.to_dict()}
+
+
+class Work:
+    """The work a run has done, in units that travel between machines: optimisation steps, training images
+    (sketch-domain and photo, over every process) and training FLOPs: the forward and backward passes'
+    floating-point operations as torch.utils.flop_counter counts them (a multiply-add is 2; convolutions,
+    matrix products and attention; the optimizer's element-wise updates and the on-device augmentation are
+    not counted). A step's FLOPs depend only on its batch's shapes, so each shape is counted once, on the
+    first step that has it, and reused."""
+
+    def __init__(self, steps: int = 0, images: int = 0, flops: int = 0):
+        self.steps, self.images, self.flops = steps, images, flops
+        self.flops_by_shape = {}  # the batch's image shapes -> FLOPs of one step over every process
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "images": self.images, "flops": self.flops}
+
+    def step(self, run, batch: list) -> dict:
+        """Run one training step, ``run()``, on ``batch`` (this process's images on the device, then labels)
+        and add its work; returns what ``run`` returns."""
+        images = [x for x in batch if x.is_floating_point()]
+        shape = tuple(tuple(x.shape) for x in images)
+        world = utils.rank_and_world()[1]
+        if shape in self.flops_by_shape:
+            out = run()
+        else:
+            with FlopCounterMode(display=False) as counter:
+                out = run()
+            self.flops_by_shape[shape] = counter.get_total_flops() * world  # every process runs the same shapes
+        self.steps += 1
+        self.images += sum(len(x) for x in images) * world
+        self.flops += self.flops_by_shape[shape]
+        return out
+
+    def describe(self, seconds: float) -> str:
+        return (f"{self.steps:,} steps, {self.images:,} images, {utils.flops_text(self.flops)} in "
+                f"{seconds / 60:.1f} min ({self.images / max(seconds, 1e-9):.0f} images/s)")
 
 
 def to_device_batch(batch, args, device, step: int, memory_format) -> list:
@@ -643,11 +698,12 @@ def end_epoch(args, model, optimizer, scaler, val, data, device, epoch: int, ste
     print(f"epoch {epoch + 1}" + (f"/{args.epochs}" if args.epochs else "") + ": "
           + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) + f"  lambda {lambd:.3f}  {val_text}"
           f"  [{train_s:.0f}s, {rate:.1f} {args.sampling}/s"
-          + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "") + "]")
+          + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "")
+          + f"; so far {schedule.work.describe(seconds)}]")
     if utils.rank_and_world()[0] == 0:
         utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
                                       "lambda": lambd, "train_seconds": train_s, "val_seconds": val_s,
-                                      "seconds": seconds, **means})
+                                      "seconds": seconds, **schedule.work.to_dict(), **means})
         # A budget that ends inside an epoch ends training there: the checkpoint counts the epoch as done.
         ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best, schedule_state=schedule.state(seconds))
         if improved:
@@ -664,7 +720,9 @@ def train_epochs(args, model, net, optimizer, scaler, loader, val, data, device,
     rank, world = utils.rank_and_world()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     steps_per_epoch = len(loader)
-    schedule = Schedule(args, steps_per_epoch, resumed.get("seconds", 0.0), resumed.get("grl_start_seconds", -1.0))
+    schedule = Schedule(args, steps_per_epoch, resumed.get("seconds", 0.0), resumed.get("grl_start_seconds", -1.0),
+                        resumed.get("work", {"steps": step}))  # checkpoints before the work was counted: steps only
+    work = schedule.work
     loader.prepare()  # inside the budget: reading the images is part of training
     last_path = os.path.join(args.checkpoint_dir, "last.pth")
     epoch, seconds, lambd, finished = start_epoch, schedule.seconds(), 0.0, False
@@ -688,7 +746,7 @@ def train_epochs(args, model, net, optimizer, scaler, loader, val, data, device,
             batch = to_device_batch(batch, args, device, step, memory_format)
             lambd = schedule.lambd(step, seconds)
             lr = lr_at(schedule.progress(step, seconds), args.warmup, args.lr)
-            vals = train_step(net, optimizer, scaler, batch, lambd, lr, args, dtype)
+            vals = work.step(lambda: train_step(net, optimizer, scaler, batch, lambd, lr, args, dtype), batch)
             stopping, seconds = agree(stop.signal is not None, schedule.seconds())
             step, done = step + 1, i
             losses.add(vals)
@@ -701,7 +759,7 @@ def train_epochs(args, model, net, optimizer, scaler, loader, val, data, device,
                           + f"  lambda {lambd:.3f}  lr {lr:.2e}")
                     if rank == 0:
                         utils.append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, "lambda": lambd,
-                                                      "lr": lr, "seconds": seconds, **means})
+                                                      "lr": lr, "seconds": seconds, **work.to_dict(), **means})
             if finished:
                 break
             if stopping and i < steps_per_epoch:
@@ -719,12 +777,13 @@ def train_epochs(args, model, net, optimizer, scaler, loader, val, data, device,
         epoch += 1
         if finished:
             print(f"budget of {args.budget_minutes} min spent after {step} steps ({epoch} epoch(s), the last one "
-                  f"{done}/{steps_per_epoch} steps)")
+                  f"{done}/{steps_per_epoch} steps); {measured_against(args.recipe, work)}")
             break
         if any_process(stop.signal is not None) and (args.epochs is None or epoch < args.epochs):
             print(f"stopped after epoch {epoch}; continue with --resume {last_path}")
             return
-    print(f"done: best seen-class val mAP@all {best:.4f} -> {os.path.join(args.checkpoint_dir, 'best.pth')}")
+    print(f"done: {work.describe(schedule.seconds())}; best seen-class val mAP@all {best:.4f} -> "
+          f"{os.path.join(args.checkpoint_dir, 'best.pth')}")
 
 
 if __name__ == "__main__":

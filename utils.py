@@ -168,6 +168,14 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def flops_text(flops: float) -> str:
+    """A FLOP count for people: 3 significant digits in GFLOP to EFLOP, or whole FLOPs below a GFLOP."""
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}"
+    return f"{flops:,.0f} FLOP"
+
+
 def git_commit() -> str:
     """The repository's current commit (with '+dirty' when modified), or 'unknown'."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -295,7 +303,9 @@ def load_checkpoint(path: str) -> dict:
         "epoch": lambda e: is_int(e) and e >= 0, "step": lambda s: is_int(s) and s >= 0, "best": is_number,
     }, {"epoch_step": lambda e: is_int(e) and e >= 0, "world_size": lambda w: is_int(w) and w >= 1,
         "epoch_sums": lambda d: isinstance(d, dict) and all(is_number(v) for v in d.values()),
-        "rng_by_rank": lambda r: isinstance(r, list) and all(map(_is_rng_state, r)), "rng": _is_rng_state})
+        "rng_by_rank": lambda r: isinstance(r, list) and all(map(_is_rng_state, r)), "rng": _is_rng_state,
+        "work": lambda w: isinstance(w, dict) and all(is_int(w.get(k)) and w[k] >= 0
+                                                      for k in ("steps", "images", "flops"))})
     if not bad:  # what evaluation reads of the training arguments; format 0 also describes the model there
         model_args = {} if "model" in ckpt else {
             "backbone": lambda b: b in BACKBONES, "embedding_dim": lambda d: is_int(d) and d >= 1,

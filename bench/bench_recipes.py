@@ -1,17 +1,19 @@
-"""The recipe ablation: train each variant for N seeds within a time budget, print one table.
+"""The recipe ablation: train each variant for N seeds with a fixed amount of work, print one table.
 
-    python bench/bench_recipes.py --data_dir data/demo --budget_minutes 1.5
-    python bench/bench_recipes.py --data_dir /tmp/emoji-dev --budget_minutes 4 --variants default domain_loss
-    python bench/bench_recipes.py --data_dir /tmp/emoji-dev --budget_minutes 4 --variants default domain_loss no_edge_maps:1
+    python bench/bench_recipes.py --data_dir data/demo --epochs 9
+    python bench/bench_recipes.py --data_dir /tmp/emoji-dev --epochs 25 --variants default domain_loss
+    python bench/bench_recipes.py --data_dir /tmp/emoji-dev --budget_minutes 4 --variants default no_edge_maps:1
 
 A variant written NAME:N runs N seeds instead of --seeds.
 
-Each run is `train.py --budget_minutes M --seed S <variant flags>` then `evaluate.py` on the unseen
-classes (standard convention); its results.json is kept under --out_dir/<dataset>/<variant>/seed<S>/
-and reused by later calls (delete it, or pass --rerun, to train again), so a long ablation can be built
-up in pieces. The table gives mean +/- standard deviation over the seeds (sample std, n - 1) of unseen
-mAP@all, P@100 and P@200, beside chance, the untrained network (the first variant's seed 0 at its
-initialisation) and a training-free edge-matching baseline computed here.
+Each run is `train.py --epochs E --seed S <variant flags>` (or --budget_minutes M: a wall-clock budget, whose
+figures hold only on the machine that ran them) then `evaluate.py` on the unseen classes (standard convention);
+its results are kept under --out_dir/<dataset>/<e{E} or m{M}>/<variant>/seed<S>/ and reused by later calls
+(delete them, or pass --rerun, to train again), so a long ablation can be built up in pieces. The table gives
+mean +/- standard deviation over the seeds (sample std, n - 1) of unseen mAP@all, P@100 and P@200, beside
+chance, the untrained network (the first variant's seed 0 at its initialisation) and a training-free
+edge-matching baseline computed here, and the work behind each row: training steps, images and FLOPs
+(train.py's counts, in last.pth), with the minutes it took on this machine beside them.
 """
 import argparse
 import json
@@ -26,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 import metrics  # noqa: E402
+import utils  # noqa: E402
 
 # variant name -> train.py flags added to the defaults (--no-pretrained: the from-scratch recipe)
 VARIANTS = {
@@ -49,7 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", type=str, nargs="+", default=list(VARIANTS),
                    help="variants to train, NAME or NAME:SEEDS (names: " + ", ".join(VARIANTS) + ")")
     p.add_argument("--seeds", type=int, default=3, help="runs per variant, seeds 0 .. N-1")
-    p.add_argument("--budget_minutes", type=float, default=2.0, help="train.py --budget_minutes of every run")
+    p.add_argument("--epochs", type=int, default=0, help="train.py --epochs of every run")
+    p.add_argument("--budget_minutes", type=float, default=0.0,
+                   help="train.py --budget_minutes of every run instead of --epochs (a figure of this machine only)")
     p.add_argument("--out_dir", type=str, default="runs/bench_recipes", help="runs and results go here")
     p.add_argument("--train_args", type=str, default="", help="extra train.py flags for every run, one string")
     p.add_argument("--workers", type=int, default=2, help="train.py and evaluate.py --workers")
@@ -65,24 +70,36 @@ def run(cmd: list, log: str) -> None:
         sys.exit(f"error: {' '.join(cmd[:2])} failed (exit {proc.returncode}); see {log}")
 
 
+def results_dir(args) -> str:
+    """Where the runs of one dataset and one amount of work live: OUT_DIR/<dataset>/e<epochs> or m<minutes>."""
+    work = f"e{args.epochs}" if args.epochs else f"m{args.budget_minutes:g}"
+    return os.path.join(args.out_dir, os.path.basename(os.path.normpath(args.data_dir)), work)
+
+
 def train_and_evaluate(args, variant: str, seed: int, untrained: bool) -> dict:
     """results.json of one run (trained now unless it exists)."""
-    folder = os.path.join(args.out_dir, os.path.basename(os.path.normpath(args.data_dir)), variant, f"seed{seed}")
+    folder = os.path.join(results_dir(args), variant, f"seed{seed}")
     result = os.path.join(folder, "eval", "results.json")
     if os.path.isfile(result) and not args.rerun:
         return json.load(open(result))
     os.makedirs(folder, exist_ok=True)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     common = ["--workers", str(args.workers), "--device", args.device]
+    amount = ["--epochs", str(args.epochs)] if args.epochs else ["--budget_minutes", str(args.budget_minutes)]
     run([sys.executable, os.path.join(here, "train.py"), "--data_dir", args.data_dir, "--checkpoint_dir", folder,
-         "--no-pretrained", "--budget_minutes", str(args.budget_minutes), "--seed", str(seed), "--print_every", "50",
+         "--no-pretrained", *amount, "--seed", str(seed), "--print_every", "50",
          *common, *VARIANTS[variant], *args.train_args.split()], os.path.join(folder, "train.log"))
     run([sys.executable, os.path.join(here, "evaluate.py"), "--model", os.path.join(folder, "best.pth"),
          "--data", args.data_dir, "--output_dir", os.path.join(folder, "eval"), "--num_sketches", "0",
          "--protocol", "standard", *(["--compare_untrained"] if untrained else []), *common],
         os.path.join(folder, "eval.log"))
-    print(f"  {variant} seed {seed}: mAP@all {json.load(open(result))['map_all']:.4f}", flush=True)
-    return json.load(open(result))
+    last = torch.load(os.path.join(folder, "last.pth"), map_location="cpu", weights_only=False)
+    doc = json.load(open(result))
+    doc["training"] = {**last["work"], "minutes": last["seconds"] / 60}  # the whole run's work, and its time here
+    utils.write_json(result, doc)
+    print(f"  {variant} seed {seed}: mAP@all {doc['map_all']:.4f}  ({last['work']['steps']} steps, "
+          f"{last['seconds'] / 60:.1f} min)", flush=True)
+    return doc
 
 
 def edge_vector(path: str, edges: bool) -> np.ndarray:
@@ -116,13 +133,16 @@ def mean_std(values: list) -> str:
 def main(args) -> None:
     if not os.path.isdir(args.data_dir):
         sys.exit(f"error: {args.data_dir} does not exist; build it first (make demo, or emoji-dev's build.sh)")
+    if (args.epochs > 0) == (args.budget_minutes > 0):
+        sys.exit("error: give the work of every run as --epochs E or as --budget_minutes M (one of them)")
     plan = {}
     for item in args.variants:
         name, _, n = item.partition(":")
         if name not in VARIANTS or (n and not n.isdigit()):
             sys.exit(f"error: unknown variant {item!r}; write NAME or NAME:SEEDS with NAME one of {', '.join(VARIANTS)}")
         plan[name] = int(n) if n else args.seeds
-    print(f"bench_recipes: {args.data_dir}, {args.budget_minutes} min per run, "
+    amount = f"{args.epochs} epochs" if args.epochs else f"{args.budget_minutes} min"
+    print(f"bench_recipes: {args.data_dir}, {amount} per run, "
           + ", ".join(f"{v} x {n} seed(s)" for v, n in plan.items()), flush=True)
     first_name = next(iter(plan))
     rows = {v: [train_and_evaluate(args, v, s, untrained=(v == first_name and s == 0)) for s in range(n)]
@@ -134,16 +154,23 @@ def main(args) -> None:
         table["untrained network (seed 0)"] = {k: [first["untrained"][k]] for k in keys}
     edges = edge_baseline(args.data_dir)
     table["edge matching, training-free"] = {k: [edges[k]] for k in keys}
+    work = ("steps", "images", "flops", "minutes")
     for v, results in rows.items():
         table[v] = {k: [r[k] for r in results] for k in keys}
+        table[v].update({k: [r["training"][k] for r in results] for k in work if "training" in results[0]})
     print(f"\n{'variant':30s} {'runs':>4s} " + " ".join(f"{k:>17s}" for k in ("unseen mAP@all", "P@100", "P@200"))
-          + "  flags")
+          + f" {'steps':>7s} {'images':>10s} {'TFLOP':>7s} {'minutes':>7s}  flags")
     for name, r in table.items():
+        done = (f" {statistics.mean(r['steps']):7.0f} {statistics.mean(r['images']):10,.0f} "
+                f"{statistics.mean(r['flops']) / 1e12:7.2f} {statistics.mean(r['minutes']):7.2f}" if "steps" in r
+                else " " * 36)
         print(f"{name:30s} {len(r['map_all']):4d} " + " ".join(f"{mean_std(r[k]) if k in r else '':>17s}" for k in keys)
-              + "  " + " ".join(VARIANTS.get(name, [])))
-    out = os.path.join(args.out_dir, os.path.basename(os.path.normpath(args.data_dir)), "table.json")
+              + done + "  " + " ".join(VARIANTS.get(name, [])))
+    print("(steps, images and TFLOP: train.py's counts, the mean over a row's runs; minutes: on this machine)")
+    out = os.path.join(results_dir(args), "table.json")
     with open(out, "w") as f:
-        json.dump({"budget_minutes": args.budget_minutes, "seeds": args.seeds, "table": table}, f, indent=1)
+        json.dump({"epochs": args.epochs, "budget_minutes": args.budget_minutes, "seeds": args.seeds,
+                   "torch_threads": torch.get_num_threads(), "table": table}, f, indent=1)
     print(f"\nwrote {out}")
 
 
