@@ -26,7 +26,9 @@ import sys
 import tarfile
 import zipfile
 
-from dataset import IMAGE_EXTENSIONS
+# dataset.IMAGE_EXTENSIONS, written again so that preparing data does not import torch (3 s a start);
+# tests/test_prepare_data.py checks that the two are equal.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -584,11 +586,10 @@ def get_dataset(name: str, dest: str, exclude_invalid: bool, word_vectors: str =
 
 def write_caches(root: str, sizes: list, edge_maps: bool) -> None:
     """Write (or complete) the disk cache of every image of a prepared dataset at each size."""
-    import dataset
-    import utils
-
     if not sizes:
         return
+    import dataset  # torch and torchvision: 3 s a start, for this alone
+    import utils
     try:
         data = dataset.scan_dataset(root, check_images=False)
     except dataset.DataError as e:

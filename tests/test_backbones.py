@@ -1,6 +1,8 @@
 """The backbones beyond the paper's CNNs (EfficientNet-B0, ConvNeXt-T, Swin-T, ViT-B/16, ViT-B/32, and CLIP's
 ViT-B/32 and ViT-B/16 image encoders), with random weights: shapes, unit embeddings, a training step, save and load; two training steps that evaluate.py then
-scores; the input sizes and normalisations they cannot take; and starting weights from a file."""
+scores; the input sizes and normalisations they cannot take; and starting weights from a file. The full networks
+give the feature widths model.BACKBONES lists; everything else runs on tiny networks of the same classes (one
+block per stage, a few channels: tiny_networks), through the project's own wrapping."""
 import os
 
 import pytest
@@ -30,6 +32,60 @@ NEW = ["efficientnet_b0", "convnext_tiny", "swin_t", "vit_b_16", "vit_b_32",
 SIZE = 64
 
 
+def tiny_torchvision_network(name: str, image_size: int = 224) -> torch.nn.Module:
+    """The torchvision class behind a backbone name, one block per stage and a few channels wide: what
+    model.build_trunk cuts, resizes and wraps, at a fraction of the full network's cost."""
+    from torchvision.models import convnext, efficientnet, swin_transformer, vision_transformer
+    if name in ("vit_b_16", "vit_b_32"):
+        return vision_transformer.VisionTransformer(image_size, PATCH_SIZE[name], num_layers=1, num_heads=2,
+                                                    hidden_dim=32, mlp_dim=64)
+    if name == "swin_t":  # 4 stages, as Swin-T: width 8 * embed_dim
+        return swin_transformer.SwinTransformer([4, 4], embed_dim=4, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                                window_size=[7, 7])
+    if name == "convnext_tiny":  # 4 stages, as ConvNeXt-T
+        return convnext.ConvNeXt([convnext.CNBlockConfig(4, 8, 1), convnext.CNBlockConfig(8, 16, 1),
+                                  convnext.CNBlockConfig(16, 32, 1), convnext.CNBlockConfig(32, None, 1)])
+    if name == "efficientnet_b0":  # the stem, two MBConv blocks, the 1x1 head conv to 4 x 8 channels
+        return efficientnet.EfficientNet([efficientnet.MBConvConfig(1, 3, 1, 8, 8, 1),
+                                          efficientnet.MBConvConfig(6, 3, 2, 8, 8, 1)], dropout=0.2)
+    raise KeyError(name)
+
+
+# backbone -> the tiny network's feature width (model.BACKBONES lists the full networks'; the first test checks them)
+TINY_WIDTH = {"vit_b_16": 32, "vit_b_32": 32, "swin_t": 32, "convnext_tiny": 32, "efficientnet_b0": 32,
+              "clip_vit_b_32": 16, "clip_vit_b_16": 16}
+
+
+@pytest.fixture
+def tiny_networks(monkeypatch):
+    """model.build_trunk builds the tiny networks for the backbones of NEW (and the full ones for the others),
+    through the same torchvision and open_clip calls, and model.BACKBONES gives their widths."""
+    real_get_model = torchvision.models.get_model
+
+    def get_model(name, weights=None, **kwargs):
+        if name not in TINY_WIDTH:
+            return real_get_model(name, weights=weights, **kwargs)
+        assert weights is None, "the tiny networks have no published weights"
+        return tiny_torchvision_network(name, **kwargs)
+    monkeypatch.setattr(torchvision.models, "get_model", get_model)
+    for name, width in TINY_WIDTH.items():
+        monkeypatch.setitem(M.BACKBONES, name, M.BACKBONES[name][:2] + (width,))
+    if _has_open_clip():
+        import open_clip
+        real_create_model = open_clip.create_model
+
+        def create_model(model_name, pretrained=None, force_image_size=224, **kwargs):
+            assert pretrained is None, "the tiny networks have no published weights"
+            backbone = {"ViT-B-32": "clip_vit_b_32", "ViT-B-16": "clip_vit_b_16"}[model_name]
+            return real_create_model(model_name, pretrained=None, force_image_size=force_image_size,
+                                     embed_dim=TINY_WIDTH[backbone],
+                                     vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=PATCH_SIZE[backbone],
+                                                     image_size=force_image_size),
+                                     text_cfg=dict(context_length=8, vocab_size=64, width=16, heads=1, layers=1),
+                                     **kwargs)
+        monkeypatch.setattr(open_clip, "create_model", create_model)
+
+
 def step_args(backbone: str):
     args = train.get_args_parser().parse_args(["--data_dir", "unused", "--recipe", "scratch", "--no-pretrained",
                                                "--backbone", backbone, "--image_size", str(SIZE), "--device", "cpu"])
@@ -38,7 +94,17 @@ def step_args(backbone: str):
 
 
 @pytest.mark.parametrize("backbone", NEW)
-def test_a_backbone_embeds_trains_and_reloads(backbone):
+def test_a_full_size_backbone_gives_the_features_its_width_says(backbone):
+    """The full networks, built for SIZE (the other tests build tiny ones): their features are as wide as
+    model.BACKBONES says, which sizes the head and the domain classifier."""
+    trunk, width = M.build_trunk(backbone, pretrained=False, image_size=SIZE)
+    with torch.no_grad():
+        feats = trunk.eval()(torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)))
+    assert width == M.BACKBONES[backbone][2] and feats.shape == (2, width)
+
+
+@pytest.mark.parametrize("backbone", NEW)
+def test_a_backbone_embeds_trains_and_reloads(backbone, tiny_networks):
     torch.manual_seed(0)
     model = ZSSBIRModel(backbone, 16, pretrained=False, num_classes=3, shared_trunk=True, image_size=SIZE)
     g = torch.Generator().manual_seed(0)
@@ -72,7 +138,7 @@ def demo(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("backbone", NEW)
-def test_a_backbone_trains_two_steps_and_evaluates_on_the_demo(backbone, demo, tmp_path):
+def test_a_backbone_trains_two_steps_and_evaluates_on_the_demo(backbone, demo, tmp_path, tiny_networks):
     data, ckpt = demo, str(tmp_path / "ckpt")
     proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", ckpt, "--no-pretrained", "--backbone", backbone,
                     "--image_size", str(SIZE), "--embedding_dim", "16", "--batch_size", "32", "--epochs", "1",
@@ -84,9 +150,6 @@ def test_a_backbone_trains_two_steps_and_evaluates_on_the_demo(backbone, demo, t
     assert proc.returncode == 0, proc.stderr
     assert f"model {os.path.join(ckpt, 'best.pth')}: {backbone}, 16-d, {SIZE}px" in proc.stdout
     assert "standard" in proc.stdout
-    for name in os.listdir(ckpt):  # a vision transformer's checkpoint is about 1 GB
-        if name.endswith(".pth"):
-            os.remove(os.path.join(ckpt, name))
 
 
 def test_sizes_and_norms_a_backbone_cannot_take(tiny_data, tmp_path):
@@ -100,16 +163,17 @@ def test_sizes_and_norms_a_backbone_cannot_take(tiny_data, tmp_path):
         ZSSBIRModel("vit_b_32", 8, pretrained=False, image_size=48)
 
 
-def test_weights_from_a_file_start_the_trunk_and_another_networks_file_is_one_line(tiny_data, tmp_path):
+def test_weights_from_a_file_start_the_trunk_and_another_networks_file_is_one_line(tiny_data, tmp_path, tiny_networks):
     torch.manual_seed(1)
     net = torchvision.models.resnet18()
     model = ZSSBIRModel("resnet18", 8, pretrained=False, start_state=net.state_dict())
     assert all(torch.equal(e.trunk[0].weight, net.conv1.weight) for e in (model.sketch_encoder, model.photo_encoder))
     # A ViT's weights trained at 224 px start a ViT built for 64 px: its 2 x 2 patches get interpolated positions.
-    vit = torchvision.models.vit_b_32()
+    vit = torchvision.models.get_model("vit_b_32")  # the tiny one, 7 x 7 patches
     small = ZSSBIRModel("vit_b_32", 8, pretrained=False, shared_trunk=True, image_size=SIZE, start_state=vit.state_dict())
     assert torch.equal(small.encoder.trunk.conv_proj.weight, vit.conv_proj.weight)
-    assert small.encoder.trunk.encoder.pos_embedding.shape == (1, 1 + (SIZE // 32) ** 2, 768)
+    assert vit.encoder.pos_embedding.shape == (1, 1 + 7 ** 2, TINY_WIDTH["vit_b_32"])
+    assert small.encoder.trunk.encoder.pos_embedding.shape == (1, 1 + (SIZE // 32) ** 2, TINY_WIDTH["vit_b_32"])
     # train.py --weights: the checkpoint says where the trunk started; a wrong or missing file is one line.
     path, other = str(tmp_path / "resnet18.pth"), str(tmp_path / "mobilenet.pth")
     torch.save({"state_dict": net.state_dict()}, path)  # as many training scripts save it
@@ -127,7 +191,7 @@ def test_weights_from_a_file_start_the_trunk_and_another_networks_file_is_one_li
 
 
 @NEEDS_OPEN_CLIP
-def test_clip_sees_clips_normalisation_and_starts_from_a_file_of_another_size():
+def test_clip_sees_clips_normalisation_and_starts_from_a_file_of_another_size(tiny_networks):
     """The data pipeline normalises with ImageNet's statistics; CLIP's encoder converts them to its own (and a
     torchvision backbone has nothing to convert). A state dict of the
     whole CLIP model made for 224 px starts an encoder built for 64 px, its position embeddings resized."""
@@ -142,11 +206,12 @@ def test_clip_sees_clips_normalisation_and_starts_from_a_file_of_another_size():
     torch.testing.assert_close(renorm(imagenet), clip)
     assert not any("scale" in k or "shift" in k for k in model.state_dict())  # derived, not saved
     torch.manual_seed(3)
-    full = open_clip.create_model("ViT-B-32", pretrained=None)  # 224 px
+    full = open_clip.create_model("ViT-B-32", pretrained=None)  # 224 px (the tiny one: 7 x 7 patches)
     started = ZSSBIRModel("clip_vit_b_32", 8, pretrained=False, shared_trunk=True, image_size=SIZE,
                           start_state=full.state_dict())
     assert torch.equal(started.encoder.trunk.conv1.weight, full.visual.conv1.weight)
-    assert started.encoder.trunk.positional_embedding.shape == (1 + (SIZE // 32) ** 2, 768)
+    assert full.visual.positional_embedding.shape == (1 + 7 ** 2, 32)  # 32: the tiny encoder's width
+    assert started.encoder.trunk.positional_embedding.shape == (1 + (SIZE // 32) ** 2, 32)
     assert ZSSBIRModel("resnet18", 8, pretrained=False).sketch_encoder.renorm is None  # ImageNet's: nothing to convert
 
 

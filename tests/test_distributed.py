@@ -7,22 +7,36 @@ import shutil
 import socket
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torchvision
 from PIL import Image
 
+import model as M
 import train
 import utils
-from conftest import ROOT, make_tiny_dataset, reordering_rtol
+from conftest import ROOT, make_tiny_dataset, reordering_rtol, run_main
 from model import ZSSBIRModel
 
 WORLD, GLOBAL_BATCH, STEPS, SIZE = 2, 4, 3, 32
 # The test network must treat every sample on its own, or no per-process split can match one
-# process: vgg16 has no batch norm (gloo has no SyncBatchNorm), and dropout is switched off.
+# process: vgg16 has no batch norm (gloo has no SyncBatchNorm), and dropout is switched off. It is a narrow
+# vgg16: its 13 convolutions, ReLUs and 5 max pools at an eighth of the width (the full one's 2 x 15M float64
+# weights, saved after every step by every process, cost more than all the rest of this module).
 BACKBONE, DIM, CLASSES = "vgg16", 16, 4
+NARROW_VGG16 = [8, 8, "M", 16, 16, "M", 32, 32, 32, "M", 64, 64, 64, "M", 64, 64, 64, "M"]
 LR, MOMENTUM = 0.05, 0.9
+
+
+class NarrowVGG16(torch.nn.Module):
+    """vgg16's features (torchvision's make_layers of NARROW_VGG16): all that model.build_trunk takes of a vgg16."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torchvision.models.vgg.make_layers(NARROW_VGG16)
 
 
 def free_port() -> int:
@@ -34,7 +48,9 @@ def free_port() -> int:
 def tiny_models(seed: int = 0) -> tuple[ZSSBIRModel, ZSSBIRModel]:
     """The seeded test network in float64 (trained) and in float32 (embeds)."""
     torch.manual_seed(seed)
-    model = ZSSBIRModel(BACKBONE, DIM, pretrained=False, num_classes=CLASSES)
+    with mock.patch.object(torchvision.models, "get_model", lambda name, weights=None: NarrowVGG16()), \
+            mock.patch.dict(M.BACKBONES, {BACKBONE: (*M.BACKBONES[BACKBONE][:2], NARROW_VGG16[-2])}):
+        model = ZSSBIRModel(BACKBONE, DIM, pretrained=False, num_classes=CLASSES)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -96,9 +112,10 @@ def runs(tmp_path_factory):
         path = str(out / f"im{i}.png")
         Image.new("RGB", (SIZE, SIZE), (40 * i, 255 - 40 * i, 128)).save(path)
         images.append(path)
+    # spawned, not forked: on a GPU machine this pytest process may already have initialised CUDA
     mp.spawn(worker, args=(free_port(), images, str(out)), nprocs=WORLD, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r in range(WORLD):  # 700 MB each (float64 weights after every step): not worth keeping on disk
+    for r in range(WORLD):  # float64 weights after every step: not worth keeping on disk
         os.remove(out / f"rank{r}.pt")
     model, model32 = tiny_models()
     alone = run_steps(train.TrainingLosses(model), model, global_batches(), step_args())
@@ -146,8 +163,8 @@ def test_sharded_embedding_returns_every_row_in_order(runs):
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-# torchrun gives each process one thread; the single-process runs compared with them get one too, so
-# that an image embedded alone (--batch_size 1) meets the same float32 arithmetic on both sides.
+# torchrun gives each process one thread (ONE_THREAD makes it explicit); the single-process runs compared with
+# them get one too, so that an image embedded alone (--batch_size 1) meets the same float32 arithmetic on both sides.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -157,9 +174,9 @@ def torchrun_training(tmp_path_factory):
     paired batches, each process taking its half of every global batch)."""
     root = tmp_path_factory.mktemp("torchrun")
     data, ckpt = make_tiny_dataset(str(root / "data")), root / "ckpt"
-    args = ["train.py", "--data_dir", data, "--checkpoint_dir", str(ckpt), "--backbone", "resnet18", "--no-pretrained",
-            "--image_size", "32", "--embedding_dim", "16", "--batch_size", "4", "--workers", "0", "--print_every", "2",
-            "--epochs", "2", "--device", "cpu"]
+    args = ["train.py", "--data_dir", data, "--checkpoint_dir", str(ckpt), "--backbone", "shufflenet_v2_x1_0",
+            "--no-pretrained", "--image_size", "32", "--embedding_dim", "16", "--batch_size", "4", "--workers", "0",
+            "--print_every", "2", "--epochs", "2", "--device", "cpu"]
     proc = subprocess.run(TORCHRUN + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root, data, ckpt, args, proc
@@ -173,11 +190,10 @@ def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(torchrun_trai
     assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1, 2]  # one writer
     last = utils.load_checkpoint(str(ckpt / "last.pth"))
     assert (last["epoch"], last["step"], last["world_size"]) == (2, 10, 2)  # 22 training photos / 4 per step = 5 steps, 2 epochs
-    # a distributed checkpoint resumes in a single process
+    # a distributed checkpoint resumes in a single process (this one)
     resumed = tmp_path / "resumed"
     shutil.copytree(ckpt, resumed)
-    proc = subprocess.run([sys.executable, *args, "--checkpoint_dir", str(resumed), "--epochs", "3",
-                           "--resume", str(resumed / "last.pth")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_main(*args, "--checkpoint_dir", str(resumed), "--epochs", "3", "--resume", str(resumed / "last.pth"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout and "epoch 3/3:" in proc.stdout
 
@@ -185,12 +201,21 @@ def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(torchrun_trai
 def test_torchrun_evaluates_sharded_what_one_process_evaluates(torchrun_training):
     root, data, ckpt, _, _ = torchrun_training
     runs = []
-    for launch in (TORCHRUN, [sys.executable]):
-        out = root / f"eval{len(launch)}"
-        proc = subprocess.run([*launch, "evaluate.py", "--model", str(ckpt / "best.pth"), "--data", data,
-                               "--workers", "0", "--batch_size", "1", "--num_sketches", "1", "--output_dir", str(out),
-                               "--device", "cpu", "--save_embeddings", str(out / "emb.pt")],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    for sharded in (True, False):  # under torchrun, then in this process with one thread
+        out = root / ("sharded" if sharded else "alone")
+        argv = ["evaluate.py", "--model", str(ckpt / "best.pth"), "--data", data, "--workers", "0", "--batch_size",
+                "1", "--num_sketches", "1", "--output_dir", str(out), "--device", "cpu", "--save_embeddings",
+                str(out / "emb.pt")]
+        if sharded:
+            proc = subprocess.run([*TORCHRUN, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                  env=ONE_THREAD)
+        else:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                proc = run_main(*argv)
+            finally:
+                torch.set_num_threads(threads)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.count("wrote results.json") == 1
         runs.append((json.loads((out / "results.json").read_text()), torch.load(out / "emb.pt")))

@@ -53,7 +53,7 @@ def test_a_new_checkpoint_describes_its_model_in_its_own_terms(tiny_data, tmp_pa
     train.main(train_args(tiny_data, ckpt_dir, "--epochs", "1"))
     path = os.path.join(ckpt_dir, "last.pth")
     ckpt = utils.load_checkpoint(path)
-    assert ckpt["model"] == {"format": 1, "backbone": "resnet18", "embedding_dim": 16, "image_size": 32,
+    assert ckpt["model"] == {"format": 1, "backbone": "mobilenet_v3_small", "embedding_dim": 16, "image_size": 32,
                              "shared_trunk": False, "domain_bn": False, "domain_input": "embedding", "weights": "none",
                              "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}  # torchvision's ImageNet statistics
     before = evaluate(path, tiny_data, str(tmp_path / "a"))

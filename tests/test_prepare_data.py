@@ -244,6 +244,14 @@ def listing(root, domain):
     return {c: sorted(os.listdir(os.path.join(root, domain, c))) for c in os.listdir(os.path.join(root, domain))}
 
 
+def test_preparing_data_lists_the_images_training_reads_without_importing_torch():
+    import dataset
+    assert prepare_data.IMAGE_EXTENSIONS == dataset.IMAGE_EXTENSIONS
+    proc = subprocess.run([sys.executable, "-c", "import sys, prepare_data; print('torch' in sys.modules)"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
 def test_split_lists_match_the_class_lists_and_never_overlap():
     for name, splits in prepare_data.SPLITS.items():
         all_classes = prepare_data.dataset_classes(name)

@@ -3,18 +3,22 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import evaluate
 import train
 import utils
 from conftest import make_tiny_dataset, run_main
 
-TINY = ["--recipe", "original", "--backbone", "resnet18", "--no-pretrained", "--image_size", "32", "--embedding_dim", "16",
-        "--batch_size", "4", "--workers", "0", "--device", "cpu", "--print_every", "2", "--lr", "1e-3"]
+# A small trunk: 1.9M weights in the two branches, 24 MB checkpoints with AdamW's moments (resnet18's: 270 MB).
+TINY = ["--recipe", "original", "--backbone", "mobilenet_v3_small", "--no-pretrained", "--image_size", "32",
+        "--embedding_dim", "16", "--batch_size", "4", "--workers", "0", "--device", "cpu", "--print_every", "2",
+        "--lr", "1e-3"]
 
 
 def train_args(data, ckpt, *extra):
@@ -53,7 +57,7 @@ def test_training_writes_checkpoints_logs_and_curves(trained):
         assert os.path.getsize(os.path.join(ckpt, name)) > 0, name
     last = utils.load_checkpoint(os.path.join(ckpt, "last.pth"))
     assert last["epoch"] == 2 and last["step"] == 2 * 5  # 20 training sketches / batch 4 = 5 steps
-    assert last["args"]["backbone"] == "resnet18" and set(last["models"]) == {
+    assert last["args"]["backbone"] == "mobilenet_v3_small" and set(last["models"]) == {
         "sketch_encoder", "photo_encoder", "domain_classifier"}
     records = utils.read_jsonl(os.path.join(ckpt, "log.jsonl"))
     steps = [r for r in records if r["kind"] == "step"]
@@ -63,7 +67,39 @@ def test_training_writes_checkpoints_logs_and_curves(trained):
     assert steps[-1]["lambda"] > 0.9
     assert all(0 <= r["val_map"] <= 1 for r in epochs)
     assert {"triplet", "domain", "domain_acc", "lr"} <= set(steps[0])
+    # The work done, in units that travel: 10 steps of 4 triplets (3 images each); every step has one shape,
+    # so the FLOPs are 10 times one step's, which is what FlopCounterMode counts around the same step here.
+    assert last["work"]["steps"] == 10 and last["work"]["images"] == 10 * 4 * 3
+    assert [r["images"] for r in steps] == [2 * 12, 4 * 12, 6 * 12, 8 * 12, 10 * 12]
+    model = utils.build_model(last, "last.pth", trained=True).train()
+    args = train_args(data, ckpt)
+    batch = [torch.rand(4, 3, 32, 32) for _ in range(3)] + [torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0])]
+    optimizer = torch.optim.AdamW(model.parameters())
+    with FlopCounterMode(display=False) as counter:
+        train.train_step(train.TrainingLosses(model), optimizer, torch.amp.GradScaler("cpu", enabled=False), batch,
+                         0.5, 1e-3, args, None)
+    assert last["work"]["flops"] == 10 * counter.get_total_flops() > 0
+    assert [r["flops"] for r in epochs] == [5 * counter.get_total_flops(), 10 * counter.get_total_flops()]
     assert not [f for f in os.listdir(ckpt) if f.endswith(".tmp")]  # no temp file left behind
+
+
+def test_work_counts_each_batch_shape_once_and_flops_as_the_arithmetic_gives():
+    """A linear layer y = x W^T of (B, 8) -> (B, 4): forward 2 B 8 4 FLOPs, backward as many again for the
+    weight's gradient (the input needs none), so a step is 4 B 32; a shape seen before is not counted again."""
+    layer = torch.nn.Linear(8, 4, bias=False)
+    counted = []
+
+    def run(x):
+        counted.append(len(x))
+        layer(x).sum().backward()
+        return {}
+    work = train.Work()
+    for b in (5, 5, 3, 5):
+        x = torch.rand(b, 8)
+        work.step(lambda: run(x), [x, torch.zeros(b, dtype=torch.long)])
+    assert work.to_dict() == {"steps": 4, "images": 18, "flops": 4 * 32 * (5 + 5 + 3 + 5)}
+    assert set(work.flops_by_shape) == {((5, 8),), ((3, 8),)} and counted == [5, 5, 3, 5]
+    assert [utils.flops_text(f) for f in (2304, 7.861e12, 7.24e16)] == ["2,304 FLOP", "7.86 TFLOP", "72.4 PFLOP"]
 
 
 def test_evaluate_end_to_end(trained, tmp_path):
@@ -100,21 +136,23 @@ def test_untrained_baseline_is_the_training_initialisation(trained, tmp_path):
 
 
 def test_resume_continues_at_the_right_epoch_with_the_optimizer_state(trained, tmp_path):
+    """The shared 2-epoch run, continued to 3 epochs in a copy of its folder."""
     data, ckpt = trained
     resumed = str(tmp_path / "resumed")
-    train.main(train_args(data, resumed, "--epochs", "1"))
+    shutil.copytree(ckpt, resumed)
+    common = ["--grl_threshold_epoch", "1"]
     first = utils.load_checkpoint(os.path.join(resumed, "last.pth"))
-    train.main(train_args(data, resumed, "--epochs", "2", "--resume", os.path.join(resumed, "last.pth")))
+    train.main(train_args(data, resumed, *common, "--epochs", "3", "--resume", os.path.join(resumed, "last.pth")))
     b = utils.load_checkpoint(os.path.join(resumed, "last.pth"))
-    assert first["epoch"] == 1 and first["step"] == 5
-    assert b["epoch"] == 2 and b["step"] == 10
+    assert first["epoch"] == 2 and first["step"] == 10
+    assert b["epoch"] == 3 and b["step"] == 15
     # AdamW's per-parameter step counter and moments carried over: a fresh optimizer would be at 5 steps
-    assert {float(s["step"]) for s in b["optimizers"]["adamw"]["state"].values()} == {10.0}
+    assert {float(s["step"]) for s in b["optimizers"]["adamw"]["state"].values()} == {15.0}
     epochs = [r["epoch"] for r in utils.read_jsonl(os.path.join(resumed, "log.jsonl")) if r["kind"] == "epoch"]
-    assert epochs == [1, 2]
+    assert epochs == [1, 2, 3]
     # resuming a finished run trains nothing and leaves its checkpoint alone
     before = os.path.getmtime(os.path.join(resumed, "last.pth"))
-    train.main(train_args(data, resumed, "--epochs", "2", "--resume", os.path.join(resumed, "last.pth")))
+    train.main(train_args(data, resumed, *common, "--epochs", "3", "--resume", os.path.join(resumed, "last.pth")))
     assert os.path.getmtime(os.path.join(resumed, "last.pth")) == before
 
 
@@ -136,11 +174,13 @@ def train_with_sigterm_in_step_3(monkeypatch, data: str, ckpt: str, *extra: str,
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
-def test_sigterm_mid_epoch_then_resume_matches_a_straight_run(tiny_data, tmp_path, monkeypatch, workers):
-    """SIGTERM in the middle of epoch 1 saves last.pth at that step; --resume continues exactly."""
+def test_sigterm_mid_epoch_then_resume_matches_a_straight_run(trained, tmp_path, monkeypatch, workers):
+    """SIGTERM in the middle of epoch 1 saves last.pth at that step; --resume continues exactly. The straight
+    run is the shared one (these arguments with --workers 0; a loader process changes no bit, as
+    test_the_disk_cache_and_the_loader_processes_train_exactly_as_decoding_in_this_process checks)."""
+    tiny_data, straight = trained
     common = ["--epochs", "2", "--grl_threshold_epoch", "1", "--workers", workers]
-    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    train.main(train_args(tiny_data, straight, *common))
+    stopped = str(tmp_path / "stopped")
 
     train_with_sigterm_in_step_3(monkeypatch, tiny_data, stopped, *common)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
@@ -160,6 +200,7 @@ def test_sigterm_mid_epoch_then_resume_matches_a_straight_run(tiny_data, tmp_pat
     epochs = [r for r in utils.read_jsonl(os.path.join(stopped, "log.jsonl")) if r["kind"] == "epoch"]
     reference = [r for r in utils.read_jsonl(os.path.join(straight, "log.jsonl")) if r["kind"] == "epoch"]
     assert [r["triplet"] for r in epochs] == [r["triplet"] for r in reference]
+    assert b["work"] == a["work"] and b["work"]["steps"] == 10  # the work done carries over too
 
 
 # ----------------------------------------------------------------------------------- bad input
@@ -226,10 +267,10 @@ def test_cli_corrupt_image_is_skipped_with_a_warning(trained, tmp_path):
 def test_cli_checkpoint_of_another_backbone(trained, tmp_path):
     data, ckpt = trained
     last = os.path.join(ckpt, "last.pth")
-    args = [a if a != "resnet18" else "mobilenet_v3_small" for a in TINY]
+    args = [a if a != "mobilenet_v3_small" else "shufflenet_v2_x1_0" for a in TINY]
     proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *args,
                     "--epochs", "3", "--resume", last)
-    assert_one_line_error(proc, "--backbone resnet18", "--backbone mobilenet_v3_small")
+    assert_one_line_error(proc, "--backbone mobilenet_v3_small", "--backbone shufflenet_v2_x1_0")
     # a checkpoint whose weights do not fit the backbone its arguments name
     bad = utils.load_checkpoint(last)
     bad["model"]["backbone"] = "resnet34"  # the model entry describes the network (its format 1)
@@ -265,12 +306,13 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------------- data pipeline and loop
 
 def test_the_disk_cache_and_the_loader_processes_train_exactly_as_decoding_in_this_process(tiny_data, tmp_path):
-    """The same uint8 images, whether decoded here, by a worker or read from the disk cache: the same weights."""
+    """The same uint8 images, whether decoded here, by a worker or read from the disk cache: the same weights.
+    Batches of 10: the epoch's 20 triplets in 2 steps."""
     plain = str(tmp_path / "plain")
-    train.main(train_args(tiny_data, plain, "--epochs", "1", "--cache_gb", "0"))
+    train.main(train_args(tiny_data, plain, "--epochs", "1", "--cache_gb", "0", "--batch_size", "10"))
     cached, cache = str(tmp_path / "cached"), str(tmp_path / "cache")
     proc = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", cached, *TINY, "--epochs", "1",
-                    "--cache_gb", "0", "--disk_cache", "--cache_dir", cache, "--workers", "1")
+                    "--cache_gb", "0", "--disk_cache", "--cache_dir", cache, "--workers", "1", "--batch_size", "10")
     assert proc.returncode == 0, proc.stderr
     n = int(re.search(r"images: (\d+) at 32px", proc.stdout).group(1))
     assert f"{n} images added, 0 kept" in proc.stdout and f"{n} from the disk cache, 1 loader processes" in proc.stdout
@@ -279,13 +321,13 @@ def test_the_disk_cache_and_the_loader_processes_train_exactly_as_decoding_in_th
         for k, v in a["models"][name].items():
             assert torch.equal(v, b["models"][name][k]), (name, k)
     again = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", str(tmp_path / "again"), *TINY, "--epochs",
-                     "1", "--disk_cache", "--cache_dir", cache)
+                     "1", "--disk_cache", "--cache_dir", cache, "--batch_size", "10")
     assert f"0 images added, {n} kept" in again.stdout and "held in memory" in again.stdout
 
 
 def test_validation_every_n_epochs_and_after_the_last(tiny_data, tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    train.main(train_args(tiny_data, ckpt, "--epochs", "3", "--val_every", "2"))
+    train.main(train_args(tiny_data, ckpt, "--epochs", "3", "--val_every", "2", "--batch_size", "10"))  # 2 steps each
     epochs = [r for r in utils.read_jsonl(os.path.join(ckpt, "log.jsonl")) if r["kind"] == "epoch"]
     assert [r["val_map"] is None for r in epochs] == [True, False, False]
     assert utils.load_checkpoint(os.path.join(ckpt, "best.pth"))["epoch"] in (2, 3)
