@@ -1,13 +1,13 @@
 """Shared test fixtures: the repository on sys.path, a tiny on-disk SBIR dataset, a command-line runner,
 the float64 reordering bound, and the gpu marker."""
 import contextlib
+import functools
 import io
 import os
-import runpy
 import sys
 import traceback
 import warnings
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -47,25 +47,35 @@ def make_tiny_dataset(root: str, seen=("tri", "square", "pent", "hexa"), unseen=
     return root
 
 
+@functools.cache
+def script_code(script: str):
+    """A script's compiled code, compiled once per test session (the suite runs the scripts thousands of times)."""
+    path = os.path.join(ROOT, script)
+    with open(path, "rb") as f:
+        return compile(f.read(), path, "exec")
+
+
 def run_main(script: str, *argv: str) -> SimpleNamespace:
     """Run ``python SCRIPT ARGV...`` in this process: the script's __main__ block (argument parsing, one
     line per user error, the exit code) with its own stdout and stderr. Like a subprocess, without
     importing torch again (seconds a call); anything that escapes it is a traceback with code 1."""
     stdout, stderr, code = io.StringIO(), io.StringIO(), 0
-    saved_argv, sys.argv = sys.argv, [script, *argv]
+    main = ModuleType("__main__")
+    main.__file__ = os.path.join(ROOT, script)
+    saved_argv, saved_main, sys.argv, sys.modules["__main__"] = sys.argv, sys.modules["__main__"], [script, *argv], main
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")  # shown once per place, as a fresh interpreter shows them
             try:
-                runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+                exec(script_code(script), main.__dict__)
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             except BaseException:  # noqa: BLE001 - reported like an uncaught exception in a subprocess
                 traceback.print_exc()
                 code = 1
     finally:
-        sys.argv = saved_argv
+        sys.argv, sys.modules["__main__"] = saved_argv, saved_main
     for w in caught:  # on stderr, as a subprocess would print them
         stderr.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     return SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
