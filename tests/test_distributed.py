@@ -1,5 +1,7 @@
 """Distributed training (torchrun / DDP) on the CPU with gloo: 2 processes against 1 over the same global batch,
-in float64 so that the only difference is the order of summation."""
+in float64 so that the only difference is the order of summation. One test starts train.py with torchrun itself,
+as a user would; the others start their processes with the environment torchrun gives them (start_processes),
+which is all the scripts read, without importing torch again in each."""
 import copy
 import json
 import os
@@ -7,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -87,10 +90,22 @@ def step_args():
     return args
 
 
-def worker(rank: int, port: int, images: list, out_dir: str) -> None:
+def start_processes(fn, args: tuple) -> None:
+    """fn(rank, *args) in WORLD processes, each given the environment torchrun gives its processes, and waits
+    for them. Forked where this process has not initialised CUDA (a fork starts at once; a spawned process
+    imports torch and torchvision again, seconds each), else spawned."""
+    method = "fork" if sys.platform == "linux" and not torch.cuda.is_initialized() else "spawn"
+    mp.start_processes(as_torchrun, (free_port(), fn, args), nprocs=WORLD, join=True, start_method=method)
+
+
+def as_torchrun(rank: int, port: int, fn, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as torchrun sets OMP_NUM_THREADS=1
+    fn(rank, *args)
+
+
+def worker(rank: int, images: list, out_dir: str) -> None:
     rank, world, device = utils.init_distributed("cpu")
     model, model32 = tiny_models()
     net = torch.nn.parallel.DistributedDataParallel(train.TrainingLosses(model))
@@ -112,8 +127,7 @@ def runs(tmp_path_factory):
         path = str(out / f"im{i}.png")
         Image.new("RGB", (SIZE, SIZE), (40 * i, 255 - 40 * i, 128)).save(path)
         images.append(path)
-    # spawned, not forked: on a GPU machine this pytest process may already have initialised CUDA
-    mp.spawn(worker, args=(free_port(), images, str(out)), nprocs=WORLD, join=True)
+    start_processes(worker, (images, str(out)))
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r in range(WORLD):  # float64 weights after every step: not worth keeping on disk
         os.remove(out / f"rank{r}.pt")
@@ -162,10 +176,7 @@ def test_sharded_embedding_returns_every_row_in_order(runs):
         assert torch.equal(r["emb"], emb)
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-# torchrun gives each process one thread (ONE_THREAD makes it explicit); the single-process runs compared with
-# them get one too, so that an image embedded alone (--batch_size 1) meets the same float32 arithmetic on both sides.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
 
 
 @pytest.fixture(scope="module")
@@ -198,43 +209,61 @@ def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(torchrun_trai
     assert "resumed from" in proc.stdout and "epoch 3/3:" in proc.stdout
 
 
-def test_torchrun_evaluates_sharded_what_one_process_evaluates(torchrun_training):
+def script_worker(rank: int, script: str, argv: list, out_dir: str) -> None:
+    """Run SCRIPT as one of torchrun's processes would (in this process, like conftest.run_main); its exit code,
+    stdout and stderr go to out_dir/rank{rank}.json."""
+    proc = run_main(script, *argv)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(vars(proc), f)
+
+
+def run_distributed(script: str, *argv: str, out_dir) -> list:
+    """``torchrun --nproc_per_node WORLD SCRIPT ARGV...`` on the CPU, its processes started by start_processes:
+    what each process returned and printed, by rank."""
+    start_processes(script_worker, (script, list(argv), str(out_dir)))
+    return [SimpleNamespace(**json.loads((out_dir / f"rank{r}.json").read_text())) for r in range(WORLD)]
+
+
+def test_sharded_evaluation_computes_what_one_process_computes(torchrun_training):
     root, data, ckpt, _, _ = torchrun_training
     runs = []
-    for sharded in (True, False):  # under torchrun, then in this process with one thread
+    for sharded in (True, False):  # WORLD processes, then this one; each with one thread
         out = root / ("sharded" if sharded else "alone")
-        argv = ["evaluate.py", "--model", str(ckpt / "best.pth"), "--data", data, "--workers", "0", "--batch_size",
-                "1", "--num_sketches", "1", "--output_dir", str(out), "--device", "cpu", "--save_embeddings",
+        out.mkdir()
+        argv = ["--model", str(ckpt / "best.pth"), "--data", data, "--workers", "0", "--batch_size", "1",
+                "--num_sketches", "1", "--output_dir", str(out), "--device", "cpu", "--save_embeddings",
                 str(out / "emb.pt")]
         if sharded:
-            proc = subprocess.run([*TORCHRUN, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                                  env=ONE_THREAD)
+            procs = run_distributed("evaluate.py", *argv, out_dir=out)
+            assert [p.returncode for p in procs] == [0] * WORLD, procs[0].stderr[-2000:] + procs[1].stderr[-2000:]
+            assert procs[1].stdout == ""  # rank 1 prints nothing and writes nothing
+            proc = procs[0]
         else:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                proc = run_main(*argv)
+                proc = run_main("evaluate.py", *argv)
             finally:
                 torch.set_num_threads(threads)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.count("wrote results.json") == 1
         runs.append((json.loads((out / "results.json").read_text()), torch.load(out / "emb.pt")))
     (sharded, sharded_emb), (alone, alone_emb) = runs
-    # every image embedded alone with the same weights and one thread: the same bits, so the same metrics
+    # every image embedded alone with the same weights, kernels and one thread: the same bits, so the same metrics
     assert torch.equal(sharded_emb["queries"], alone_emb["queries"])
     assert torch.equal(sharded_emb["gallery"], alone_emb["gallery"])
     assert sharded["protocols"] == alone["protocols"]
 
 
-def test_batch_size_not_divisible_by_the_processes(tmp_path):
-    data = make_tiny_dataset(str(tmp_path / "data"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           "--data_dir", data, "--checkpoint_dir", str(tmp_path / "ckpt"), "--backbone", "resnet18",
-           "--no-pretrained", "--image_size", "32", "--batch_size", "5", "--workers", "0", "--device", "cpu"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert proc.stderr.count("error: --batch_size 5 is not divisible by the 2 processes") == 1  # said once
-    assert 'train.py", line' not in proc.stderr  # no traceback from the script (torchrun adds its own report)
+def test_batch_size_not_divisible_by_the_processes(tiny_data, tmp_path):
+    procs = run_distributed("train.py", "--data_dir", tiny_data, "--checkpoint_dir", str(tmp_path / "ckpt"),
+                            "--backbone", "resnet18", "--no-pretrained", "--image_size", "32", "--batch_size", "5",
+                            "--workers", "0", "--device", "cpu", out_dir=tmp_path)
+    assert [p.returncode for p in procs] == [2] * WORLD  # every process stops
+    stderr = "".join(p.stderr for p in procs)
+    assert stderr.count("error: --batch_size 5 is not divisible by the 2 processes") == 1  # said once, by rank 0
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_more_processes_than_gpus_is_one_clear_error_before_any_process_group(monkeypatch):
