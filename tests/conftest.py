@@ -109,6 +109,11 @@ def tiny_data(tmp_path):
 
 
 def pytest_configure(config):
+    # One torch thread in the test process. The suite's tensors are tiny (32 px, batches of 4), where a second
+    # thread adds synchronisation and spin-waiting, not speed: on 2 cores the suite took 131 s and 208 CPU-seconds
+    # with two threads, 134 s and 136 CPU-seconds with one. On a slow or shared machine the CPU-seconds are the
+    # time; on a many-core one, dozens of threads on tiny tensors are slower still.
+    torch.set_num_threads(1)
     config.addinivalue_line("markers", "gpu: needs CUDA; runs wherever torch.cuda.is_available(), skipped elsewhere")
 
 
