@@ -210,6 +210,7 @@ class Server:
     def close(self):
         self.release.set()
         self.httpd.shutdown()
+        self.httpd.server_close()  # its listening socket, else a ResourceWarning whenever it is collected
 
 
 @pytest.fixture(scope="module")
