@@ -1,4 +1,5 @@
 """evaluate.py: every convention, saved embeddings, the val split, plots, and bad input."""
+import importlib.util
 import json
 import math
 import os
@@ -9,7 +10,7 @@ import torch
 import evaluate
 import metrics
 import train
-from conftest import make_tiny_dataset, run_main
+from conftest import ROOT, make_tiny_dataset, run_main
 from test_train import TINY, assert_one_line_error
 
 
@@ -185,3 +186,19 @@ def test_data_dir_and_its_older_name_data_are_one_flag():
     assert parser.parse_args(["--data", "d2"]).data_dir == "d2"
     assert not hasattr(parser.parse_args(["--data", "d2"]), "data")  # one setting, not two
     assert "--data_dir DATA_DIR, --data DATA_DIR" in parser.format_help()
+
+
+def bench_parser(name: str):
+    """The argument parser of bench/<name>.py (the bench scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_args_parser()
+
+
+def test_bench_recipes_output_dir_and_its_older_name_out_dir_are_one_flag():
+    parser = bench_parser("bench_recipes")
+    assert parser.parse_args(["--output_dir", "o1"]).output_dir == "o1"
+    assert parser.parse_args(["--out_dir", "o2"]).output_dir == "o2"
+    assert not hasattr(parser.parse_args(["--out_dir", "o2"]), "out_dir")  # one setting, not two
+    assert "--output_dir OUTPUT_DIR, --out_dir OUTPUT_DIR" in parser.format_help()

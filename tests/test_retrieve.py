@@ -15,6 +15,7 @@ import retrieve
 import utils
 from conftest import U32, make_tiny_dataset, run_main
 from model import ZSSBIRModel
+from test_evaluate import bench_parser
 from test_train import assert_one_line_error
 
 try:
@@ -432,3 +433,11 @@ def test_output_dir_and_its_older_name_output_are_one_flag():
     assert parser.parse_args([*required, "--output", "o2"]).output_dir == "o2"
     assert not hasattr(parser.parse_args([*required, "--output", "o2"]), "output")  # one setting, not two
     assert "--output_dir OUTPUT_DIR, --output OUTPUT_DIR" in parser.format_help()
+
+
+def test_bench_retrieve_data_dir_and_its_older_name_data_are_one_flag():
+    parser = bench_parser("bench_retrieve")
+    assert parser.parse_args(["--data_dir", "d1"]).data_dir == "d1"
+    assert parser.parse_args(["--data", "d2"]).data_dir == "d2"
+    assert not hasattr(parser.parse_args(["--data", "d2"]), "data")  # one setting, not two
+    assert "--data_dir DATA_DIR, --data DATA_DIR" in parser.format_help()
