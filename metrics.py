@@ -121,9 +121,9 @@ def _hits_of_sorted(rel: Tensor) -> Tensor:
 
 
 def _bin_map(rel: Tensor, num_bins: int, width: int) -> tuple:
-    """The monotone map of _ranks_of_relevant: (to_bins, offset (B, 1)). to_bins sends a row's scores (B, K)
-    to flat bin ids (B, K) int64, row b's in [offset_b, offset_b + num_bins + 1]: num_bins equal-width bins
-    over [rel_0, rel_{R-1}] (rel (B, R) ascending), and one bin each below and above them."""
+    """The monotone map of _ranks_of_relevant: (to_bins, offset (B, 1)). to_bins sends the rows' scores (B, K)
+    to flat bin ids (B, K) int64, offset_b + 0 .. num_bins + 1 in row b: num_bins equal-width bins over
+    [rel_0, rel_{R-1}] (rel (B, R) ascending), with the scores beyond them clamped into the end bins."""
     b = rel.shape[0]
     lo, hi = rel[:, :1], rel[:, -1:]  # (B, 1)
     inv = num_bins / (hi - lo)
