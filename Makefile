@@ -30,10 +30,10 @@ demo: venv $(DEMO_DATA)/.demo_data
 	@start=$$(date +%s) && \
 	$(PY) train.py --data_dir $(DEMO_DATA) --checkpoint_dir $(DEMO_RUN) $(DEMO_TRAIN_ARGS) $(EXTRA_TRAIN_ARGS) && \
 	trained=$$(date +%s) && \
-	$(PY) evaluate.py --model $(DEMO_RUN)/best.pth --data $(DEMO_DATA) --output_dir $(DEMO_RUN)/eval \
+	$(PY) evaluate.py --model $(DEMO_RUN)/best.pth --data_dir $(DEMO_DATA) --output_dir $(DEMO_RUN)/eval \
 		--num_sketches 10 --num_images 6 --compare_untrained --workers 1 --save_embeddings $(DEMO_RUN)/eval/embeddings.pt && \
 	$(PY) retrieve.py --model $(DEMO_RUN)/best.pth --gallery $(DEMO_DATA)/photos --query docs/retrieve_query.png \
-		--output $(DEMO_RUN)/retrieval --workers 1 && \
+		--output_dir $(DEMO_RUN)/retrieval --workers 1 && \
 	echo "The recipe ablation on this demo (docs/results.md, bench/bench_recipes.py), beside this run's mAP@all above:" && \
 	sed -n '/<!-- demo-table -->/,/<!-- end demo-table -->/p' docs/results.md | grep '^|' && \
 	echo "make demo: training $$((trained - start)) s, evaluation and retrieval $$(($$(date +%s) - trained)) s (after the set-up)"

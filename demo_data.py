@@ -7,7 +7,7 @@ are the same silhouette filled with a coloured texture on a cluttered background
 Each class also gets a "class-name embedding" built from its shape family and parameters, a
 stand-in for word vectors.
 
-Output layout:
+Output layout, in the folder OUT (--output_dir):
     OUT/sketches/<class>/<class>_0000.png   (mode L)
     OUT/photos/<class>/<class>_0000.jpg     (RGB)
     OUT/train_labels.txt, OUT/test_labels.txt              (seen / unseen classes, sorted)
@@ -15,9 +15,9 @@ Output layout:
     OUT/.demo_data                                          (the arguments, as JSON)
 
 Usage:
-    python demo_data.py --out data/demo
-    python demo_data.py --out data/demo --seed 1 --image_size 96 --workers 4
-    python demo_data.py --out data/tiny --sketches_per_class 3 --photos_per_class 3 --image_size 32
+    python demo_data.py --output_dir data/demo
+    python demo_data.py --output_dir data/demo --seed 1 --image_size 96 --workers 4
+    python demo_data.py --output_dir data/tiny --sketches_per_class 3 --photos_per_class 3 --image_size 32
 """
 import argparse
 import colorsys
@@ -172,6 +172,38 @@ def _poly(*pts):
     return np.array(pts, float)
 
 
+# Classes drawn as one fixed polygon: {name: (family, params, vertices)}, in unit coordinates, y up.
+POLYGON_CLASSES = {
+    "letter_l": ("letter", (0.0, 0.0), (
+        (-0.6, 1), (-0.24, 1), (-0.24, -0.64), (0.6, -0.64), (0.6, -1), (-0.6, -1))),
+    "letter_t": ("letter", (0.25, 0.0), (
+        (-0.7, 1), (0.7, 1), (0.7, 0.64), (0.18, 0.64), (0.18, -1), (-0.18, -1), (-0.18, 0.64),
+        (-0.7, 0.64))),
+    "letter_u": ("letter", (0.5, 0.0), (
+        (-0.6, 1), (-0.24, 1), (-0.24, -0.64), (0.24, -0.64), (0.24, 1), (0.6, 1), (0.6, -1),
+        (-0.6, -1))),
+    "letter_h": ("letter", (0.75, 0.0), (
+        (-0.6, 1), (-0.24, 1), (-0.24, 0.18), (0.24, 0.18), (0.24, 1), (0.6, 1), (0.6, -1),
+        (0.24, -1), (0.24, -0.18), (-0.24, -0.18), (-0.24, -1), (-0.6, -1))),
+    "letter_e": ("letter", (1.0, 0.0), (
+        (-0.6, 1), (0.6, 1), (0.6, 0.64), (-0.24, 0.64), (-0.24, 0.18), (0.4, 0.18),
+        (0.4, -0.18), (-0.24, -0.18), (-0.24, -0.64), (0.6, -0.64), (0.6, -1), (-0.6, -1))),
+    "rectangle": ("quad", (0.0, 0.0), ((-1, -0.5), (1, -0.5), (1, 0.5), (-1, 0.5))),
+    "trapezoid": ("quad", (0.0, 1.0), ((-1, -0.55), (1, -0.55), (0.5, 0.55), (-0.5, 0.55))),
+    "parallelogram": ("quad", (1.0, 0.0), ((-1, -0.5), (0.5, -0.5), (1, 0.5), (-0.5, 0.5))),
+    "rhombus": ("quad", (0.5, 0.5), ((0, 1), (0.6, 0), (0, -1), (-0.6, 0))),
+    "kite": ("quad", (0.5, 1.0), ((0, 1), (0.6, 0.35), (0, -1), (-0.6, 0.35))),
+    "lightning": ("lightning", (0.0, 0.0), (
+        (-0.1, 1), (0.5, 1), (0.05, 0.2), (0.4, 0.2), (-0.45, -1), (-0.1, -0.1), (-0.45, -0.1))),
+    "house": ("house", (0.0, 0.0), (
+        (-0.7, -1), (0.7, -1), (0.7, 0.1), (0.95, 0.1), (0, 1), (-0.95, 0.1), (-0.7, 0.1))),
+    "chevron": ("chevron", (0.0, 0.0), (
+        (-1, 0.5), (0, -0.5), (1, 0.5), (1, -0.05), (0, -1.05), (-1, -0.05))),
+    "hourglass": ("hourglass", (0.0, 0.0), (
+        (-0.7, 1), (0.7, 1), (0.1, 0), (0.7, -1), (-0.7, -1), (-0.1, 0))),
+}
+
+
 @lru_cache(maxsize=None)
 def class_table():
     """{name: (family, params, contours)}; params are family-specific numbers in [0, 1]."""
@@ -188,29 +220,8 @@ def class_table():
     t["arrow_thin"] = ("arrow", (0.0, 0.0), [(_arrow(0.1, 0.42, 0.6), False)])
     t["arrow_fat"] = ("arrow", (1.0, 0.0), [(_arrow(0.28, 0.62, 0.8), False)])
     t["arrow_double"] = ("arrow", (0.2, 1.0), [(_arrow(0.12, 0.42, 0.55, double=True), False)])
-    t["letter_l"] = ("letter", (0.0, 0.0), [(_poly(
-        (-0.6, 1), (-0.24, 1), (-0.24, -0.64), (0.6, -0.64), (0.6, -1), (-0.6, -1)), False)])
-    t["letter_t"] = ("letter", (0.25, 0.0), [(_poly(
-        (-0.7, 1), (0.7, 1), (0.7, 0.64), (0.18, 0.64), (0.18, -1), (-0.18, -1), (-0.18, 0.64),
-        (-0.7, 0.64)), False)])
-    t["letter_u"] = ("letter", (0.5, 0.0), [(_poly(
-        (-0.6, 1), (-0.24, 1), (-0.24, -0.64), (0.24, -0.64), (0.24, 1), (0.6, 1), (0.6, -1),
-        (-0.6, -1)), False)])
-    t["letter_h"] = ("letter", (0.75, 0.0), [(_poly(
-        (-0.6, 1), (-0.24, 1), (-0.24, 0.18), (0.24, 0.18), (0.24, 1), (0.6, 1), (0.6, -1),
-        (0.24, -1), (0.24, -0.18), (-0.24, -0.18), (-0.24, -1), (-0.6, -1)), False)])
-    t["letter_e"] = ("letter", (1.0, 0.0), [(_poly(
-        (-0.6, 1), (0.6, 1), (0.6, 0.64), (-0.24, 0.64), (-0.24, 0.18), (0.4, 0.18),
-        (0.4, -0.18), (-0.24, -0.18), (-0.24, -0.64), (0.6, -0.64), (0.6, -1), (-0.6, -1)),
-        False)])
-    t["rectangle"] = ("quad", (0.0, 0.0), [(_poly((-1, -0.5), (1, -0.5), (1, 0.5), (-1, 0.5)),
-                                             False)])
-    t["trapezoid"] = ("quad", (0.0, 1.0), [(_poly(
-        (-1, -0.55), (1, -0.55), (0.5, 0.55), (-0.5, 0.55)), False)])
-    t["parallelogram"] = ("quad", (1.0, 0.0), [(_poly(
-        (-1, -0.5), (0.5, -0.5), (1, 0.5), (-0.5, 0.5)), False)])
-    t["rhombus"] = ("quad", (0.5, 0.5), [(_poly((0, 1), (0.6, 0), (0, -1), (-0.6, 0)), False)])
-    t["kite"] = ("quad", (0.5, 1.0), [(_poly((0, 1), (0.6, 0.35), (0, -1), (-0.6, 0.35)), False)])
+    for name, (family, params, vertices) in POLYGON_CLASSES.items():
+        t[name] = (family, params, [(_poly(*vertices), False)])
     t["circle"] = ("ellipse", (1.0, 0.0), [(_ellipse_pts(1, 1), False)])
     t["ellipse"] = ("ellipse", (0.6, 0.0), [(_ellipse_pts(1, 0.62), False)])
     t["ellipse_thin"] = ("ellipse", (0.25, 0.0), [(_ellipse_pts(1, 0.38), False)])
@@ -225,16 +236,6 @@ def class_table():
     t["heart"] = ("heart", (0.0, 0.0), [(_heart(), False)])
     t["drop"] = ("drop", (0.0, 0.0), [(_drop(), False)])
     t["semicircle"] = ("semicircle", (0.0, 0.0), [(_semicircle(), False)])
-    t["lightning"] = ("lightning", (0.0, 0.0), [(_poly(
-        (-0.1, 1), (0.5, 1), (0.05, 0.2), (0.4, 0.2), (-0.45, -1), (-0.1, -0.1), (-0.45, -0.1)),
-        False)])
-    t["house"] = ("house", (0.0, 0.0), [(_poly(
-        (-0.7, -1), (0.7, -1), (0.7, 0.1), (0.95, 0.1), (0, 1), (-0.95, 0.1), (-0.7, 0.1)),
-        False)])
-    t["chevron"] = ("chevron", (0.0, 0.0), [(_poly(
-        (-1, 0.5), (0, -0.5), (1, 0.5), (1, -0.05), (0, -1.05), (-1, -0.05)), False)])
-    t["hourglass"] = ("hourglass", (0.0, 0.0), [(_poly(
-        (-0.7, 1), (0.7, 1), (0.1, 0), (0.7, -1), (-0.7, -1), (-0.1, 0)), False)])
     t["gear"] = ("gear", (0.0, 0.0), [(_gear(8), False), (_ellipse_pts(0.3, 0.3, n=48), True)])
     return t
 
@@ -656,10 +657,10 @@ def _check_target(out):
     if not out.exists():
         return
     if not out.is_dir():
-        _fail(f"{out} exists and is not a folder; choose another --out")
+        _fail(f"{out} exists and is not a folder; choose another --output_dir")
     if any(out.iterdir()) and not (out / MARKER).is_file():
         _fail(f"{out} exists and is not a demo dataset (no {MARKER} marker); "
-              "choose another --out or remove that folder")
+              "choose another --output_dir or remove that folder")
 
 
 def write_dataset(root, args):
@@ -697,8 +698,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser(
         description="Procedurally drawn demo dataset for zero-shot SBIR",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", type=str, required=True,
-                        help="output folder; replaced atomically if it holds a previous demo dataset")
+    parser.add_argument("--output_dir", "--out", type=str, required=True,
+                        help="output folder; replaced atomically if it holds a previous demo dataset "
+                             "(--out is its older name)")
     parser.add_argument("--seed", type=int, default=0, help="non-negative seed; same seed, same bytes")
     parser.add_argument("--image_size", type=int, default=64, help="side of every image, in pixels")
     parser.add_argument("--sketches_per_class", type=int, default=60, help="sketches of each class")
@@ -717,7 +719,7 @@ def main(args):
         _fail("--sketches_per_class and --photos_per_class must be >= 1")
     if args.workers < 1:
         _fail(f"--workers must be >= 1, got {args.workers}")
-    out = Path(args.out)
+    out = Path(args.output_dir)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -19,11 +19,11 @@ elif [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"
 else py=python3; fi
 
 get_demo() {
-  "$py" "$here/demo_data.py" --out "$dest/demo" ${DEMO_ARGS:-}
+  "$py" "$here/demo_data.py" --output_dir "$dest/demo" ${DEMO_ARGS:-}
 }
 
 case "$name" in
   demo) get_demo ;;
-  sketchy|tuberlin|quickdraw|all) "$py" "$here/prepare_data.py" "$name" --dest "$dest" "${@:3}" ;;
+  sketchy|tuberlin|quickdraw|all) "$py" "$here/prepare_data.py" "$name" --output_dir "$dest" "${@:3}" ;;
   *) echo "error: unknown dataset '$name'; choose demo, sketchy, tuberlin, quickdraw or all" >&2; exit 2 ;;
 esac

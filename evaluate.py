@@ -1,7 +1,7 @@
 """Evaluate a trained model: mAP@all, P@100, mAP@200, P@200 under the literature's conventions, plots, grids.
 
-    python evaluate.py --model ckpt/best.pth --data data/sketchy --num_sketches 10 --num_images 5
-    python evaluate.py --model ckpt/best.pth --data data/demo --protocol all --save_embeddings emb.pt
+    python evaluate.py --model ckpt/best.pth --data_dir data/sketchy --num_sketches 10 --num_images 5
+    python evaluate.py --model ckpt/best.pth --data_dir data/demo --protocol all --save_embeddings emb.pt
     python evaluate.py --embeddings emb.pt --protocol sake          # no model, no images: seconds
 
 The test split's sketches (unseen classes, DATA/test_labels.txt) query every photo of those classes;
@@ -32,7 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 parents=[utils.common_parser(64, "images per embedding batch")],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=str, default="", help="checkpoint written by train.py (best.pth / last.pth)")
-    p.add_argument("--data", type=str, default="", help="dataset folder (see README: data layout)")
+    p.add_argument("--data_dir", "--data", type=str, default="",
+                   help="dataset folder (see README: data layout); --data is its older name")
     p.add_argument("--class_split", type=str, default="",
                    help="named zero-shot split under DATA/splits/ (default: the one the model was trained on)")
     p.add_argument("--split", type=str, default="test",
@@ -70,10 +71,10 @@ def check_args(args) -> None:
         if args.save_embeddings:
             raise utils.UserError("--embeddings and --save_embeddings together would only copy the file")
         if args.compare_untrained:
-            raise utils.UserError("--compare_untrained needs the network: pass --model and --data "
+            raise utils.UserError("--compare_untrained needs the network: pass --model and --data_dir "
                                   "instead of --embeddings")
-    elif not (args.model and args.data):
-        raise utils.UserError("pass --model and --data (or --embeddings FILE saved by --save_embeddings)")
+    elif not (args.model and args.data_dir):
+        raise utils.UserError("pass --model and --data_dir (or --embeddings FILE saved by --save_embeddings)")
 
 
 # ----------------------------------------------------------------------------------- embeddings
@@ -254,14 +255,14 @@ class Embedded:
 
 
 def embeddings_from_file(args, run: dict, ckpt: dict | None) -> Embedded:
-    """The embeddings --embeddings holds, checked against --split, --data and --model where given."""
+    """The embeddings --embeddings holds, checked against --split, --data_dir and --model where given."""
     if run["split"] != args.split:
         raise utils.UserError(f"{args.embeddings} holds the {run['split']} split, not --split {args.split}")
-    if args.data:
-        data = dataset.scan_dataset(args.data, check_images=False,
+    if args.data_dir:
+        data = dataset.scan_dataset(args.data_dir, check_images=False,
                                     class_split=args.class_split or run.get("class_split", ""))
         classes, sketches, photos = split_images(data, args.split, run["model"]["val_fraction"])
-        check_same_dataset(run, args.embeddings, classes, sketches, photos, args.data, args.split)
+        check_same_dataset(run, args.embeddings, classes, sketches, photos, args.data_dir, args.split)
     if ckpt is not None:
         cfg = utils.checkpoint_model(ckpt)
         if (cfg.backbone, cfg.embedding_dim) != (run["model"]["backbone"], run["model"]["embedding_dim"]):
@@ -272,7 +273,7 @@ def embeddings_from_file(args, run: dict, ckpt: dict | None) -> Embedded:
           f"({run['model']['backbone']}, {run['queries'].shape[1]}-d)")
     class_split = args.class_split or run.get("class_split") or (ckpt["args"].get("class_split", "") if ckpt else "")
     return Embedded(run["classes"], run["queries"], run["query_labels"], run["gallery"], run["gallery_labels"],
-                    run["throughput"], args.model or run["model"]["path"], args.data or run["data"], class_split)
+                    run["throughput"], args.model or run["model"]["path"], args.data_dir or run["data"], class_split)
 
 
 def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> Embedded | None:
@@ -284,12 +285,12 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
                                          f"{utils.flops_text(ckpt['work']['flops'])})" if "work" in ckpt else "")
           + f", seen-class val mAP@all {ckpt['best']:.4f}")
     class_split = args.class_split or a.get("class_split", "")
-    data = dataset.scan_dataset(args.data, class_split=class_split)
+    data = dataset.scan_dataset(args.data_dir, class_split=class_split)
     if data.skipped:
         print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
     classes, sketches, photos = split_images(data, args.split, a["val_fraction"])
     if not sketches[0] or not photos[0]:
-        raise utils.UserError(f"the {args.split} split of {args.data} has {len(sketches[0])} sketches and "
+        raise utils.UserError(f"the {args.split} split of {args.data_dir} has {len(sketches[0])} sketches and "
                               f"{len(photos[0])} photos; it needs both (for --split val, train with "
                               "--val_fraction > 0)")
     q, g, throughput = embed_split(utils.build_model(ckpt, args.model, trained=True), sketches, photos,
@@ -301,10 +302,10 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
     if rank != 0:
         return None
     emb = Embedded(classes, q, torch.tensor(sketches[1]), g, torch.tensor(photos[1]), throughput, args.model,
-                   args.data, class_split, sketches, photos, untrained)
+                   args.data_dir, class_split, sketches, photos, untrained)
     print(f"embedded {len(sketches[0]) + len(photos[0])} images at {throughput:.1f} images/s")
     if args.save_embeddings:
-        root = os.path.abspath(args.data)
+        root = os.path.abspath(args.data_dir)
         save_embeddings(args.save_embeddings, {
             "queries": q, "query_labels": emb.q_labels, "query_paths": [os.path.relpath(p, root) for p in sketches[0]],
             "gallery": g, "gallery_labels": emb.g_labels, "gallery_paths": [os.path.relpath(p, root) for p in photos[0]],

@@ -93,18 +93,42 @@ def _ranks_of_relevant(scores: Tensor, start: int, stop: int, grid: float = 0.5)
     """
     b, n = scores.shape
     r = stop - start
-    dev = scores.device
     rel = _sort_rows(scores[:, start:stop])  # (B, R) ascending
-    tie_start = torch.ones_like(rel, dtype=torch.bool)
-    tie_start[:, 1:] = rel[:, 1:] != rel[:, :-1]
-    hits = r - (torch.arange(r, device=dev) * tie_start).cummax(1).values  # (B, R) #{i : rel_i >= rel_j}
-
+    hits = _hits_of_sorted(rel)  # (B, R)
     num_bins = max(int(n * grid), 1)
     width = num_bins + 3  # per row: bins 0 .. L + 1, and bin L + 2 that parks the relevant items
+    to_bins, offset = _bin_map(rel, num_bins, width)
+    bins = to_bins(scores)  # (B, N)
+    rel_bins = to_bins(rel)  # (B, R) the same values, so the same bins, in increasing order
+    rel_count = torch.bincount(rel_bins.view(-1), minlength=b * width)  # (B * W,)
+    occupied = rel_count > 0
+    bins[:, start:stop] = offset.long() + width - 1  # the relevant items leave the count
+    bins = bins.view(-1)
+    c = _lone_below(bins, rel_bins, occupied, width)  # (B, R)
+    shared = occupied.index_select(0, bins).nonzero().squeeze(1)  # (M,) items sharing a bin
+    if shared.numel():
+        c += _shared_below(scores, rel, bins, rel_count, shared)
+    rank = hits + (n - r) - c  # (B, R) ascending scores
+    return rank.flip(1), hits.flip(1)
+
+
+def _hits_of_sorted(rel: Tensor) -> Tensor:
+    """(B, R) ascending relevant scores -> (B, R) int64 hits(rel_j) = #{i : rel_i >= rel_j} (ties count alike)."""
+    r = rel.shape[1]
+    tie_start = torch.ones_like(rel, dtype=torch.bool)
+    tie_start[:, 1:] = rel[:, 1:] != rel[:, :-1]
+    return r - (torch.arange(r, device=rel.device) * tie_start).cummax(1).values
+
+
+def _bin_map(rel: Tensor, num_bins: int, width: int) -> tuple:
+    """The monotone map of _ranks_of_relevant: (to_bins, offset (B, 1)). to_bins sends the rows' scores (B, K)
+    to flat bin ids (B, K) int64, offset_b + 0 .. num_bins + 1 in row b: num_bins equal-width bins over
+    [rel_0, rel_{R-1}] (rel (B, R) ascending), with the scores beyond them clamped into the end bins."""
+    b = rel.shape[0]
     lo, hi = rel[:, :1], rel[:, -1:]  # (B, 1)
     inv = num_bins / (hi - lo)
     inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))  # all relevant tied: one bin
-    offset = (torch.arange(b, device=dev, dtype=scores.dtype) * width)[:, None]  # (B, 1)
+    offset = (torch.arange(b, device=rel.device, dtype=rel.dtype) * width)[:, None]  # (B, 1)
     shift = (1.0 - lo * inv) + offset
     top = offset + num_bins + 1
 
@@ -113,43 +137,54 @@ def _ranks_of_relevant(scores: Tensor, start: int, stop: int, grid: float = 0.5)
         y += shift
         return torch.clamp(y, min=offset, max=top).to(torch.int64)  # flat bin ids
 
-    bins = to_bins(scores)  # (B, N)
-    rel_bins = to_bins(rel)  # (B, R) the same values, so the same bins, in increasing order
-    rel_count = torch.bincount(rel_bins.view(-1), minlength=b * width)  # (B * W,)
-    occupied = rel_count > 0
-    bins[:, start:stop] = offset.long() + width - 1  # the relevant items leave the count
-    bins = bins.view(-1)
+    return to_bins, offset
+
+
+def _lone_below(bins: Tensor, rel_bins: Tensor, occupied: Tensor, width: int) -> Tensor:
+    """(B, R): for each rel_j, the irrelevant items below it in bins that hold no relevant score, counted
+    from a histogram of the flat bin ids ``bins`` (B * N,) and ``rel_bins`` (B, R); the bins ``occupied``
+    by relevant scores and each row's parking bin (its last) are left out of the histogram."""
+    b = rel_bins.shape[0]
     lone = torch.bincount(bins, minlength=b * width).masked_fill_(occupied, 0)  # (B * W,)
     lone[width - 1::width] = 0
     lone_below = lone.view(b, width).cumsum(1).view(-1) - lone
-    c = lone_below.index_select(0, rel_bins.view(-1)).view(b, r)  # (B, R) lone items below rel_j
+    return lone_below.index_select(0, rel_bins.view(-1)).view(rel_bins.shape)
 
-    shared = occupied.index_select(0, bins).nonzero().squeeze(1)  # (M,) items sharing a bin
-    if shared.numel():
-        # Positions in a flat (B, R + 1) layout: that of rel padded with +inf and of the p histogram.
-        first = (rel_count.view(b, width).cumsum(1) - rel_count.view(b, width)
-                 + torch.arange(b, device=dev)[:, None] * (r + 1)).view(-1)  # (B * W,)
-        rel_pad = torch.cat([rel, rel.new_full((b, 1), float("inf"))], dim=1).view(-1)  # (B * (R + 1),)
-        s = scores.reshape(-1).index_select(0, shared)  # (M,)
-        bin_ = bins.index_select(0, shared)
-        pos = first.index_select(0, bin_)  # the bin's lowest relevant score
-        pos += rel_pad.index_select(0, pos) <= s  # settles every bin that holds one relevant score
-        many = rel_count.index_select(0, bin_) > 1
-        more = (many & (pos > first.index_select(0, bin_))).nonzero().squeeze(1)
-        if more.numel():  # binary search among the bin's other relevant scores
-            lo_k, s_m, bin_m = pos[more], s[more], bin_[more]
-            hi_k = first.index_select(0, bin_m) + rel_count.index_select(0, bin_m)
-            for _ in range(int((hi_k - lo_k).max()).bit_length()):
-                mid = (lo_k + hi_k) >> 1
-                le = rel_pad.index_select(0, mid) <= s_m
-                active = lo_k < hi_k
-                lo_k = torch.where(active & le, mid + 1, lo_k)
-                hi_k = torch.where(active & ~le, mid, hi_k)
-            pos[more] = lo_k
-        p_hist = torch.bincount(pos, minlength=b * (r + 1)).view(b, r + 1)
-        c += p_hist.cumsum(1)[:, :r]  # shared items with p(h) <= j
-    rank = hits + (n - r) - c  # (B, R) ascending scores
-    return rank.flip(1), hits.flip(1)
+
+def _shared_below(scores: Tensor, rel: Tensor, bins: Tensor, rel_count: Tensor, shared: Tensor) -> Tensor:
+    """(B, R): for each rel_j, the items ``shared`` (flat indices into scores (B, N)) that share a bin with
+    relevant scores and lie below rel_j, #{h : p(h) <= j}, with p(h) = #{j : rel_j <= s_h} found by
+    comparison within h's bin (rel (B, R) ascending, rel_count (B * W,) relevant scores per flat bin)."""
+    b, r = rel.shape
+    width = rel_count.numel() // b
+    # Positions in a flat (B, R + 1) layout: that of rel padded with +inf and of the p histogram.
+    first = (rel_count.view(b, width).cumsum(1) - rel_count.view(b, width)
+             + torch.arange(b, device=rel.device)[:, None] * (r + 1)).view(-1)  # (B * W,)
+    rel_pad = torch.cat([rel, rel.new_full((b, 1), float("inf"))], dim=1).view(-1)  # (B * (R + 1),)
+    s = scores.reshape(-1).index_select(0, shared)  # (M,)
+    bin_ = bins.index_select(0, shared)
+    pos = first.index_select(0, bin_)  # the bin's lowest relevant score
+    pos += rel_pad.index_select(0, pos) <= s  # settles every bin that holds one relevant score
+    many = rel_count.index_select(0, bin_) > 1
+    more = (many & (pos > first.index_select(0, bin_))).nonzero().squeeze(1)
+    if more.numel():  # binary search among the bin's other relevant scores
+        bin_m = bin_[more]
+        end = first.index_select(0, bin_m) + rel_count.index_select(0, bin_m)  # past the bin's relevant scores
+        pos[more] = _search_sorted(rel_pad, pos[more], end, s[more])
+    p_hist = torch.bincount(pos, minlength=b * (r + 1)).view(b, r + 1)
+    return p_hist.cumsum(1)[:, :r]  # shared items with p(h) <= j
+
+
+def _search_sorted(values: Tensor, lo: Tensor, hi: Tensor, x: Tensor) -> Tensor:
+    """Binary search, one per element of x (M,): the first position in [lo, hi) of the flat, ascending
+    stretch values[lo:hi] whose value exceeds x, or hi if none does."""
+    for _ in range(int((hi - lo).max()).bit_length()):
+        mid = (lo + hi) >> 1
+        le = values.index_select(0, mid) <= x
+        active = lo < hi
+        lo = torch.where(active & le, mid + 1, lo)
+        hi = torch.where(active & ~le, mid, hi)
+    return lo
 
 
 def _suffix_max(x: Tensor) -> Tensor:
@@ -223,29 +258,50 @@ def retrieval_metrics(
     device = query_emb.device
     query_labels = query_labels.to(device=device, dtype=torch.long)
     gallery_labels = gallery_labels.to(device=device, dtype=torch.long)
-    num_q, n = query_emb.shape[0], gallery_emb.shape[0]
     # Gallery sorted by class: every class's photos are one contiguous block of columns.
     gallery_labels, g_order = gallery_labels.sort(stable=True)
     gallery = _unit(gallery_emb.to(device)[g_order])  # (N, D)
-    g_classes, g_counts = torch.unique_consecutive(gallery_labels, return_counts=True)
-    g_stop = g_counts.cumsum(0)
-    block = {c: (int(e - k), int(e)) for c, k, e in zip(g_classes.tolist(), g_counts.tolist(), g_stop.tolist())}
 
     num_rel = _count_relevant(query_labels.cpu(), gallery_labels.cpu())  # (Q,)
     valid = num_rel > 0
     if not valid.any():
         raise ValueError("no query has a relevant item in the gallery: check that the query and "
                          "gallery classes are the same split")
+    q_labels_cpu = query_labels.cpu()
+    per_query, pr_sum = _per_query_values(query_emb, q_labels_cpu, gallery, gallery_labels, ks, protocols,
+                                          chunk_size, pr_points)
+    out = {"num_relevant": num_rel, "num_queries": int(valid.sum()),
+           "num_queries_without_relevant": int((~valid).sum()),
+           "protocols": {name: _summary(per_query[name], valid, q_labels_cpu, ks) for name in protocols}}
+    if pr_points:
+        out["pr_curve"] = {"recall": torch.linspace(0, 1, pr_points, dtype=torch.float64),
+                           "precision": pr_sum / out["num_queries"]}
+    return out
+
+
+def _class_blocks(sorted_labels: Tensor) -> dict:
+    """{class: (start, stop)}: the columns of each class in a gallery sorted by class."""
+    g_classes, g_counts = torch.unique_consecutive(sorted_labels, return_counts=True)
+    g_stop = g_counts.cumsum(0)
+    return {c: (int(e - k), int(e)) for c, k, e in zip(g_classes.tolist(), g_counts.tolist(), g_stop.tolist())}
+
+
+def _per_query_values(query_emb: Tensor, q_labels_cpu: Tensor, gallery: Tensor, gallery_labels: Tensor,
+                      ks: Sequence[int], protocols: Sequence[str], chunk_size: int,
+                      pr_points: int) -> tuple[dict, Tensor]:
+    """Every protocol's per-query values, {name: {key: (Q,) float64 on the CPU}} (0 for queries without a
+    relevant item), and the sum over the queries of their (P,) interpolated precisions; the gallery (N, D)
+    is unit-normalised and sorted by class (gallery_labels (N,))."""
+    num_q, n = query_emb.shape[0], gallery.shape[0]
     keys = {name: ["ap"] + [f"p@{k}" for k in ks] + ([] if name == "doodle2search" else [f"ap@{k}" for k in ks])
             for name in protocols}
     per_query = {name: {key: torch.zeros(num_q, dtype=torch.float64) for key in keys[name]} for name in protocols}
     pr_sum = torch.zeros(max(pr_points, 0), dtype=torch.float64)
-    q_labels_cpu = query_labels.cpu()
-    for c, (start, stop) in block.items():
+    for c, (start, stop) in _class_blocks(gallery_labels).items():
         idx = (q_labels_cpu == c).nonzero().squeeze(1)  # (Qc,) queries of this class
         for s in range(0, idx.numel(), chunk_size):
             rows = idx[s:s + chunk_size]
-            scores = _unit(query_emb[rows.to(device)]) @ gallery.T  # (B, N)
+            scores = _unit(query_emb[rows.to(query_emb.device)]) @ gallery.T  # (B, N)
             for t in range(0, rows.numel(), _RANK_ROWS):  # small blocks keep the counting in cache
                 rank, hits = _ranks_of_relevant(scores[t:t + _RANK_ROWS], start, stop)
                 vals = _chunk_values(rank, hits, n, ks, protocols, pr_points)
@@ -255,14 +311,7 @@ def retrieval_metrics(
                     for key in keys[name]:
                         per_query[name][key][rows[t:t + _RANK_ROWS]] = vals[name][key].cpu()
             del scores
-
-    out = {"num_relevant": num_rel, "num_queries": int(valid.sum()),
-           "num_queries_without_relevant": int((~valid).sum()),
-           "protocols": {name: _summary(per_query[name], valid, q_labels_cpu, ks) for name in protocols}}
-    if pr_points:
-        out["pr_curve"] = {"recall": torch.linspace(0, 1, pr_points, dtype=torch.float64),
-                           "precision": pr_sum / out["num_queries"]}
-    return out
+    return per_query, pr_sum
 
 
 def _check_inputs(query_emb: Tensor, query_labels: Tensor, gallery_emb: Tensor, gallery_labels: Tensor,

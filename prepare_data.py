@@ -1,8 +1,8 @@
 """Download the ZS-SBIR benchmarks and prepare them in the project layout, with every standard split.
 
-    python prepare_data.py sketchy --dest data                 # what `bash download_data.sh sketchy` runs
-    python prepare_data.py all --dest /big/disk --exclude_invalid
-    python prepare_data.py tuberlin --dest data --from ~/Downloads   # archives fetched by hand
+    python prepare_data.py sketchy --output_dir data           # what `bash download_data.sh sketchy` runs
+    python prepare_data.py all --output_dir /big/disk --exclude_invalid
+    python prepare_data.py tuberlin --output_dir data --from ~/Downloads   # archives fetched by hand
 
 For each dataset: download its archives, trying each archive's known sources in turn (Google Drive
 ids through gdown, which handles Drive's large-file confirmation; partial downloads resume), verify
@@ -607,7 +607,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dataset", type=str, help="sketchy, tuberlin, quickdraw or all")
-    p.add_argument("--dest", type=str, default="data", help="folder that receives DEST/<dataset>/")
+    p.add_argument("--output_dir", "--dest", type=str, default="data", metavar="DEST",
+                   help="folder that receives DEST/<dataset>/ (--dest is its older name)")
     p.add_argument("--exclude_invalid", action=argparse.BooleanOptionalAction, default=False,
                    help="Sketchy: also fetch info-06-04.7z and leave out the sketches its info/invalid-*.txt list")
     p.add_argument("--from", type=str, default="", dest="from_dir",
@@ -626,14 +627,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args) -> None:
     names = list(ARCHIVES) if args.dataset == "all" else [args.dataset]
+    dest = args.output_dir  # DEST: the folder that receives DEST/<dataset>/
     if any(n not in ARCHIVES for n in names):
         raise PrepareError(f"unknown dataset {args.dataset!r}; choose sketchy, tuberlin, quickdraw, all or demo")
     try:
-        os.makedirs(args.dest, exist_ok=True)
+        os.makedirs(dest, exist_ok=True)
     except OSError as e:
-        raise PrepareError(f"cannot create {args.dest} ({e.strerror}); choose a DEST you can write to") from None
-    if not os.access(args.dest, os.W_OK | os.X_OK):
-        raise PrepareError(f"{args.dest} is not writable; choose a DEST you can write to")
+        raise PrepareError(f"cannot create {dest} ({e.strerror}); choose a DEST you can write to") from None
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise PrepareError(f"{dest} is not writable; choose a DEST you can write to")
     if args.with_embeddings and not os.path.isfile(args.with_embeddings):
         raise PrepareError(f"word-vector file {args.with_embeddings} not found; pass a GloVe .txt or "
                            "word2vec .bin/.txt file")
@@ -641,13 +643,13 @@ def main(args) -> None:
         raise PrepareError(f"--from {args.from_dir} is not a folder; pass the folder that holds the archives")
     if any(s < 32 for s in args.cache_sizes):
         raise PrepareError(f"--cache_sizes must be at least 32 pixels each, got {args.cache_sizes}")
-    summary = {n: get_dataset(n, args.dest, args.exclude_invalid, args.with_embeddings, args.from_dir) for n in names}
+    summary = {n: get_dataset(n, dest, args.exclude_invalid, args.with_embeddings, args.from_dir) for n in names}
     for n in names:
-        write_caches(os.path.join(args.dest, n), args.cache_sizes, args.cache_edge_maps)
+        write_caches(os.path.join(dest, n), args.cache_sizes, args.cache_edge_maps)
     for n, (c, s, p) in summary.items():
         splits = ", ".join(f"{s_}{' (default)' if i == 0 else ''}" for i, s_ in enumerate(SPLITS[n]))
-        print(f"{n}: {c} classes, {s} sketches, {p} photos -> {os.path.join(args.dest, n)}; splits: {splits}")
-        for warning in count_shortfalls(n, os.path.join(args.dest, n), (c, s, p)):
+        print(f"{n}: {c} classes, {s} sketches, {p} photos -> {os.path.join(dest, n)}; splits: {splits}")
+        for warning in count_shortfalls(n, os.path.join(dest, n), (c, s, p)):
             print(warning)
 
 

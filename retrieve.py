@@ -5,14 +5,14 @@
     python retrieve.py --model ckpt/best.pth --gallery ~/Pictures --query a.png --index ~/pictures.pt --faiss
 
 The photos' embeddings are computed once and kept in an index file (--index, by default
-OUTPUT/gallery_index.pt) with the model's identity and each file's path, size and modification
+OUTPUT_DIR/gallery_index.pt) with the model's identity and each file's path, size and modification
 time; later runs embed only new or changed files and drop deleted ones, and a different model
 rebuilds it. Query sketches may have any size and aspect ratio, dark strokes on white, light
 strokes on black, a transparent background, or be photos of a drawing on paper
 (dataset.prepare_sketch). Search is exact, in chunks of the gallery (a million photos within
 bounded memory), or approximate with --faiss. Prints each query's ranked photos (--json: one JSON
 document on stdout, everything else on stderr) and writes a grid PNG per query and results.json
-to --output.
+to --output_dir.
 """
 import argparse
 import contextlib
@@ -46,10 +46,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", type=str, required=True, help="folder of photos to search (sub-folders included)")
     p.add_argument("--query", type=str, nargs="+", required=True, help="query sketch image(s)")
     p.add_argument("--topk", type=int, default=10, help="photos returned per query")
-    p.add_argument("--output", type=str, default="",
-                   help="folder for the grids, results.json and the index; empty: retrieval/ beside the model")
+    p.add_argument("--output_dir", "--output", type=str, default="",
+                   help="folder for the grids, results.json and the index; empty: retrieval/ beside the model "
+                        "(--output is its older name)")
     p.add_argument("--index", type=str, default="",
-                   help=f"gallery index file, reused and updated across runs; empty: OUTPUT/{INDEX_NAME}")
+                   help=f"gallery index file, reused and updated across runs; empty: OUTPUT_DIR/{INDEX_NAME}")
     p.add_argument("--faiss", action=argparse.BooleanOptionalAction, default=False,
                    help="approximate search with a faiss index (needs: pip install faiss-cpu)")
     p.add_argument("--nprobe", type=int, default=32, help="with --faiss: inverted lists visited per query")
@@ -355,7 +356,7 @@ def main(args) -> None:
 def run(args) -> dict:
     """Everything but the JSON document: checks, index, search, printed ranking, grids, results.json."""
     # The inputs are checked before anything is written: the index first (its check is the quickest).
-    out_dir = args.output or os.path.join(os.path.dirname(os.path.abspath(args.model)), "retrieval")
+    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.model)), "retrieval")
     index_path = args.index or os.path.join(out_dir, INDEX_NAME)
     old_index = load_index(index_path)
     ckpt = utils.load_checkpoint(args.model)
@@ -365,13 +366,7 @@ def run(args) -> dict:
     sketches = read_queries(args.query)
     faiss = import_faiss() if args.faiss else None
     root = os.path.realpath(args.gallery)
-    if os.path.realpath(out_dir) == root:
-        raise utils.UserError(f"--output {out_dir} is the gallery folder; its grids would be searched next time, "
-                              "so choose another folder")
-    files, others = scan_gallery(root, exclude=os.path.realpath(out_dir))
-    if not files:
-        raise utils.UserError(f"gallery {args.gallery} holds no image files ({', '.join(dataset.IMAGE_EXTENSIONS)}); "
-                              "pass the folder that holds your photos")
+    files, others = gallery_files(args.gallery, root, out_dir)
     device = utils.get_device(args.device)
     model = utils.build_model(ckpt, args.model, trained=True).to(device)  # weights that do not fit: an error, nothing written
     utils.ensure_dir(out_dir, "output folder")
@@ -384,16 +379,7 @@ def run(args) -> dict:
     index, counts = update_index(
         old_index, index_path, root, files, model_identity(ckpt),
         lambda paths: embed_files(model.photo_encoder, paths, cfg.image_size, args, device))
-    print(f"gallery {args.gallery}: {counts['images']} photos in {index_path} ({counts['embedded']} embedded, "
-          f"{counts['unchanged']} unchanged, {counts['deleted']} deleted since the last run) "
-          f"in {time.perf_counter() - start:.1f} s")
-    unreadable = [rel for rel, _, _ in files if rel in index["skipped"]]
-    if others or unreadable:
-        examples = ", ".join((others + unreadable)[:3])
-        print(f"skipped {len(others) + len(unreadable)} file(s) of the gallery: {len(others)} not an image, "
-              f"{len(unreadable)} unreadable image(s) (e.g. {examples})")
-    if counts["images"] == 0:
-        raise utils.UserError(f"gallery {args.gallery} holds no readable image; pass the folder that holds your photos")
+    skipped = report_gallery(args.gallery, index_path, index, counts, files, others, time.perf_counter() - start)
 
     queries = embed_sketches(model.sketch_encoder, sketches, cfg.image_size, args, device)  # (Q, D)
     start = time.perf_counter()
@@ -406,9 +392,51 @@ def run(args) -> dict:
     print(f"searched {counts['images']} photos for {len(sketches)} sketch(es) in {seconds:.3f} s "
           f"({'faiss, approximate' if faiss is not None else 'exact'})")
 
+    results = report_queries(args, sketches, index["paths"], scores, rows, out_dir)
+    doc = {"model": args.model, "gallery": args.gallery, "index": index_path, "commit": info["commit"],
+           "search": "faiss" if faiss is not None else "exact", "search_seconds": seconds,
+           "index_counts": counts, "skipped_files": skipped, "queries": results, "args": vars(args)}
+    utils.write_json(os.path.join(out_dir, "results.json"), doc)
+    print(f"\nwrote results.json{' and the grids' if args.grids else ''} to {out_dir}")
+    return doc
+
+
+def gallery_files(gallery: str, root: str, out_dir: str) -> tuple[list, list]:
+    """scan_gallery of the --gallery folder (``root``: its real path), leaving out the output folder; a gallery
+    that is the output folder or holds no image file is a UserError."""
+    if os.path.realpath(out_dir) == root:
+        raise utils.UserError(f"--output_dir {out_dir} is the gallery folder; its grids would be searched next "
+                              "time, so choose another folder")
+    files, others = scan_gallery(root, exclude=os.path.realpath(out_dir))
+    if not files:
+        raise utils.UserError(f"gallery {gallery} holds no image files ({', '.join(dataset.IMAGE_EXTENSIONS)}); "
+                              "pass the folder that holds your photos")
+    return files, others
+
+
+def report_gallery(gallery: str, index_path: str, index: dict, counts: dict, files: list, others: list,
+                   seconds: float) -> list:
+    """Print what update_index did and which files were skipped, and return those files' relative paths; a
+    gallery with no readable image is a UserError."""
+    print(f"gallery {gallery}: {counts['images']} photos in {index_path} ({counts['embedded']} embedded, "
+          f"{counts['unchanged']} unchanged, {counts['deleted']} deleted since the last run) in {seconds:.1f} s")
+    unreadable = [rel for rel, _, _ in files if rel in index["skipped"]]
+    if others or unreadable:
+        examples = ", ".join((others + unreadable)[:3])
+        print(f"skipped {len(others) + len(unreadable)} file(s) of the gallery: {len(others)} not an image, "
+              f"{len(unreadable)} unreadable image(s) (e.g. {examples})")
+    if counts["images"] == 0:
+        raise utils.UserError(f"gallery {gallery} holds no readable image; pass the folder that holds your photos")
+    return others + unreadable
+
+
+def report_queries(args, sketches: list, paths: list, scores: torch.Tensor, rows: torch.Tensor,
+                   out_dir: str) -> list:
+    """Print each query's ranked photos (gallery ``paths`` at ``rows``, (Q, k)) and write its grid; returns
+    the queries' entries of results.json."""
     results = []
     for i, query in enumerate(args.query):
-        hits = [(os.path.join(args.gallery, index["paths"][r]), s)
+        hits = [(os.path.join(args.gallery, paths[r]), s)
                 for s, r in zip(scores[i].tolist(), rows[i].tolist()) if r >= 0]
         grid = os.path.join(out_dir, grid_name(i, query)) if args.grids else None
         if grid:
@@ -421,12 +449,7 @@ def run(args) -> dict:
         print(f"{'rank':>4}  {'score':>6}  photo")
         for r, (path, score) in enumerate(hits):
             print(f"{r + 1:>4}  {score:6.3f}  {path}")
-    doc = {"model": args.model, "gallery": args.gallery, "index": index_path, "commit": info["commit"],
-           "search": "faiss" if faiss is not None else "exact", "search_seconds": seconds,
-           "index_counts": counts, "skipped_files": others + unreadable, "queries": results, "args": vars(args)}
-    utils.write_json(os.path.join(out_dir, "results.json"), doc)
-    print(f"\nwrote results.json{' and the grids' if args.grids else ''} to {out_dir}")
-    return doc
+    return results
 
 
 if __name__ == "__main__":

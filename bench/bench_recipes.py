@@ -8,7 +8,7 @@ A variant written NAME:N runs N seeds instead of --seeds.
 
 Each run is `train.py --epochs E --seed S <variant flags>` (or --budget_minutes M: a wall-clock budget, whose
 figures hold only on the machine that ran them) then `evaluate.py` on the unseen classes (standard convention);
-its results are kept under --out_dir/<dataset>/<e{E} or m{M}>/<variant>/seed<S>/ and reused by later calls
+its results are kept under --output_dir/<dataset>/<e{E} or m{M}>/<variant>/seed<S>/ and reused by later calls
 (delete them, or pass --rerun, to train again), so a long ablation can be built up in pieces. The table gives
 mean +/- standard deviation over the seeds (sample std, n - 1) of unseen mAP@all, P@100 and P@200, beside
 chance, the untrained network (the first variant's seed 0 at its initialisation) and a training-free
@@ -55,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=0, help="train.py --epochs of every run")
     p.add_argument("--budget_minutes", type=float, default=0.0,
                    help="train.py --budget_minutes of every run instead of --epochs (a figure of this machine only)")
-    p.add_argument("--out_dir", type=str, default="runs/bench_recipes", help="runs and results go here")
+    p.add_argument("--output_dir", "--out_dir", type=str, default="runs/bench_recipes",
+                   help="runs and results go here (--out_dir is its older name)")
     p.add_argument("--train_args", type=str, default="", help="extra train.py flags for every run, one string")
     p.add_argument("--workers", type=int, default=2, help="train.py and evaluate.py --workers")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
@@ -71,9 +72,9 @@ def run(cmd: list, log: str) -> None:
 
 
 def results_dir(args) -> str:
-    """Where the runs of one dataset and one amount of work live: OUT_DIR/<dataset>/e<epochs> or m<minutes>."""
+    """Where the runs of one dataset and one amount of work live: OUTPUT_DIR/<dataset>/e<epochs> or m<minutes>."""
     work = f"e{args.epochs}" if args.epochs else f"m{args.budget_minutes:g}"
-    return os.path.join(args.out_dir, os.path.basename(os.path.normpath(args.data_dir)), work)
+    return os.path.join(args.output_dir, os.path.basename(os.path.normpath(args.data_dir)), work)
 
 
 def train_and_evaluate(args, variant: str, seed: int, untrained: bool) -> dict:
@@ -90,7 +91,7 @@ def train_and_evaluate(args, variant: str, seed: int, untrained: bool) -> dict:
          "--no-pretrained", *amount, "--seed", str(seed), "--print_every", "50",
          *common, *VARIANTS[variant], *args.train_args.split()], os.path.join(folder, "train.log"))
     run([sys.executable, os.path.join(here, "evaluate.py"), "--model", os.path.join(folder, "best.pth"),
-         "--data", args.data_dir, "--output_dir", os.path.join(folder, "eval"), "--num_sketches", "0",
+         "--data_dir", args.data_dir, "--output_dir", os.path.join(folder, "eval"), "--num_sketches", "0",
          "--protocol", "standard", *(["--compare_untrained"] if untrained else []), *common],
         os.path.join(folder, "eval.log"))
     last = torch.load(os.path.join(folder, "last.pth"), map_location="cpu", weights_only=False)

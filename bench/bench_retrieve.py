@@ -48,9 +48,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="faiss inverted lists visited per query, each timed")
     p.add_argument("--build_images", type=int, default=1000, help="photos in the index build timing (0: skip)")
     p.add_argument("--prep_check", action=argparse.BooleanOptionalAction, default=True,
-                   help="(4): needs --model and --data")
+                   help="(4): needs --model and --data_dir")
     p.add_argument("--model", type=str, default="runs/demo/best.pth", help="checkpoint for (4)")
-    p.add_argument("--data", type=str, default="data/demo", help="dataset for (4)")
+    p.add_argument("--data_dir", "--data", type=str, default="data/demo",
+                   help="dataset for (4) (--data is its older name)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic embeddings and photos")
     return p
 
@@ -174,7 +175,7 @@ def prep_check(args) -> None:
     ckpt = utils.load_checkpoint(args.model)
     model = utils.build_model(ckpt, args.model, trained=True).eval()
     size = ckpt["args"]["image_size"]
-    data = dataset.scan_dataset(args.data, check_images=False, class_split=ckpt["args"].get("class_split", ""))
+    data = dataset.scan_dataset(args.data_dir, check_images=False, class_split=ckpt["args"].get("class_split", ""))
     sketches, s_labels = dataset.flatten(data.sketches, data.unseen)
     photos, p_labels = dataset.flatten(data.photos, data.unseen)
     g = utils.embed_images(model.photo_encoder, photos, size, 128, 0, torch.device("cpu"), False)
@@ -197,7 +198,7 @@ def prep_check(args) -> None:
         "small in a 4x canvas, prepare_sketch": lambda im: dataset.prepare_sketch(
             framed(im, (4 * im.width,) * 2, (im.width // 3, 2 * im.height))),
     }
-    print(f"\nquery preparation: {len(sketches)} unseen-class sketches of {args.data} against its {len(photos)} "
+    print(f"\nquery preparation: {len(sketches)} unseen-class sketches of {args.data_dir} against its {len(photos)} "
           f"unseen-class photos, model {args.model}")
     for name, form in forms.items():
         q = retrieve.embed_sketches(model.sketch_encoder, [form(dataset.load_image(p)) for p in sketches], size,
@@ -220,10 +221,11 @@ def main(args) -> None:
     if args.build_images > 0:
         bench_build(args)
     if args.prep_check:
-        if os.path.isfile(args.model) and os.path.isdir(args.data):
+        if os.path.isfile(args.model) and os.path.isdir(args.data_dir):
             prep_check(args)
         else:
-            print(f"\nquery preparation check skipped: {args.model} or {args.data} is missing (make demo writes both)")
+            print(f"\nquery preparation check skipped: {args.model} or {args.data_dir} is missing "
+                  "(make demo writes both)")
     if 1000000 in single:
         t = single[1000000]
         print(f"\nexact search of 1,000,000 embeddings: {t:.3f} s per query "

@@ -13,7 +13,7 @@ TINY = ["--sketches_per_class", "3", "--photos_per_class", "3", "--image_size", 
 
 
 def generate(out, *extra):
-    args = demo_data.get_args_parser().parse_args(["--out", str(out), *TINY, *extra])
+    args = demo_data.get_args_parser().parse_args(["--output_dir", str(out), *TINY, *extra])
     demo_data.main(args)
     return Path(out)
 
@@ -31,6 +31,14 @@ def tiny(tmp_path_factory):
 
 def read_labels(path):
     return path.read_text().splitlines()
+
+
+def test_output_dir_and_its_older_name_out_are_one_flag():
+    parser = demo_data.get_args_parser()
+    assert parser.parse_args(["--output_dir", "o1"]).output_dir == "o1"
+    assert parser.parse_args(["--out", "o2"]).output_dir == "o2"
+    assert not hasattr(parser.parse_args(["--out", "o2"]), "out")  # one setting, not two
+    assert "--output_dir OUTPUT_DIR, --out OUTPUT_DIR" in parser.format_help()
 
 
 def test_defaults_match_usage():
@@ -142,7 +150,7 @@ def test_replaces_previous_demo_dataset(tmp_path, capsys):
     (out / "sketches" / "circle" / "stray.png").write_bytes(b"old")
     capsys.readouterr()
     args = demo_data.get_args_parser().parse_args(
-        ["--out", str(out), "--sketches_per_class", "2", "--photos_per_class", "1",
+        ["--out", str(out), "--sketches_per_class", "2", "--photos_per_class", "1",  # --output_dir's older name
          "--image_size", "32", "--workers", "1"])
     demo_data.main(args)
     assert sorted(p.name for p in (out / "sketches" / "circle").iterdir()) == [

@@ -1,4 +1,5 @@
 """evaluate.py: every convention, saved embeddings, the val split, plots, and bad input."""
+import importlib.util
 import json
 import math
 import os
@@ -9,7 +10,7 @@ import torch
 import evaluate
 import metrics
 import train
-from conftest import make_tiny_dataset, run_main
+from conftest import ROOT, make_tiny_dataset, run_main
 from test_train import TINY, assert_one_line_error
 
 
@@ -22,7 +23,7 @@ def run(tmp_path_factory):
     train.main(train.get_args_parser().parse_args(["--data_dir", data, "--checkpoint_dir", ckpt, *TINY,
                                                    "--epochs", "1", "--val_fraction", "0.25"]))
     model, emb, out = os.path.join(ckpt, "best.pth"), str(root / "emb.pt"), str(root / "eval")
-    proc = run_main("evaluate.py", "--model", model, "--data", data, "--workers", "0", "--device", "cpu", "--num_sketches", "2",
+    proc = run_main("evaluate.py", "--model", model, "--data_dir", data, "--workers", "0", "--device", "cpu", "--num_sketches", "2",
                     "--save_embeddings", emb, "--output_dir", out)
     assert proc.returncode == 0, proc.stderr
     return {"data": data, "model": model, "emb": emb, "out": out, "stdout": proc.stdout, "root": root}
@@ -156,8 +157,8 @@ def test_query_class_without_photos_is_reported_and_left_out(run, tmp_path):
 
 
 def test_cli_needs_a_model_or_embeddings(tmp_path):
-    proc = run_main("evaluate.py", "--data", str(tmp_path))
-    assert_one_line_error(proc, "pass --model and --data")
+    proc = run_main("evaluate.py", "--data_dir", str(tmp_path))
+    assert_one_line_error(proc, "pass --model and --data_dir")
     proc = run_main("evaluate.py", "--embeddings", str(tmp_path / "none.pt"))
     assert_one_line_error(proc, "none.pt not found")
 
@@ -177,3 +178,27 @@ def test_class_split_selects_a_named_split_and_split_means_which_images(run, tmp
     assert set(out["per_class_ap"]) == {"tri", "square"}
     proc = run_main("evaluate.py", "--model", run["model"], "--data", run["data"], "--split", "alt")
     assert_one_line_error(proc, "--split takes test or val", "--class_split alt")
+
+
+def test_data_dir_and_its_older_name_data_are_one_flag():
+    parser = evaluate.get_args_parser()
+    assert parser.parse_args(["--data_dir", "d1"]).data_dir == "d1"
+    assert parser.parse_args(["--data", "d2"]).data_dir == "d2"
+    assert not hasattr(parser.parse_args(["--data", "d2"]), "data")  # one setting, not two
+    assert "--data_dir DATA_DIR, --data DATA_DIR" in parser.format_help()
+
+
+def bench_parser(name: str):
+    """The argument parser of bench/<name>.py (the bench scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_args_parser()
+
+
+def test_bench_recipes_output_dir_and_its_older_name_out_dir_are_one_flag():
+    parser = bench_parser("bench_recipes")
+    assert parser.parse_args(["--output_dir", "o1"]).output_dir == "o1"
+    assert parser.parse_args(["--out_dir", "o2"]).output_dir == "o2"
+    assert not hasattr(parser.parse_args(["--out_dir", "o2"]), "out_dir")  # one setting, not two
+    assert "--output_dir OUTPUT_DIR, --out_dir OUTPUT_DIR" in parser.format_help()

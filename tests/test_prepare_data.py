@@ -69,6 +69,17 @@ INVALID = {"invalid-error.txt": [f"{wnid(0)}_1-2"],                  # airplane:
 def make_archives(folder):
     """Fake archives of all three datasets in their real layouts, with MD5SUMS for the checked ones."""
     os.makedirs(folder, exist_ok=True)
+    make_sketchy_archives(folder)
+    make_tuberlin_archives(folder)
+    make_quickdraw_archives(folder)
+    with open(os.path.join(folder, MD5_FILE), "w") as f:
+        for name in prepare_data.MD5:
+            f.write(f"{hashlib.md5(open(os.path.join(folder, name), 'rb').read()).hexdigest()}  {name}\n")
+    make_failing_sources(folder)
+
+
+def make_sketchy_archives(folder):
+    """rendered_256x256.7z, info-06-04.7z and EXTEND_image_sketchy.zip."""
     sketchy = classes("sketchy")
 
     # rendered_256x256.7z: README.txt beside 256x256/{photo,sketch}/tx_*/<class>/; photos <wnid>_<k>.jpg,
@@ -107,6 +118,9 @@ def make_archives(folder):
     ext["EXTEND_image_sketchy/camel/c.jpg"] = JPG
     write_zip(os.path.join(folder, "EXTEND_image_sketchy.zip"), ext)
 
+
+def make_tuberlin_archives(folder):
+    """sketches_png.zip and ImageResized.zip."""
     # sketches_png.zip: png/<class as spelled by TU-Berlin, with spaces, hyphens, parentheses>/<N>.png,
     # N numbered across the whole set in class order, and png/filelist.txt of "<class>/<N>.png" lines.
     # Sources: sem-pcyc download_datasets.sh (unzip; mv png sketches; renames such as 'mouse (animal)'),
@@ -133,6 +147,9 @@ def make_archives(folder):
         ph[f"ImageResized/{upstream.get(key, key)}/{wnid(i)}_2.JPEG"] = JPG
     write_zip(os.path.join(folder, "ImageResized.zip"), ph)
 
+
+def make_quickdraw_archives(folder):
+    """QuickDraw_sketches_final.zip and QuickDraw_images_final.zip."""
     # QuickDraw_{sketches,images}_final.zip: QuickDraw_sketches_final/<class>/<key id>.png and
     # QuickDraw_images_final/<class>/image_<N>.jpg, a few free-form .jpeg names; class names mix
     # spaces, underscores and hyphens (cruise ship, fire_hydrant, hot-air_balloon). Sources: doodle2search
@@ -147,11 +164,10 @@ def make_archives(folder):
     write_zip(os.path.join(folder, "QuickDraw_sketches_final.zip"), sk)
     write_zip(os.path.join(folder, "QuickDraw_images_final.zip"), ph)
 
-    with open(os.path.join(folder, MD5_FILE), "w") as f:
-        for name in prepare_data.MD5:
-            f.write(f"{hashlib.md5(open(os.path.join(folder, name), 'rb').read()).hexdigest()}  {name}\n")
 
-    # Sources that fail: a web page where an archive should be (Drive's quota page), and changed bytes.
+def make_failing_sources(folder):
+    """Sources that fail, beside the archives in ``folder``: html/, a web page where an archive should be
+    (Drive's quota page), and bad/, the archives with changed bytes."""
     for sub, change in (("html", lambda name, raw: b"<!DOCTYPE html><html><head><title>Google Drive - Quota "
                                                     b"exceeded</title></head><body>Too many users</body></html>"),
                         ("bad", lambda name, raw: raw[:-1] + bytes([raw[-1] ^ 0xFF]))):
@@ -557,3 +573,12 @@ def test_the_disk_cache_written_after_preparation_covers_what_train_py_reads(tmp
     every = sum(len(v) for v in list(data.sketches.values()) + list(data.photos.values()))
     assert np.load(dataset.cache_paths(os.path.join(root, "cache"), 32)[0]).shape == (
         every + sum(map(len, data.photos.values())), 32, 32, 3)  # every image and every photo's edge map, channels last
+
+
+def test_output_dir_and_its_older_name_dest_are_one_flag():
+    parser = prepare_data.get_args_parser()
+    assert parser.parse_args(["sketchy"]).output_dir == "data"
+    assert parser.parse_args(["sketchy", "--output_dir", "o1"]).output_dir == "o1"
+    assert parser.parse_args(["sketchy", "--dest", "o2"]).output_dir == "o2"
+    assert not hasattr(parser.parse_args(["sketchy", "--dest", "o2"]), "dest")  # one setting, not two
+    assert "--output_dir DEST, --dest DEST" in parser.format_help()

@@ -15,6 +15,7 @@ import retrieve
 import utils
 from conftest import U32, make_tiny_dataset, run_main
 from model import ZSSBIRModel
+from test_evaluate import bench_parser
 from test_train import assert_one_line_error
 
 try:
@@ -68,7 +69,8 @@ def retrieve_text(capsys, model, gallery, queries, out, *extra) -> tuple[str, st
     """Run retrieve.main in this process (no data loader workers); return what it printed (stdout, stderr)."""
     capsys.readouterr()
     retrieve.main(retrieve.get_args_parser().parse_args(
-        ["--model", model, "--gallery", gallery, "--query", *queries, "--output", out, "--workers", "0", "--device", "cpu", *extra]))
+        ["--model", model, "--gallery", gallery, "--query", *queries, "--output_dir", out, "--workers", "0", "--device", "cpu",
+         *extra]))
     captured = capsys.readouterr()
     return captured.out, captured.err
 
@@ -401,7 +403,7 @@ def test_cli_bad_input_one_line_each(setup, gallery, tmp_path):
     (tmp_path / "model.pth").write_bytes(b"\x00" * 100)
     (tmp_path / "precious.pt").write_bytes(b"user data")
     good = {"--model": setup["model"], "--gallery": gallery, "--query": setup["sketch"], "--workers": "0", "--device": "cpu",
-            "--output": str(tmp_path / "out")}
+            "--output": str(tmp_path / "out")}  # the older name of --output_dir
     expected = [  # (changed arguments, fragments of the one error line)
         ({"--query": str(tmp_path / "none.png")}, ("query sketch", "none.png not found")),
         ({"--query": str(tmp_path / "sketch.png")}, ("cannot read query sketch", "sketch.png")),
@@ -422,3 +424,20 @@ def test_cli_bad_input_one_line_each(setup, gallery, tmp_path):
         assert_one_line_error(proc, *fragments)
     assert (tmp_path / "precious.pt").read_bytes() == b"user data"  # never overwritten
     assert not (tmp_path / "out").exists()  # the inputs are checked before anything is written
+
+
+def test_output_dir_and_its_older_name_output_are_one_flag():
+    parser = retrieve.get_args_parser()
+    required = ["--model", "m", "--gallery", "g", "--query", "q"]
+    assert parser.parse_args([*required, "--output_dir", "o1"]).output_dir == "o1"
+    assert parser.parse_args([*required, "--output", "o2"]).output_dir == "o2"
+    assert not hasattr(parser.parse_args([*required, "--output", "o2"]), "output")  # one setting, not two
+    assert "--output_dir OUTPUT_DIR, --output OUTPUT_DIR" in parser.format_help()
+
+
+def test_bench_retrieve_data_dir_and_its_older_name_data_are_one_flag():
+    parser = bench_parser("bench_retrieve")
+    assert parser.parse_args(["--data_dir", "d1"]).data_dir == "d1"
+    assert parser.parse_args(["--data", "d2"]).data_dir == "d2"
+    assert not hasattr(parser.parse_args(["--data", "d2"]), "data")  # one setting, not two
+    assert "--data_dir DATA_DIR, --data DATA_DIR" in parser.format_help()
