@@ -143,7 +143,9 @@ def load_embeddings(path: str) -> dict:
 
 def check_same_dataset(run: dict, path: str, classes: list, sketches, photos, root: str, split: str) -> None:
     """The embeddings file must describe exactly this dataset split (same classes and files)."""
-    rel = lambda paths: sorted(os.path.relpath(p, root) for p in paths)
+    def rel(paths):
+        return sorted(os.path.relpath(p, root) for p in paths)
+
     if run["split"] != split or run["classes"] != classes or \
             sorted(run["query_paths"]) != rel(sketches[0]) or sorted(run["gallery_paths"]) != rel(photos[0]):
         raise utils.UserError(
@@ -164,7 +166,9 @@ def summary(res: dict, name: str, classes: list) -> dict:
 
 
 def print_table(results: dict, names: list) -> None:
-    cell = lambda v: f"{v:8.4f}" if v is not None else f"{'-':>8}"
+    def cell(v):
+        return f"{v:8.4f}" if v is not None else f"{'-':>8}"
+
     print(f"{'protocol':<15}{'mAP@all':>8}{'P@100':>8}{'mAP@200':>8}{'P@200':>8}")
     for name in names:
         r = results["protocols"][name]
@@ -308,7 +312,8 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
         root = os.path.abspath(args.data_dir)
         save_embeddings(args.save_embeddings, {
             "queries": q, "query_labels": emb.q_labels, "query_paths": [os.path.relpath(p, root) for p in sketches[0]],
-            "gallery": g, "gallery_labels": emb.g_labels, "gallery_paths": [os.path.relpath(p, root) for p in photos[0]],
+            "gallery": g, "gallery_labels": emb.g_labels,
+            "gallery_paths": [os.path.relpath(p, root) for p in photos[0]],
             "classes": list(classes), "split": args.split, "data": root, "throughput": throughput,
             "class_split": class_split,
             "model": {"path": os.path.abspath(args.model), "epoch": ckpt["epoch"], "step": ckpt["step"],

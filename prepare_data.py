@@ -361,7 +361,9 @@ def place(domain_dir: str, classes: list, sources: dict, name_filter=None) -> in
     if missing:
         found = {match_key(os.path.basename(f)): os.path.basename(f) for folders in sources.values() for f in folders}
         where = os.path.dirname(next(iter(sources.values()))[0]) if sources else "the archive"
-        closest = lambda c: [found[k] for k in difflib.get_close_matches(match_key(c), found, n=3, cutoff=0.5)]
+        def closest(c):
+            return [found[k] for k in difflib.get_close_matches(match_key(c), found, n=3, cutoff=0.5)]
+
         said = [f"{c!r} (looked for a folder named {match_key(c)!r} in any spelling; closest: "
                 f"{', '.join(closest(c)) or 'none'})" for c in missing]
         raise PrepareError(f"{len(missing)} {os.path.basename(domain_dir)} class(es) have no folder in {where}: "

@@ -143,7 +143,9 @@ def load_index(path: str) -> dict | None:
         return None
     hint = "pass another --index (or delete the file to build a new index there)"
     index = utils.load_user_file(path, "gallery index", hint, mmap=True)
-    long_vector = lambda v: isinstance(v, torch.Tensor) and v.ndim == 1 and v.dtype == torch.long
+    def long_vector(v):
+        return isinstance(v, torch.Tensor) and v.ndim == 1 and v.dtype == torch.long
+
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or utils.wrong_fields(index, {
             "model": lambda v: isinstance(v, str), "root": lambda v: isinstance(v, str),
             "revision": lambda v: isinstance(v, str), "paths": utils.is_str_list, "sizes": long_vector,
@@ -368,7 +370,8 @@ def run(args) -> dict:
     root = os.path.realpath(args.gallery)
     files, others = gallery_files(args.gallery, root, out_dir)
     device = utils.get_device(args.device)
-    model = utils.build_model(ckpt, args.model, trained=True).to(device)  # weights that do not fit: an error, nothing written
+    # weights that do not fit: an error, nothing written
+    model = utils.build_model(ckpt, args.model, trained=True).to(device)
     utils.ensure_dir(out_dir, "output folder")
     utils.ensure_dir(os.path.dirname(os.path.abspath(index_path)), "index folder")
     info = utils.print_banner("retrieve.py", args)

@@ -30,7 +30,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=25, help="unseen classes")
     p.add_argument("--dim", type=int, default=512, help="embedding size")
     p.add_argument("--structure", type=float, default=0.3,
-                   help="class-centre strength; 0.3 gives a mAP@all near 0.45, like a good published model, like a good published model")
+                   help="class-centre strength; 0.3 gives a mAP@all near 0.45, like a good published model")
     p.add_argument("--sk_queries", type=int, default=200, help="queries timed with scikit-learn")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of (a) and (b); the best is reported")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda")
@@ -76,7 +76,9 @@ def main(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
 
-    suite = lambda: metrics.retrieval_metrics(q, ql, g, gl, ks=(100, 200), protocols=("standard",))
+    def suite():
+        return metrics.retrieval_metrics(q, ql, g, gl, ks=(100, 200), protocols=("standard",))
+
     t_b, res = timed(suite, args.repeats, device)
     if device.type == "cuda":
         peak = f"GPU {(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB above the embeddings"

@@ -140,7 +140,8 @@ def main(args) -> None:
     for item in args.variants:
         name, _, n = item.partition(":")
         if name not in VARIANTS or (n and not n.isdigit()):
-            sys.exit(f"error: unknown variant {item!r}; write NAME or NAME:SEEDS with NAME one of {', '.join(VARIANTS)}")
+            sys.exit(f"error: unknown variant {item!r}; write NAME or NAME:SEEDS with NAME one of "
+                     f"{', '.join(VARIANTS)}")
         plan[name] = int(n) if n else args.seeds
     amount = f"{args.epochs} epochs" if args.epochs else f"{args.budget_minutes} min"
     print(f"bench_recipes: {args.data_dir}, {amount} per run, "

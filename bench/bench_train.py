@@ -117,7 +117,8 @@ def loader_rates(args, targs, device) -> dict:
         source = dataset.PairedBatches(split, data.seen, targs.image_size, targs.batch_size, targs.edge_maps, 0,
                                        root=args.data_dir)
     else:
-        source = dataset.TripletBatches(split, data.seen, targs.image_size, targs.batch_size, seed=0, root=args.data_dir)
+        source = dataset.TripletBatches(split, data.seen, targs.image_size, targs.batch_size, seed=0,
+                                        root=args.data_dir)
     legacy = LegacyBatches(source, targs.image_size)
     if len(source) < 1:
         raise utils.UserError(f"{args.data_dir} has too few training images for --batch_size {targs.batch_size}")
@@ -125,7 +126,7 @@ def loader_rates(args, targs, device) -> dict:
     before = torch.utils.data.DataLoader(legacy, batch_size=targs.batch_size, shuffle=True, drop_last=True,
                                          num_workers=targs.workers, persistent_workers=targs.workers > 0,
                                          pin_memory=pin, worker_init_fn=utils.seed_worker)
-    rates = {"before": images_per_second(endless(lambda e: iter(before)), args.batches)}
+    rates = {"before": images_per_second(endless(lambda e, loader=before: iter(loader)), args.batches)}
     del before
     after = dataset.BatchLoader(source, targs.workers, pin)
     rates["after"] = images_per_second(endless(after.epoch), args.batches)
@@ -272,11 +273,13 @@ def main(args) -> None:
         variants += [("--amp", True, False), ("--amp + channels_last", True, True)]
     model = {}
     for name, amp, cl in variants:
-        vargs = train_args(args, device, "--amp" if amp else "--no-amp", "--channels_last" if cl else "--no-channels_last")
+        vargs = train_args(args, device, "--amp" if amp else "--no-amp",
+                           "--channels_last" if cl else "--no-channels_last")
         steps, mem = model_rate(args, vargs, device)
         model[(amp, cl)] = steps
         extra = f", peak GPU memory {mem:.0f} MiB" if device.type == "cuda" else ""
-        print(f"(2) model alone, {name:<22} {steps * targs.batch_size:9.1f} {unit}/s  ({steps * per_step:.0f} images/s{extra})")
+        print(f"(2) model alone, {name:<22} {steps * targs.batch_size:9.1f} {unit}/s  "
+              f"({steps * per_step:.0f} images/s{extra})")
     default = (targs.amp and device.type == "cuda", targs.channels_last)
     loop = loop_rate(args, train_args(args, device), device)
     print(f"(3) train.py's loop, {args.steps}-step synthetic epoch: {loop * targs.batch_size:9.1f} {unit}/s  "

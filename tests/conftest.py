@@ -33,8 +33,8 @@ def make_tiny_dataset(root: str, seen=("tri", "square", "pent", "hexa"), unseen=
                 draw = ImageDraw.Draw(im)
                 phase = rng.random()
                 radii = [0.35 * size * (0.5 if (c == "star" and j % 2) else 1.0) for j in range(k)]
-                pts = [(size / 2 + r * np.cos(2 * np.pi * (j / k + phase)), size / 2 + r * np.sin(2 * np.pi * (j / k + phase)))
-                       for j, r in enumerate(radii)]
+                angles = [2 * np.pi * (j / k + phase) for j in range(k)]
+                pts = [(size / 2 + r * np.cos(a), size / 2 + r * np.sin(a)) for a, r in zip(angles, radii)]
                 if domain == "sketches":
                     draw.polygon(pts, outline="black", width=2)
                 else:

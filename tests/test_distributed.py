@@ -77,7 +77,8 @@ def run_steps(net, model, batches, args) -> list:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     out = []
     for batch in batches:
-        vals = train.global_mean(train.train_step(net, optimizer, scaler, batch, lambd=0.5, lr=LR, args=args, dtype=None))
+        losses = train.train_step(net, optimizer, scaler, batch, lambd=0.5, lr=LR, args=args, dtype=None)
+        vals = train.global_mean(losses)
         grad = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
         out.append((vals, torch.cat([p.detach().flatten() for p in model.parameters()]).clone(), grad))
     return out
@@ -200,7 +201,8 @@ def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(torchrun_trai
     log = utils.read_jsonl(str(ckpt / "log.jsonl"))
     assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1, 2]  # one writer
     last = utils.load_checkpoint(str(ckpt / "last.pth"))
-    assert (last["epoch"], last["step"], last["world_size"]) == (2, 10, 2)  # 22 training photos / 4 per step = 5 steps, 2 epochs
+    # 22 training photos / 4 per step = 5 steps, 2 epochs
+    assert (last["epoch"], last["step"], last["world_size"]) == (2, 10, 2)
     # a distributed checkpoint resumes in a single process (this one)
     resumed = tmp_path / "resumed"
     shutil.copytree(ckpt, resumed)

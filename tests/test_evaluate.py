@@ -23,8 +23,8 @@ def run(tmp_path_factory):
     train.main(train.get_args_parser().parse_args(["--data_dir", data, "--checkpoint_dir", ckpt, *TINY,
                                                    "--epochs", "1", "--val_fraction", "0.25"]))
     model, emb, out = os.path.join(ckpt, "best.pth"), str(root / "emb.pt"), str(root / "eval")
-    proc = run_main("evaluate.py", "--model", model, "--data_dir", data, "--workers", "0", "--device", "cpu", "--num_sketches", "2",
-                    "--save_embeddings", emb, "--output_dir", out)
+    proc = run_main("evaluate.py", "--model", model, "--data_dir", data, "--workers", "0", "--device", "cpu",
+                    "--num_sketches", "2", "--save_embeddings", emb, "--output_dir", out)
     assert proc.returncode == 0, proc.stderr
     return {"data": data, "model": model, "emb": emb, "out": out, "stdout": proc.stdout, "root": root}
 
@@ -90,8 +90,8 @@ def test_saved_embeddings_reproduce_the_metrics_exactly(run, tmp_path):
 
 def test_val_split_uses_the_seen_class_hold_out(run, tmp_path):
     evaluate.main(evaluate.get_args_parser().parse_args([
-        "--model", run["model"], "--data", run["data"], "--split", "val", "--workers", "0", "--device", "cpu", "--protocol", "standard",
-        "--num_sketches", "0", "--output_dir", str(tmp_path)]))
+        "--model", run["model"], "--data", run["data"], "--split", "val", "--workers", "0", "--device", "cpu",
+        "--protocol", "standard", "--num_sketches", "0", "--output_dir", str(tmp_path)]))
     out = results(str(tmp_path))
     assert out["split"] == "val" and set(out["per_class_ap"]) == {"tri", "square", "pent", "hexa"}
     assert out["num_queries"] == 8 and out["num_gallery"] == 8  # 25% of 8 images per seen class and domain
@@ -171,8 +171,8 @@ def test_class_split_selects_a_named_split_and_split_means_which_images(run, tmp
     with open(os.path.join(folder, "test_labels.txt"), "w") as f:
         f.write("tri\nsquare\n")
     evaluate.main(evaluate.get_args_parser().parse_args([
-        "--model", run["model"], "--data", run["data"], "--class_split", "alt", "--workers", "0", "--device", "cpu", "--protocol", "standard",
-        "--num_sketches", "0", "--output_dir", str(tmp_path)]))
+        "--model", run["model"], "--data", run["data"], "--class_split", "alt", "--workers", "0", "--device", "cpu",
+        "--protocol", "standard", "--num_sketches", "0", "--output_dir", str(tmp_path)]))
     out = results(str(tmp_path))
     assert out["split"] == "test" and out["class_split"] == "alt" and out["num_queries"] == 16
     assert set(out["per_class_ap"]) == {"tri", "square"}

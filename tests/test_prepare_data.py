@@ -522,7 +522,8 @@ def test_unknown_class_split(tmp_path):
                     "--class_split", "sake25")
     assert_one_line_error(proc, "unknown class split 'sake25'", "no splits/ folder")
     os.makedirs(os.path.join(data, "splits", "mine"))
-    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY, "--class_split", "nope")
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", str(tmp_path / "c"), *TINY,
+                    "--class_split", "nope")
     assert_one_line_error(proc, "unknown class split 'nope'", "choose one of mine")
     proc = run_main("evaluate.py", "--model", os.path.join(ROOT, "missing.pth"), "--data", data, "--split", "a")
     assert_one_line_error(proc, "--split takes test or val", "--class_split a")
@@ -548,7 +549,8 @@ def test_class_name_word_vectors(server, tmp_path):
         test = np.load(os.path.join(folder, "test_embeddings.npy"))
         labels = [line.strip() for line in open(os.path.join(folder, "train_labels.txt"))]
         assert train.shape == (80, 4) and test.shape == (30, 4)
-        row = dict(zip(labels, train)) | dict(zip([line.strip() for line in open(os.path.join(folder, "test_labels.txt"))], test))
+        unseen = [line.strip() for line in open(os.path.join(folder, "test_labels.txt"))]
+        row = dict(zip(labels, train)) | dict(zip(unseen, test))
         np.testing.assert_allclose(row["alarm_clock"], (vec["alarm"] + vec["clock"]) / 2, rtol=1e-6)
         np.testing.assert_allclose(row["teddy_bear"], vec["teddy_bear"])
         np.testing.assert_allclose(row["hot_air_balloon"], (vec["hot"] + vec["air"] + vec["balloon"]) / 3, rtol=1e-6)

@@ -69,8 +69,8 @@ def retrieve_text(capsys, model, gallery, queries, out, *extra) -> tuple[str, st
     """Run retrieve.main in this process (no data loader workers); return what it printed (stdout, stderr)."""
     capsys.readouterr()
     retrieve.main(retrieve.get_args_parser().parse_args(
-        ["--model", model, "--gallery", gallery, "--query", *queries, "--output_dir", out, "--workers", "0", "--device", "cpu",
-         *extra]))
+        ["--model", model, "--gallery", gallery, "--query", *queries, "--output_dir", out, "--workers", "0",
+         "--device", "cpu", *extra]))
     captured = capsys.readouterr()
     return captured.out, captured.err
 
@@ -402,8 +402,8 @@ def test_cli_bad_input_one_line_each(setup, gallery, tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("no photos here")
     (tmp_path / "model.pth").write_bytes(b"\x00" * 100)
     (tmp_path / "precious.pt").write_bytes(b"user data")
-    good = {"--model": setup["model"], "--gallery": gallery, "--query": setup["sketch"], "--workers": "0", "--device": "cpu",
-            "--output": str(tmp_path / "out")}  # the older name of --output_dir
+    good = {"--model": setup["model"], "--gallery": gallery, "--query": setup["sketch"], "--workers": "0",
+            "--device": "cpu", "--output": str(tmp_path / "out")}  # the older name of --output_dir
     expected = [  # (changed arguments, fragments of the one error line)
         ({"--query": str(tmp_path / "none.png")}, ("query sketch", "none.png not found")),
         ({"--query": str(tmp_path / "sketch.png")}, ("cannot read query sketch", "sketch.png")),

@@ -202,7 +202,8 @@ ENTRY_POINTS = {
     "retrieve --model": ("retrieve.py", ["--model", "{file}", "--gallery", "{gallery}", "--query", "{sketch}",
                                          "--output", "{out}", "--workers", "0", "--device", "cpu"]),
     "retrieve --index": ("retrieve.py", ["--model", "{model}", "--gallery", "{gallery}", "--query", "{sketch}",
-                                         "--output", "{out}", "--index", "{file}", "--workers", "0", "--device", "cpu"]),
+                                         "--output", "{out}", "--index", "{file}", "--workers", "0",
+                                         "--device", "cpu"]),
 }
 
 
