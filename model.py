@@ -3,7 +3,7 @@
     model = ZSSBIRModel("resnet18", embedding_dim=256, pretrained=False)          # two branches
     model = ZSSBIRModel("resnet18", 256, pretrained=False, shared_trunk=True)     # one trunk
     s, p = model.sketch_encoder(sketches), model.photo_encoder(photos)   # (B, D) each
-    logits = model.domain_classifier(torch.cat([s, p]), lambd=0.5)       # (2B,)
+    losses = sbir_losses(model, Pairs(sketches, photos, labels), lambd=0.5, margin=0.2)  # or Triplets(...)
 
 A sketch encoder and a photo encoder map images to L2-normalised embeddings: either two copies of
 a torchvision backbone with separate weights (the original two-branch model), or one trunk shared
@@ -19,6 +19,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -441,50 +442,57 @@ def hardest_negative_triplet(s: torch.Tensor, p: torch.Tensor, labels: torch.Ten
     return F.relu(margin + d.diagonal() - d_neg).sum() / other.any(dim=1).sum().clamp(min=1)
 
 
-def paired_losses(model: ZSSBIRModel, sketch: torch.Tensor, photo: torch.Tensor, labels: torch.Tensor,
-                  lambd: float, margin: float, smoothing: float = 0.0) -> dict:
-    """Losses for B sketch-domain images and B photos, images (B, 3, H, W), photo i of sketch i's class.
+class Pairs(NamedTuple):
+    """A batch of B sketch-domain images and B photos, images (B, 3, H, W), photo i of sketch i's class."""
+    sketch: torch.Tensor
+    photo: torch.Tensor
+    labels: torch.Tensor  # (B,) seen-class indices
 
-    class:   normalised-softmax loss (cross-entropy of cosine / T logits over one proxy per seen class),
-             the mean of the sketch and the photo terms; the domains share the proxies.
-    triplet: hardest_negative_triplet (sketch i, photo i, the closest photo of another class).
-    domain:  domain_loss of the domain classifier through the gradient reversal layer, on the unit
-             embeddings or on the trunk features (``model.domain_input``).
+
+class Triplets(NamedTuple):
+    """A batch of B (sketch, positive photo of its class, negative photo of another class), images (B, 3, H, W)."""
+    sketch: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+    labels: torch.Tensor | None = None      # (B,) the sketches' (and positives') seen classes
+    neg_labels: torch.Tensor | None = None  # (B,) the negatives' seen classes
+
+
+def sbir_losses(model: ZSSBIRModel, batch: Pairs | Triplets, lambd: float, margin: float,
+                smoothing: float = 0.0) -> dict:
+    """The losses of a named batch: Pairs (B sketches, B photos) or Triplets (B sketches, 2B photos).
+
+    triplet: Pairs: hardest_negative_triplet (sketch i, photo i, the closest photo of another class);
+             Triplets: max(0, margin + |s - p| - |s - n|) on unit embeddings, mean over the batch.
+    domain:  domain_loss of the domain classifier through the gradient reversal layer, over the sketches and
+             all the photos (the two domains weighted equally), reading what ``model.domain_input`` says: the unit
+             embeddings (B, D) or the trunk features (B, F).
+    class:   normalised-softmax loss (cross-entropy of cosine / T logits over one proxy per seen class, shared
+             by the domains), only with class proxies and labels. Pairs: the mean of the sketch and the photo
+             terms; Triplets: over all 3B embeddings.
     Also returns the domain classifier's accuracy and mean |logit|.
     """
-    b = sketch.shape[0]
-    s, p, fs, fp = model.embed_pair(sketch, photo)          # (B, D) x 2, (B, F) x 2
-    out = {"class": 0.5 * (F.cross_entropy(at_least_float32(model.class_proxies(s)), labels)
-                           + F.cross_entropy(at_least_float32(model.class_proxies(p)), labels)),
-           "triplet": hardest_negative_triplet(s, p, labels, margin)}
+    b = batch.sketch.shape[0]
+    photos = batch.photo if isinstance(batch, Pairs) else torch.cat([batch.positive, batch.negative])
+    s, p, fs, fp = model.embed_pair(batch.sketch, photos)  # (B, D), (P, D), (B, F), (P, F); P = B or 2B
+    out = {}
+    if hasattr(model, "class_proxies") and batch.labels is not None:
+        out["class"] = class_loss(model.class_proxies, s, p, batch)
+    if isinstance(batch, Pairs):
+        out["triplet"] = hardest_negative_triplet(s, p, batch.labels, margin)
+    else:
+        out["triplet"] = F.triplet_margin_loss(s, p[:b], p[b:], margin=margin)
     reads = torch.cat([s, p]) if model.domain_input == "embedding" else at_least_float32(torch.cat([fs, fp]))
-    logits = at_least_float32(model.domain_classifier(reads, lambd))  # (2B,)
+    logits = at_least_float32(model.domain_classifier(reads, lambd))  # (B + P,)
     out["domain"], out["domain_acc"] = domain_loss(logits, b, smoothing)
     out["domain_logit"] = logits.detach().abs().mean()  # how sure the classifier is (saturation shows here)
     return out
 
 
-def sbir_losses(model: ZSSBIRModel, sketch: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                lambd: float, margin: float, labels: torch.Tensor | None = None,
-                neg_labels: torch.Tensor | None = None, smoothing: float = 0.0) -> dict:
-    """Losses for a batch of (sketch, positive photo, negative photo) triplets, images (B, 3, H, W).
-
-    triplet: max(0, margin + |s - p| - |s - n|) on unit embeddings, mean over the batch.
-    domain:  BCE with logits of the domain classifier (sketch = 0, photo = 1), the sketch and the
-             photo terms weighted equally although a batch holds twice as many photos.
-    class:   (only with class proxies and labels) cross-entropy of the cosine logits of all 3B
-             embeddings against their seen classes; sketches and photos share the proxies.
-    Also returns the domain classifier's (equally weighted) accuracy and mean |logit|.
-    """
-    b = sketch.shape[0]
-    s = model.sketch_encoder(sketch)                               # (B, D)
-    photos = model.photo_encoder(torch.cat([positive, negative]))  # (2B, D)
-    p, n = photos[:b], photos[b:]
-    out = {"triplet": F.triplet_margin_loss(s, p, n, margin=margin)}
-    logits = at_least_float32(model.domain_classifier(torch.cat([s, photos]), lambd))  # (3B,)
-    out["domain"], out["domain_acc"] = domain_loss(logits, b, smoothing)
-    out["domain_logit"] = logits.detach().abs().mean()
-    if hasattr(model, "class_proxies") and labels is not None:
-        class_logits = at_least_float32(model.class_proxies(torch.cat([s, photos])))  # (3B, C)
-        out["class"] = F.cross_entropy(class_logits, torch.cat([labels, labels, neg_labels]))
-    return out
+def class_loss(proxies: ClassProxies, s: torch.Tensor, p: torch.Tensor, batch: Pairs | Triplets) -> torch.Tensor:
+    """sbir_losses' normalised-softmax term of sketch embeddings s (B, D) and photo embeddings p (B or 2B, D)."""
+    if isinstance(batch, Pairs):
+        return 0.5 * (F.cross_entropy(at_least_float32(proxies(s)), batch.labels)
+                      + F.cross_entropy(at_least_float32(proxies(p)), batch.labels))
+    logits = at_least_float32(proxies(torch.cat([s, p])))  # (3B, C)
+    return F.cross_entropy(logits, torch.cat([batch.labels, batch.labels, batch.neg_labels]))

@@ -32,8 +32,8 @@ from tqdm import tqdm
 import dataset
 import metrics
 import utils
-from model import (BACKBONES, CLIP_BACKBONES, PATCH_SIZE, WITHOUT_BATCH_NORM, ModelConfig, PretrainedWeightsUnavailable,
-                   ZSSBIRModel, backbone_stats, grl_lambda, paired_losses, sbir_losses)
+from model import (BACKBONES, CLIP_BACKBONES, PATCH_SIZE, WITHOUT_BATCH_NORM, ModelConfig, Pairs,
+                   PretrainedWeightsUnavailable, Triplets, ZSSBIRModel, backbone_stats, grl_lambda, sbir_losses)
 
 
 # Each recipe is a set of defaults; a flag given on the command line always wins over its recipe.
@@ -265,20 +265,16 @@ def validate(model, val: dict, classes: list, args, device) -> float:
 
 
 class TrainingLosses(nn.Module):
-    """The model with its losses as forward: paired_losses for a batch (sketch, photo, labels),
-    sbir_losses for a batch of triplets. DistributedDataParallel synchronises gradients only for work
-    done inside its wrapped module's forward, so it wraps this, not the bare model."""
+    """The model with its losses as forward: model.sbir_losses of a named batch (model.Pairs or
+    model.Triplets). DistributedDataParallel synchronises gradients only for work done inside its wrapped
+    module's forward, so it wraps this, not the bare model."""
 
     def __init__(self, model: ZSSBIRModel, smoothing: float = 0.0):
         super().__init__()
         self.model, self.smoothing = model, smoothing
 
-    def forward(self, *batch, lambd: float, margin: float) -> dict:
-        if len(batch) == 3:
-            return paired_losses(self.model, *batch, lambd, margin, self.smoothing)
-        sketch, positive, negative, labels, neg_labels = batch
-        return sbir_losses(self.model, sketch, positive, negative, lambd, margin, labels, neg_labels,
-                           self.smoothing)
+    def forward(self, batch: Pairs | Triplets, lambd: float, margin: float) -> dict:
+        return sbir_losses(self.model, batch, lambd, margin, self.smoothing)
 
 
 def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr: float, args,
@@ -291,7 +287,7 @@ def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
     with torch.autocast(batch[0].device.type, dtype=dtype, enabled=dtype is not None):
-        out = net(*batch, lambd=lambd, margin=args.margin)
+        out = net((Pairs if args.sampling == "pairs" else Triplets)(*batch), lambd=lambd, margin=args.margin)
     loss = args.triplet_loss_ratio * out["triplet"] + args.domain_loss_ratio * out["domain"]
     if "class" in out and args.class_loss_ratio:
         loss = loss + args.class_loss_ratio * out["class"]

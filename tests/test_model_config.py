@@ -9,9 +9,22 @@ import train
 import utils
 from conftest import U32, U64, make_tiny_dataset, reordering_rtol, run_main
 from test_metrics import assert_same_results
-from test_train import assert_one_line_error, train_args
+from test_train import TINY, assert_one_line_error, train_args
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def test_triplets_train_with_trunk_features_for_the_domain_classifier(tiny_data, tmp_path):
+    """--sampling triplets (the original recipe) with --domain_input features on a trunk wider than the embedding
+    (mobilenet_v3_small: 576 features, a 16-d embedding): the domain classifier is built for the features and
+    reads them."""
+    ckpt_dir = str(tmp_path / "ckpt")
+    proc = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", ckpt_dir, *TINY, "--epochs", "1",
+                    "--domain_input", "features")
+    assert proc.returncode == 0, proc.stderr
+    ckpt = utils.load_checkpoint(os.path.join(ckpt_dir, "last.pth"))
+    assert ckpt["args"]["sampling"] == "triplets" and ckpt["model"]["domain_input"] == "features"
+    assert ckpt["models"]["domain_classifier"]["mlp.0.weight"].shape == (256, 576)
 
 
 def evaluate(model: str, data: str, out: str, *extra):
