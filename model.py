@@ -54,16 +54,46 @@ WITHOUT_BATCH_NORM = {"convnext_tiny", "swin_t", "vit_b_16", "vit_b_32", "clip_v
 
 
 MODEL_FORMAT = 1  # of a checkpoint's "model" entry; checkpoints without one (format 0) describe it in their args
+DOMAIN_INPUTS = ("embedding", "features")  # what the domain classifier reads: unit embeddings or trunk features
+WEIGHTS = ("imagenet", "openai", "file", "none")  # where a trunk starts: ImageNet's or CLIP's weights, a file, random
+
+
+class ModelConfigError(ValueError):
+    """A ModelConfig field that breaks a rule. The message names fields in braces ("{image_size}"): str() gives
+    them bare, ``phrase(prefix)`` as the caller knows them, e.g. train.py's flags ("--image_size") or a
+    checkpoint's entry ("model.image_size"). ``field`` is the field at fault."""
+
+    def __init__(self, field: str, template: str):
+        self.field, self.template = field, template
+        super().__init__(self.phrase(""))
+
+    def phrase(self, prefix: str) -> str:
+        text = self.template
+        for name in ModelConfig.__dataclass_fields__:
+            text = text.replace("{" + name + "}", prefix + name)
+        return text
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_channel_stats(v) -> bool:
+    """Three per-channel numbers (R, G, B)."""
+    return isinstance(v, tuple) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                         for x in v)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The network a checkpoint holds, in its own terms, not in any script's flags; a checkpoint stores it
-    as ``{"format": MODEL_FORMAT, **fields}`` under "model". ``weights`` is where the trunk started:
+    as ``{"format": MODEL_FORMAT, **fields}`` under "model". ``weights`` is where the trunk started (WEIGHTS):
     "imagenet" (torchvision's default weights for the backbone), "openai" (CLIP's), "file" (a user's,
     train.py --weights) or "none" (random). ``mean`` and ``std`` are the channel statistics the trunk's
-    weights expect (backbone_stats); the encoder converts the data pipeline's ImageNet-normalised images to
-    them when they differ (Renormalize)."""
+    weights expect (backbone_stats), with which the encoder normalises its [0, 1] images.
+
+    The one place the rules of a network's description live: a config that breaks one raises
+    ModelConfigError when it is made, whether by the model, by train.py's flags or from a checkpoint."""
     backbone: str
     embedding_dim: int
     image_size: int
@@ -74,19 +104,63 @@ class ModelConfig:
     mean: tuple = ()  # () when built by hand: backbone_stats(backbone); checkpoints always hold the numbers
     std: tuple = ()
 
+    def __post_init__(self):
+        self._check_sizes()
+        self._check_choices()
+        unset = [isinstance(v, tuple) and not v for v in (self.mean, self.std)]  # () and (): backbone_stats
+        if not (all(unset) or (is_channel_stats(self.mean) and is_channel_stats(self.std))):
+            raise ModelConfigError("mean", f"{{mean}} and {{std}} must be 3 channel values each (or both ()), "
+                                           f"got {self.mean!r} and {self.std!r}")
+        if not all(unset) and not all(v > 0 for v in self.std):
+            raise ModelConfigError("std", f"{{std}} must be positive, got {self.std!r}")
+
+    def _check_sizes(self) -> None:
+        """The backbone, the embedding's size and the input side, which a vision transformer cuts into patches."""
+        b, size = self.backbone, self.image_size
+        if not isinstance(b, str) or b not in BACKBONES:
+            raise ModelConfigError("backbone", f"unknown {{backbone}} {b!r}; choose one of {', '.join(BACKBONES)}")
+        if not is_int(self.embedding_dim) or self.embedding_dim < 1:
+            raise ModelConfigError("embedding_dim", f"{{embedding_dim}} must be a whole number of at least 1, "
+                                                    f"got {self.embedding_dim!r}")
+        if not is_int(size) or size < 32:
+            raise ModelConfigError("image_size", f"{{image_size}} must be at least 32 pixels, got {size!r}")
+        if b in PATCH_SIZE and size % PATCH_SIZE[b]:
+            raise ModelConfigError("image_size", f"{{backbone}} {b} cuts images into {PATCH_SIZE[b]}-pixel patches; "
+                                                 f"give an {{image_size}} divisible by {PATCH_SIZE[b]} (e.g. 224), "
+                                                 f"not {size}")
+
+    def _check_choices(self) -> None:
+        """One trunk or two, domain batch norm, what the domain classifier reads, where the trunk starts."""
+        for name in ("shared_trunk", "domain_bn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelConfigError(name, f"{{{name}}} must be True or False, got {getattr(self, name)!r}")
+        if self.domain_bn and self.backbone in WITHOUT_BATCH_NORM:
+            raise ModelConfigError("domain_bn", f"{{domain_bn}} splits batch norms, and {{backbone}} {self.backbone} "
+                                                "has none (layer norm only); drop {domain_bn} or choose a CNN with "
+                                                "batch norm")
+        if self.domain_bn and not self.shared_trunk:
+            raise ModelConfigError("domain_bn", "{domain_bn} splits the batch norms of a shared trunk; add "
+                                                "{shared_trunk} (two branches already normalise each domain apart)")
+        for name, allowed in (("domain_input", DOMAIN_INPUTS), ("weights", WEIGHTS)):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
+                raise ModelConfigError(name, f"{{{name}}} must be one of {', '.join(allowed)}, "
+                                             f"got {getattr(self, name)!r}")
+
     def to_dict(self) -> dict:
         return {"format": MODEL_FORMAT, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """The inverse of to_dict; ValueError for another format or a field this version does not know."""
+        """The inverse of to_dict; ValueError for another format or a field this version does not know,
+        ModelConfigError for a value that breaks a rule, TypeError for a missing field."""
         if d.get("format") != MODEL_FORMAT:
             raise ValueError(f"model format {d.get('format')!r}; this version reads format {MODEL_FORMAT}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known - {"format"})
         if unknown:
             raise ValueError(f"unknown model field(s) {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in d.items() if k != "format"})
+        return cls(**{k: tuple(v) if k in ("mean", "std") and isinstance(v, (list, tuple)) else v
+                      for k, v in d.items() if k != "format"})
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -105,11 +179,8 @@ def build_trunk(name: str, pretrained: bool, image_size: int = 224, start_state:
     torchvision's ImageNet weights (``pretrained``), from ``start_state`` (a state dict of the whole
     torchvision network, e.g. a weights file a user already has; ValueError when it does not fit), or at
     random. A vision transformer is built for ``image_size``: weights trained at another size (224 for
-    ImageNet's) get their position embeddings interpolated. The CNNs and Swin take any size."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if name in PATCH_SIZE and image_size % PATCH_SIZE[name]:
-        raise ValueError(f"{name} needs an image size divisible by {PATCH_SIZE[name]}, got {image_size}")
+    ImageNet's) get their position embeddings interpolated. The CNNs and Swin take any size. ModelConfig
+    holds the rules for ``name`` and ``image_size`` (a known backbone; a transformer's side a multiple of its patch)."""
     if name in CLIP_BACKBONES:
         return build_clip_trunk(name, pretrained, image_size, start_state)
     builder, _, width = BACKBONES[name]
@@ -256,8 +327,6 @@ class Encoder(nn.Module):
         self.renorm = Renormalize(imagenet_stats(), stats) if tuple(map(tuple, stats)) != imagenet_stats() else None
         self.domain_bn = domain_bn
         if domain_bn:
-            if backbone in WITHOUT_BATCH_NORM:
-                raise ValueError(f"domain_bn splits batch norms, and {backbone} has none (it uses layer norm)")
             split_batch_norms(self.trunk, 2)
         # found once; a plain list, so not registered twice (SyncBatchNorm conversion keeps these modules)
         self.domain_norms = [m for m in self.trunk.modules() if isinstance(m, DomainBatchNorm2d)]
@@ -348,7 +417,8 @@ class ZSSBIRModel(nn.Module):
     the class loss; they are created last, so the encoders' initialisation does not depend on them.
     ``image_size`` is the input side a vision transformer is built for (the other backbones take any).
     ``start_state`` (build_trunk) starts the trunk(s) from a user's weights; ``input_stats`` (mean, std) are
-    the statistics the trunk expects (default: backbone_stats).
+    the statistics the trunk expects (default: backbone_stats). The arguments must make a valid ModelConfig,
+    whose rules they meet first (ModelConfigError otherwise).
     """
 
     def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool = True,
@@ -356,16 +426,13 @@ class ZSSBIRModel(nn.Module):
                  domain_input: str = "embedding", image_size: int = 224, start_state: dict | None = None,
                  input_stats: tuple | None = None):
         super().__init__()
-        if domain_input not in ("embedding", "features"):
-            raise ValueError(f"domain_input must be 'embedding' or 'features', got {domain_input!r}")
+        ModelConfig(backbone, embedding_dim, image_size, shared_trunk, domain_bn, domain_input)  # its rules, or raise
         if shared_trunk:
             self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size, start_state, input_stats)
             width = self.encoder.width
             object.__setattr__(self, "sketch_encoder", DomainView(self.encoder, 0))  # not registered: no
             object.__setattr__(self, "photo_encoder", DomainView(self.encoder, 1))   # second copy in state_dict
         else:
-            if domain_bn:
-                raise ValueError("domain_bn needs shared_trunk: two branches already normalise each domain apart")
             kw = dict(image_size=image_size, start_state=start_state, input_stats=input_stats)
             self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, **kw)
             self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, **kw)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import dataset
 import metrics
 import utils
-from model import (BACKBONES, CLIP_BACKBONES, PATCH_SIZE, WITHOUT_BATCH_NORM, ModelConfig, Pairs,
+from model import (BACKBONES, CLIP_BACKBONES, DOMAIN_INPUTS, ModelConfig, ModelConfigError, Pairs,
                    PretrainedWeightsUnavailable, Triplets, ZSSBIRModel, backbone_stats, grl_lambda, sbir_losses)
 
 
@@ -102,7 +102,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grl_threshold_epoch", type=int, default=None, help=recipe_help(
         "grl_threshold_epoch", "epoch (0-based) from which the gradient reversal lambda ramps up from 0"))
     p.add_argument("--grl_max_lambda", type=float, default=1.0, help="the lambda ramp's end value (Ganin: 1)")
-    p.add_argument("--domain_input", type=str, default="embedding", choices=["embedding", "features"],
+    p.add_argument("--domain_input", type=str, default="embedding", choices=DOMAIN_INPUTS,
                    help="what the domain classifier reads: the unit embedding or the trunk's pooled features")
     p.add_argument("--domain_label_smoothing", type=float, default=0.0,
                    help="domain targets s/2 and 1 - s/2 instead of 0 and 1")
@@ -201,7 +201,7 @@ def apply_recipe(args) -> None:
 
 def check_args(args) -> None:
     apply_recipe(args)
-    for name in ("epochs", "batch_size", "print_every", "val_every", "image_size", "embedding_dim"):
+    for name in ("epochs", "batch_size", "print_every", "val_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("lr", "margin"):
@@ -214,20 +214,13 @@ def check_args(args) -> None:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
     if not 0 <= args.val_fraction < 1:
         raise utils.UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
-    if args.image_size < 32:
-        raise utils.UserError(f"--image_size must be at least 32 pixels, got {args.image_size}")
     for name in ("warmup", "thicken", "domain_label_smoothing", "crop_scale"):
         if not 0 <= getattr(args, name) <= 1:
             raise utils.UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
-    if args.backbone in PATCH_SIZE and args.image_size % PATCH_SIZE[args.backbone]:
-        raise utils.UserError(f"--backbone {args.backbone} cuts images into {PATCH_SIZE[args.backbone]}-pixel patches; "
-                              f"give an --image_size divisible by {PATCH_SIZE[args.backbone]} (e.g. 224), "
-                              f"not {args.image_size}")
-    if args.domain_bn and args.backbone in WITHOUT_BATCH_NORM:
-        raise utils.UserError(f"--domain_bn splits batch norms, and --backbone {args.backbone} has none (layer "
-                              "norm only); drop --domain_bn or choose a CNN with batch norm")
-    if args.domain_bn and not args.shared_trunk:
-        raise utils.UserError("--domain_bn splits the batch norms of a shared trunk; add --shared_trunk")
+    try:  # the model's own rules, checked where they live (ModelConfig), said in flags
+        model_config(args)
+    except ModelConfigError as e:
+        raise utils.UserError(e.phrase("--")) from None
     if args.sampling == "triplets" and (args.edge_maps or args.thicken):
         raise utils.UserError("--edge_maps and --thicken need --sampling pairs")
     if args.sampling == "pairs" and args.class_loss_ratio == 0 and args.triplet_loss_ratio == 0:

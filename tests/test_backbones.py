@@ -159,7 +159,7 @@ def test_sizes_and_norms_a_backbone_cannot_take(tiny_data, tmp_path):
     proc = run_main("train.py", *common, "--backbone", "convnext_tiny", "--domain_bn")
     assert_one_line_error(proc, "--domain_bn", "convnext_tiny has none")
     assert PATCH_SIZE == {"vit_b_16": 16, "vit_b_32": 32, "clip_vit_b_16": 16, "clip_vit_b_32": 32}
-    with pytest.raises(ValueError, match="divisible by 32"):
+    with pytest.raises(M.ModelConfigError, match="divisible by 32"):  # the same rule, checked once (ModelConfig)
         ZSSBIRModel("vit_b_32", 8, pretrained=False, image_size=48)
 
 

@@ -56,8 +56,8 @@ def test_encoder_gives_unit_embeddings(backbone):
 
 
 def test_unknown_backbone_is_rejected():
-    with pytest.raises(ValueError, match="unknown backbone"):
-        M.build_trunk("alexnet9", pretrained=False)
+    with pytest.raises(M.ModelConfigError, match="unknown backbone 'alexnet9'"):
+        M.ZSSBIRModel("alexnet9", 8, pretrained=False)
 
 
 def test_missing_pretrained_weights_give_one_actionable_line(monkeypatch):
@@ -169,7 +169,7 @@ def test_domain_batch_norm_keeps_statistics_per_domain():
     first = dbns[0]
     assert not torch.equal(first.bns[0].running_mean, torch.zeros_like(first.bns[0].running_mean))
     assert torch.equal(first.bns[1].running_mean, torch.zeros_like(first.bns[1].running_mean))
-    with pytest.raises(ValueError, match="shared_trunk"):
+    with pytest.raises(M.ModelConfigError, match="shared_trunk"):
         M.ZSSBIRModel("resnet18", 16, pretrained=False, domain_bn=True)
 
 
