@@ -25,9 +25,6 @@ from torchvision import transforms
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Errors Pillow raises on files that are not (complete) images.
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-# torchvision's ImageNet weights expect inputs normalised with these statistics.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DataError(ValueError):
@@ -83,9 +80,9 @@ def is_readable_image(path: str) -> bool:
 
 
 def build_transform(image_size: int) -> transforms.Compose:
-    """PIL RGB -> normalised tensor (3, S, S), resized to S x S (training augments on the device: augment)."""
-    return transforms.Compose([transforms.Resize((image_size, image_size), antialias=True), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    """PIL RGB -> float tensor (3, S, S) in [0, 1], resized to S x S (training augments on the device: augment).
+    The model normalises its images itself, with the statistics its weights expect."""
+    return transforms.Compose([transforms.Resize((image_size, image_size), antialias=True), transforms.ToTensor()])
 
 
 # ----------------------------------------------------------------------------------- layout
@@ -566,7 +563,7 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def augment(images: torch.Tensor, generator: torch.Generator, scale: tuple = (0.5, 1.0),
             ratio: tuple = (3 / 4, 4 / 3), thicken: float = 0.0) -> torch.Tensor:
-    """uint8 images (B, 3, S, S) on any device -> normalised float (B, 3, S, S), augmented on that device
+    """uint8 images (B, 3, S, S) on any device -> float (B, 3, S, S) in [0, 1], augmented on that device
     in one pass: a random resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) and a
     random horizontal flip per image, sampled by one affine grid; with ``thicken`` > 0, that fraction
     of the images has its dark strokes thickened by a 3x3 minimum filter. The random numbers come from
@@ -582,16 +579,16 @@ def augment(images: torch.Tensor, generator: torch.Generator, scale: tuple = (0.
     flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, tx, h, ty
-    # One copy to the device: the affine matrices, which images to thicken, the normalisation constants.
+    # One copy to the device: the affine matrices and which images to thicken.
     pick = (torch.rand(b, generator=generator) < thicken).float() if thicken > 0 else torch.zeros(b)
-    small = _to_device(torch.cat([theta.flatten(), pick, torch.tensor(IMAGENET_MEAN + IMAGENET_STD)]), images.device)
-    theta, pick, stats = small[:6 * b].view(b, 2, 3), small[6 * b:7 * b], small[7 * b:]
+    small = _to_device(torch.cat([theta.flatten(), pick]), images.device)
+    theta, pick = small[:6 * b].view(b, 2, 3), small[6 * b:]
     x = images.float() / 255.0
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if thicken > 0:
         x = torch.where(pick[:, None, None, None] > 0, -torch.nn.functional.max_pool2d(-x, 3, 1, 1), x)
-    return (x - stats[:3, None, None]) / stats[3:, None, None]
+    return x
 
 
 # ----------------------------------------------------------------------------------- user images
@@ -674,7 +671,7 @@ def load_sketch(path: str) -> Image.Image:
 
 class ImageFilesDataset(Dataset):
     """The one dataset of image paths for embedding (validation, evaluate.py, retrieve.py): returns
-    (image (3, S, S) normalised, readable), read by read_resized as training reads its images.
+    (image (3, S, S) in [0, 1], readable), read by read_resized as training reads its images.
 
     With ``upright`` (a user's photos) each image is first turned by its EXIF orientation. With
     ``tolerant`` a file Pillow cannot read gives a zero image and readable=False instead of an error,

@@ -2,7 +2,7 @@
 
     model = ZSSBIRModel("resnet18", embedding_dim=256, pretrained=False)          # two branches
     model = ZSSBIRModel("resnet18", 256, pretrained=False, shared_trunk=True)     # one trunk
-    s, p = model.sketch_encoder(sketches), model.photo_encoder(photos)   # (B, D) each
+    s, p = model.sketch_encoder(sketches), model.photo_encoder(photos)   # images (B, 3, S, S) in [0, 1] -> (B, D)
     losses = sbir_losses(model, Pairs(sketches, photos, labels), lambd=0.5, margin=0.2)  # or Triplets(...)
 
 A sketch encoder and a photo encoder map images to L2-normalised embeddings: either two copies of
@@ -11,8 +11,9 @@ by both domains (optionally with domain-specific batch norm), seen through two t
 domain classifier reads the embeddings through a gradient reversal layer (Ganin et al.,
 "Domain-Adversarial Training of Neural Networks", JMLR 2016): it learns to tell sketches from
 photos while the reversed gradient pushes the encoders towards embeddings it cannot tell apart.
-Seen-class proxies give the normalised-softmax class loss. This module does no I/O and chooses
-no device.
+Seen-class proxies give the normalised-softmax class loss. Each encoder normalises its images with the
+statistics its trunk's weights expect. ModelConfig describes a network and holds the rules it must follow.
+This module does no I/O and chooses no device.
 """
 import copy
 import logging
@@ -221,11 +222,6 @@ def build_trunk(name: str, pretrained: bool, image_size: int = 224, start_state:
     return trunk, width
 
 
-def imagenet_stats() -> tuple:
-    """(mean, std) of torchvision's ImageNet weights: the normalisation the data pipeline gives every model."""
-    return backbone_stats("resnet18")
-
-
 def backbone_stats(name: str) -> tuple:
     """(mean, std): the channel statistics a backbone's published weights expect, from their own package."""
     if name in CLIP_BACKBONES:
@@ -245,19 +241,19 @@ def import_open_clip(name: str):
     return open_clip
 
 
-class Renormalize(nn.Module):
-    """Images normalised with one set of channel statistics -> normalised with another: x * scale + shift,
-    for a trunk whose weights expect other statistics than the data pipeline's (CLIP's)."""
+class Normalize(nn.Module):
+    """Images with values in [0, 1] -> normalised with the channel statistics a trunk's weights expect:
+    (x - mean) / std per channel, in the images' dtype. The statistics are not in the state dict: the
+    checkpoint's ModelConfig holds them."""
 
-    def __init__(self, stats_in: tuple, stats_out: tuple):
+    def __init__(self, mean: tuple, std: tuple):
         super().__init__()
-        (m_in, s_in), (m_out, s_out) = [[torch.tensor(v, dtype=torch.float32)[:, None, None] for v in s]
-                                        for s in (stats_in, stats_out)]
-        self.register_buffer("scale", s_in / s_out, persistent=False)   # (3, 1, 1); not in the state dict
-        self.register_buffer("shift", (m_in - m_out) / s_out, persistent=False)
+        mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (mean, std))  # (3, 1, 1) each
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
 def build_clip_trunk(name: str, pretrained: bool, image_size: int, start_state: dict | None) -> tuple[nn.Module, int]:
@@ -314,17 +310,17 @@ def split_batch_norms(module: nn.Module, domains: int) -> None:
 
 
 class Encoder(nn.Module):
-    """Backbone trunk + linear projection: images (B, 3, H, W) -> unit-norm embeddings (B, D).
+    """Normalisation, trunk, linear projection: images (B, 3, H, W) in [0, 1] -> unit-norm embeddings (B, D).
 
-    With ``domain_bn`` the trunk's batch norms are split into one per domain (0 sketch, 1 photo) and
-    ``forward`` takes the domain of its batch."""
+    The images are normalised with ``input_stats`` (mean, std), by default the statistics the trunk's weights
+    expect (backbone_stats). With ``domain_bn`` the trunk's batch norms are split into one per domain (0 sketch,
+    1 photo) and ``forward`` takes the domain of its batch."""
 
     def __init__(self, backbone: str, embedding_dim: int, pretrained: bool, domain_bn: bool = False,
                  image_size: int = 224, start_state: dict | None = None, input_stats: tuple | None = None):
         super().__init__()
         self.trunk, self.width = build_trunk(backbone, pretrained, image_size, start_state)
-        stats = input_stats or backbone_stats(backbone)  # what the trunk expects; the pipeline gives ImageNet's
-        self.renorm = Renormalize(imagenet_stats(), stats) if tuple(map(tuple, stats)) != imagenet_stats() else None
+        self.normalize = Normalize(*(input_stats or backbone_stats(backbone)))
         self.domain_bn = domain_bn
         if domain_bn:
             split_batch_norms(self.trunk, 2)
@@ -335,7 +331,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, domain: int = 0, with_features: bool = False):
         for m in self.domain_norms:
             m.domain = domain
-        feats = self.trunk(x if self.renorm is None else self.renorm(x))  # (B, F)
+        feats = self.trunk(self.normalize(x))  # (B, F)
         emb = F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D)
         return (emb, feats) if with_features else emb
 
