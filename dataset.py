@@ -421,7 +421,8 @@ class StepBatches(Dataset):
     """A training source, indexed by (epoch, step): item (e, s) is this process's rows of step s of epoch e,
     as uint8 images (B/N, 3, S, S) from ``self.store`` and integer labels (B/N,). A subclass plans each
     epoch as a function of (seed, epoch) alone, so a resumed run meets the same batches at any step, with
-    any number of loader workers; under torchrun process r of N takes rows [r B/N, (r+1) B/N)."""
+    any number of loader workers; under torchrun process r of N takes rows [r B/N, (r+1) B/N), which the
+    subclasses' ``shard=(r, N)`` gives. Their ``root``, the dataset folder, names images in the disk cache."""
 
     def __init__(self, store: ImageStore, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.store, self.batch_size, self.seed, self.rank, self.world = store, batch_size, seed, rank, world
@@ -445,18 +446,20 @@ class StepBatches(Dataset):
 class TripletBatches(StepBatches):
     """Batches of (anchor sketch, positive photo of its class, negative photo of another seen class, anchor
     class, negative class). One epoch visits every training sketch once as the anchor, in a seeded order
-    (the last partial batch dropped). The negative's class is drawn by negative_class_probs."""
+    (the last partial batch dropped). The negative's class is drawn from row c of ``negatives`` for an anchor
+    of class c (negative_class_probs; None: uniform over the other classes). ``root`` and ``shard`` as in
+    StepBatches."""
 
     def __init__(self, split: dict, classes: list, image_size: int, batch_size: int,
-                 class_embeddings: np.ndarray | None = None, temperature: float = 0.1, seed: int = 0,
-                 rank: int = 0, world: int = 1, root: str = ""):
+                 negatives: np.ndarray | None = None, seed: int = 0, root: str = "", shard: tuple = (0, 1)):
         self.sketches, labels = flatten(split["sketches"], classes)
         self.photos, photo_labels = flatten(split["photos"], classes)
         self.labels = np.array(labels, dtype=np.int64)
         self.photo_start = np.searchsorted(np.array(photo_labels), np.arange(len(classes) + 1))  # (C + 1,)
-        self.neg_cdf = np.cumsum(negative_class_probs(len(classes), class_embeddings, temperature), axis=1)
+        probs = negative_class_probs(len(classes), None, 1.0) if negatives is None else negatives  # (C, C)
+        self.neg_cdf = np.cumsum(probs, axis=1)
         items = [(p, False) for p in self.sketches + self.photos]
-        super().__init__(ImageStore(items, image_size, root), batch_size, seed, rank, world)
+        super().__init__(ImageStore(items, image_size, root), batch_size, seed, *shard)
 
     def __len__(self) -> int:
         return len(self.sketches) // self.batch_size
@@ -481,11 +484,12 @@ class PairedBatches(StepBatches):
 
     One epoch is one pass over the training photos in a seeded order (the last partial batch dropped).
     Each photo's partner is drawn uniformly from its class's sketch-domain pool: the real sketches and,
-    with ``edge_maps``, the edge maps of the class's training photos (extra sketch-like samples).
+    with ``edge_maps``, the edge maps of the class's training photos (extra sketch-like samples). ``root`` and
+    ``shard`` as in StepBatches.
     """
 
     def __init__(self, split: dict, classes: list, image_size: int, batch_size: int, edge_maps: bool, seed: int,
-                 rank: int = 0, world: int = 1, root: str = ""):
+                 root: str = "", shard: tuple = (0, 1)):
         self.photos, labels = flatten(split["photos"], classes)       # photo j: path, class
         self.labels = np.array(labels, dtype=np.int64)
         sketches, sketch_labels = flatten(split["sketches"], classes)
@@ -495,7 +499,7 @@ class PairedBatches(StepBatches):
         self.pool_order = np.argsort(pool_labels, kind="stable")
         self.pool_start = np.searchsorted(pool_labels[self.pool_order], np.arange(len(classes) + 1))  # (C + 1,)
         items = self.pool + [(p, False) for p in self.photos]   # the store: the pool, then the photos
-        super().__init__(ImageStore(items, image_size, root), batch_size, seed, rank, world)
+        super().__init__(ImageStore(items, image_size, root), batch_size, seed, *shard)
 
     def __len__(self) -> int:
         return len(self.photos) // self.batch_size

@@ -312,15 +312,18 @@ def split_batch_norms(module: nn.Module, domains: int) -> None:
 class Encoder(nn.Module):
     """Normalisation, trunk, linear projection: images (B, 3, H, W) in [0, 1] -> unit-norm embeddings (B, D).
 
-    The images are normalised with ``input_stats`` (mean, std), by default the statistics the trunk's weights
-    expect (backbone_stats). With ``domain_bn`` the trunk's batch norms are split into one per domain (0 sketch,
-    1 photo) and ``forward`` takes the domain of its batch."""
+    ``pretrained``: True starts the trunk from its published weights, False at random, a state dict of the
+    whole torchvision (or open_clip) network from those weights (build_trunk's ``start_state``). The images are
+    normalised with the statistics the trunk's weights expect (backbone_stats). With ``domain_bn`` the trunk's
+    batch norms are split into one per domain (0 sketch, 1 photo) and ``forward`` takes the domain of its batch."""
 
-    def __init__(self, backbone: str, embedding_dim: int, pretrained: bool, domain_bn: bool = False,
-                 image_size: int = 224, start_state: dict | None = None, input_stats: tuple | None = None):
+    def __init__(self, backbone: str, embedding_dim: int, pretrained: bool | dict, domain_bn: bool = False,
+                 image_size: int = 224):
         super().__init__()
-        self.trunk, self.width = build_trunk(backbone, pretrained, image_size, start_state)
-        self.normalize = Normalize(*(input_stats or backbone_stats(backbone)))
+        start_state = pretrained if isinstance(pretrained, dict) else None
+        published = start_state is None and bool(pretrained)
+        self.trunk, self.width = build_trunk(backbone, published, image_size, start_state)
+        self.normalize = Normalize(*backbone_stats(backbone))
         self.domain_bn = domain_bn
         if domain_bn:
             split_batch_norms(self.trunk, 2)
@@ -412,26 +415,23 @@ class ZSSBIRModel(nn.Module):
     trunk's "features" (B, F). With ``num_classes`` > 0 the model also holds seen-class proxies for
     the class loss; they are created last, so the encoders' initialisation does not depend on them.
     ``image_size`` is the input side a vision transformer is built for (the other backbones take any).
-    ``start_state`` (build_trunk) starts the trunk(s) from a user's weights; ``input_stats`` (mean, std) are
-    the statistics the trunk expects (default: backbone_stats). The arguments must make a valid ModelConfig,
-    whose rules they meet first (ModelConfigError otherwise).
+    ``pretrained`` (Encoder): True, False, or a state dict of the whole network to start the trunk(s) from.
+    The arguments must make a valid ModelConfig, whose rules they meet first (ModelConfigError otherwise).
     """
 
-    def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool = True,
+    def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool | dict = True,
                  num_classes: int = 0, shared_trunk: bool = False, domain_bn: bool = False,
-                 domain_input: str = "embedding", image_size: int = 224, start_state: dict | None = None,
-                 input_stats: tuple | None = None):
+                 domain_input: str = "embedding", image_size: int = 224):
         super().__init__()
         ModelConfig(backbone, embedding_dim, image_size, shared_trunk, domain_bn, domain_input)  # its rules, or raise
         if shared_trunk:
-            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size, start_state, input_stats)
+            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size)
             width = self.encoder.width
             object.__setattr__(self, "sketch_encoder", DomainView(self.encoder, 0))  # not registered: no
             object.__setattr__(self, "photo_encoder", DomainView(self.encoder, 1))   # second copy in state_dict
         else:
-            kw = dict(image_size=image_size, start_state=start_state, input_stats=input_stats)
-            self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, **kw)
-            self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, **kw)
+            self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size)
+            self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size)
             width = self.sketch_encoder.width
         self.domain_input = domain_input
         self.domain_classifier = DomainClassifier(embedding_dim if domain_input == "embedding" else width)
@@ -443,12 +443,18 @@ class ZSSBIRModel(nn.Module):
                     start_state: dict | None = None) -> "ZSSBIRModel":
         """The network a ModelConfig describes; with ``start_weights`` the trunk starts from config.weights:
         the published ones, or for "file" ``start_state`` (random without it); False: random, e.g. before
-        loading a checkpoint's trained weights."""
-        return cls(config.backbone, config.embedding_dim, start_weights and config.weights in ("imagenet", "openai"),
-                   num_classes=num_classes, shared_trunk=config.shared_trunk, domain_bn=config.domain_bn,
-                   domain_input=config.domain_input, image_size=config.image_size,
-                   start_state=start_state if start_weights and config.weights == "file" else None,
-                   input_stats=(config.mean, config.std) if config.mean else None)
+        loading a checkpoint's trained weights. Its encoders normalise with config.mean and config.std
+        when the config holds them (a checkpoint's always do)."""
+        if not start_weights or config.weights == "none" or (config.weights == "file" and start_state is None):
+            start = False
+        else:
+            start = start_state if config.weights == "file" else True
+        model = cls(config.backbone, config.embedding_dim, start, num_classes, config.shared_trunk, config.domain_bn,
+                    config.domain_input, config.image_size)
+        if config.mean:
+            for encoder in [m for m in model.modules() if isinstance(m, Encoder)]:
+                encoder.normalize = Normalize(config.mean, config.std)
+        return model
 
     def embed_pair(self, sketch: torch.Tensor, photo: torch.Tensor) -> tuple:
         """Embeddings (B1, D), (B2, D) and trunk features (B1, F), (B2, F) of sketches and photos. A shared

@@ -457,7 +457,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
           f"train {n_train[0]} sketches + {n_train[1]} photos; val {n_val[0]} sketches + {n_val[1]} photos")
     if args.sampling == "pairs":
         source = dataset.PairedBatches(train, data.seen, args.image_size, args.batch_size, args.edge_maps, args.seed,
-                                       rank, world, root=args.data_dir)
+                                       root=args.data_dir, shard=(rank, world))
         print(f"pairs: {len(source)} steps of {args.batch_size} photos + {args.batch_size} sketch-domain images per epoch")
         if len(source) < 1:
             raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[1]} training photos; lower it")
@@ -465,8 +465,9 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
         semantic = data.train_embeddings if args.semantic_negatives else None
         print("negatives: " + ("by class-name similarity (train_embeddings.npy)" if semantic is not None
                                else "uniform over the other seen classes"))
-        source = dataset.TripletBatches(train, data.seen, args.image_size, args.batch_size, semantic,
-                                        args.semantic_temperature, args.seed, rank, world, root=args.data_dir)
+        negatives = dataset.negative_class_probs(len(data.seen), semantic, args.semantic_temperature)
+        source = dataset.TripletBatches(train, data.seen, args.image_size, args.batch_size, negatives, args.seed,
+                                        root=args.data_dir, shard=(rank, world))
         if len(source) < 1:
             raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[0]} training "
                                   "sketches; lower it")

@@ -166,11 +166,11 @@ def test_sizes_and_norms_a_backbone_cannot_take(tiny_data, tmp_path):
 def test_weights_from_a_file_start_the_trunk_and_another_networks_file_is_one_line(tiny_data, tmp_path, tiny_networks):
     torch.manual_seed(1)
     net = torchvision.models.resnet18()
-    model = ZSSBIRModel("resnet18", 8, pretrained=False, start_state=net.state_dict())
+    model = ZSSBIRModel("resnet18", 8, pretrained=net.state_dict())
     assert all(torch.equal(e.trunk[0].weight, net.conv1.weight) for e in (model.sketch_encoder, model.photo_encoder))
     # A ViT's weights trained at 224 px start a ViT built for 64 px: its 2 x 2 patches get interpolated positions.
     vit = torchvision.models.get_model("vit_b_32")  # the tiny one, 7 x 7 patches
-    small = ZSSBIRModel("vit_b_32", 8, pretrained=False, shared_trunk=True, image_size=SIZE, start_state=vit.state_dict())
+    small = ZSSBIRModel("vit_b_32", 8, pretrained=vit.state_dict(), shared_trunk=True, image_size=SIZE)
     assert torch.equal(small.encoder.trunk.conv_proj.weight, vit.conv_proj.weight)
     assert vit.encoder.pos_embedding.shape == (1, 1 + 7 ** 2, TINY_WIDTH["vit_b_32"])
     assert small.encoder.trunk.encoder.pos_embedding.shape == (1, 1 + (SIZE // 32) ** 2, TINY_WIDTH["vit_b_32"])
@@ -210,8 +210,7 @@ def test_clip_sees_clips_normalisation_and_starts_from_a_file_of_another_size(ti
     assert not any(".normalize." in k for k in model.state_dict())  # the config holds the statistics
     torch.manual_seed(3)
     full = open_clip.create_model("ViT-B-32", pretrained=None)  # 224 px (the tiny one: 7 x 7 patches)
-    started = ZSSBIRModel("clip_vit_b_32", 8, pretrained=False, shared_trunk=True, image_size=SIZE,
-                          start_state=full.state_dict())
+    started = ZSSBIRModel("clip_vit_b_32", 8, pretrained=full.state_dict(), shared_trunk=True, image_size=SIZE)
     assert torch.equal(started.encoder.trunk.conv1.weight, full.visual.conv1.weight)
     assert full.visual.positional_embedding.shape == (1 + 7 ** 2, 32)  # 32: the tiny encoder's width
     assert started.encoder.trunk.positional_embedding.shape == (1 + (SIZE // 32) ** 2, 32)
