@@ -25,9 +25,6 @@ from torchvision import transforms
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Errors Pillow raises on files that are not (complete) images.
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-# torchvision's ImageNet weights expect inputs normalised with these statistics.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DataError(ValueError):
@@ -83,9 +80,9 @@ def is_readable_image(path: str) -> bool:
 
 
 def build_transform(image_size: int) -> transforms.Compose:
-    """PIL RGB -> normalised tensor (3, S, S), resized to S x S (training augments on the device: augment)."""
-    return transforms.Compose([transforms.Resize((image_size, image_size), antialias=True), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    """PIL RGB -> float tensor (3, S, S) in [0, 1], resized to S x S (training augments on the device: augment).
+    The model normalises its images itself, with the statistics its weights expect."""
+    return transforms.Compose([transforms.Resize((image_size, image_size), antialias=True), transforms.ToTensor()])
 
 
 # ----------------------------------------------------------------------------------- layout
@@ -424,7 +421,8 @@ class StepBatches(Dataset):
     """A training source, indexed by (epoch, step): item (e, s) is this process's rows of step s of epoch e,
     as uint8 images (B/N, 3, S, S) from ``self.store`` and integer labels (B/N,). A subclass plans each
     epoch as a function of (seed, epoch) alone, so a resumed run meets the same batches at any step, with
-    any number of loader workers; under torchrun process r of N takes rows [r B/N, (r+1) B/N)."""
+    any number of loader workers; under torchrun process r of N takes rows [r B/N, (r+1) B/N), which the
+    subclasses' ``shard=(r, N)`` gives. Their ``root``, the dataset folder, names images in the disk cache."""
 
     def __init__(self, store: ImageStore, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.store, self.batch_size, self.seed, self.rank, self.world = store, batch_size, seed, rank, world
@@ -448,18 +446,20 @@ class StepBatches(Dataset):
 class TripletBatches(StepBatches):
     """Batches of (anchor sketch, positive photo of its class, negative photo of another seen class, anchor
     class, negative class). One epoch visits every training sketch once as the anchor, in a seeded order
-    (the last partial batch dropped). The negative's class is drawn by negative_class_probs."""
+    (the last partial batch dropped). The negative's class is drawn from row c of ``negatives`` for an anchor
+    of class c (negative_class_probs; None: uniform over the other classes). ``root`` and ``shard`` as in
+    StepBatches."""
 
     def __init__(self, split: dict, classes: list, image_size: int, batch_size: int,
-                 class_embeddings: np.ndarray | None = None, temperature: float = 0.1, seed: int = 0,
-                 rank: int = 0, world: int = 1, root: str = ""):
+                 negatives: np.ndarray | None = None, seed: int = 0, root: str = "", shard: tuple = (0, 1)):
         self.sketches, labels = flatten(split["sketches"], classes)
         self.photos, photo_labels = flatten(split["photos"], classes)
         self.labels = np.array(labels, dtype=np.int64)
         self.photo_start = np.searchsorted(np.array(photo_labels), np.arange(len(classes) + 1))  # (C + 1,)
-        self.neg_cdf = np.cumsum(negative_class_probs(len(classes), class_embeddings, temperature), axis=1)
+        probs = negative_class_probs(len(classes), None, 1.0) if negatives is None else negatives  # (C, C)
+        self.neg_cdf = np.cumsum(probs, axis=1)
         items = [(p, False) for p in self.sketches + self.photos]
-        super().__init__(ImageStore(items, image_size, root), batch_size, seed, rank, world)
+        super().__init__(ImageStore(items, image_size, root), batch_size, seed, *shard)
 
     def __len__(self) -> int:
         return len(self.sketches) // self.batch_size
@@ -484,11 +484,12 @@ class PairedBatches(StepBatches):
 
     One epoch is one pass over the training photos in a seeded order (the last partial batch dropped).
     Each photo's partner is drawn uniformly from its class's sketch-domain pool: the real sketches and,
-    with ``edge_maps``, the edge maps of the class's training photos (extra sketch-like samples).
+    with ``edge_maps``, the edge maps of the class's training photos (extra sketch-like samples). ``root`` and
+    ``shard`` as in StepBatches.
     """
 
     def __init__(self, split: dict, classes: list, image_size: int, batch_size: int, edge_maps: bool, seed: int,
-                 rank: int = 0, world: int = 1, root: str = ""):
+                 root: str = "", shard: tuple = (0, 1)):
         self.photos, labels = flatten(split["photos"], classes)       # photo j: path, class
         self.labels = np.array(labels, dtype=np.int64)
         sketches, sketch_labels = flatten(split["sketches"], classes)
@@ -498,7 +499,7 @@ class PairedBatches(StepBatches):
         self.pool_order = np.argsort(pool_labels, kind="stable")
         self.pool_start = np.searchsorted(pool_labels[self.pool_order], np.arange(len(classes) + 1))  # (C + 1,)
         items = self.pool + [(p, False) for p in self.photos]   # the store: the pool, then the photos
-        super().__init__(ImageStore(items, image_size, root), batch_size, seed, rank, world)
+        super().__init__(ImageStore(items, image_size, root), batch_size, seed, *shard)
 
     def __len__(self) -> int:
         return len(self.photos) // self.batch_size
@@ -566,7 +567,7 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def augment(images: torch.Tensor, generator: torch.Generator, scale: tuple = (0.5, 1.0),
             ratio: tuple = (3 / 4, 4 / 3), thicken: float = 0.0) -> torch.Tensor:
-    """uint8 images (B, 3, S, S) on any device -> normalised float (B, 3, S, S), augmented on that device
+    """uint8 images (B, 3, S, S) on any device -> float (B, 3, S, S) in [0, 1], augmented on that device
     in one pass: a random resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) and a
     random horizontal flip per image, sampled by one affine grid; with ``thicken`` > 0, that fraction
     of the images has its dark strokes thickened by a 3x3 minimum filter. The random numbers come from
@@ -582,16 +583,16 @@ def augment(images: torch.Tensor, generator: torch.Generator, scale: tuple = (0.
     flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, tx, h, ty
-    # One copy to the device: the affine matrices, which images to thicken, the normalisation constants.
+    # One copy to the device: the affine matrices and which images to thicken.
     pick = (torch.rand(b, generator=generator) < thicken).float() if thicken > 0 else torch.zeros(b)
-    small = _to_device(torch.cat([theta.flatten(), pick, torch.tensor(IMAGENET_MEAN + IMAGENET_STD)]), images.device)
-    theta, pick, stats = small[:6 * b].view(b, 2, 3), small[6 * b:7 * b], small[7 * b:]
+    small = _to_device(torch.cat([theta.flatten(), pick]), images.device)
+    theta, pick = small[:6 * b].view(b, 2, 3), small[6 * b:]
     x = images.float() / 255.0
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if thicken > 0:
         x = torch.where(pick[:, None, None, None] > 0, -torch.nn.functional.max_pool2d(-x, 3, 1, 1), x)
-    return (x - stats[:3, None, None]) / stats[3:, None, None]
+    return x
 
 
 # ----------------------------------------------------------------------------------- user images
@@ -674,7 +675,7 @@ def load_sketch(path: str) -> Image.Image:
 
 class ImageFilesDataset(Dataset):
     """The one dataset of image paths for embedding (validation, evaluate.py, retrieve.py): returns
-    (image (3, S, S) normalised, readable), read by read_resized as training reads its images.
+    (image (3, S, S) in [0, 1], readable), read by read_resized as training reads its images.
 
     With ``upright`` (a user's photos) each image is first turned by its EXIF orientation. With
     ``tolerant`` a file Pillow cannot read gives a zero image and readable=False instead of an error,

@@ -2,8 +2,8 @@
 
     model = ZSSBIRModel("resnet18", embedding_dim=256, pretrained=False)          # two branches
     model = ZSSBIRModel("resnet18", 256, pretrained=False, shared_trunk=True)     # one trunk
-    s, p = model.sketch_encoder(sketches), model.photo_encoder(photos)   # (B, D) each
-    logits = model.domain_classifier(torch.cat([s, p]), lambd=0.5)       # (2B,)
+    s, p = model.sketch_encoder(sketches), model.photo_encoder(photos)   # images (B, 3, S, S) in [0, 1] -> (B, D)
+    losses = sbir_losses(model, Pairs(sketches, photos, labels), lambd=0.5, margin=0.2)  # or Triplets(...)
 
 A sketch encoder and a photo encoder map images to L2-normalised embeddings: either two copies of
 a torchvision backbone with separate weights (the original two-branch model), or one trunk shared
@@ -11,14 +11,16 @@ by both domains (optionally with domain-specific batch norm), seen through two t
 domain classifier reads the embeddings through a gradient reversal layer (Ganin et al.,
 "Domain-Adversarial Training of Neural Networks", JMLR 2016): it learns to tell sketches from
 photos while the reversed gradient pushes the encoders towards embeddings it cannot tell apart.
-Seen-class proxies give the normalised-softmax class loss. This module does no I/O and chooses
-no device.
+Seen-class proxies give the normalised-softmax class loss. Each encoder normalises its images with the
+statistics its trunk's weights expect. ModelConfig describes a network and holds the rules it must follow.
+This module does no I/O and chooses no device.
 """
 import copy
 import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -53,16 +55,46 @@ WITHOUT_BATCH_NORM = {"convnext_tiny", "swin_t", "vit_b_16", "vit_b_32", "clip_v
 
 
 MODEL_FORMAT = 1  # of a checkpoint's "model" entry; checkpoints without one (format 0) describe it in their args
+DOMAIN_INPUTS = ("embedding", "features")  # what the domain classifier reads: unit embeddings or trunk features
+WEIGHTS = ("imagenet", "openai", "file", "none")  # where a trunk starts: ImageNet's or CLIP's weights, a file, random
+
+
+class ModelConfigError(ValueError):
+    """A ModelConfig field that breaks a rule. The message names fields in braces ("{image_size}"): str() gives
+    them bare, ``phrase(prefix)`` as the caller knows them, e.g. train.py's flags ("--image_size") or a
+    checkpoint's entry ("model.image_size"). ``field`` is the field at fault."""
+
+    def __init__(self, field: str, template: str):
+        self.field, self.template = field, template
+        super().__init__(self.phrase(""))
+
+    def phrase(self, prefix: str) -> str:
+        text = self.template
+        for name in ModelConfig.__dataclass_fields__:
+            text = text.replace("{" + name + "}", prefix + name)
+        return text
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_channel_stats(v) -> bool:
+    """Three per-channel numbers (R, G, B)."""
+    return isinstance(v, tuple) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                         for x in v)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The network a checkpoint holds, in its own terms, not in any script's flags; a checkpoint stores it
-    as ``{"format": MODEL_FORMAT, **fields}`` under "model". ``weights`` is where the trunk started:
+    as ``{"format": MODEL_FORMAT, **fields}`` under "model". ``weights`` is where the trunk started (WEIGHTS):
     "imagenet" (torchvision's default weights for the backbone), "openai" (CLIP's), "file" (a user's,
     train.py --weights) or "none" (random). ``mean`` and ``std`` are the channel statistics the trunk's
-    weights expect (backbone_stats); the encoder converts the data pipeline's ImageNet-normalised images to
-    them when they differ (Renormalize)."""
+    weights expect (backbone_stats), with which the encoder normalises its [0, 1] images.
+
+    The one place the rules of a network's description live: a config that breaks one raises
+    ModelConfigError when it is made, whether by the model, by train.py's flags or from a checkpoint."""
     backbone: str
     embedding_dim: int
     image_size: int
@@ -73,19 +105,63 @@ class ModelConfig:
     mean: tuple = ()  # () when built by hand: backbone_stats(backbone); checkpoints always hold the numbers
     std: tuple = ()
 
+    def __post_init__(self):
+        self._check_sizes()
+        self._check_choices()
+        unset = [isinstance(v, tuple) and not v for v in (self.mean, self.std)]  # () and (): backbone_stats
+        if not (all(unset) or (is_channel_stats(self.mean) and is_channel_stats(self.std))):
+            raise ModelConfigError("mean", f"{{mean}} and {{std}} must be 3 channel values each (or both ()), "
+                                           f"got {self.mean!r} and {self.std!r}")
+        if not all(unset) and not all(v > 0 for v in self.std):
+            raise ModelConfigError("std", f"{{std}} must be positive, got {self.std!r}")
+
+    def _check_sizes(self) -> None:
+        """The backbone, the embedding's size and the input side, which a vision transformer cuts into patches."""
+        b, size = self.backbone, self.image_size
+        if not isinstance(b, str) or b not in BACKBONES:
+            raise ModelConfigError("backbone", f"unknown {{backbone}} {b!r}; choose one of {', '.join(BACKBONES)}")
+        if not is_int(self.embedding_dim) or self.embedding_dim < 1:
+            raise ModelConfigError("embedding_dim", f"{{embedding_dim}} must be a whole number of at least 1, "
+                                                    f"got {self.embedding_dim!r}")
+        if not is_int(size) or size < 32:
+            raise ModelConfigError("image_size", f"{{image_size}} must be at least 32 pixels, got {size!r}")
+        if b in PATCH_SIZE and size % PATCH_SIZE[b]:
+            raise ModelConfigError("image_size", f"{{backbone}} {b} cuts images into {PATCH_SIZE[b]}-pixel patches; "
+                                                 f"give an {{image_size}} divisible by {PATCH_SIZE[b]} (e.g. 224), "
+                                                 f"not {size}")
+
+    def _check_choices(self) -> None:
+        """One trunk or two, domain batch norm, what the domain classifier reads, where the trunk starts."""
+        for name in ("shared_trunk", "domain_bn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelConfigError(name, f"{{{name}}} must be True or False, got {getattr(self, name)!r}")
+        if self.domain_bn and self.backbone in WITHOUT_BATCH_NORM:
+            raise ModelConfigError("domain_bn", f"{{domain_bn}} splits batch norms, and {{backbone}} {self.backbone} "
+                                                "has none (layer norm only); drop {domain_bn} or choose a CNN with "
+                                                "batch norm")
+        if self.domain_bn and not self.shared_trunk:
+            raise ModelConfigError("domain_bn", "{domain_bn} splits the batch norms of a shared trunk; add "
+                                                "{shared_trunk} (two branches already normalise each domain apart)")
+        for name, allowed in (("domain_input", DOMAIN_INPUTS), ("weights", WEIGHTS)):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
+                raise ModelConfigError(name, f"{{{name}}} must be one of {', '.join(allowed)}, "
+                                             f"got {getattr(self, name)!r}")
+
     def to_dict(self) -> dict:
         return {"format": MODEL_FORMAT, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """The inverse of to_dict; ValueError for another format or a field this version does not know."""
+        """The inverse of to_dict; ValueError for another format or a field this version does not know,
+        ModelConfigError for a value that breaks a rule, TypeError for a missing field."""
         if d.get("format") != MODEL_FORMAT:
             raise ValueError(f"model format {d.get('format')!r}; this version reads format {MODEL_FORMAT}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known - {"format"})
         if unknown:
             raise ValueError(f"unknown model field(s) {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in d.items() if k != "format"})
+        return cls(**{k: tuple(v) if k in ("mean", "std") and isinstance(v, (list, tuple)) else v
+                      for k, v in d.items() if k != "format"})
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -104,11 +180,8 @@ def build_trunk(name: str, pretrained: bool, image_size: int = 224, start_state:
     torchvision's ImageNet weights (``pretrained``), from ``start_state`` (a state dict of the whole
     torchvision network, e.g. a weights file a user already has; ValueError when it does not fit), or at
     random. A vision transformer is built for ``image_size``: weights trained at another size (224 for
-    ImageNet's) get their position embeddings interpolated. The CNNs and Swin take any size."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if name in PATCH_SIZE and image_size % PATCH_SIZE[name]:
-        raise ValueError(f"{name} needs an image size divisible by {PATCH_SIZE[name]}, got {image_size}")
+    ImageNet's) get their position embeddings interpolated. The CNNs and Swin take any size. ModelConfig
+    holds the rules for ``name`` and ``image_size`` (a known backbone; a transformer's side a multiple of its patch)."""
     if name in CLIP_BACKBONES:
         return build_clip_trunk(name, pretrained, image_size, start_state)
     builder, _, width = BACKBONES[name]
@@ -149,11 +222,6 @@ def build_trunk(name: str, pretrained: bool, image_size: int = 224, start_state:
     return trunk, width
 
 
-def imagenet_stats() -> tuple:
-    """(mean, std) of torchvision's ImageNet weights: the normalisation the data pipeline gives every model."""
-    return backbone_stats("resnet18")
-
-
 def backbone_stats(name: str) -> tuple:
     """(mean, std): the channel statistics a backbone's published weights expect, from their own package."""
     if name in CLIP_BACKBONES:
@@ -173,19 +241,19 @@ def import_open_clip(name: str):
     return open_clip
 
 
-class Renormalize(nn.Module):
-    """Images normalised with one set of channel statistics -> normalised with another: x * scale + shift,
-    for a trunk whose weights expect other statistics than the data pipeline's (CLIP's)."""
+class Normalize(nn.Module):
+    """Images with values in [0, 1] -> normalised with the channel statistics a trunk's weights expect:
+    (x - mean) / std per channel, in the images' dtype. The statistics are not in the state dict: the
+    checkpoint's ModelConfig holds them."""
 
-    def __init__(self, stats_in: tuple, stats_out: tuple):
+    def __init__(self, mean: tuple, std: tuple):
         super().__init__()
-        (m_in, s_in), (m_out, s_out) = [[torch.tensor(v, dtype=torch.float32)[:, None, None] for v in s]
-                                        for s in (stats_in, stats_out)]
-        self.register_buffer("scale", s_in / s_out, persistent=False)   # (3, 1, 1); not in the state dict
-        self.register_buffer("shift", (m_in - m_out) / s_out, persistent=False)
+        mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (mean, std))  # (3, 1, 1) each
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
 def build_clip_trunk(name: str, pretrained: bool, image_size: int, start_state: dict | None) -> tuple[nn.Module, int]:
@@ -242,21 +310,22 @@ def split_batch_norms(module: nn.Module, domains: int) -> None:
 
 
 class Encoder(nn.Module):
-    """Backbone trunk + linear projection: images (B, 3, H, W) -> unit-norm embeddings (B, D).
+    """Normalisation, trunk, linear projection: images (B, 3, H, W) in [0, 1] -> unit-norm embeddings (B, D).
 
-    With ``domain_bn`` the trunk's batch norms are split into one per domain (0 sketch, 1 photo) and
-    ``forward`` takes the domain of its batch."""
+    ``pretrained``: True starts the trunk from its published weights, False at random, a state dict of the
+    whole torchvision (or open_clip) network from those weights (build_trunk's ``start_state``). The images are
+    normalised with the statistics the trunk's weights expect (backbone_stats). With ``domain_bn`` the trunk's
+    batch norms are split into one per domain (0 sketch, 1 photo) and ``forward`` takes the domain of its batch."""
 
-    def __init__(self, backbone: str, embedding_dim: int, pretrained: bool, domain_bn: bool = False,
-                 image_size: int = 224, start_state: dict | None = None, input_stats: tuple | None = None):
+    def __init__(self, backbone: str, embedding_dim: int, pretrained: bool | dict, domain_bn: bool = False,
+                 image_size: int = 224):
         super().__init__()
-        self.trunk, self.width = build_trunk(backbone, pretrained, image_size, start_state)
-        stats = input_stats or backbone_stats(backbone)  # what the trunk expects; the pipeline gives ImageNet's
-        self.renorm = Renormalize(imagenet_stats(), stats) if tuple(map(tuple, stats)) != imagenet_stats() else None
+        start_state = pretrained if isinstance(pretrained, dict) else None
+        published = start_state is None and bool(pretrained)
+        self.trunk, self.width = build_trunk(backbone, published, image_size, start_state)
+        self.normalize = Normalize(*backbone_stats(backbone))
         self.domain_bn = domain_bn
         if domain_bn:
-            if backbone in WITHOUT_BATCH_NORM:
-                raise ValueError(f"domain_bn splits batch norms, and {backbone} has none (it uses layer norm)")
             split_batch_norms(self.trunk, 2)
         # found once; a plain list, so not registered twice (SyncBatchNorm conversion keeps these modules)
         self.domain_norms = [m for m in self.trunk.modules() if isinstance(m, DomainBatchNorm2d)]
@@ -265,7 +334,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, domain: int = 0, with_features: bool = False):
         for m in self.domain_norms:
             m.domain = domain
-        feats = self.trunk(x if self.renorm is None else self.renorm(x))  # (B, F)
+        feats = self.trunk(self.normalize(x))  # (B, F)
         emb = F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D)
         return (emb, feats) if with_features else emb
 
@@ -346,28 +415,23 @@ class ZSSBIRModel(nn.Module):
     trunk's "features" (B, F). With ``num_classes`` > 0 the model also holds seen-class proxies for
     the class loss; they are created last, so the encoders' initialisation does not depend on them.
     ``image_size`` is the input side a vision transformer is built for (the other backbones take any).
-    ``start_state`` (build_trunk) starts the trunk(s) from a user's weights; ``input_stats`` (mean, std) are
-    the statistics the trunk expects (default: backbone_stats).
+    ``pretrained`` (Encoder): True, False, or a state dict of the whole network to start the trunk(s) from.
+    The arguments must make a valid ModelConfig, whose rules they meet first (ModelConfigError otherwise).
     """
 
-    def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool = True,
+    def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool | dict = True,
                  num_classes: int = 0, shared_trunk: bool = False, domain_bn: bool = False,
-                 domain_input: str = "embedding", image_size: int = 224, start_state: dict | None = None,
-                 input_stats: tuple | None = None):
+                 domain_input: str = "embedding", image_size: int = 224):
         super().__init__()
-        if domain_input not in ("embedding", "features"):
-            raise ValueError(f"domain_input must be 'embedding' or 'features', got {domain_input!r}")
+        ModelConfig(backbone, embedding_dim, image_size, shared_trunk, domain_bn, domain_input)  # its rules, or raise
         if shared_trunk:
-            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size, start_state, input_stats)
+            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size)
             width = self.encoder.width
             object.__setattr__(self, "sketch_encoder", DomainView(self.encoder, 0))  # not registered: no
             object.__setattr__(self, "photo_encoder", DomainView(self.encoder, 1))   # second copy in state_dict
         else:
-            if domain_bn:
-                raise ValueError("domain_bn needs shared_trunk: two branches already normalise each domain apart")
-            kw = dict(image_size=image_size, start_state=start_state, input_stats=input_stats)
-            self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, **kw)
-            self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, **kw)
+            self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size)
+            self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size)
             width = self.sketch_encoder.width
         self.domain_input = domain_input
         self.domain_classifier = DomainClassifier(embedding_dim if domain_input == "embedding" else width)
@@ -379,12 +443,18 @@ class ZSSBIRModel(nn.Module):
                     start_state: dict | None = None) -> "ZSSBIRModel":
         """The network a ModelConfig describes; with ``start_weights`` the trunk starts from config.weights:
         the published ones, or for "file" ``start_state`` (random without it); False: random, e.g. before
-        loading a checkpoint's trained weights."""
-        return cls(config.backbone, config.embedding_dim, start_weights and config.weights in ("imagenet", "openai"),
-                   num_classes=num_classes, shared_trunk=config.shared_trunk, domain_bn=config.domain_bn,
-                   domain_input=config.domain_input, image_size=config.image_size,
-                   start_state=start_state if start_weights and config.weights == "file" else None,
-                   input_stats=(config.mean, config.std) if config.mean else None)
+        loading a checkpoint's trained weights. Its encoders normalise with config.mean and config.std
+        when the config holds them (a checkpoint's always do)."""
+        if not start_weights or config.weights == "none" or (config.weights == "file" and start_state is None):
+            start = False
+        else:
+            start = start_state if config.weights == "file" else True
+        model = cls(config.backbone, config.embedding_dim, start, num_classes, config.shared_trunk, config.domain_bn,
+                    config.domain_input, config.image_size)
+        if config.mean:
+            for encoder in [m for m in model.modules() if isinstance(m, Encoder)]:
+                encoder.normalize = Normalize(config.mean, config.std)
+        return model
 
     def embed_pair(self, sketch: torch.Tensor, photo: torch.Tensor) -> tuple:
         """Embeddings (B1, D), (B2, D) and trunk features (B1, F), (B2, F) of sketches and photos. A shared
@@ -441,50 +511,57 @@ def hardest_negative_triplet(s: torch.Tensor, p: torch.Tensor, labels: torch.Ten
     return F.relu(margin + d.diagonal() - d_neg).sum() / other.any(dim=1).sum().clamp(min=1)
 
 
-def paired_losses(model: ZSSBIRModel, sketch: torch.Tensor, photo: torch.Tensor, labels: torch.Tensor,
-                  lambd: float, margin: float, smoothing: float = 0.0) -> dict:
-    """Losses for B sketch-domain images and B photos, images (B, 3, H, W), photo i of sketch i's class.
+class Pairs(NamedTuple):
+    """A batch of B sketch-domain images and B photos, images (B, 3, H, W), photo i of sketch i's class."""
+    sketch: torch.Tensor
+    photo: torch.Tensor
+    labels: torch.Tensor  # (B,) seen-class indices
 
-    class:   normalised-softmax loss (cross-entropy of cosine / T logits over one proxy per seen class),
-             the mean of the sketch and the photo terms; the domains share the proxies.
-    triplet: hardest_negative_triplet (sketch i, photo i, the closest photo of another class).
-    domain:  domain_loss of the domain classifier through the gradient reversal layer, on the unit
-             embeddings or on the trunk features (``model.domain_input``).
+
+class Triplets(NamedTuple):
+    """A batch of B (sketch, positive photo of its class, negative photo of another class), images (B, 3, H, W)."""
+    sketch: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+    labels: torch.Tensor | None = None      # (B,) the sketches' (and positives') seen classes
+    neg_labels: torch.Tensor | None = None  # (B,) the negatives' seen classes
+
+
+def sbir_losses(model: ZSSBIRModel, batch: Pairs | Triplets, lambd: float, margin: float,
+                smoothing: float = 0.0) -> dict:
+    """The losses of a named batch: Pairs (B sketches, B photos) or Triplets (B sketches, 2B photos).
+
+    triplet: Pairs: hardest_negative_triplet (sketch i, photo i, the closest photo of another class);
+             Triplets: max(0, margin + |s - p| - |s - n|) on unit embeddings, mean over the batch.
+    domain:  domain_loss of the domain classifier through the gradient reversal layer, over the sketches and
+             all the photos (the two domains weighted equally), reading what ``model.domain_input`` says: the unit
+             embeddings (B, D) or the trunk features (B, F).
+    class:   normalised-softmax loss (cross-entropy of cosine / T logits over one proxy per seen class, shared
+             by the domains), only with class proxies and labels. Pairs: the mean of the sketch and the photo
+             terms; Triplets: over all 3B embeddings.
     Also returns the domain classifier's accuracy and mean |logit|.
     """
-    b = sketch.shape[0]
-    s, p, fs, fp = model.embed_pair(sketch, photo)          # (B, D) x 2, (B, F) x 2
-    out = {"class": 0.5 * (F.cross_entropy(at_least_float32(model.class_proxies(s)), labels)
-                           + F.cross_entropy(at_least_float32(model.class_proxies(p)), labels)),
-           "triplet": hardest_negative_triplet(s, p, labels, margin)}
+    b = batch.sketch.shape[0]
+    photos = batch.photo if isinstance(batch, Pairs) else torch.cat([batch.positive, batch.negative])
+    s, p, fs, fp = model.embed_pair(batch.sketch, photos)  # (B, D), (P, D), (B, F), (P, F); P = B or 2B
+    out = {}
+    if hasattr(model, "class_proxies") and batch.labels is not None:
+        out["class"] = class_loss(model.class_proxies, s, p, batch)
+    if isinstance(batch, Pairs):
+        out["triplet"] = hardest_negative_triplet(s, p, batch.labels, margin)
+    else:
+        out["triplet"] = F.triplet_margin_loss(s, p[:b], p[b:], margin=margin)
     reads = torch.cat([s, p]) if model.domain_input == "embedding" else at_least_float32(torch.cat([fs, fp]))
-    logits = at_least_float32(model.domain_classifier(reads, lambd))  # (2B,)
+    logits = at_least_float32(model.domain_classifier(reads, lambd))  # (B + P,)
     out["domain"], out["domain_acc"] = domain_loss(logits, b, smoothing)
     out["domain_logit"] = logits.detach().abs().mean()  # how sure the classifier is (saturation shows here)
     return out
 
 
-def sbir_losses(model: ZSSBIRModel, sketch: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                lambd: float, margin: float, labels: torch.Tensor | None = None,
-                neg_labels: torch.Tensor | None = None, smoothing: float = 0.0) -> dict:
-    """Losses for a batch of (sketch, positive photo, negative photo) triplets, images (B, 3, H, W).
-
-    triplet: max(0, margin + |s - p| - |s - n|) on unit embeddings, mean over the batch.
-    domain:  BCE with logits of the domain classifier (sketch = 0, photo = 1), the sketch and the
-             photo terms weighted equally although a batch holds twice as many photos.
-    class:   (only with class proxies and labels) cross-entropy of the cosine logits of all 3B
-             embeddings against their seen classes; sketches and photos share the proxies.
-    Also returns the domain classifier's (equally weighted) accuracy and mean |logit|.
-    """
-    b = sketch.shape[0]
-    s = model.sketch_encoder(sketch)                               # (B, D)
-    photos = model.photo_encoder(torch.cat([positive, negative]))  # (2B, D)
-    p, n = photos[:b], photos[b:]
-    out = {"triplet": F.triplet_margin_loss(s, p, n, margin=margin)}
-    logits = at_least_float32(model.domain_classifier(torch.cat([s, photos]), lambd))  # (3B,)
-    out["domain"], out["domain_acc"] = domain_loss(logits, b, smoothing)
-    out["domain_logit"] = logits.detach().abs().mean()
-    if hasattr(model, "class_proxies") and labels is not None:
-        class_logits = at_least_float32(model.class_proxies(torch.cat([s, photos])))  # (3B, C)
-        out["class"] = F.cross_entropy(class_logits, torch.cat([labels, labels, neg_labels]))
-    return out
+def class_loss(proxies: ClassProxies, s: torch.Tensor, p: torch.Tensor, batch: Pairs | Triplets) -> torch.Tensor:
+    """sbir_losses' normalised-softmax term of sketch embeddings s (B, D) and photo embeddings p (B or 2B, D)."""
+    if isinstance(batch, Pairs):
+        return 0.5 * (F.cross_entropy(at_least_float32(proxies(s)), batch.labels)
+                      + F.cross_entropy(at_least_float32(proxies(p)), batch.labels))
+    logits = at_least_float32(proxies(torch.cat([s, p])))  # (3B, C)
+    return F.cross_entropy(logits, torch.cat([batch.labels, batch.labels, batch.neg_labels]))

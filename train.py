@@ -32,8 +32,8 @@ from tqdm import tqdm
 import dataset
 import metrics
 import utils
-from model import (BACKBONES, CLIP_BACKBONES, PATCH_SIZE, WITHOUT_BATCH_NORM, ModelConfig, PretrainedWeightsUnavailable,
-                   ZSSBIRModel, backbone_stats, grl_lambda, paired_losses, sbir_losses)
+from model import (BACKBONES, CLIP_BACKBONES, DOMAIN_INPUTS, ModelConfig, ModelConfigError, Pairs,
+                   PretrainedWeightsUnavailable, Triplets, ZSSBIRModel, backbone_stats, grl_lambda, sbir_losses)
 
 
 # Each recipe is a set of defaults; a flag given on the command line always wins over its recipe.
@@ -102,7 +102,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grl_threshold_epoch", type=int, default=None, help=recipe_help(
         "grl_threshold_epoch", "epoch (0-based) from which the gradient reversal lambda ramps up from 0"))
     p.add_argument("--grl_max_lambda", type=float, default=1.0, help="the lambda ramp's end value (Ganin: 1)")
-    p.add_argument("--domain_input", type=str, default="embedding", choices=["embedding", "features"],
+    p.add_argument("--domain_input", type=str, default="embedding", choices=DOMAIN_INPUTS,
                    help="what the domain classifier reads: the unit embedding or the trunk's pooled features")
     p.add_argument("--domain_label_smoothing", type=float, default=0.0,
                    help="domain targets s/2 and 1 - s/2 instead of 0 and 1")
@@ -201,7 +201,7 @@ def apply_recipe(args) -> None:
 
 def check_args(args) -> None:
     apply_recipe(args)
-    for name in ("epochs", "batch_size", "print_every", "val_every", "image_size", "embedding_dim"):
+    for name in ("epochs", "batch_size", "print_every", "val_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("lr", "margin"):
@@ -214,20 +214,13 @@ def check_args(args) -> None:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
     if not 0 <= args.val_fraction < 1:
         raise utils.UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
-    if args.image_size < 32:
-        raise utils.UserError(f"--image_size must be at least 32 pixels, got {args.image_size}")
     for name in ("warmup", "thicken", "domain_label_smoothing", "crop_scale"):
         if not 0 <= getattr(args, name) <= 1:
             raise utils.UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
-    if args.backbone in PATCH_SIZE and args.image_size % PATCH_SIZE[args.backbone]:
-        raise utils.UserError(f"--backbone {args.backbone} cuts images into {PATCH_SIZE[args.backbone]}-pixel patches; "
-                              f"give an --image_size divisible by {PATCH_SIZE[args.backbone]} (e.g. 224), "
-                              f"not {args.image_size}")
-    if args.domain_bn and args.backbone in WITHOUT_BATCH_NORM:
-        raise utils.UserError(f"--domain_bn splits batch norms, and --backbone {args.backbone} has none (layer "
-                              "norm only); drop --domain_bn or choose a CNN with batch norm")
-    if args.domain_bn and not args.shared_trunk:
-        raise utils.UserError("--domain_bn splits the batch norms of a shared trunk; add --shared_trunk")
+    try:  # the model's own rules, checked where they live (ModelConfig), said in flags
+        model_config(args)
+    except ModelConfigError as e:
+        raise utils.UserError(e.phrase("--")) from None
     if args.sampling == "triplets" and (args.edge_maps or args.thicken):
         raise utils.UserError("--edge_maps and --thicken need --sampling pairs")
     if args.sampling == "pairs" and args.class_loss_ratio == 0 and args.triplet_loss_ratio == 0:
@@ -265,20 +258,16 @@ def validate(model, val: dict, classes: list, args, device) -> float:
 
 
 class TrainingLosses(nn.Module):
-    """The model with its losses as forward: paired_losses for a batch (sketch, photo, labels),
-    sbir_losses for a batch of triplets. DistributedDataParallel synchronises gradients only for work
-    done inside its wrapped module's forward, so it wraps this, not the bare model."""
+    """The model with its losses as forward: model.sbir_losses of a named batch (model.Pairs or
+    model.Triplets). DistributedDataParallel synchronises gradients only for work done inside its wrapped
+    module's forward, so it wraps this, not the bare model."""
 
     def __init__(self, model: ZSSBIRModel, smoothing: float = 0.0):
         super().__init__()
         self.model, self.smoothing = model, smoothing
 
-    def forward(self, *batch, lambd: float, margin: float) -> dict:
-        if len(batch) == 3:
-            return paired_losses(self.model, *batch, lambd, margin, self.smoothing)
-        sketch, positive, negative, labels, neg_labels = batch
-        return sbir_losses(self.model, sketch, positive, negative, lambd, margin, labels, neg_labels,
-                           self.smoothing)
+    def forward(self, batch: Pairs | Triplets, lambd: float, margin: float) -> dict:
+        return sbir_losses(self.model, batch, lambd, margin, self.smoothing)
 
 
 def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr: float, args,
@@ -291,7 +280,7 @@ def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
     with torch.autocast(batch[0].device.type, dtype=dtype, enabled=dtype is not None):
-        out = net(*batch, lambd=lambd, margin=args.margin)
+        out = net((Pairs if args.sampling == "pairs" else Triplets)(*batch), lambd=lambd, margin=args.margin)
     loss = args.triplet_loss_ratio * out["triplet"] + args.domain_loss_ratio * out["domain"]
     if "class" in out and args.class_loss_ratio:
         loss = loss + args.class_loss_ratio * out["class"]
@@ -468,7 +457,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
           f"train {n_train[0]} sketches + {n_train[1]} photos; val {n_val[0]} sketches + {n_val[1]} photos")
     if args.sampling == "pairs":
         source = dataset.PairedBatches(train, data.seen, args.image_size, args.batch_size, args.edge_maps, args.seed,
-                                       rank, world, root=args.data_dir)
+                                       root=args.data_dir, shard=(rank, world))
         print(f"pairs: {len(source)} steps of {args.batch_size} photos + {args.batch_size} sketch-domain images per epoch")
         if len(source) < 1:
             raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[1]} training photos; lower it")
@@ -476,8 +465,9 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
         semantic = data.train_embeddings if args.semantic_negatives else None
         print("negatives: " + ("by class-name similarity (train_embeddings.npy)" if semantic is not None
                                else "uniform over the other seen classes"))
-        source = dataset.TripletBatches(train, data.seen, args.image_size, args.batch_size, semantic,
-                                        args.semantic_temperature, args.seed, rank, world, root=args.data_dir)
+        negatives = dataset.negative_class_probs(len(data.seen), semantic, args.semantic_temperature)
+        source = dataset.TripletBatches(train, data.seen, args.image_size, args.batch_size, negatives, args.seed,
+                                        root=args.data_dir, shard=(rank, world))
         if len(source) < 1:
             raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[0]} training "
                                   "sketches; lower it")

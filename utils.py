@@ -5,6 +5,7 @@
     ckpt = utils.load_checkpoint("ckpt/last.pth")    # map_location="cpu", clear errors
 """
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 
-from model import BACKBONES, MODEL_FORMAT, ModelConfig, ZSSBIRModel, backbone_stats
+from model import MODEL_FORMAT, ModelConfig, ModelConfigError, ZSSBIRModel, backbone_stats, is_int
 
 
 class UserError(Exception):
@@ -252,11 +253,7 @@ def load_user_file(path: str, what: str, hint: str, mmap: bool = False):
         raise UserError(f"{path} is not a readable {what} ({type(e).__name__}); {hint}") from None
 
 
-# Predicates for checking what load_user_file returned, field by field.
-def is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
+# Predicates for checking what load_user_file returned, field by field (and model.is_int).
 def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -292,7 +289,7 @@ def _is_rng_state(v) -> bool:
 
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint written by train.py onto the CPU and check its structure; anything else is a
-    UserError (load_user_file)."""
+    UserError (load_user_file). The network it describes is checked by ModelConfig's own rules."""
     ckpt = load_user_file(path, "checkpoint", CHECKPOINT_HINT)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise UserError(f"{path} is not a checkpoint written by train.py (keys {CHECKPOINT_KEYS} expected)")
@@ -307,16 +304,12 @@ def load_checkpoint(path: str) -> dict:
         "work": lambda w: isinstance(w, dict) and all(is_int(w.get(k)) and w[k] >= 0
                                                       for k in ("steps", "images", "flops"))})
     if not bad:  # what evaluation reads of the training arguments; format 0 also describes the model there
-        model_args = {} if "model" in ckpt else {
-            "backbone": lambda b: b in BACKBONES, "embedding_dim": lambda d: is_int(d) and d >= 1,
-            "image_size": lambda s: is_int(s) and s >= 32, "pretrained": lambda p: isinstance(p, bool)}
         bad = ["args." + k for k in wrong_fields(ckpt["args"], {
-            **model_args, "seed": is_int, "val_fraction": lambda f: is_number(f) and 0 <= f < 1}, {
-                "class_split": lambda c: isinstance(c, str), "shared_trunk": lambda b: isinstance(b, bool),
-                "domain_bn": lambda b: isinstance(b, bool) and (not b or ckpt["args"].get("shared_trunk") is True),
-                "domain_input": lambda d: d in ("embedding", "features")})]
-    if not bad and "model" in ckpt:
-        bad = _wrong_model_entry(ckpt["model"], path)
+            "seed": is_int, "val_fraction": lambda f: is_number(f) and 0 <= f < 1,
+            **({} if "model" in ckpt else {"pretrained": lambda p: isinstance(p, bool)})},
+            {"class_split": lambda c: isinstance(c, str)})]
+    if not bad:
+        bad = _wrong_model_entry(ckpt["model"], path) if "model" in ckpt else _wrong_model_args(ckpt["args"])
     if bad:
         raise UserError(f"{path} is not a checkpoint written by train.py (wrong {', '.join(bad)}); the file is "
                         f"damaged or from another program; {CHECKPOINT_HINT}")
@@ -324,27 +317,38 @@ def load_checkpoint(path: str) -> dict:
 
 
 def _wrong_model_entry(entry, path: str) -> list:
-    """The wrong fields of a checkpoint's "model" entry (a newer format is a UserError of its own)."""
+    """The wrong field of a checkpoint's "model" entry, by ModelConfig's rules (a newer format is a UserError of
+    its own)."""
     if not isinstance(entry, dict):
         return ["model"]
     if is_int(entry.get("format")) and entry["format"] > MODEL_FORMAT:
         raise UserError(f"{path} describes its model in format {entry['format']}, newer than this code's "
                         f"({MODEL_FORMAT}); update this code (git pull) to read it")
     try:
-        config = ModelConfig.from_dict(entry)
-    except (ValueError, TypeError) as e:
+        ModelConfig.from_dict(entry)
+    except ModelConfigError as e:
+        return [f"model.{e.field} ({e.phrase('model.')})"]
+    except (ValueError, TypeError) as e:  # another format, an unknown or a missing field
         return [f"model ({e})"]
-    return ["model." + k for k in wrong_fields(vars(config), {
-        "backbone": lambda b: b in BACKBONES, "embedding_dim": lambda d: is_int(d) and d >= 1,
-        "image_size": lambda s: is_int(s) and s >= 32, "shared_trunk": lambda b: isinstance(b, bool),
-        "domain_bn": lambda b: isinstance(b, bool) and (not b or config.shared_trunk),
-        "domain_input": lambda d: d in ("embedding", "features"),
-        "weights": lambda w: w in ("imagenet", "openai", "file", "none"),
-        "mean": _channel_stats, "std": lambda s: _channel_stats(s) and all(v > 0 for v in s)})]
+    return []
 
 
-def _channel_stats(v) -> bool:
-    return isinstance(v, tuple) and len(v) == 3 and all(is_number(x) for x in v)
+def _wrong_model_args(args: dict) -> list:
+    """The wrong field of a format 0 checkpoint's arguments where they describe its model, by ModelConfig's rules."""
+    try:
+        _args_model(args)
+    except KeyError as e:
+        return [f"args.{e.args[0]}"]
+    except ModelConfigError as e:
+        return [f"args.{e.field} ({e.phrase('args.')})"]
+    return []
+
+
+def _args_model(a: dict) -> ModelConfig:
+    """The network a format 0 checkpoint's training arguments describe, without its channel statistics."""
+    return ModelConfig(a["backbone"], a["embedding_dim"], a["image_size"], a.get("shared_trunk", False),
+                       a.get("domain_bn", False), a.get("domain_input", "embedding"),
+                       "imagenet" if a["pretrained"] else "none")
 
 
 def checkpoint_model(ckpt: dict) -> ModelConfig:
@@ -352,10 +356,9 @@ def checkpoint_model(ckpt: dict) -> ModelConfig:
     before there was one (format 0) the same description rebuilt from train.py's saved arguments."""
     if "model" in ckpt:
         return ModelConfig.from_dict(ckpt["model"])
-    a = ckpt["args"]
-    return ModelConfig(a["backbone"], a["embedding_dim"], a["image_size"], a.get("shared_trunk", False),
-                       a.get("domain_bn", False), a.get("domain_input", "embedding"),
-                       "imagenet" if a["pretrained"] else "none", *backbone_stats(a["backbone"]))
+    config = _args_model(ckpt["args"])
+    mean, std = backbone_stats(config.backbone)
+    return dataclasses.replace(config, mean=mean, std=std)
 
 
 def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:

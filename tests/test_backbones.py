@@ -159,18 +159,18 @@ def test_sizes_and_norms_a_backbone_cannot_take(tiny_data, tmp_path):
     proc = run_main("train.py", *common, "--backbone", "convnext_tiny", "--domain_bn")
     assert_one_line_error(proc, "--domain_bn", "convnext_tiny has none")
     assert PATCH_SIZE == {"vit_b_16": 16, "vit_b_32": 32, "clip_vit_b_16": 16, "clip_vit_b_32": 32}
-    with pytest.raises(ValueError, match="divisible by 32"):
+    with pytest.raises(M.ModelConfigError, match="divisible by 32"):  # the same rule, checked once (ModelConfig)
         ZSSBIRModel("vit_b_32", 8, pretrained=False, image_size=48)
 
 
 def test_weights_from_a_file_start_the_trunk_and_another_networks_file_is_one_line(tiny_data, tmp_path, tiny_networks):
     torch.manual_seed(1)
     net = torchvision.models.resnet18()
-    model = ZSSBIRModel("resnet18", 8, pretrained=False, start_state=net.state_dict())
+    model = ZSSBIRModel("resnet18", 8, pretrained=net.state_dict())
     assert all(torch.equal(e.trunk[0].weight, net.conv1.weight) for e in (model.sketch_encoder, model.photo_encoder))
     # A ViT's weights trained at 224 px start a ViT built for 64 px: its 2 x 2 patches get interpolated positions.
     vit = torchvision.models.get_model("vit_b_32")  # the tiny one, 7 x 7 patches
-    small = ZSSBIRModel("vit_b_32", 8, pretrained=False, shared_trunk=True, image_size=SIZE, start_state=vit.state_dict())
+    small = ZSSBIRModel("vit_b_32", 8, pretrained=vit.state_dict(), shared_trunk=True, image_size=SIZE)
     assert torch.equal(small.encoder.trunk.conv_proj.weight, vit.conv_proj.weight)
     assert vit.encoder.pos_embedding.shape == (1, 1 + 7 ** 2, TINY_WIDTH["vit_b_32"])
     assert small.encoder.trunk.encoder.pos_embedding.shape == (1, 1 + (SIZE // 32) ** 2, TINY_WIDTH["vit_b_32"])
@@ -192,27 +192,28 @@ def test_weights_from_a_file_start_the_trunk_and_another_networks_file_is_one_li
 
 @NEEDS_OPEN_CLIP
 def test_clip_sees_clips_normalisation_and_starts_from_a_file_of_another_size(tiny_networks):
-    """The data pipeline normalises with ImageNet's statistics; CLIP's encoder converts them to its own (and a
-    torchvision backbone has nothing to convert). A state dict of the
+    """The data pipeline gives images in [0, 1]; each encoder normalises them with the statistics its weights
+    expect: CLIP's for CLIP's encoder, ImageNet's (torchvision's) for a torchvision backbone. A state dict of the
     whole CLIP model made for 224 px starts an encoder built for 64 px, its position embeddings resized."""
     import open_clip
 
+    def normalised(pixel, mean, std):
+        return (pixel - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
     model = ZSSBIRModel("clip_vit_b_32", 8, pretrained=False, shared_trunk=True, image_size=SIZE)
-    renorm = model.encoder.renorm
-    mean, std = M.imagenet_stats()
-    pixel = torch.rand(3, 1, 1)  # one pixel in [0, 1], as the pipeline would normalise it, then renormalised
-    imagenet = (pixel - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    clip = (pixel - torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]) / torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
-    torch.testing.assert_close(renorm(imagenet), clip)
-    assert not any("scale" in k or "shift" in k for k in model.state_dict())  # derived, not saved
+    pixel = torch.rand(3, 1, 1)  # one pixel in [0, 1], as the pipeline gives it
+    clip = normalised(pixel, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    torch.testing.assert_close(model.encoder.normalize(pixel), clip, rtol=0, atol=0)
+    imagenet = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
+    resnet = ZSSBIRModel("resnet18", 8, pretrained=False).sketch_encoder.normalize
+    torch.testing.assert_close(resnet(pixel), normalised(pixel, imagenet.mean, imagenet.std), rtol=0, atol=0)
+    assert not any(".normalize." in k for k in model.state_dict())  # the config holds the statistics
     torch.manual_seed(3)
     full = open_clip.create_model("ViT-B-32", pretrained=None)  # 224 px (the tiny one: 7 x 7 patches)
-    started = ZSSBIRModel("clip_vit_b_32", 8, pretrained=False, shared_trunk=True, image_size=SIZE,
-                          start_state=full.state_dict())
+    started = ZSSBIRModel("clip_vit_b_32", 8, pretrained=full.state_dict(), shared_trunk=True, image_size=SIZE)
     assert torch.equal(started.encoder.trunk.conv1.weight, full.visual.conv1.weight)
     assert full.visual.positional_embedding.shape == (1 + 7 ** 2, 32)  # 32: the tiny encoder's width
     assert started.encoder.trunk.positional_embedding.shape == (1 + (SIZE // 32) ** 2, 32)
-    assert ZSSBIRModel("resnet18", 8, pretrained=False).sketch_encoder.renorm is None  # ImageNet's: nothing to convert
 
 
 def test_a_missing_open_clip_is_one_line(tiny_data, tmp_path, monkeypatch):

@@ -56,8 +56,8 @@ def test_encoder_gives_unit_embeddings(backbone):
 
 
 def test_unknown_backbone_is_rejected():
-    with pytest.raises(ValueError, match="unknown backbone"):
-        M.build_trunk("alexnet9", pretrained=False)
+    with pytest.raises(M.ModelConfigError, match="unknown backbone 'alexnet9'"):
+        M.ZSSBIRModel("alexnet9", 8, pretrained=False)
 
 
 def test_missing_pretrained_weights_give_one_actionable_line(monkeypatch):
@@ -75,12 +75,12 @@ def test_losses_triplet_and_balanced_domain_terms():
     torch.manual_seed(0)
     net = M.ZSSBIRModel("resnet18", 16, pretrained=False)
     x = torch.randn(3, 3, 32, 32)
-    out = M.sbir_losses(net, x, x.clone(), torch.randn(3, 3, 32, 32), lambd=0.0, margin=0.2)
+    out = M.sbir_losses(net, M.Triplets(x, x.clone(), torch.randn(3, 3, 32, 32)), lambd=0.0, margin=0.2)
     assert set(out) == {"triplet", "domain", "domain_acc", "domain_logit"}
     assert out["triplet"].item() >= 0 and math.isfinite(out["domain"].item())
     assert 0.0 <= out["domain_acc"].item() <= 1.0
     # a huge margin makes every triplet active: loss = margin + d(s, p) - d(s, n)
-    big = M.sbir_losses(net.eval(), x, x, x, lambd=0.0, margin=5.0)
+    big = M.sbir_losses(net.eval(), M.Triplets(x, x, x), lambd=0.0, margin=5.0)
     assert big["triplet"].item() == pytest.approx(5.0, abs=1e-4)
 
 
@@ -89,7 +89,7 @@ def test_losses_under_cpu_autocast_are_finite_float32():
     net = M.ZSSBIRModel("resnet18", 16, pretrained=False)
     x = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = M.sbir_losses(net, x, x, x, lambd=0.5, margin=0.2)
+        out = M.sbir_losses(net, M.Triplets(x, x, x), lambd=0.5, margin=0.2)
     assert out["domain"].dtype == torch.float32 and torch.isfinite(out["domain"])
 
 
@@ -101,7 +101,7 @@ def test_one_training_step_updates_every_part_and_reverses_domain_gradient():
     def encoder_grad_from_domain(lambd):
         net.eval()  # no dropout: the three passes see the same network
         net.zero_grad()
-        M.sbir_losses(net, s, p, n, lambd=lambd, margin=0.2)["domain"].backward()
+        M.sbir_losses(net, M.Triplets(s, p, n), lambd=lambd, margin=0.2)["domain"].backward()
         return net.sketch_encoder.head[1].weight.grad.clone(), net.domain_classifier.mlp[0].weight.grad.clone()
 
     g0, c0 = encoder_grad_from_domain(0.0)
@@ -116,7 +116,7 @@ def test_one_training_step_updates_every_part_and_reverses_domain_gradient():
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     opt.zero_grad()
-    out = M.sbir_losses(net, s, p, n, lambd=0.5, margin=0.2)
+    out = M.sbir_losses(net, M.Triplets(s, p, n), lambd=0.5, margin=0.2)
     (out["triplet"] + 0.5 * out["domain"]).backward()
     opt.step()
     after = net.state_dict()
@@ -135,8 +135,8 @@ def test_class_loss_uses_shared_proxies_for_both_domains():
         assert torch.equal(value, net.state_dict()[key]), key
     x = torch.randn(2, 3, 32, 32)
     labels, neg_labels = torch.tensor([0, 3]), torch.tensor([1, 4])
-    assert "class" not in M.sbir_losses(plain, x, x, x, 0.0, 0.2, labels, neg_labels)
-    out = M.sbir_losses(net, x, x, x, 0.0, 0.2, labels, neg_labels)
+    assert "class" not in M.sbir_losses(plain, M.Triplets(x, x, x, labels, neg_labels), 0.0, 0.2)
+    out = M.sbir_losses(net, M.Triplets(x, x, x, labels, neg_labels), 0.0, 0.2)
     s, ph = net.sketch_encoder(x), net.photo_encoder(torch.cat([x, x]))
     logits = torch.cat([s, ph]) @ torch.nn.functional.normalize(net.class_proxies.weight, dim=1).t() / 0.1
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3, 0, 3, 1, 4]))
@@ -169,7 +169,7 @@ def test_domain_batch_norm_keeps_statistics_per_domain():
     first = dbns[0]
     assert not torch.equal(first.bns[0].running_mean, torch.zeros_like(first.bns[0].running_mean))
     assert torch.equal(first.bns[1].running_mean, torch.zeros_like(first.bns[1].running_mean))
-    with pytest.raises(ValueError, match="shared_trunk"):
+    with pytest.raises(M.ModelConfigError, match="shared_trunk"):
         M.ZSSBIRModel("resnet18", 16, pretrained=False, domain_bn=True)
 
 
@@ -217,10 +217,26 @@ def test_paired_losses_learn_on_a_shared_trunk_with_features_for_the_domain_clas
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     first = None
     for _ in range(5):
-        out = M.paired_losses(net, s, p, labels, lambd=0.0, margin=0.2)
+        out = M.sbir_losses(net, M.Pairs(s, p, labels), lambd=0.0, margin=0.2)
         loss = out["class"] + out["triplet"] + out["domain"]
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert set(out) == {"class", "triplet", "domain", "domain_acc", "domain_logit"} and loss.item() < first
+
+
+def test_triplets_give_the_domain_classifier_trunk_features_when_it_reads_features():
+    """domain_input "features" with triplets, on a trunk wider than the embedding (resnet18: 512 features, a
+    16-d embedding): the domain classifier, built for the features, reads the features of the sketches and of
+    both photos, as it does for pairs."""
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel("resnet18", 16, pretrained=False, num_classes=3, domain_input="features").eval()
+    assert net.domain_classifier.mlp[0].in_features == 512
+    s, p, n = (torch.randn(2, 3, 32, 32) for _ in range(3))
+    out = M.sbir_losses(net, M.Triplets(s, p, n, torch.tensor([0, 1]), torch.tensor([2, 0])), lambd=0.5, margin=0.2)
+    _, fs = net.sketch_encoder(s, with_features=True)
+    _, fp = net.photo_encoder(torch.cat([p, n]), with_features=True)
+    logits = net.domain_classifier(torch.cat([fs, fp]), 0.5)  # (6,): 2 sketches, 4 photos
+    torch.testing.assert_close(out["domain"], M.domain_loss(logits, 2)[0])
+    assert set(out) == {"class", "triplet", "domain", "domain_acc", "domain_logit"}

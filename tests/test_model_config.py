@@ -1,17 +1,79 @@
-"""A checkpoint's model description: what train.py writes (format 1), what it wrote before (format 0, a
-committed fixture), and what a newer or damaged description gives."""
+"""A network's description (ModelConfig): its rules, checked once, as the model, train.py's flags and a
+checkpoint meet them; what train.py writes (format 1), what it wrote before (format 0, a committed fixture),
+and what a newer or damaged description gives."""
 import json
 import os
 
+import pytest
 import torch
 
+import model as M
 import train
 import utils
 from conftest import U32, U64, make_tiny_dataset, reordering_rtol, run_main
 from test_metrics import assert_same_results
-from test_train import assert_one_line_error, train_args
+from test_train import TINY, assert_one_line_error, train_args
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+@pytest.mark.parametrize("fields, field, message", [
+    ({"backbone": "alexnet9"}, "backbone", "unknown backbone 'alexnet9'; choose one of vgg16,"),
+    ({"backbone": ["resnet18"]}, "backbone", "unknown backbone ['resnet18']"),
+    ({"embedding_dim": 0}, "embedding_dim", "embedding_dim must be a whole number of at least 1, got 0"),
+    ({"embedding_dim": 16.0}, "embedding_dim", "got 16.0"),
+    ({"image_size": 16}, "image_size", "image_size must be at least 32 pixels, got 16"),
+    ({"backbone": "vit_b_16", "image_size": 72}, "image_size",
+     "backbone vit_b_16 cuts images into 16-pixel patches; give an image_size divisible by 16 (e.g. 224), not 72"),
+    ({"shared_trunk": "yes"}, "shared_trunk", "shared_trunk must be True or False, got 'yes'"),
+    ({"domain_bn": True}, "domain_bn", "domain_bn splits the batch norms of a shared trunk; add shared_trunk"),
+    ({"backbone": "swin_t", "shared_trunk": True, "domain_bn": True}, "domain_bn",
+     "domain_bn splits batch norms, and backbone swin_t has none (layer norm only)"),
+    ({"domain_input": "logits"}, "domain_input", "domain_input must be one of embedding, features, got 'logits'"),
+    ({"weights": "hub"}, "weights", "weights must be one of imagenet, openai, file, none, got 'hub'"),
+    ({"mean": (0.5, 0.5)}, "mean", "mean and std must be 3 channel values each"),
+    ({"mean": (0.5, 0.5, 0.5), "std": (0.2, 0.0, 0.2)}, "std", "std must be positive"),
+])
+def test_each_rule_of_a_model_config_names_its_field(fields, field, message):
+    with pytest.raises(M.ModelConfigError) as err:
+        M.ModelConfig(**{"backbone": "resnet18", "embedding_dim": 16, "image_size": 32, **fields})
+    assert err.value.field == field and message in str(err.value)
+    flags = err.value.phrase("--")  # as train.py says it
+    assert f"--{field}" in flags and "{" not in flags
+
+
+def test_the_flags_the_model_and_a_checkpoint_meet_the_same_rule(tiny_data, tmp_path):
+    """domain_bn without shared_trunk: the model's ModelConfigError, train.py's one line in flags, a checkpoint's
+    one line naming its entry's field."""
+    with pytest.raises(M.ModelConfigError, match="domain_bn splits the batch norms of a shared trunk"):
+        M.ZSSBIRModel("resnet18", 16, pretrained=False, domain_bn=True)
+    proc = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", str(tmp_path / "c"), *TINY, "--domain_bn")
+    assert_one_line_error(proc, "--domain_bn splits the batch norms of a shared trunk; add --shared_trunk")
+    ckpt_dir = str(tmp_path / "ckpt")
+    train.main(train_args(tiny_data, ckpt_dir, "--epochs", "1", "--val_fraction", "0"))
+    ckpt = utils.load_checkpoint(os.path.join(ckpt_dir, "last.pth"))
+    broken = str(tmp_path / "broken.pth")
+    utils.save_checkpoint({**ckpt, "model": {**ckpt["model"], "domain_bn": True}}, broken)
+    assert_one_line_error(evaluate(broken, tiny_data, str(tmp_path / "e")), "wrong model.domain_bn",
+                          "model.domain_bn splits the batch norms of a shared trunk; add model.shared_trunk")
+    old = {k: v for k, v in ckpt.items() if k != "model"}  # format 0: the arguments describe the model
+    utils.save_checkpoint({**old, "args": {**old["args"], "image_size": 16}}, broken)
+    assert_one_line_error(evaluate(broken, tiny_data, str(tmp_path / "e")), "wrong args.image_size",
+                          "args.image_size must be at least 32 pixels, got 16")
+    assert not os.path.exists(tmp_path / "c")  # a bad flag: nothing written
+
+
+def test_triplets_train_with_trunk_features_for_the_domain_classifier(tiny_data, tmp_path):
+    """--sampling triplets (the original recipe) with --domain_input features on a trunk wider than the embedding
+    (mobilenet_v3_small: 576 features, a 16-d embedding): the domain classifier is built for the features and
+    reads them."""
+    ckpt_dir = str(tmp_path / "ckpt")
+    proc = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", ckpt_dir, *TINY, "--epochs", "1",
+                    "--domain_input", "features")
+    assert proc.returncode == 0, proc.stderr
+    ckpt = utils.load_checkpoint(os.path.join(ckpt_dir, "last.pth"))
+    assert ckpt["args"]["sampling"] == "triplets" and ckpt["model"]["domain_input"] == "features"
+    assert ckpt["models"]["domain_classifier"]["mlp.0.weight"].shape == (256, 576)
 
 
 def evaluate(model: str, data: str, out: str, *extra):
