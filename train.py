@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -350,22 +351,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_checkpoint(model, optimizer, scaler, epoch, step, args, best, epoch_step=0, epoch_sums=None,
-                    rng_by_rank=None, schedule_state=None) -> dict:
-    """epoch counts completed epochs; epoch_step > 0 marks a stop inside the next one, after that many
-    of its steps, and then every process's RNG states and the epoch's running loss sums are kept too.
-    schedule_state (Schedule.state) adds the seconds spent and where the lambda ramp began."""
-    ckpt = {"models": {name: m.state_dict() for name, m in model.named_children()},
-            "optimizers": {"adamw": optimizer.state_dict()}, "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "args": vars(args), "model": model_config(args).to_dict(), "best": best,
-            "epoch_step": epoch_step,
-            "world_size": utils.rank_and_world()[1], **(schedule_state or {})}
-    if epoch_step:
-        ckpt["epoch_sums"] = dict(epoch_sums or {})
-        ckpt["rng_by_rank"] = rng_by_rank
-    return ckpt
-
-
 class StopRequest:
     """SIGTERM (a cluster's time limit) and SIGINT set a flag that the training loop checks after each
     step; the previous handlers come back on exit."""
@@ -407,9 +392,9 @@ def load_resume_checkpoint(path: str, args, world: int) -> dict:
     return ckpt
 
 
-def resume_from(ckpt: dict, path: str, model, optimizer, scaler) -> tuple[int, int, float, dict]:
-    """Restore states from a checkpoint (load_resume_checkpoint); return (first epoch to run, global step, best
-    val mAP, the checkpoint itself, whose epoch_step / epoch_sums / rng_by_rank describe a stop inside that epoch)."""
+def resume_from(ckpt: dict, path: str, model, optimizer, scaler) -> None:
+    """Restore the weights and the optimizer and scaler states of a checkpoint (load_resume_checkpoint); the
+    rest of it, where training stood, becomes the TrainState (TrainState.start)."""
     utils.load_model_state(model, ckpt, path)
     try:
         optimizer.load_state_dict(ckpt["optimizers"]["adamw"])
@@ -426,7 +411,18 @@ def resume_from(ckpt: dict, path: str, model, optimizer, scaler) -> tuple[int, i
     inside = f" and {ckpt['epoch_step']} step(s) of the next" if ckpt.get("epoch_step") else ""
     print(f"resumed from {path}: {ckpt['epoch']} epoch(s){inside} done, step {ckpt['step']}, "
           f"best val mAP {ckpt['best']:.4f}")
-    return ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt
+
+
+def nothing_left(ckpt: dict, args) -> bool:
+    """Whether a --resume checkpoint already finished what this run asks for (its budget or its epochs)."""
+    spent = ckpt.get("seconds", 0.0)
+    if args.budget_minutes > 0 and spent >= args.budget_minutes * 60:
+        print(f"nothing to do: {args.resume} already spent {spent / 60:.1f} of --budget_minutes {args.budget_minutes}")
+        return True
+    if args.epochs is not None and ckpt["epoch"] >= args.epochs:
+        print(f"nothing to do: {args.resume} already has {ckpt['epoch']} of --epochs {args.epochs}")
+        return True
+    return False
 
 
 def main(args) -> None:
@@ -440,6 +436,7 @@ def main(args) -> None:
 
 
 def run_training(args, rank: int, world: int, device: torch.device) -> None:
+    """Everything the loop needs, read and checked before anything is written; then fit."""
     if args.batch_size % world:
         raise utils.UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes; "
                               "each process takes an equal share of the batch")
@@ -447,6 +444,34 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     if args.channels_last is None:
         args.channels_last = device.type == "cuda" and args.amp
     resume = load_resume_checkpoint(args.resume, args, world) if args.resume else None
+    info = print_setup(args, world)
+    dtype = utils.amp_dtype(device, args.amp)
+    utils.seed_everything(args.seed)
+    data, val, source = read_training_data(args, rank, world)
+    loader = open_image_store(source, args, rank, world, device)
+    utils.seed_everything(args.seed)  # the initial weights do not depend on what reading the data drew
+    model, optimizer = build_model_and_optimizer(args, len(data.seen), device, world)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if resume is not None:
+        resume_from(resume, args.resume, model, optimizer, scaler)
+        if nothing_left(resume, args):
+            return
+    if rank == 0:  # every input was read and fits: only now is anything written
+        utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
+        utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
+    if args.compile:
+        model.sketch_encoder.compile()  # in place: the state dict keeps its names
+        model.photo_encoder.compile()
+    net = TrainingLosses(model, args.domain_label_smoothing)
+    if world > 1:  # after loading: DDP copies rank 0's weights to every process
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    trainer = Trainer(args, model, net, optimizer, scaler, device, dtype)
+    with StopRequest() as stop:
+        fit(trainer, loader, val, data.seen, TrainState.start(args, len(loader), resume), stop)
+
+
+def print_setup(args, world: int) -> dict:
+    """Print the arguments, versions and the recipe in words; return what args.json keeps (utils.print_banner)."""
     info = utils.print_banner("train.py", args)
     print(f"recipe: {args.recipe} ({args.recipe_source}): "
           f"{'one shared trunk' if args.shared_trunk else 'two branches'}{' with domain batch norm' if args.domain_bn else ''}, "
@@ -455,9 +480,12 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
           + f", lr {args.lr}, " + (f"budget {args.budget_minutes} min" if args.budget_minutes else f"{args.epochs} epochs"))
     if world > 1:
         print(f"distributed: {world} processes ({dist.get_backend()}), {args.batch_size // world} {args.sampling} each per step")
-    dtype = utils.amp_dtype(device, args.amp)
-    utils.seed_everything(args.seed)
+    return info
 
+
+def read_training_data(args, rank: int, world: int) -> tuple:
+    """The dataset, its seen-class validation split, and the batches of the training split that --sampling
+    draws (this process's share of them)."""
     data = dataset.scan_dataset(args.data_dir, class_split=args.class_split)
     if data.skipped:
         print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
@@ -481,33 +509,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
         if len(source) < 1:
             raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[0]} training "
                                   "sketches; lower it")
-    loader = open_image_store(source, args, rank, world, device)
-    utils.seed_everything(args.seed)  # the initial weights do not depend on what reading the data drew
-    model, optimizer = build_model_and_optimizer(args, len(data.seen), device, world)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start_epoch, step, best, resumed = 0, 0, -1.0, {}
-    if args.resume:
-        start_epoch, step, best, resumed = resume_from(resume, args.resume, model, optimizer, scaler)
-        spent = resumed.get("seconds", 0.0)
-        if args.budget_minutes > 0 and spent >= args.budget_minutes * 60:
-            print(f"nothing to do: {args.resume} already spent {spent / 60:.1f} of --budget_minutes {args.budget_minutes}")
-            return
-        if args.epochs is not None and start_epoch >= args.epochs:
-            print(f"nothing to do: {args.resume} already has {start_epoch} of --epochs {args.epochs}")
-            return
-    if rank == 0:  # every input was read and fits: only now is anything written
-        utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
-        utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
-    if args.compile:
-        model.sketch_encoder.compile()  # in place: the state dict keeps its names
-        model.photo_encoder.compile()
-    net = TrainingLosses(model, args.domain_label_smoothing)
-    if world > 1:  # after loading: DDP copies rank 0's weights to every process
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    log_path = os.path.join(args.checkpoint_dir, "log.jsonl")
-    with StopRequest() as stop:
-        train_epochs(args, model, net, optimizer, scaler, loader, val, data, device, dtype, start_epoch,
-                     step, best, resumed, log_path, stop)
+    return data, val, source
 
 
 def model_config(args) -> ModelConfig:
@@ -541,7 +543,7 @@ def build_model_and_optimizer(args, num_classes: int, device: torch.device, worl
 
 def open_image_store(source, args, rank: int, world: int, device: torch.device) -> dataset.BatchLoader:
     """Where the training images come from, printed: the disk cache (written first with --disk_cache), then
-    memory when they fit in --cache_gb (filled by train_epochs, inside the budget), else their files."""
+    memory when they fit in --cache_gb (filled by fit, inside the budget), else their files."""
     store = source.store
     cache_dir = args.cache_dir or os.path.join(args.data_dir, "cache")
     if args.disk_cache and rank == 0:
@@ -560,48 +562,43 @@ def open_image_store(source, args, rank: int, world: int, device: torch.device) 
     return dataset.BatchLoader(source, args.workers, pin_memory=device.type == "cuda", memory=fits)
 
 
-class Schedule:
-    """Where training stands in its schedule. With --epochs: progress = steps done / all steps. With
-    --budget_minutes: progress = seconds of training / the budget (a resumed run adds the seconds it had
-    spent), and the budget ends training. The lambda ramp starts at --grl_threshold_epoch's first step,
-    or with a budget at the second that epoch began, and ends with the schedule."""
+# ----------------------------------------------------------------------------------- the loop
 
-    def __init__(self, args, steps_per_epoch: int, seconds_before: float = 0.0, grl_start_seconds: float = -1.0,
-                 work: dict | None = None):
+class Schedule:
+    """The learning rate's and the lambda ramp's clock. Progress p = position / length in [0, 1]: with --epochs,
+    steps done out of all steps; with --budget_minutes, seconds of training (a resumed run adds the seconds it
+    had spent) out of the budget, which also ends training. The lambda ramp starts at --grl_threshold_epoch's
+    first step, or with a budget at the second that epoch began, and ends with the schedule."""
+
+    def __init__(self, args, steps_per_epoch: int, spent: float = 0.0, grl_start_seconds: float = -1.0):
         self.budget = args.budget_minutes * 60.0
-        self.total_steps = args.epochs * steps_per_epoch if args.epochs is not None else None
-        self.steps_per_epoch, self.args = steps_per_epoch, args
-        self.before, self.t0 = seconds_before, time.time()
-        self.grl_start_seconds = grl_start_seconds
-        self.work = Work(**(work or {}))
+        self.length = self.budget or args.epochs * steps_per_epoch
+        self.grl_epoch, self.grl_start_step = args.grl_threshold_epoch, args.grl_threshold_epoch * steps_per_epoch
+        self.grl_start_seconds, self.max_lambda = grl_start_seconds, args.grl_max_lambda
+        self.spent, self.t0 = spent, time.time()
 
     def seconds(self) -> float:
-        return self.before + time.time() - self.t0
+        """Seconds of training so far on this process's clock, a resumed run's earlier ones included."""
+        return self.spent + time.time() - self.t0
 
     def start_epoch(self, epoch: int, seconds: float) -> None:
-        if epoch == self.args.grl_threshold_epoch and self.grl_start_seconds < 0:
+        if epoch == self.grl_epoch and self.grl_start_seconds < 0:
             self.grl_start_seconds = seconds
 
+    def position(self, step: int, seconds: float) -> float:
+        return seconds if self.budget else step
+
     def progress(self, step: int, seconds: float) -> float:
-        if self.budget:
-            return min(1.0, seconds / self.budget)
-        return step / self.total_steps
+        return min(1.0, self.position(step, seconds) / self.length)
 
     def lambd(self, step: int, seconds: float) -> float:
-        if self.budget:
-            if self.grl_start_seconds < 0:
-                return 0.0
-            return self.args.grl_max_lambda * grl_lambda(seconds, self.budget, self.grl_start_seconds)
-        return self.args.grl_max_lambda * grl_lambda(step, self.total_steps,
-                                                     self.args.grl_threshold_epoch * self.steps_per_epoch)
+        start = self.grl_start_seconds if self.budget else self.grl_start_step
+        if start < 0:
+            return 0.0
+        return self.max_lambda * grl_lambda(self.position(step, seconds), self.length, start)
 
     def over(self, seconds: float) -> bool:
         return self.budget > 0 and seconds >= self.budget
-
-    def state(self, seconds: float) -> dict:
-        """What a checkpoint keeps for --resume to continue this schedule."""
-        return {"seconds": seconds, "grl_start_seconds": self.grl_start_seconds, "finished": self.over(seconds),
-                "work": self.work.to_dict()}
 
 
 class Work:
@@ -639,6 +636,190 @@ class Work:
     def describe(self, seconds: float) -> str:
         return (f"{self.steps:,} steps, {self.images:,} images, {utils.flops_text(self.flops)} in "
                 f"{seconds / 60:.1f} min ({self.images / max(seconds, 1e-9):.0f} images/s)")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what the loop's functions hand each other, and what a checkpoint keeps for --resume
+    besides the weights and the optimizer. After a stop inside an epoch, epoch_step counts that epoch's steps
+    done, and epoch_sums and rng_by_rank hold what continuing it exactly needs: the epoch's loss sums as last
+    read (LossSums.read) and every process's RNG states."""
+    schedule: Schedule
+    work: Work
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimisation steps done over every epoch
+    best: float = -1.0  # the best seen-class validation mAP@all so far
+    seconds: float = 0.0  # seconds of training at the last step, as every process agreed (agree)
+    finished: bool = False  # the budget is spent
+    epoch_step: int = 0  # steps done in epoch `epoch` (the one under way)
+    epoch_sums: dict = field(default_factory=dict)
+    rng_by_rank: list = field(default_factory=list)
+
+    @classmethod
+    def start(cls, args, steps_per_epoch: int, ckpt: dict | None = None) -> "TrainState":
+        """A new run's state, or a --resume checkpoint's (load_resume_checkpoint). Checkpoints written before the
+        work was counted give steps only; before torchrun support, one process's RNG states under "rng"."""
+        ckpt = ckpt or {}
+        schedule = Schedule(args, steps_per_epoch, ckpt.get("seconds", 0.0), ckpt.get("grl_start_seconds", -1.0))
+        return cls(schedule, Work(**ckpt.get("work", {"steps": ckpt.get("step", 0)})), ckpt.get("epoch", 0),
+                   ckpt.get("step", 0), ckpt.get("best", -1.0), epoch_step=ckpt.get("epoch_step", 0),
+                   epoch_sums=ckpt.get("epoch_sums", {}),
+                   rng_by_rank=ckpt.get("rng_by_rank") or ([ckpt["rng"]] if "rng" in ckpt else []))
+
+    def next_epoch(self) -> None:
+        """The epoch under way counts as done (all its steps, or the budget ended it)."""
+        self.epoch, self.epoch_step, self.epoch_sums, self.rng_by_rank = self.epoch + 1, 0, {}, []
+
+
+@dataclass
+class Trainer:
+    """What training works with, fixed once built: the arguments, the model (bare: its state dict is what
+    checkpoints keep), the network whose forward returns the losses (TrainingLosses, wrapped in DDP under
+    torchrun), the optimizer and the gradient scaler, the device and autocast's dtype (None: full precision)."""
+    args: argparse.Namespace
+    model: ZSSBIRModel
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None
+
+
+def fit(t: Trainer, loader, val: dict, classes: list, state: TrainState, stop: StopRequest) -> None:
+    """The outer loop: train an epoch, then validate, log and checkpoint it (end_epoch), until --epochs, a spent
+    budget or a stop request (SIGTERM, Ctrl-C), after which last.pth lets --resume continue exactly. ``loader``
+    is a BatchLoader, or anything with len(), prepare() and epoch(e, start)."""
+    args = t.args
+    last_path = os.path.join(args.checkpoint_dir, "last.pth")
+    loader.prepare()  # inside the budget: reading the images is part of training
+    state.seconds = state.schedule.seconds()
+    while args.epochs is None or state.epoch < args.epochs:
+        stats = train_one_epoch(t, loader, state, stop)
+        if stats["stopped"]:
+            if utils.rank_and_world()[0] == 0:
+                utils.save_checkpoint(make_checkpoint(t, state, state.seconds), last_path)
+            print(f"stopped at step {state.step} ({state.epoch_step}/{len(loader)} of epoch {state.epoch + 1}); "
+                  f"continue with --resume {last_path}")
+            return
+        state.next_epoch()
+        end_epoch(t, val, classes, state, stats)
+        if state.finished:
+            print(f"budget of {args.budget_minutes} min spent after {state.step} steps ({state.epoch} epoch(s), the "
+                  f"last one {stats['steps']}/{len(loader)} steps); {measured_against(args.recipe, state.work)}")
+            break
+        if any_process(stop.signal is not None) and (args.epochs is None or state.epoch < args.epochs):
+            print(f"stopped after epoch {state.epoch}; continue with --resume {last_path}")
+            return
+    print(f"done: {state.work.describe(state.schedule.seconds())}; best seen-class val mAP@all {state.best:.4f} -> "
+          f"{os.path.join(args.checkpoint_dir, 'best.pth')}")
+
+
+def train_one_epoch(t: Trainer, loader, state: TrainState, stop: StopRequest) -> dict:
+    """Train epoch state.epoch from its step state.epoch_step (non-zero when resuming a stop inside it) to its
+    end, a spent budget (state.finished) or a stop request. Reads from the device only every --print_every
+    steps, at a stop and at the end. Returns the epoch's stats; "stopped": a stop inside the epoch, after which
+    the state holds what resuming it needs."""
+    args, rank = t.args, utils.rank_and_world()[0]
+    epoch, skip, schedule, steps = state.epoch, state.epoch_step, state.schedule, len(loader)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    t.model.train()
+    # A resumed epoch draws the same dropout; each process its own. Batches and augmentations depend on
+    # (seed, epoch, step) alone.
+    utils.seed_everything(args.seed * 1000 + epoch + 1_000_003 * rank)
+    losses = LossSums(t.device, state.epoch_sums if skip else {}, skip, epoch)
+    schedule.start_epoch(epoch, state.seconds)
+    t0 = time.time()
+    batches = loader.epoch(epoch, skip)
+    if skip:
+        set_rng_state(state.rng_by_rank[rank])
+    bar = tqdm(batches, desc=epoch_label(epoch, args.epochs), leave=False, disable=None if rank == 0 else True,
+               total=steps, initial=skip)
+    lambd = 0.0
+    for i, batch in enumerate(bar, start=skip + 1):
+        batch = to_device_batch(batch, args, t.device, state.step, memory_format)
+        lambd = schedule.lambd(state.step, state.seconds)
+        lr = lr_at(schedule.progress(state.step, state.seconds), args.warmup, args.lr)
+        vals = state.work.step(lambda: train_step(t.net, t.optimizer, t.scaler, batch, lambd, lr, args, t.dtype), batch)
+        stopping, state.seconds = agree(stop.signal is not None, schedule.seconds())
+        state.step, state.epoch_step = state.step + 1, i
+        losses.add(vals)
+        state.finished = schedule.over(state.seconds)
+        stop_inside = stopping and i < steps
+        if state.step % args.print_every == 0 or state.finished or stop_inside:
+            log_steps(args, state, losses.window(i), bar, lambd, lr)  # the one wait for the device
+        if state.finished:
+            break
+        if stop_inside:
+            state.epoch_sums, state.rng_by_rank = losses.read, utils.all_gather_objects(rng_state())
+            return {"stopped": True}
+    train_s = time.time() - t0
+    return {"stopped": False, "losses": losses.means(state.epoch_step), "lambda": lambd, "train_seconds": train_s,
+            "steps": state.epoch_step, "rate": (state.epoch_step - skip) * args.batch_size / max(train_s, 1e-9)}
+
+
+def epoch_label(epoch: int, epochs: int | None) -> str:
+    """'epoch 3/30' for 0-based epoch 2 ('epoch 3' without an epoch limit)."""
+    return f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
+
+
+def log_steps(args, state: TrainState, means: dict, bar, lambd: float, lr: float) -> None:
+    """The mean losses of the steps since the last read on the progress bar and, every --print_every steps,
+    printed and appended to log.jsonl (rank 0)."""
+    bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("class", "triplet", "domain")})
+    if state.step % args.print_every:
+        return
+    print(f"epoch {state.epoch + 1} step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+          + f"  lambda {lambd:.3f}  lr {lr:.2e}")
+    if utils.rank_and_world()[0] == 0:
+        utils.append_jsonl(os.path.join(args.checkpoint_dir, "log.jsonl"), {
+            "kind": "step", "epoch": state.epoch + 1, "step": state.step, "lambda": lambd, "lr": lr,
+            "seconds": state.seconds, **state.work.to_dict(), **means})
+
+
+def end_epoch(t: Trainer, val: dict, classes: list, state: TrainState, stats: dict) -> None:
+    """After epoch state.epoch (counted as done): validate (every --val_every epochs and after the last), print
+    and log it, and write last.pth and, when validation improved, best.pth (rank 0)."""
+    args = t.args
+    val_map, val_s, improved, val_text = None, 0.0, False, f"(validation every {args.val_every} epochs)"
+    if state.finished or state.epoch == args.epochs or state.epoch % args.val_every == 0:
+        t1 = time.time()
+        val_map = validate(t.model, val, classes, args, t.device)
+        val_s = time.time() - t1
+        improved = math.isnan(val_map) or val_map > state.best  # without a validation set, the last epoch is best
+        state.best = val_map if improved else state.best
+        val_text = f"val mAP@all {val_map:.4f}{'  (best)' if improved else ''}  [{val_s:.0f}s validation]"
+    seconds = state.schedule.seconds()
+    print(f"{epoch_label(state.epoch - 1, args.epochs)}: " + "  ".join(f"{k} {v:.4f}" for k, v in stats["losses"].items())
+          + f"  lambda {stats['lambda']:.3f}  {val_text}  [{stats['train_seconds']:.0f}s, {stats['rate']:.1f} "
+          f"{args.sampling}/s" + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "")
+          + f"; so far {state.work.describe(seconds)}]")
+    if utils.rank_and_world()[0] == 0:
+        log_path = os.path.join(args.checkpoint_dir, "log.jsonl")
+        utils.append_jsonl(log_path, {"kind": "epoch", "epoch": state.epoch, "step": state.step, "val_map": val_map,
+                                      "lambda": stats["lambda"], "train_seconds": stats["train_seconds"],
+                                      "val_seconds": val_s, "seconds": seconds, **state.work.to_dict(),
+                                      **stats["losses"]})
+        ckpt = make_checkpoint(t, state, seconds)
+        if improved:
+            utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
+        utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "last.pth"))
+        utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
+
+
+def make_checkpoint(t: Trainer, state: TrainState, seconds: float) -> dict:
+    """The checkpoint of the run as it stands, ``seconds`` into its training: the weights, the optimizer and
+    scaler states, the arguments, the model's description and the state; epoch counts completed
+    epochs, and epoch_step > 0 marks a stop inside the next one, with its loss sums and RNG states."""
+    ckpt = {"models": {name: m.state_dict() for name, m in t.model.named_children()},
+            "optimizers": {"adamw": t.optimizer.state_dict()}, "scaler": t.scaler.state_dict(),
+            "epoch": state.epoch, "step": state.step, "args": vars(t.args), "model": model_config(t.args).to_dict(),
+            "best": state.best, "epoch_step": state.epoch_step,
+            "world_size": utils.rank_and_world()[1], "seconds": seconds,
+            "grl_start_seconds": state.schedule.grl_start_seconds, "finished": state.schedule.over(seconds),
+            "work": state.work.to_dict()}
+    if state.epoch_step:
+        ckpt["epoch_sums"], ckpt["rng_by_rank"] = dict(state.epoch_sums), state.rng_by_rank
+    return ckpt
 
 
 def to_device_batch(batch, args, device, step: int, memory_format) -> list:
@@ -679,111 +860,6 @@ class LossSums:
         if done > self.read_at:
             self.window(done)
         return {k: v / max(1, done) for k, v in self.read.items() if k != "loss"}
-
-
-def end_epoch(args, model, optimizer, scaler, val, data, device, epoch: int, step: int, best: float, means: dict,
-              lambd: float, train_s: float, rate: float, last: bool, schedule, log_path: str) -> float:
-    """Validate (every --val_every epochs and after the last), print and log the epoch, and write last.pth
-    and, when it improved, best.pth (rank 0); returns the best validation mAP so far."""
-    if last or (epoch + 1) % args.val_every == 0:
-        t1 = time.time()
-        val_map = validate(model, val, data.seen, args, device)
-        val_s = time.time() - t1
-        improved = math.isnan(val_map) or val_map > best  # without a validation set, the last epoch is best
-        best = val_map if improved else best
-        val_text = f"val mAP@all {val_map:.4f}{'  (best)' if improved else ''}  [{val_s:.0f}s validation]"
-    else:
-        val_map, val_s, improved, val_text = None, 0.0, False, f"(validation every {args.val_every} epochs)"
-    seconds = schedule.seconds()
-    print(f"epoch {epoch + 1}" + (f"/{args.epochs}" if args.epochs else "") + ": "
-          + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) + f"  lambda {lambd:.3f}  {val_text}"
-          f"  [{train_s:.0f}s, {rate:.1f} {args.sampling}/s"
-          + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "")
-          + f"; so far {schedule.work.describe(seconds)}]")
-    if utils.rank_and_world()[0] == 0:
-        utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
-                                      "lambda": lambd, "train_seconds": train_s, "val_seconds": val_s,
-                                      "seconds": seconds, **schedule.work.to_dict(), **means})
-        # A budget that ends inside an epoch ends training there: the checkpoint counts the epoch as done.
-        ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best, schedule_state=schedule.state(seconds))
-        if improved:
-            utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
-        utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "last.pth"))
-        utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
-    return best
-
-
-def train_epochs(args, model, net, optimizer, scaler, loader, val, data, device, dtype, start_epoch, step,
-                 best, resumed, log_path, stop) -> None:
-    """The training loop over a BatchLoader (or anything with len(), prepare() and epoch(e, start)). It reads
-    from the device only every --print_every steps, at a stop and at the end of an epoch."""
-    rank, world = utils.rank_and_world()
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    steps_per_epoch = len(loader)
-    schedule = Schedule(args, steps_per_epoch, resumed.get("seconds", 0.0), resumed.get("grl_start_seconds", -1.0),
-                        resumed.get("work", {"steps": step}))  # checkpoints before the work was counted: steps only
-    work = schedule.work
-    loader.prepare()  # inside the budget: reading the images is part of training
-    last_path = os.path.join(args.checkpoint_dir, "last.pth")
-    epoch, seconds, lambd, finished = start_epoch, schedule.seconds(), 0.0, False
-    while args.epochs is None or epoch < args.epochs:
-        model.train()
-        # A resumed epoch draws the same dropout; each process its own. Batches and augmentations depend on
-        # (seed, epoch, step) alone.
-        utils.seed_everything(args.seed * 1000 + epoch + 1_000_003 * rank)
-        skip = resumed.get("epoch_step", 0) if epoch == start_epoch else 0
-        losses = LossSums(device, resumed.get("epoch_sums", {}) if skip else {}, skip, epoch)
-        schedule.start_epoch(epoch, seconds)
-        t0 = time.time()
-        batches = loader.epoch(epoch, skip)
-        if skip:
-            set_rng_state(resumed["rng_by_rank"][rank] if "rng_by_rank" in resumed
-                          else resumed["rng"])  # "rng": one process's states, as saved before torchrun support
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}" + (f"/{args.epochs}" if args.epochs else ""), leave=False,
-                   disable=None if rank == 0 else True, total=steps_per_epoch, initial=skip)
-        done = skip
-        for i, batch in enumerate(bar, start=skip + 1):
-            batch = to_device_batch(batch, args, device, step, memory_format)
-            lambd = schedule.lambd(step, seconds)
-            lr = lr_at(schedule.progress(step, seconds), args.warmup, args.lr)
-            vals = work.step(lambda: train_step(net, optimizer, scaler, batch, lambd, lr, args, dtype), batch)
-            stopping, seconds = agree(stop.signal is not None, schedule.seconds())
-            step, done = step + 1, i
-            losses.add(vals)
-            finished = schedule.over(seconds)
-            if step % args.print_every == 0 or finished or (stopping and i < steps_per_epoch):
-                means = losses.window(i)  # the one wait for the device
-                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("class", "triplet", "domain")})
-                if step % args.print_every == 0:
-                    print(f"epoch {epoch + 1} step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
-                          + f"  lambda {lambd:.3f}  lr {lr:.2e}")
-                    if rank == 0:
-                        utils.append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, "lambda": lambd,
-                                                      "lr": lr, "seconds": seconds, **work.to_dict(), **means})
-            if finished:
-                break
-            if stopping and i < steps_per_epoch:
-                rngs = utils.all_gather_objects(rng_state())
-                if rank == 0:
-                    utils.save_checkpoint(make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i,
-                                                          losses.read, rngs, schedule.state(seconds)), last_path)
-                print(f"stopped at step {step} ({i}/{steps_per_epoch} of epoch {epoch + 1}); continue with "
-                      f"--resume {last_path}")
-                return
-        train_s = time.time() - t0
-        best = end_epoch(args, model, optimizer, scaler, val, data, device, epoch, step, best, losses.means(done),
-                         lambd, train_s, (done - skip) * args.batch_size / max(train_s, 1e-9),
-                         finished or (args.epochs is not None and epoch + 1 == args.epochs), schedule, log_path)
-        epoch += 1
-        if finished:
-            print(f"budget of {args.budget_minutes} min spent after {step} steps ({epoch} epoch(s), the last one "
-                  f"{done}/{steps_per_epoch} steps); {measured_against(args.recipe, work)}")
-            break
-        if any_process(stop.signal is not None) and (args.epochs is None or epoch < args.epochs):
-            print(f"stopped after epoch {epoch}; continue with --resume {last_path}")
-            return
-    print(f"done: {work.describe(schedule.seconds())}; best seen-class val mAP@all {best:.4f} -> "
-          f"{os.path.join(args.checkpoint_dir, 'best.pth')}")
 
 
 if __name__ == "__main__":
