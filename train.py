@@ -1,9 +1,15 @@
 """Train a zero-shot sketch-based image retrieval model (triplet loss + domain-adversarial loss).
 
-    python train.py --data_dir data/sketchy --batch_size 32 --checkpoint_dir ckpt --epochs 30
     python train.py --data_dir data/demo --backbone resnet18 --no-pretrained --image_size 64 --epochs 8
+    python train.py --data_dir data/sketchy --config configs/original.yaml --checkpoint_dir ckpt --epochs 30
     python train.py --data_dir data/sketchy --checkpoint_dir ckpt --epochs 30 --resume ckpt/last.pth
     torchrun --standalone --nproc_per_node=4 train.py --data_dir data/sketchy --batch_size 128 --checkpoint_dir ckpt
+
+The training flags' defaults come from a YAML config (configs/: the recipes scratch, finetune and original, and
+published settings): --config FILE, or --recipe NAME for configs/NAME.yaml, or without either configs/finetune.yaml
+(--pretrained) or configs/scratch.yaml (--no-pretrained). A flag on the command line wins over the config, and
+--help shows the defaults under the config it is given with. The banner, args.json and every checkpoint keep the
+config file's path and text.
 
 Seen classes (DATA/train_labels.txt) are split once, seeded, into training images and a held-out
 validation set; seen-class validation mAP@all selects ckpt/best.pth, so model selection never
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -37,134 +44,234 @@ from model import (BACKBONES, CLIP_BACKBONES, PATCH_SIZE, WITHOUT_BATCH_NORM, Mo
                    ZSSBIRModel, backbone_stats, grl_lambda, paired_losses, sbir_losses)
 
 
-# Each recipe is a set of defaults; a flag given on the command line always wins over its recipe.
-# scratch:  a backbone trained from random weights (what --no-pretrained selects); measured in docs/results.md.
-# finetune: torchvision ImageNet weights fine-tuned (what --pretrained selects); the same losses and data.
-# original: the paper's recipe (two branches, triplet loss + gradient-reversal domain loss, lr 1e-4).
-SCRATCH = dict(backbone="resnet18", image_size=32, batch_size=64, lr=2e-3, weight_decay=5e-4, warmup=0.3,
-               shared_trunk=True, domain_bn=False, edge_maps=True, sampling="pairs", triplet_loss_ratio=0.0,
-               class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0, crop_scale=0.5)
-RECIPES = {
-    "scratch": SCRATCH,
-    "finetune": {**SCRATCH, "backbone": "resnet50", "image_size": 224, "lr": 1e-4, "warmup": 0.1},
-    "original": dict(backbone="vgg16", image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4, warmup=0.5 / 30,
-                     shared_trunk=False, domain_bn=False, edge_maps=False, sampling="triplets", triplet_loss_ratio=1.0,
-                     class_loss_ratio=0.0, domain_loss_ratio=0.5, grl_threshold_epoch=5, proxy_lr_mult=1.0,
-                     crop_scale=0.7),
-}
+# ----------------------------------------------------------------------------------- configs
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+NOT_IN_CONFIGS = ("help", "config", "recipe")  # the flags that choose the config itself
 
 
-# The training steps behind each recipe's figures in docs/results.md (the demo's make demo, emoji-dev's longest run),
-# which a run that a --budget_minutes ends is compared with: a slower machine does fewer steps in the same minutes.
-MEASURED_STEPS = {"scratch": {"the demo": 279, "emoji-dev": 2570}}
+def recipe_names() -> list:
+    """What --recipe NAME can name: the files configs/NAME.yaml."""
+    return sorted(f[:-len(".yaml")] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
 
 
-def measured_against(recipe: str, work: "Work") -> str:
-    """How far a run got, against the work the recipe's published figures took."""
-    measured = MEASURED_STEPS.get(recipe)
-    if not measured:
-        return f"docs/results.md has no figure of the {recipe} recipe to compare these {work.steps} steps with"
-    return (f"docs/results.md measured the {recipe} recipe with " + " and ".join(
-        f"{n:,} steps on {where} (this run did {work.steps / n:.0%} of that)" for where, n in measured.items()))
+def read_config(path: str, parser: argparse.ArgumentParser) -> tuple[str, dict]:
+    """A config file's text and its values: a YAML mapping of the parser's flag names (without the dashes) to
+    values, each converted and checked as the command line would; anything else is a UserError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise utils.UserError(f"cannot read config {path} ({getattr(e, 'strerror', None) or e}); pass a YAML file "
+                              f"such as configs/scratch.yaml") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise utils.UserError(f"config {path} is not YAML ({getattr(e, 'problem', None) or 'unreadable'}{where}); "
+                              "write one 'flag_name: value' per line") from None
+    if values is None:
+        values = {}  # an empty file changes no default
+    if not isinstance(values, dict):
+        raise utils.UserError(f"config {path} holds a {type(values).__name__}, not flag names and values; "
+                              "write one 'flag_name: value' per line")
+    flags = {a.dest: a for a in parser._actions
+             if a.option_strings and not a.required and a.dest not in NOT_IN_CONFIGS}
+    return text, {key: config_value(path, flags, key, value) for key, value in values.items()}
 
 
-def recipe_help(name: str, text: str) -> str:
-    """A flag's help with its value under each recipe."""
-    return f"{text} (default by recipe: " + ", ".join(f"{r} {v[name]}" for r, v in RECIPES.items()) + ")"
+def config_value(path: str, flags: dict, key, value):
+    """One config entry as the flag ``key`` takes it: true/false for a --flag/--no-flag, a string for the
+    flag's type (read as on the command line), a number of its kind, or null where the flag's default is."""
+    action = flags.get(key)
+    if action is None:
+        raise utils.UserError(f"config {path}: unknown key {key!r}; its keys are train.py's flags without the "
+                              "dashes (python train.py --help), except --data_dir, --config and --recipe")
+    if value is None and action.default is None:
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if isinstance(value, bool):
+            return value
+        raise utils.UserError(f"config {path}: {key} must be true or false, got {value!r}")
+    kinds = {str: (str,), int: (int, str), float: (int, float, str)}[action.type]
+    try:
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError
+        converted = action.type(value)
+    except ValueError:
+        what = {str: "a string", int: "an integer", float: "a number"}[action.type]
+        raise utils.UserError(f"config {path}: {key} must be {what}, got {value!r}") from None
+    if action.choices and converted not in action.choices:
+        raise utils.UserError(f"config {path}: {key} must be one of {', '.join(map(str, action.choices))}, "
+                              f"got {value!r}")
+    return converted
 
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose defaults come from a YAML config, as timm's train.py reads its --config: the
+    config's values replace the flags' own defaults for this parse (and for --help), and a flag given on the
+    command line wins over both. The config is --config FILE, or configs/NAME.yaml for --recipe NAME, or with
+    neither configs/finetune.yaml (--pretrained, the default) or configs/scratch.yaml (--no-pretrained).
+    The parsed arguments name it: config (its path), recipe (its name) and recipe_source (how it was chosen).
+    A config that cannot be used is one line, "error: ...", and exit status 2."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        first = argparse.ArgumentParser(add_help=False)
+        first.add_argument("--config", type=str, default="")
+        first.add_argument("--recipe", type=str, default="")
+        first.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
+        chosen = first.parse_known_args(args)[0]
+        path, name, source = self.choose_config(chosen)
+        try:
+            values = read_config(path, self)[1]
+        except utils.UserError as e:
+            self.exit(2, f"error: {e}\n")
+        defaults = {**values, "config": path, "recipe": name}
+        saved = {action: action.default for action in self._actions}
+        try:
+            for action in self._actions:
+                action.default = defaults.get(action.dest, action.default)
+            parsed, rest = super().parse_known_args(args, namespace)
+        finally:
+            for action, default in saved.items():
+                action.default = default
+        parsed.recipe_source = source
+        return parsed, rest
+
+    def choose_config(self, chosen: argparse.Namespace) -> tuple[str, str, str]:
+        """(path, name, how it was chosen) of the config that --config, --recipe and --pretrained choose."""
+        if chosen.config and chosen.recipe:
+            self.exit(2, "error: give --config FILE or --recipe NAME (configs/NAME.yaml), not both\n")
+        if chosen.config:
+            return chosen.config, os.path.splitext(os.path.basename(chosen.config))[0], "given"
+        name = chosen.recipe or ("finetune" if chosen.pretrained else "scratch")
+        path = os.path.join(CONFIG_DIR, name + ".yaml")
+        if not os.path.isfile(path):
+            self.exit(2, f"error: --recipe {name}: there is no configs/{name}.yaml; choose one of "
+                         f"{', '.join(recipe_names())}, or pass --config FILE\n")
+        return os.path.relpath(path), name, "given" if chosen.recipe else (
+            "from --pretrained" if chosen.pretrained else "from --no-pretrained")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown, except None: such a flag's help says what leaving it out does."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+# ----------------------------------------------------------------------------------- arguments
 
 def get_args_parser() -> argparse.ArgumentParser:
-    common = utils.common_parser(None, recipe_help(
-        "batch_size", "triplets (original) or sketch-photo pairs per step, over all processes under torchrun"))
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_dir", type=str, required=True, help="dataset folder (see README: data layout)")
-    p.add_argument("--class_split", type=str, default="",
-                   help="a named zero-shot split under DATA/splits/ (e.g. sake25, sempcyc25, yelamarthi21); "
-                        "default: DATA/train_labels.txt and test_labels.txt")
-    p.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="where checkpoints and logs go")
-    p.add_argument("--recipe", type=str, default="", choices=["", *RECIPES],
-                   help="set of defaults for the flags below marked 'by recipe'; default: scratch with "
-                        "--no-pretrained, finetune with --pretrained; 'original' is the paper's setting")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="total number of epochs (default 30; with --budget_minutes, no limit but the budget)")
-    p.add_argument("--budget_minutes", type=float, default=0.0,
-                   help="wall-clock budget of the training: the learning rate and lambda schedules span it and "
-                        "training stops when it is spent, with a checkpoint (0: the schedules span --epochs)")
-    p.add_argument("--sampling", type=str, default=None, choices=["pairs", "triplets"], help=recipe_help(
-        "sampling", "pairs: one pass over the photos per epoch, each with a sketch-domain partner of its class; "
-                    "triplets: one (sketch, positive, negative) per training sketch"))
-    p.add_argument("--triplet_loss_ratio", type=float, default=None, help=recipe_help("triplet_loss_ratio",
-                   "weight of the triplet loss (pairs: batch-hard negative)"))
-    p.add_argument("--domain_loss_ratio", type=float, default=None,
-                   help=recipe_help("domain_loss_ratio", "weight of the domain loss (0 disables it)"))
-    p.add_argument("--class_loss_ratio", type=float, default=None, help=recipe_help(
-        "class_loss_ratio", "weight of the normalised-softmax loss on seen-class proxies shared by both domains"))
-    p.add_argument("--grl_threshold_epoch", type=int, default=None, help=recipe_help(
-        "grl_threshold_epoch", "epoch (0-based) from which the gradient reversal lambda ramps up from 0"))
-    p.add_argument("--grl_max_lambda", type=float, default=1.0, help="the lambda ramp's end value (Ganin: 1)")
-    p.add_argument("--domain_input", type=str, default="embedding", choices=["embedding", "features"],
-                   help="what the domain classifier reads: the unit embedding or the trunk's pooled features")
-    p.add_argument("--domain_label_smoothing", type=float, default=0.0,
-                   help="domain targets s/2 and 1 - s/2 instead of 0 and 1")
-    p.add_argument("--print_every", type=int, default=100,
-                   help="log the mean losses of the last N steps every N steps (the only time the loop waits for the GPU)")
-    p.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and after the last)")
-    p.add_argument("--backbone", type=str, default=None, choices=sorted(BACKBONES),
-                   help=recipe_help("backbone", "torchvision CNN of the encoder(s)"))
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from torchvision's ImageNet weights")
-    p.add_argument("--weights", type=str, default="",
-                   help="start the trunk from this file instead of downloading: a state dict of the whole "
-                        "torchvision --backbone network (e.g. the .pth behind its ImageNet weights' URL)")
-    p.add_argument("--shared_trunk", action=argparse.BooleanOptionalAction, default=None,
-                   help=recipe_help("shared_trunk", "one trunk for both domains instead of two branches"))
-    p.add_argument("--domain_bn", action=argparse.BooleanOptionalAction, default=None,
-                   help=recipe_help("domain_bn", "domain-specific batch norm in a shared trunk"))
-    p.add_argument("--edge_maps", action=argparse.BooleanOptionalAction, default=None, help=recipe_help(
-        "edge_maps", "edge maps of the training photos as extra sketch-domain samples (pairs only)"))
-    p.add_argument("--thicken", type=float, default=0.0,
-                   help="fraction of sketch-domain images whose strokes are thickened (pairs only)")
-    p.add_argument("--crop_scale", type=float, default=None,
-                   help=recipe_help("crop_scale", "smallest area of the random resized crop, done on the device"))
-    p.add_argument("--image_size", type=int, default=None, help=recipe_help("image_size", "input side in pixels"))
-    p.add_argument("--embedding_dim", type=int, default=512, help="size of the shared embedding")
-    p.add_argument("--margin", type=float, default=0.2, help="triplet margin on unit-norm embeddings")
-    p.add_argument("--lr", type=float, default=None, help=recipe_help("lr", "AdamW learning rate"))
-    p.add_argument("--proxy_lr_mult", type=float, default=None,
-                   help=recipe_help("proxy_lr_mult", "learning rate multiplier of the class proxies"))
-    p.add_argument("--weight_decay", type=float, default=None, help=recipe_help("weight_decay", "AdamW weight decay"))
-    p.add_argument("--warmup", type=float, default=None, help=recipe_help(
-        "warmup", "fraction of the schedule with a linear LR warm-up, then cosine decay to 1%%"))
-    p.add_argument("--warmup_epochs", type=float, default=None,
-                   help="the warm-up in epochs instead (not with --budget_minutes)")
-    p.add_argument("--grad_clip", type=float, default=10.0, help="clip the gradient norm (0: off)")
-    p.add_argument("--val_fraction", type=float, default=0.1,
-                   help="fraction of each seen class's sketches and photos held out for model selection")
-    p.add_argument("--semantic_negatives", action=argparse.BooleanOptionalAction, default=True,
-                   help="draw negatives by class-name similarity when DATA/train_embeddings.npy exists (triplets)")
-    p.add_argument("--semantic_temperature", type=float, default=0.2,
-                   help="softmax temperature of class-name cosine similarity for negative sampling")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    add_speed_args(p)
-    p.add_argument("--resume", type=str, default="", help="checkpoint (e.g. ckpt/last.pth) to continue from")
+    """train.py's flags, in groups. The defaults written here are configs/finetune.yaml's; the parser replaces
+    them with the chosen config's (ConfigArgumentParser)."""
+    common = utils.common_parser(64, "triplets (--sampling triplets) or sketch-photo pairs per step, over all "
+                                     "processes under torchrun")
+    p = ConfigArgumentParser(description=__doc__.split("\n")[0], parents=[common], formatter_class=HelpFormatter)
+    add_run_args(p.add_argument_group("data, outputs and schedule"))
+    add_model_args(p.add_argument_group("model"))
+    add_loss_args(p.add_argument_group("sampling and losses"))
+    add_optimizer_args(p.add_argument_group("optimiser"))
+    add_speed_args(p.add_argument_group("speed (how fast training runs, not what it learns)"))
     return p
 
 
-def add_speed_args(p: argparse.ArgumentParser) -> None:
+def add_run_args(g) -> None:
+    g.add_argument("--data_dir", type=str, required=True, help="dataset folder (see README: data layout)")
+    g.add_argument("--class_split", type=str, default="",
+                   help="a named zero-shot split under DATA/splits/ (e.g. sake25, sempcyc25, yelamarthi21); "
+                        "default: DATA/train_labels.txt and test_labels.txt")
+    g.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="where checkpoints and logs go")
+    g.add_argument("--config", type=str, default="",
+                   help="YAML file of flag defaults (see configs/); flags given here win over it")
+    g.add_argument("--recipe", type=str, default="", choices=recipe_names(),
+                   help="configs/NAME.yaml as the config; without --config or --recipe: finetune with "
+                        "--pretrained, scratch with --no-pretrained; 'original' is the paper's setting")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="total number of epochs (if not given: 30; with --budget_minutes, no limit but the budget)")
+    g.add_argument("--budget_minutes", type=float, default=0.0,
+                   help="wall-clock budget of the training: the learning rate and lambda schedules span it and "
+                        "training stops when it is spent, with a checkpoint (0: the schedules span --epochs)")
+    g.add_argument("--val_fraction", type=float, default=0.1,
+                   help="fraction of each seen class's sketches and photos held out for model selection")
+    g.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and after the last)")
+    g.add_argument("--print_every", type=int, default=100,
+                   help="log the mean losses of the last N steps every N steps (the only time the loop waits for the GPU)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--resume", type=str, default="", help="checkpoint (e.g. ckpt/last.pth) to continue from")
+
+
+def add_model_args(g) -> None:
+    g.add_argument("--backbone", type=str, default="resnet50", choices=sorted(BACKBONES),
+                   help="torchvision CNN of the encoder(s)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from torchvision's ImageNet weights")
+    g.add_argument("--weights", type=str, default="",
+                   help="start the trunk from this file instead of downloading: a state dict of the whole "
+                        "torchvision --backbone network (e.g. the .pth behind its ImageNet weights' URL)")
+    g.add_argument("--shared_trunk", action=argparse.BooleanOptionalAction, default=True,
+                   help="one trunk for both domains instead of two branches")
+    g.add_argument("--domain_bn", action=argparse.BooleanOptionalAction, default=False,
+                   help="domain-specific batch norm in a shared trunk")
+    g.add_argument("--image_size", type=int, default=224, help="input side in pixels")
+    g.add_argument("--embedding_dim", type=int, default=512, help="size of the shared embedding")
+    g.add_argument("--domain_input", type=str, default="embedding", choices=["embedding", "features"],
+                   help="what the domain classifier reads: the unit embedding or the trunk's pooled features")
+
+
+def add_loss_args(g) -> None:
+    g.add_argument("--sampling", type=str, default="pairs", choices=["pairs", "triplets"],
+                   help="pairs: one pass over the photos per epoch, each with a sketch-domain partner of its "
+                        "class; triplets: one (sketch, positive, negative) per training sketch")
+    g.add_argument("--edge_maps", action=argparse.BooleanOptionalAction, default=True,
+                   help="edge maps of the training photos as extra sketch-domain samples (pairs only)")
+    g.add_argument("--thicken", type=float, default=0.0,
+                   help="fraction of sketch-domain images whose strokes are thickened (pairs only)")
+    g.add_argument("--crop_scale", type=float, default=0.5,
+                   help="smallest area of the random resized crop, done on the device")
+    g.add_argument("--semantic_negatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw negatives by class-name similarity when DATA/train_embeddings.npy exists (triplets)")
+    g.add_argument("--semantic_temperature", type=float, default=0.2,
+                   help="softmax temperature of class-name cosine similarity for negative sampling")
+    g.add_argument("--triplet_loss_ratio", type=float, default=0.0,
+                   help="weight of the triplet loss (pairs: batch-hard negative)")
+    g.add_argument("--margin", type=float, default=0.2, help="triplet margin on unit-norm embeddings")
+    g.add_argument("--class_loss_ratio", type=float, default=1.0,
+                   help="weight of the normalised-softmax loss on seen-class proxies shared by both domains")
+    g.add_argument("--domain_loss_ratio", type=float, default=0.0, help="weight of the domain loss (0 disables it)")
+    g.add_argument("--grl_threshold_epoch", type=int, default=0,
+                   help="epoch (0-based) from which the gradient reversal lambda ramps up from 0")
+    g.add_argument("--grl_max_lambda", type=float, default=1.0, help="the lambda ramp's end value (Ganin: 1)")
+    g.add_argument("--domain_label_smoothing", type=float, default=0.0,
+                   help="domain targets s/2 and 1 - s/2 instead of 0 and 1")
+
+
+def add_optimizer_args(g) -> None:
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    g.add_argument("--proxy_lr_mult", type=float, default=10.0, help="learning rate multiplier of the class proxies")
+    g.add_argument("--weight_decay", type=float, default=5e-4, help="AdamW weight decay")
+    g.add_argument("--warmup", type=float, default=0.1,
+                   help="fraction of the schedule with a linear LR warm-up, then cosine decay to 1%%")
+    g.add_argument("--warmup_epochs", type=float, default=None,
+                   help="the warm-up in epochs instead (not with --budget_minutes)")
+    g.add_argument("--grad_clip", type=float, default=10.0, help="clip the gradient norm (0: off)")
+
+
+def add_speed_args(g) -> None:
     """The flags that change how fast training runs, not what it learns: caches, memory layout, compilation."""
-    p.add_argument("--cache_gb", type=float, default=8.0,
+    g.add_argument("--cache_gb", type=float, default=8.0,
                    help="hold the training images in memory at --image_size when they fit in this many GiB "
                         "(and the disk cache does not hold them all)")
-    p.add_argument("--disk_cache", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--disk_cache", action=argparse.BooleanOptionalAction, default=None,
                    help="the training images resized to --image_size in one .npy file (--cache_dir), read without "
                         "decoding: --disk_cache writes what is missing before training, the default reads it "
                         "where it exists, --no-disk_cache ignores it")
-    p.add_argument("--cache_dir", type=str, default="", help="where the disk cache lives (default DATA/cache)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--cache_dir", type=str, default="", help="where the disk cache lives (default DATA/cache)")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for the CNNs (default: on with --amp on CUDA, where it speeds up "
                         "convolutions; off on the CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the two encoders (slower start, faster steps; needs a C++ compiler on CPU)")
 
 
@@ -181,16 +288,9 @@ def start_weights(path: str) -> dict:
 
 
 def apply_recipe(args) -> None:
-    """Fill every flag left unset from the recipe (chosen from --pretrained unless given), in place; a
-    second call changes nothing."""
-    if hasattr(args, "recipe_source"):
-        return
-    args.recipe_source = "given" if args.recipe else ("from --pretrained" if args.pretrained else "from --no-pretrained")
-    if not args.recipe:
-        args.recipe = "finetune" if args.pretrained else "scratch"
-    for name, value in RECIPES[args.recipe].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    """Resolve what follows from other flags once the config and the command line are read (in place; a second
+    call changes nothing): a warm-up given in epochs as a fraction of the schedule, and 30 epochs when neither
+    --epochs nor --budget_minutes ends training."""
     if args.warmup_epochs is not None:
         if args.budget_minutes > 0:
             raise utils.UserError("--warmup_epochs needs an epoch schedule; with --budget_minutes give --warmup "
@@ -198,6 +298,20 @@ def apply_recipe(args) -> None:
         args.warmup = args.warmup_epochs / (args.epochs or 30)
     if args.epochs is None and not args.budget_minutes > 0:
         args.epochs = 30
+
+
+# The training steps behind each recipe's figures in docs/results.md (the demo's make demo, emoji-dev's longest run),
+# which a run that a --budget_minutes ends is compared with: a slower machine does fewer steps in the same minutes.
+MEASURED_STEPS = {"scratch": {"the demo": 279, "emoji-dev": 2570}}
+
+
+def measured_against(recipe: str, work: "Work") -> str:
+    """How far a run got, against the work the recipe's published figures took."""
+    measured = MEASURED_STEPS.get(recipe)
+    if not measured:
+        return f"docs/results.md has no figure of the {recipe} recipe to compare these {work.steps} steps with"
+    return (f"docs/results.md measured the {recipe} recipe with " + " and ".join(
+        f"{n:,} steps on {where} (this run did {work.steps / n:.0%} of that)" for where, n in measured.items()))
 
 
 def check_args(args) -> None:
@@ -465,15 +579,20 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     net = TrainingLosses(model, args.domain_label_smoothing)
     if world > 1:  # after loading: DDP copies rank 0's weights to every process
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    trainer = Trainer(args, model, net, optimizer, scaler, device, dtype)
+    trainer = Trainer(args, model, net, optimizer, scaler, device, dtype, info["config"])
     with StopRequest() as stop:
         fit(trainer, loader, val, data.seen, TrainState.start(args, len(loader), resume), stop)
 
 
 def print_setup(args, world: int) -> dict:
-    """Print the arguments, versions and the recipe in words; return what args.json keeps (utils.print_banner)."""
+    """Print the arguments, versions, the config (its path and text) and the recipe in words; return what
+    args.json keeps: utils.print_banner's record with the config."""
     info = utils.print_banner("train.py", args)
-    print(f"recipe: {args.recipe} ({args.recipe_source}): "
+    text = read_config(args.config, get_args_parser())[0]
+    info["config"] = {"path": args.config, "text": text}
+    print(f"config {args.config} ({args.recipe_source}):\n" + "".join(f"  {line}\n" for line in text.splitlines()),
+          end="")
+    print(f"recipe: {args.recipe}: "
           f"{'one shared trunk' if args.shared_trunk else 'two branches'}{' with domain batch norm' if args.domain_bn else ''}, "
           f"{args.sampling}{' + photo edge maps' if args.edge_maps else ''}, losses "
           + ", ".join(f"{k} {getattr(args, k + '_loss_ratio')}" for k in ("class", "triplet", "domain"))
@@ -675,7 +794,8 @@ class TrainState:
 class Trainer:
     """What training works with, fixed once built: the arguments, the model (bare: its state dict is what
     checkpoints keep), the network whose forward returns the losses (TrainingLosses, wrapped in DDP under
-    torchrun), the optimizer and the gradient scaler, the device and autocast's dtype (None: full precision)."""
+    torchrun), the optimizer and the gradient scaler, the device, autocast's dtype (None: full precision),
+    and the config file behind the arguments ({"path", "text"})."""
     args: argparse.Namespace
     model: ZSSBIRModel
     net: nn.Module
@@ -683,6 +803,7 @@ class Trainer:
     scaler: torch.amp.GradScaler
     device: torch.device
     dtype: torch.dtype | None
+    config: dict
 
 
 def fit(t: Trainer, loader, val: dict, classes: list, state: TrainState, stop: StopRequest) -> None:
@@ -808,12 +929,12 @@ def end_epoch(t: Trainer, val: dict, classes: list, state: TrainState, stats: di
 
 def make_checkpoint(t: Trainer, state: TrainState, seconds: float) -> dict:
     """The checkpoint of the run as it stands, ``seconds`` into its training: the weights, the optimizer and
-    scaler states, the arguments, the model's description and the state; epoch counts completed
+    scaler states, the arguments, the model's description, the config, and the state; epoch counts completed
     epochs, and epoch_step > 0 marks a stop inside the next one, with its loss sums and RNG states."""
     ckpt = {"models": {name: m.state_dict() for name, m in t.model.named_children()},
             "optimizers": {"adamw": t.optimizer.state_dict()}, "scaler": t.scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "args": vars(t.args), "model": model_config(t.args).to_dict(),
-            "best": state.best, "epoch_step": state.epoch_step,
+            "config": t.config, "best": state.best, "epoch_step": state.epoch_step,
             "world_size": utils.rank_and_world()[1], "seconds": seconds,
             "grl_start_seconds": state.schedule.grl_start_seconds, "finished": state.schedule.over(seconds),
             "work": state.work.to_dict()}
