@@ -1,9 +1,15 @@
 """Train a zero-shot sketch-based image retrieval model (triplet loss + domain-adversarial loss).
 
-    python train.py --data_dir data/sketchy --batch_size 32 --checkpoint_dir ckpt --epochs 30
     python train.py --data_dir data/demo --backbone resnet18 --no-pretrained --image_size 64 --epochs 8
+    python train.py --data_dir data/sketchy --config configs/original.yaml --checkpoint_dir ckpt --epochs 30
     python train.py --data_dir data/sketchy --checkpoint_dir ckpt --epochs 30 --resume ckpt/last.pth
     torchrun --standalone --nproc_per_node=4 train.py --data_dir data/sketchy --batch_size 128 --checkpoint_dir ckpt
+
+The training flags' defaults come from a YAML config (configs/: the recipes scratch, finetune and original, and
+published settings): --config FILE, or --recipe NAME for configs/NAME.yaml, or without either configs/finetune.yaml
+(--pretrained) or configs/scratch.yaml (--no-pretrained). A flag on the command line wins over the config, and
+--help shows the defaults under the config it is given with. The banner, args.json and every checkpoint keep the
+config file's path and text.
 
 Seen classes (DATA/train_labels.txt) are split once, seeded, into training images and a held-out
 validation set; seen-class validation mAP@all selects ckpt/best.pth, so model selection never
@@ -22,9 +28,11 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -36,134 +44,234 @@ from model import (BACKBONES, CLIP_BACKBONES, DOMAIN_INPUTS, ModelConfig, ModelC
                    PretrainedWeightsUnavailable, Triplets, ZSSBIRModel, backbone_stats, grl_lambda, sbir_losses)
 
 
-# Each recipe is a set of defaults; a flag given on the command line always wins over its recipe.
-# scratch:  a backbone trained from random weights (what --no-pretrained selects); measured in docs/results.md.
-# finetune: torchvision ImageNet weights fine-tuned (what --pretrained selects); the same losses and data.
-# original: the paper's recipe (two branches, triplet loss + gradient-reversal domain loss, lr 1e-4).
-SCRATCH = dict(backbone="resnet18", image_size=32, batch_size=64, lr=2e-3, weight_decay=5e-4, warmup=0.3,
-               shared_trunk=True, domain_bn=False, edge_maps=True, sampling="pairs", triplet_loss_ratio=0.0,
-               class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0, crop_scale=0.5)
-RECIPES = {
-    "scratch": SCRATCH,
-    "finetune": {**SCRATCH, "backbone": "resnet50", "image_size": 224, "lr": 1e-4, "warmup": 0.1},
-    "original": dict(backbone="vgg16", image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4, warmup=0.5 / 30,
-                     shared_trunk=False, domain_bn=False, edge_maps=False, sampling="triplets", triplet_loss_ratio=1.0,
-                     class_loss_ratio=0.0, domain_loss_ratio=0.5, grl_threshold_epoch=5, proxy_lr_mult=1.0,
-                     crop_scale=0.7),
-}
+# ----------------------------------------------------------------------------------- configs
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+NOT_IN_CONFIGS = ("help", "config", "recipe")  # the flags that choose the config itself
 
 
-# The training steps behind each recipe's figures in docs/results.md (the demo's make demo, emoji-dev's longest run),
-# which a run that a --budget_minutes ends is compared with: a slower machine does fewer steps in the same minutes.
-MEASURED_STEPS = {"scratch": {"the demo": 279, "emoji-dev": 2570}}
+def recipe_names() -> list:
+    """What --recipe NAME can name: the files configs/NAME.yaml."""
+    return sorted(f[:-len(".yaml")] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
 
 
-def measured_against(recipe: str, work: "Work") -> str:
-    """How far a run got, against the work the recipe's published figures took."""
-    measured = MEASURED_STEPS.get(recipe)
-    if not measured:
-        return f"docs/results.md has no figure of the {recipe} recipe to compare these {work.steps} steps with"
-    return (f"docs/results.md measured the {recipe} recipe with " + " and ".join(
-        f"{n:,} steps on {where} (this run did {work.steps / n:.0%} of that)" for where, n in measured.items()))
+def read_config(path: str, parser: argparse.ArgumentParser) -> tuple[str, dict]:
+    """A config file's text and its values: a YAML mapping of the parser's flag names (without the dashes) to
+    values, each converted and checked as the command line would; anything else is a UserError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise utils.UserError(f"cannot read config {path} ({getattr(e, 'strerror', None) or e}); pass a YAML file "
+                              f"such as configs/scratch.yaml") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise utils.UserError(f"config {path} is not YAML ({getattr(e, 'problem', None) or 'unreadable'}{where}); "
+                              "write one 'flag_name: value' per line") from None
+    if values is None:
+        values = {}  # an empty file changes no default
+    if not isinstance(values, dict):
+        raise utils.UserError(f"config {path} holds a {type(values).__name__}, not flag names and values; "
+                              "write one 'flag_name: value' per line")
+    flags = {a.dest: a for a in parser._actions
+             if a.option_strings and not a.required and a.dest not in NOT_IN_CONFIGS}
+    return text, {key: config_value(path, flags, key, value) for key, value in values.items()}
 
 
-def recipe_help(name: str, text: str) -> str:
-    """A flag's help with its value under each recipe."""
-    return f"{text} (default by recipe: " + ", ".join(f"{r} {v[name]}" for r, v in RECIPES.items()) + ")"
+def config_value(path: str, flags: dict, key, value):
+    """One config entry as the flag ``key`` takes it: true/false for a --flag/--no-flag, a string for the
+    flag's type (read as on the command line), a number of its kind, or null where the flag's default is."""
+    action = flags.get(key)
+    if action is None:
+        raise utils.UserError(f"config {path}: unknown key {key!r}; its keys are train.py's flags without the "
+                              "dashes (python train.py --help), except --data_dir, --config and --recipe")
+    if value is None and action.default is None:
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if isinstance(value, bool):
+            return value
+        raise utils.UserError(f"config {path}: {key} must be true or false, got {value!r}")
+    kinds = {str: (str,), int: (int, str), float: (int, float, str)}[action.type]
+    try:
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError
+        converted = action.type(value)
+    except ValueError:
+        what = {str: "a string", int: "an integer", float: "a number"}[action.type]
+        raise utils.UserError(f"config {path}: {key} must be {what}, got {value!r}") from None
+    if action.choices and converted not in action.choices:
+        raise utils.UserError(f"config {path}: {key} must be one of {', '.join(map(str, action.choices))}, "
+                              f"got {value!r}")
+    return converted
 
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose defaults come from a YAML config, as timm's train.py reads its --config: the
+    config's values replace the flags' own defaults for this parse (and for --help), and a flag given on the
+    command line wins over both. The config is --config FILE, or configs/NAME.yaml for --recipe NAME, or with
+    neither configs/finetune.yaml (--pretrained, the default) or configs/scratch.yaml (--no-pretrained).
+    The parsed arguments name it: config (its path), recipe (its name) and recipe_source (how it was chosen).
+    A config that cannot be used is one line, "error: ...", and exit status 2."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        first = argparse.ArgumentParser(add_help=False)
+        first.add_argument("--config", type=str, default="")
+        first.add_argument("--recipe", type=str, default="")
+        first.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
+        chosen = first.parse_known_args(args)[0]
+        path, name, source = self.choose_config(chosen)
+        try:
+            values = read_config(path, self)[1]
+        except utils.UserError as e:
+            self.exit(2, f"error: {e}\n")
+        defaults = {**values, "config": path, "recipe": name}
+        saved = {action: action.default for action in self._actions}
+        try:
+            for action in self._actions:
+                action.default = defaults.get(action.dest, action.default)
+            parsed, rest = super().parse_known_args(args, namespace)
+        finally:
+            for action, default in saved.items():
+                action.default = default
+        parsed.recipe_source = source
+        return parsed, rest
+
+    def choose_config(self, chosen: argparse.Namespace) -> tuple[str, str, str]:
+        """(path, name, how it was chosen) of the config that --config, --recipe and --pretrained choose."""
+        if chosen.config and chosen.recipe:
+            self.exit(2, "error: give --config FILE or --recipe NAME (configs/NAME.yaml), not both\n")
+        if chosen.config:
+            return chosen.config, os.path.splitext(os.path.basename(chosen.config))[0], "given"
+        name = chosen.recipe or ("finetune" if chosen.pretrained else "scratch")
+        path = os.path.join(CONFIG_DIR, name + ".yaml")
+        if not os.path.isfile(path):
+            self.exit(2, f"error: --recipe {name}: there is no configs/{name}.yaml; choose one of "
+                         f"{', '.join(recipe_names())}, or pass --config FILE\n")
+        return os.path.relpath(path), name, "given" if chosen.recipe else (
+            "from --pretrained" if chosen.pretrained else "from --no-pretrained")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown, except None: such a flag's help says what leaving it out does."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+# ----------------------------------------------------------------------------------- arguments
 
 def get_args_parser() -> argparse.ArgumentParser:
-    common = utils.common_parser(None, recipe_help(
-        "batch_size", "triplets (original) or sketch-photo pairs per step, over all processes under torchrun"))
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_dir", type=str, required=True, help="dataset folder (see README: data layout)")
-    p.add_argument("--class_split", type=str, default="",
-                   help="a named zero-shot split under DATA/splits/ (e.g. sake25, sempcyc25, yelamarthi21); "
-                        "default: DATA/train_labels.txt and test_labels.txt")
-    p.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="where checkpoints and logs go")
-    p.add_argument("--recipe", type=str, default="", choices=["", *RECIPES],
-                   help="set of defaults for the flags below marked 'by recipe'; default: scratch with "
-                        "--no-pretrained, finetune with --pretrained; 'original' is the paper's setting")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="total number of epochs (default 30; with --budget_minutes, no limit but the budget)")
-    p.add_argument("--budget_minutes", type=float, default=0.0,
-                   help="wall-clock budget of the training: the learning rate and lambda schedules span it and "
-                        "training stops when it is spent, with a checkpoint (0: the schedules span --epochs)")
-    p.add_argument("--sampling", type=str, default=None, choices=["pairs", "triplets"], help=recipe_help(
-        "sampling", "pairs: one pass over the photos per epoch, each with a sketch-domain partner of its class; "
-                    "triplets: one (sketch, positive, negative) per training sketch"))
-    p.add_argument("--triplet_loss_ratio", type=float, default=None, help=recipe_help("triplet_loss_ratio",
-                   "weight of the triplet loss (pairs: batch-hard negative)"))
-    p.add_argument("--domain_loss_ratio", type=float, default=None,
-                   help=recipe_help("domain_loss_ratio", "weight of the domain loss (0 disables it)"))
-    p.add_argument("--class_loss_ratio", type=float, default=None, help=recipe_help(
-        "class_loss_ratio", "weight of the normalised-softmax loss on seen-class proxies shared by both domains"))
-    p.add_argument("--grl_threshold_epoch", type=int, default=None, help=recipe_help(
-        "grl_threshold_epoch", "epoch (0-based) from which the gradient reversal lambda ramps up from 0"))
-    p.add_argument("--grl_max_lambda", type=float, default=1.0, help="the lambda ramp's end value (Ganin: 1)")
-    p.add_argument("--domain_input", type=str, default="embedding", choices=DOMAIN_INPUTS,
-                   help="what the domain classifier reads: the unit embedding or the trunk's pooled features")
-    p.add_argument("--domain_label_smoothing", type=float, default=0.0,
-                   help="domain targets s/2 and 1 - s/2 instead of 0 and 1")
-    p.add_argument("--print_every", type=int, default=100,
-                   help="log the mean losses of the last N steps every N steps (the only time the loop waits for the GPU)")
-    p.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and after the last)")
-    p.add_argument("--backbone", type=str, default=None, choices=sorted(BACKBONES),
-                   help=recipe_help("backbone", "torchvision CNN of the encoder(s)"))
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from torchvision's ImageNet weights")
-    p.add_argument("--weights", type=str, default="",
-                   help="start the trunk from this file instead of downloading: a state dict of the whole "
-                        "torchvision --backbone network (e.g. the .pth behind its ImageNet weights' URL)")
-    p.add_argument("--shared_trunk", action=argparse.BooleanOptionalAction, default=None,
-                   help=recipe_help("shared_trunk", "one trunk for both domains instead of two branches"))
-    p.add_argument("--domain_bn", action=argparse.BooleanOptionalAction, default=None,
-                   help=recipe_help("domain_bn", "domain-specific batch norm in a shared trunk"))
-    p.add_argument("--edge_maps", action=argparse.BooleanOptionalAction, default=None, help=recipe_help(
-        "edge_maps", "edge maps of the training photos as extra sketch-domain samples (pairs only)"))
-    p.add_argument("--thicken", type=float, default=0.0,
-                   help="fraction of sketch-domain images whose strokes are thickened (pairs only)")
-    p.add_argument("--crop_scale", type=float, default=None,
-                   help=recipe_help("crop_scale", "smallest area of the random resized crop, done on the device"))
-    p.add_argument("--image_size", type=int, default=None, help=recipe_help("image_size", "input side in pixels"))
-    p.add_argument("--embedding_dim", type=int, default=512, help="size of the shared embedding")
-    p.add_argument("--margin", type=float, default=0.2, help="triplet margin on unit-norm embeddings")
-    p.add_argument("--lr", type=float, default=None, help=recipe_help("lr", "AdamW learning rate"))
-    p.add_argument("--proxy_lr_mult", type=float, default=None,
-                   help=recipe_help("proxy_lr_mult", "learning rate multiplier of the class proxies"))
-    p.add_argument("--weight_decay", type=float, default=None, help=recipe_help("weight_decay", "AdamW weight decay"))
-    p.add_argument("--warmup", type=float, default=None, help=recipe_help(
-        "warmup", "fraction of the schedule with a linear LR warm-up, then cosine decay to 1%%"))
-    p.add_argument("--warmup_epochs", type=float, default=None,
-                   help="the warm-up in epochs instead (not with --budget_minutes)")
-    p.add_argument("--grad_clip", type=float, default=10.0, help="clip the gradient norm (0: off)")
-    p.add_argument("--val_fraction", type=float, default=0.1,
-                   help="fraction of each seen class's sketches and photos held out for model selection")
-    p.add_argument("--semantic_negatives", action=argparse.BooleanOptionalAction, default=True,
-                   help="draw negatives by class-name similarity when DATA/train_embeddings.npy exists (triplets)")
-    p.add_argument("--semantic_temperature", type=float, default=0.2,
-                   help="softmax temperature of class-name cosine similarity for negative sampling")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    add_speed_args(p)
-    p.add_argument("--resume", type=str, default="", help="checkpoint (e.g. ckpt/last.pth) to continue from")
+    """train.py's flags, in groups. The defaults written here are configs/finetune.yaml's; the parser replaces
+    them with the chosen config's (ConfigArgumentParser)."""
+    common = utils.common_parser(64, "triplets (--sampling triplets) or sketch-photo pairs per step, over all "
+                                     "processes under torchrun")
+    p = ConfigArgumentParser(description=__doc__.split("\n")[0], parents=[common], formatter_class=HelpFormatter)
+    add_run_args(p.add_argument_group("data, outputs and schedule"))
+    add_model_args(p.add_argument_group("model"))
+    add_loss_args(p.add_argument_group("sampling and losses"))
+    add_optimizer_args(p.add_argument_group("optimiser"))
+    add_speed_args(p.add_argument_group("speed (how fast training runs, not what it learns)"))
     return p
 
 
-def add_speed_args(p: argparse.ArgumentParser) -> None:
+def add_run_args(g) -> None:
+    g.add_argument("--data_dir", type=str, required=True, help="dataset folder (see README: data layout)")
+    g.add_argument("--class_split", type=str, default="",
+                   help="a named zero-shot split under DATA/splits/ (e.g. sake25, sempcyc25, yelamarthi21); "
+                        "default: DATA/train_labels.txt and test_labels.txt")
+    g.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="where checkpoints and logs go")
+    g.add_argument("--config", type=str, default="",
+                   help="YAML file of flag defaults (see configs/); flags given here win over it")
+    g.add_argument("--recipe", type=str, default="", choices=recipe_names(),
+                   help="configs/NAME.yaml as the config; without --config or --recipe: finetune with "
+                        "--pretrained, scratch with --no-pretrained; 'original' is the paper's setting")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="total number of epochs (if not given: 30; with --budget_minutes, no limit but the budget)")
+    g.add_argument("--budget_minutes", type=float, default=0.0,
+                   help="wall-clock budget of the training: the learning rate and lambda schedules span it and "
+                        "training stops when it is spent, with a checkpoint (0: the schedules span --epochs)")
+    g.add_argument("--val_fraction", type=float, default=0.1,
+                   help="fraction of each seen class's sketches and photos held out for model selection")
+    g.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and after the last)")
+    g.add_argument("--print_every", type=int, default=100,
+                   help="log the mean losses of the last N steps every N steps (the only time the loop waits for the GPU)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--resume", type=str, default="", help="checkpoint (e.g. ckpt/last.pth) to continue from")
+
+
+def add_model_args(g) -> None:
+    g.add_argument("--backbone", type=str, default="resnet50", choices=sorted(BACKBONES),
+                   help="torchvision CNN of the encoder(s)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from torchvision's ImageNet weights")
+    g.add_argument("--weights", type=str, default="",
+                   help="start the trunk from this file instead of downloading: a state dict of the whole "
+                        "torchvision --backbone network (e.g. the .pth behind its ImageNet weights' URL)")
+    g.add_argument("--shared_trunk", action=argparse.BooleanOptionalAction, default=True,
+                   help="one trunk for both domains instead of two branches")
+    g.add_argument("--domain_bn", action=argparse.BooleanOptionalAction, default=False,
+                   help="domain-specific batch norm in a shared trunk")
+    g.add_argument("--image_size", type=int, default=224, help="input side in pixels")
+    g.add_argument("--embedding_dim", type=int, default=512, help="size of the shared embedding")
+    g.add_argument("--domain_input", type=str, default="embedding", choices=DOMAIN_INPUTS,
+                   help="what the domain classifier reads: the unit embedding or the trunk's pooled features")
+
+
+def add_loss_args(g) -> None:
+    g.add_argument("--sampling", type=str, default="pairs", choices=["pairs", "triplets"],
+                   help="pairs: one pass over the photos per epoch, each with a sketch-domain partner of its "
+                        "class; triplets: one (sketch, positive, negative) per training sketch")
+    g.add_argument("--edge_maps", action=argparse.BooleanOptionalAction, default=True,
+                   help="edge maps of the training photos as extra sketch-domain samples (pairs only)")
+    g.add_argument("--thicken", type=float, default=0.0,
+                   help="fraction of sketch-domain images whose strokes are thickened (pairs only)")
+    g.add_argument("--crop_scale", type=float, default=0.5,
+                   help="smallest area of the random resized crop, done on the device")
+    g.add_argument("--semantic_negatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw negatives by class-name similarity when DATA/train_embeddings.npy exists (triplets)")
+    g.add_argument("--semantic_temperature", type=float, default=0.2,
+                   help="softmax temperature of class-name cosine similarity for negative sampling")
+    g.add_argument("--triplet_loss_ratio", type=float, default=0.0,
+                   help="weight of the triplet loss (pairs: batch-hard negative)")
+    g.add_argument("--margin", type=float, default=0.2, help="triplet margin on unit-norm embeddings")
+    g.add_argument("--class_loss_ratio", type=float, default=1.0,
+                   help="weight of the normalised-softmax loss on seen-class proxies shared by both domains")
+    g.add_argument("--domain_loss_ratio", type=float, default=0.0, help="weight of the domain loss (0 disables it)")
+    g.add_argument("--grl_threshold_epoch", type=int, default=0,
+                   help="epoch (0-based) from which the gradient reversal lambda ramps up from 0")
+    g.add_argument("--grl_max_lambda", type=float, default=1.0, help="the lambda ramp's end value (Ganin: 1)")
+    g.add_argument("--domain_label_smoothing", type=float, default=0.0,
+                   help="domain targets s/2 and 1 - s/2 instead of 0 and 1")
+
+
+def add_optimizer_args(g) -> None:
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    g.add_argument("--proxy_lr_mult", type=float, default=10.0, help="learning rate multiplier of the class proxies")
+    g.add_argument("--weight_decay", type=float, default=5e-4, help="AdamW weight decay")
+    g.add_argument("--warmup", type=float, default=0.1,
+                   help="fraction of the schedule with a linear LR warm-up, then cosine decay to 1%%")
+    g.add_argument("--warmup_epochs", type=float, default=None,
+                   help="the warm-up in epochs instead (not with --budget_minutes)")
+    g.add_argument("--grad_clip", type=float, default=10.0, help="clip the gradient norm (0: off)")
+
+
+def add_speed_args(g) -> None:
     """The flags that change how fast training runs, not what it learns: caches, memory layout, compilation."""
-    p.add_argument("--cache_gb", type=float, default=8.0,
+    g.add_argument("--cache_gb", type=float, default=8.0,
                    help="hold the training images in memory at --image_size when they fit in this many GiB "
                         "(and the disk cache does not hold them all)")
-    p.add_argument("--disk_cache", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--disk_cache", action=argparse.BooleanOptionalAction, default=None,
                    help="the training images resized to --image_size in one .npy file (--cache_dir), read without "
                         "decoding: --disk_cache writes what is missing before training, the default reads it "
                         "where it exists, --no-disk_cache ignores it")
-    p.add_argument("--cache_dir", type=str, default="", help="where the disk cache lives (default DATA/cache)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--cache_dir", type=str, default="", help="where the disk cache lives (default DATA/cache)")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for the CNNs (default: on with --amp on CUDA, where it speeds up "
                         "convolutions; off on the CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the two encoders (slower start, faster steps; needs a C++ compiler on CPU)")
 
 
@@ -180,16 +288,9 @@ def start_weights(path: str) -> dict:
 
 
 def apply_recipe(args) -> None:
-    """Fill every flag left unset from the recipe (chosen from --pretrained unless given), in place; a
-    second call changes nothing."""
-    if hasattr(args, "recipe_source"):
-        return
-    args.recipe_source = "given" if args.recipe else ("from --pretrained" if args.pretrained else "from --no-pretrained")
-    if not args.recipe:
-        args.recipe = "finetune" if args.pretrained else "scratch"
-    for name, value in RECIPES[args.recipe].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    """Resolve what follows from other flags once the config and the command line are read (in place; a second
+    call changes nothing): a warm-up given in epochs as a fraction of the schedule, and 30 epochs when neither
+    --epochs nor --budget_minutes ends training."""
     if args.warmup_epochs is not None:
         if args.budget_minutes > 0:
             raise utils.UserError("--warmup_epochs needs an epoch schedule; with --budget_minutes give --warmup "
@@ -197,6 +298,20 @@ def apply_recipe(args) -> None:
         args.warmup = args.warmup_epochs / (args.epochs or 30)
     if args.epochs is None and not args.budget_minutes > 0:
         args.epochs = 30
+
+
+# The training steps behind each recipe's figures in docs/results.md (the demo's make demo, emoji-dev's longest run),
+# which a run that a --budget_minutes ends is compared with: a slower machine does fewer steps in the same minutes.
+MEASURED_STEPS = {"scratch": {"the demo": 279, "emoji-dev": 2570}}
+
+
+def measured_against(recipe: str, work: "Work") -> str:
+    """How far a run got, against the work the recipe's published figures took."""
+    measured = MEASURED_STEPS.get(recipe)
+    if not measured:
+        return f"docs/results.md has no figure of the {recipe} recipe to compare these {work.steps} steps with"
+    return (f"docs/results.md measured the {recipe} recipe with " + " and ".join(
+        f"{n:,} steps on {where} (this run did {work.steps / n:.0%} of that)" for where, n in measured.items()))
 
 
 def check_args(args) -> None:
@@ -339,22 +454,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_checkpoint(model, optimizer, scaler, epoch, step, args, best, epoch_step=0, epoch_sums=None,
-                    rng_by_rank=None, schedule_state=None) -> dict:
-    """epoch counts completed epochs; epoch_step > 0 marks a stop inside the next one, after that many
-    of its steps, and then every process's RNG states and the epoch's running loss sums are kept too.
-    schedule_state (Schedule.state) adds the seconds spent and where the lambda ramp began."""
-    ckpt = {"models": {name: m.state_dict() for name, m in model.named_children()},
-            "optimizers": {"adamw": optimizer.state_dict()}, "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "args": vars(args), "model": model_config(args).to_dict(), "best": best,
-            "epoch_step": epoch_step,
-            "world_size": utils.rank_and_world()[1], **(schedule_state or {})}
-    if epoch_step:
-        ckpt["epoch_sums"] = dict(epoch_sums or {})
-        ckpt["rng_by_rank"] = rng_by_rank
-    return ckpt
-
-
 class StopRequest:
     """SIGTERM (a cluster's time limit) and SIGINT set a flag that the training loop checks after each
     step; the previous handlers come back on exit."""
@@ -396,9 +495,9 @@ def load_resume_checkpoint(path: str, args, world: int) -> dict:
     return ckpt
 
 
-def resume_from(ckpt: dict, path: str, model, optimizer, scaler) -> tuple[int, int, float, dict]:
-    """Restore states from a checkpoint (load_resume_checkpoint); return (first epoch to run, global step, best
-    val mAP, the checkpoint itself, whose epoch_step / epoch_sums / rng_by_rank describe a stop inside that epoch)."""
+def resume_from(ckpt: dict, path: str, model, optimizer, scaler) -> None:
+    """Restore the weights and the optimizer and scaler states of a checkpoint (load_resume_checkpoint); the
+    rest of it, where training stood, becomes the TrainState (TrainState.start)."""
     utils.load_model_state(model, ckpt, path)
     try:
         optimizer.load_state_dict(ckpt["optimizers"]["adamw"])
@@ -415,7 +514,18 @@ def resume_from(ckpt: dict, path: str, model, optimizer, scaler) -> tuple[int, i
     inside = f" and {ckpt['epoch_step']} step(s) of the next" if ckpt.get("epoch_step") else ""
     print(f"resumed from {path}: {ckpt['epoch']} epoch(s){inside} done, step {ckpt['step']}, "
           f"best val mAP {ckpt['best']:.4f}")
-    return ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt
+
+
+def nothing_left(ckpt: dict, args) -> bool:
+    """Whether a --resume checkpoint already finished what this run asks for (its budget or its epochs)."""
+    spent = ckpt.get("seconds", 0.0)
+    if args.budget_minutes > 0 and spent >= args.budget_minutes * 60:
+        print(f"nothing to do: {args.resume} already spent {spent / 60:.1f} of --budget_minutes {args.budget_minutes}")
+        return True
+    if args.epochs is not None and ckpt["epoch"] >= args.epochs:
+        print(f"nothing to do: {args.resume} already has {ckpt['epoch']} of --epochs {args.epochs}")
+        return True
+    return False
 
 
 def main(args) -> None:
@@ -429,6 +539,7 @@ def main(args) -> None:
 
 
 def run_training(args, rank: int, world: int, device: torch.device) -> None:
+    """Everything the loop needs, read and checked before anything is written; then fit."""
     if args.batch_size % world:
         raise utils.UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes; "
                               "each process takes an equal share of the batch")
@@ -436,17 +547,53 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     if args.channels_last is None:
         args.channels_last = device.type == "cuda" and args.amp
     resume = load_resume_checkpoint(args.resume, args, world) if args.resume else None
+    info = print_setup(args, world)
+    dtype = utils.amp_dtype(device, args.amp)
+    utils.seed_everything(args.seed)
+    data, val, source = read_training_data(args, rank, world)
+    loader = open_image_store(source, args, rank, world, device)
+    utils.seed_everything(args.seed)  # the initial weights do not depend on what reading the data drew
+    model, optimizer = build_model_and_optimizer(args, len(data.seen), device, world)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if resume is not None:
+        resume_from(resume, args.resume, model, optimizer, scaler)
+        if nothing_left(resume, args):
+            return
+    if rank == 0:  # every input was read and fits: only now is anything written
+        utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
+        utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
+    if args.compile:
+        model.sketch_encoder.compile()  # in place: the state dict keeps its names
+        model.photo_encoder.compile()
+    net = TrainingLosses(model, args.domain_label_smoothing)
+    if world > 1:  # after loading: DDP copies rank 0's weights to every process
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    trainer = Trainer(args, model, net, optimizer, scaler, device, dtype, info["config"])
+    with StopRequest() as stop:
+        fit(trainer, loader, val, data.seen, TrainState.start(args, len(loader), resume), stop)
+
+
+def print_setup(args, world: int) -> dict:
+    """Print the arguments, versions, the config (its path and text) and the recipe in words; return what
+    args.json keeps: utils.print_banner's record with the config."""
     info = utils.print_banner("train.py", args)
-    print(f"recipe: {args.recipe} ({args.recipe_source}): "
+    text = read_config(args.config, get_args_parser())[0]
+    info["config"] = {"path": args.config, "text": text}
+    print(f"config {args.config} ({args.recipe_source}):\n" + "".join(f"  {line}\n" for line in text.splitlines()),
+          end="")
+    print(f"recipe: {args.recipe}: "
           f"{'one shared trunk' if args.shared_trunk else 'two branches'}{' with domain batch norm' if args.domain_bn else ''}, "
           f"{args.sampling}{' + photo edge maps' if args.edge_maps else ''}, losses "
           + ", ".join(f"{k} {getattr(args, k + '_loss_ratio')}" for k in ("class", "triplet", "domain"))
           + f", lr {args.lr}, " + (f"budget {args.budget_minutes} min" if args.budget_minutes else f"{args.epochs} epochs"))
     if world > 1:
         print(f"distributed: {world} processes ({dist.get_backend()}), {args.batch_size // world} {args.sampling} each per step")
-    dtype = utils.amp_dtype(device, args.amp)
-    utils.seed_everything(args.seed)
+    return info
 
+
+def read_training_data(args, rank: int, world: int) -> tuple:
+    """The dataset, its seen-class validation split, and the batches of the training split that --sampling
+    draws (this process's share of them)."""
     data = dataset.scan_dataset(args.data_dir, class_split=args.class_split)
     if data.skipped:
         print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
@@ -471,33 +618,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
         if len(source) < 1:
             raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[0]} training "
                                   "sketches; lower it")
-    loader = open_image_store(source, args, rank, world, device)
-    utils.seed_everything(args.seed)  # the initial weights do not depend on what reading the data drew
-    model, optimizer = build_model_and_optimizer(args, len(data.seen), device, world)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start_epoch, step, best, resumed = 0, 0, -1.0, {}
-    if args.resume:
-        start_epoch, step, best, resumed = resume_from(resume, args.resume, model, optimizer, scaler)
-        spent = resumed.get("seconds", 0.0)
-        if args.budget_minutes > 0 and spent >= args.budget_minutes * 60:
-            print(f"nothing to do: {args.resume} already spent {spent / 60:.1f} of --budget_minutes {args.budget_minutes}")
-            return
-        if args.epochs is not None and start_epoch >= args.epochs:
-            print(f"nothing to do: {args.resume} already has {start_epoch} of --epochs {args.epochs}")
-            return
-    if rank == 0:  # every input was read and fits: only now is anything written
-        utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
-        utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
-    if args.compile:
-        model.sketch_encoder.compile()  # in place: the state dict keeps its names
-        model.photo_encoder.compile()
-    net = TrainingLosses(model, args.domain_label_smoothing)
-    if world > 1:  # after loading: DDP copies rank 0's weights to every process
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    log_path = os.path.join(args.checkpoint_dir, "log.jsonl")
-    with StopRequest() as stop:
-        train_epochs(args, model, net, optimizer, scaler, loader, val, data, device, dtype, start_epoch,
-                     step, best, resumed, log_path, stop)
+    return data, val, source
 
 
 def model_config(args) -> ModelConfig:
@@ -531,7 +652,7 @@ def build_model_and_optimizer(args, num_classes: int, device: torch.device, worl
 
 def open_image_store(source, args, rank: int, world: int, device: torch.device) -> dataset.BatchLoader:
     """Where the training images come from, printed: the disk cache (written first with --disk_cache), then
-    memory when they fit in --cache_gb (filled by train_epochs, inside the budget), else their files."""
+    memory when they fit in --cache_gb (filled by fit, inside the budget), else their files."""
     store = source.store
     cache_dir = args.cache_dir or os.path.join(args.data_dir, "cache")
     if args.disk_cache and rank == 0:
@@ -550,48 +671,43 @@ def open_image_store(source, args, rank: int, world: int, device: torch.device) 
     return dataset.BatchLoader(source, args.workers, pin_memory=device.type == "cuda", memory=fits)
 
 
-class Schedule:
-    """Where training stands in its schedule. With --epochs: progress = steps done / all steps. With
-    --budget_minutes: progress = seconds of training / the budget (a resumed run adds the seconds it had
-    spent), and the budget ends training. The lambda ramp starts at --grl_threshold_epoch's first step,
-    or with a budget at the second that epoch began, and ends with the schedule."""
+# ----------------------------------------------------------------------------------- the loop
 
-    def __init__(self, args, steps_per_epoch: int, seconds_before: float = 0.0, grl_start_seconds: float = -1.0,
-                 work: dict | None = None):
+class Schedule:
+    """The learning rate's and the lambda ramp's clock. Progress p = position / length in [0, 1]: with --epochs,
+    steps done out of all steps; with --budget_minutes, seconds of training (a resumed run adds the seconds it
+    had spent) out of the budget, which also ends training. The lambda ramp starts at --grl_threshold_epoch's
+    first step, or with a budget at the second that epoch began, and ends with the schedule."""
+
+    def __init__(self, args, steps_per_epoch: int, spent: float = 0.0, grl_start_seconds: float = -1.0):
         self.budget = args.budget_minutes * 60.0
-        self.total_steps = args.epochs * steps_per_epoch if args.epochs is not None else None
-        self.steps_per_epoch, self.args = steps_per_epoch, args
-        self.before, self.t0 = seconds_before, time.time()
-        self.grl_start_seconds = grl_start_seconds
-        self.work = Work(**(work or {}))
+        self.length = self.budget or args.epochs * steps_per_epoch
+        self.grl_epoch, self.grl_start_step = args.grl_threshold_epoch, args.grl_threshold_epoch * steps_per_epoch
+        self.grl_start_seconds, self.max_lambda = grl_start_seconds, args.grl_max_lambda
+        self.spent, self.t0 = spent, time.time()
 
     def seconds(self) -> float:
-        return self.before + time.time() - self.t0
+        """Seconds of training so far on this process's clock, a resumed run's earlier ones included."""
+        return self.spent + time.time() - self.t0
 
     def start_epoch(self, epoch: int, seconds: float) -> None:
-        if epoch == self.args.grl_threshold_epoch and self.grl_start_seconds < 0:
+        if epoch == self.grl_epoch and self.grl_start_seconds < 0:
             self.grl_start_seconds = seconds
 
+    def position(self, step: int, seconds: float) -> float:
+        return seconds if self.budget else step
+
     def progress(self, step: int, seconds: float) -> float:
-        if self.budget:
-            return min(1.0, seconds / self.budget)
-        return step / self.total_steps
+        return min(1.0, self.position(step, seconds) / self.length)
 
     def lambd(self, step: int, seconds: float) -> float:
-        if self.budget:
-            if self.grl_start_seconds < 0:
-                return 0.0
-            return self.args.grl_max_lambda * grl_lambda(seconds, self.budget, self.grl_start_seconds)
-        return self.args.grl_max_lambda * grl_lambda(step, self.total_steps,
-                                                     self.args.grl_threshold_epoch * self.steps_per_epoch)
+        start = self.grl_start_seconds if self.budget else self.grl_start_step
+        if start < 0:
+            return 0.0
+        return self.max_lambda * grl_lambda(self.position(step, seconds), self.length, start)
 
     def over(self, seconds: float) -> bool:
         return self.budget > 0 and seconds >= self.budget
-
-    def state(self, seconds: float) -> dict:
-        """What a checkpoint keeps for --resume to continue this schedule."""
-        return {"seconds": seconds, "grl_start_seconds": self.grl_start_seconds, "finished": self.over(seconds),
-                "work": self.work.to_dict()}
 
 
 class Work:
@@ -629,6 +745,192 @@ class Work:
     def describe(self, seconds: float) -> str:
         return (f"{self.steps:,} steps, {self.images:,} images, {utils.flops_text(self.flops)} in "
                 f"{seconds / 60:.1f} min ({self.images / max(seconds, 1e-9):.0f} images/s)")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what the loop's functions hand each other, and what a checkpoint keeps for --resume
+    besides the weights and the optimizer. After a stop inside an epoch, epoch_step counts that epoch's steps
+    done, and epoch_sums and rng_by_rank hold what continuing it exactly needs: the epoch's loss sums as last
+    read (LossSums.read) and every process's RNG states."""
+    schedule: Schedule
+    work: Work
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimisation steps done over every epoch
+    best: float = -1.0  # the best seen-class validation mAP@all so far
+    seconds: float = 0.0  # seconds of training at the last step, as every process agreed (agree)
+    finished: bool = False  # the budget is spent
+    epoch_step: int = 0  # steps done in epoch `epoch` (the one under way)
+    epoch_sums: dict = field(default_factory=dict)
+    rng_by_rank: list = field(default_factory=list)
+
+    @classmethod
+    def start(cls, args, steps_per_epoch: int, ckpt: dict | None = None) -> "TrainState":
+        """A new run's state, or a --resume checkpoint's (load_resume_checkpoint). Checkpoints written before the
+        work was counted give steps only; before torchrun support, one process's RNG states under "rng"."""
+        ckpt = ckpt or {}
+        schedule = Schedule(args, steps_per_epoch, ckpt.get("seconds", 0.0), ckpt.get("grl_start_seconds", -1.0))
+        return cls(schedule, Work(**ckpt.get("work", {"steps": ckpt.get("step", 0)})), ckpt.get("epoch", 0),
+                   ckpt.get("step", 0), ckpt.get("best", -1.0), epoch_step=ckpt.get("epoch_step", 0),
+                   epoch_sums=ckpt.get("epoch_sums", {}),
+                   rng_by_rank=ckpt.get("rng_by_rank") or ([ckpt["rng"]] if "rng" in ckpt else []))
+
+    def next_epoch(self) -> None:
+        """The epoch under way counts as done (all its steps, or the budget ended it)."""
+        self.epoch, self.epoch_step, self.epoch_sums, self.rng_by_rank = self.epoch + 1, 0, {}, []
+
+
+@dataclass
+class Trainer:
+    """What training works with, fixed once built: the arguments, the model (bare: its state dict is what
+    checkpoints keep), the network whose forward returns the losses (TrainingLosses, wrapped in DDP under
+    torchrun), the optimizer and the gradient scaler, the device, autocast's dtype (None: full precision),
+    and the config file behind the arguments ({"path", "text"})."""
+    args: argparse.Namespace
+    model: ZSSBIRModel
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None
+    config: dict
+
+
+def fit(t: Trainer, loader, val: dict, classes: list, state: TrainState, stop: StopRequest) -> None:
+    """The outer loop: train an epoch, then validate, log and checkpoint it (end_epoch), until --epochs, a spent
+    budget or a stop request (SIGTERM, Ctrl-C), after which last.pth lets --resume continue exactly. ``loader``
+    is a BatchLoader, or anything with len(), prepare() and epoch(e, start)."""
+    args = t.args
+    last_path = os.path.join(args.checkpoint_dir, "last.pth")
+    loader.prepare()  # inside the budget: reading the images is part of training
+    state.seconds = state.schedule.seconds()
+    while args.epochs is None or state.epoch < args.epochs:
+        stats = train_one_epoch(t, loader, state, stop)
+        if stats["stopped"]:
+            if utils.rank_and_world()[0] == 0:
+                utils.save_checkpoint(make_checkpoint(t, state, state.seconds), last_path)
+            print(f"stopped at step {state.step} ({state.epoch_step}/{len(loader)} of epoch {state.epoch + 1}); "
+                  f"continue with --resume {last_path}")
+            return
+        state.next_epoch()
+        end_epoch(t, val, classes, state, stats)
+        if state.finished:
+            print(f"budget of {args.budget_minutes} min spent after {state.step} steps ({state.epoch} epoch(s), the "
+                  f"last one {stats['steps']}/{len(loader)} steps); {measured_against(args.recipe, state.work)}")
+            break
+        if any_process(stop.signal is not None) and (args.epochs is None or state.epoch < args.epochs):
+            print(f"stopped after epoch {state.epoch}; continue with --resume {last_path}")
+            return
+    print(f"done: {state.work.describe(state.schedule.seconds())}; best seen-class val mAP@all {state.best:.4f} -> "
+          f"{os.path.join(args.checkpoint_dir, 'best.pth')}")
+
+
+def train_one_epoch(t: Trainer, loader, state: TrainState, stop: StopRequest) -> dict:
+    """Train epoch state.epoch from its step state.epoch_step (non-zero when resuming a stop inside it) to its
+    end, a spent budget (state.finished) or a stop request. Reads from the device only every --print_every
+    steps, at a stop and at the end. Returns the epoch's stats; "stopped": a stop inside the epoch, after which
+    the state holds what resuming it needs."""
+    args, rank = t.args, utils.rank_and_world()[0]
+    epoch, skip, schedule, steps = state.epoch, state.epoch_step, state.schedule, len(loader)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    t.model.train()
+    # A resumed epoch draws the same dropout; each process its own. Batches and augmentations depend on
+    # (seed, epoch, step) alone.
+    utils.seed_everything(args.seed * 1000 + epoch + 1_000_003 * rank)
+    losses = LossSums(t.device, state.epoch_sums if skip else {}, skip, epoch)
+    schedule.start_epoch(epoch, state.seconds)
+    t0 = time.time()
+    batches = loader.epoch(epoch, skip)
+    if skip:
+        set_rng_state(state.rng_by_rank[rank])
+    bar = tqdm(batches, desc=epoch_label(epoch, args.epochs), leave=False, disable=None if rank == 0 else True,
+               total=steps, initial=skip)
+    lambd = 0.0
+    for i, batch in enumerate(bar, start=skip + 1):
+        batch = to_device_batch(batch, args, t.device, state.step, memory_format)
+        lambd = schedule.lambd(state.step, state.seconds)
+        lr = lr_at(schedule.progress(state.step, state.seconds), args.warmup, args.lr)
+        vals = state.work.step(lambda: train_step(t.net, t.optimizer, t.scaler, batch, lambd, lr, args, t.dtype), batch)
+        stopping, state.seconds = agree(stop.signal is not None, schedule.seconds())
+        state.step, state.epoch_step = state.step + 1, i
+        losses.add(vals)
+        state.finished = schedule.over(state.seconds)
+        stop_inside = stopping and i < steps
+        if state.step % args.print_every == 0 or state.finished or stop_inside:
+            log_steps(args, state, losses.window(i), bar, lambd, lr)  # the one wait for the device
+        if state.finished:
+            break
+        if stop_inside:
+            state.epoch_sums, state.rng_by_rank = losses.read, utils.all_gather_objects(rng_state())
+            return {"stopped": True}
+    train_s = time.time() - t0
+    return {"stopped": False, "losses": losses.means(state.epoch_step), "lambda": lambd, "train_seconds": train_s,
+            "steps": state.epoch_step, "rate": (state.epoch_step - skip) * args.batch_size / max(train_s, 1e-9)}
+
+
+def epoch_label(epoch: int, epochs: int | None) -> str:
+    """'epoch 3/30' for 0-based epoch 2 ('epoch 3' without an epoch limit)."""
+    return f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
+
+
+def log_steps(args, state: TrainState, means: dict, bar, lambd: float, lr: float) -> None:
+    """The mean losses of the steps since the last read on the progress bar and, every --print_every steps,
+    printed and appended to log.jsonl (rank 0)."""
+    bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("class", "triplet", "domain")})
+    if state.step % args.print_every:
+        return
+    print(f"epoch {state.epoch + 1} step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+          + f"  lambda {lambd:.3f}  lr {lr:.2e}")
+    if utils.rank_and_world()[0] == 0:
+        utils.append_jsonl(os.path.join(args.checkpoint_dir, "log.jsonl"), {
+            "kind": "step", "epoch": state.epoch + 1, "step": state.step, "lambda": lambd, "lr": lr,
+            "seconds": state.seconds, **state.work.to_dict(), **means})
+
+
+def end_epoch(t: Trainer, val: dict, classes: list, state: TrainState, stats: dict) -> None:
+    """After epoch state.epoch (counted as done): validate (every --val_every epochs and after the last), print
+    and log it, and write last.pth and, when validation improved, best.pth (rank 0)."""
+    args = t.args
+    val_map, val_s, improved, val_text = None, 0.0, False, f"(validation every {args.val_every} epochs)"
+    if state.finished or state.epoch == args.epochs or state.epoch % args.val_every == 0:
+        t1 = time.time()
+        val_map = validate(t.model, val, classes, args, t.device)
+        val_s = time.time() - t1
+        improved = math.isnan(val_map) or val_map > state.best  # without a validation set, the last epoch is best
+        state.best = val_map if improved else state.best
+        val_text = f"val mAP@all {val_map:.4f}{'  (best)' if improved else ''}  [{val_s:.0f}s validation]"
+    seconds = state.schedule.seconds()
+    print(f"{epoch_label(state.epoch - 1, args.epochs)}: " + "  ".join(f"{k} {v:.4f}" for k, v in stats["losses"].items())
+          + f"  lambda {stats['lambda']:.3f}  {val_text}  [{stats['train_seconds']:.0f}s, {stats['rate']:.1f} "
+          f"{args.sampling}/s" + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "")
+          + f"; so far {state.work.describe(seconds)}]")
+    if utils.rank_and_world()[0] == 0:
+        log_path = os.path.join(args.checkpoint_dir, "log.jsonl")
+        utils.append_jsonl(log_path, {"kind": "epoch", "epoch": state.epoch, "step": state.step, "val_map": val_map,
+                                      "lambda": stats["lambda"], "train_seconds": stats["train_seconds"],
+                                      "val_seconds": val_s, "seconds": seconds, **state.work.to_dict(),
+                                      **stats["losses"]})
+        ckpt = make_checkpoint(t, state, seconds)
+        if improved:
+            utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
+        utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "last.pth"))
+        utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
+
+
+def make_checkpoint(t: Trainer, state: TrainState, seconds: float) -> dict:
+    """The checkpoint of the run as it stands, ``seconds`` into its training: the weights, the optimizer and
+    scaler states, the arguments, the model's description, the config, and the state; epoch counts completed
+    epochs, and epoch_step > 0 marks a stop inside the next one, with its loss sums and RNG states."""
+    ckpt = {"models": {name: m.state_dict() for name, m in t.model.named_children()},
+            "optimizers": {"adamw": t.optimizer.state_dict()}, "scaler": t.scaler.state_dict(),
+            "epoch": state.epoch, "step": state.step, "args": vars(t.args), "model": model_config(t.args).to_dict(),
+            "config": t.config, "best": state.best, "epoch_step": state.epoch_step,
+            "world_size": utils.rank_and_world()[1], "seconds": seconds,
+            "grl_start_seconds": state.schedule.grl_start_seconds, "finished": state.schedule.over(seconds),
+            "work": state.work.to_dict()}
+    if state.epoch_step:
+        ckpt["epoch_sums"], ckpt["rng_by_rank"] = dict(state.epoch_sums), state.rng_by_rank
+    return ckpt
 
 
 def to_device_batch(batch, args, device, step: int, memory_format) -> list:
@@ -669,111 +971,6 @@ class LossSums:
         if done > self.read_at:
             self.window(done)
         return {k: v / max(1, done) for k, v in self.read.items() if k != "loss"}
-
-
-def end_epoch(args, model, optimizer, scaler, val, data, device, epoch: int, step: int, best: float, means: dict,
-              lambd: float, train_s: float, rate: float, last: bool, schedule, log_path: str) -> float:
-    """Validate (every --val_every epochs and after the last), print and log the epoch, and write last.pth
-    and, when it improved, best.pth (rank 0); returns the best validation mAP so far."""
-    if last or (epoch + 1) % args.val_every == 0:
-        t1 = time.time()
-        val_map = validate(model, val, data.seen, args, device)
-        val_s = time.time() - t1
-        improved = math.isnan(val_map) or val_map > best  # without a validation set, the last epoch is best
-        best = val_map if improved else best
-        val_text = f"val mAP@all {val_map:.4f}{'  (best)' if improved else ''}  [{val_s:.0f}s validation]"
-    else:
-        val_map, val_s, improved, val_text = None, 0.0, False, f"(validation every {args.val_every} epochs)"
-    seconds = schedule.seconds()
-    print(f"epoch {epoch + 1}" + (f"/{args.epochs}" if args.epochs else "") + ": "
-          + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) + f"  lambda {lambd:.3f}  {val_text}"
-          f"  [{train_s:.0f}s, {rate:.1f} {args.sampling}/s"
-          + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "")
-          + f"; so far {schedule.work.describe(seconds)}]")
-    if utils.rank_and_world()[0] == 0:
-        utils.append_jsonl(log_path, {"kind": "epoch", "epoch": epoch + 1, "step": step, "val_map": val_map,
-                                      "lambda": lambd, "train_seconds": train_s, "val_seconds": val_s,
-                                      "seconds": seconds, **schedule.work.to_dict(), **means})
-        # A budget that ends inside an epoch ends training there: the checkpoint counts the epoch as done.
-        ckpt = make_checkpoint(model, optimizer, scaler, epoch + 1, step, args, best, schedule_state=schedule.state(seconds))
-        if improved:
-            utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
-        utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "last.pth"))
-        utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
-    return best
-
-
-def train_epochs(args, model, net, optimizer, scaler, loader, val, data, device, dtype, start_epoch, step,
-                 best, resumed, log_path, stop) -> None:
-    """The training loop over a BatchLoader (or anything with len(), prepare() and epoch(e, start)). It reads
-    from the device only every --print_every steps, at a stop and at the end of an epoch."""
-    rank, world = utils.rank_and_world()
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    steps_per_epoch = len(loader)
-    schedule = Schedule(args, steps_per_epoch, resumed.get("seconds", 0.0), resumed.get("grl_start_seconds", -1.0),
-                        resumed.get("work", {"steps": step}))  # checkpoints before the work was counted: steps only
-    work = schedule.work
-    loader.prepare()  # inside the budget: reading the images is part of training
-    last_path = os.path.join(args.checkpoint_dir, "last.pth")
-    epoch, seconds, lambd, finished = start_epoch, schedule.seconds(), 0.0, False
-    while args.epochs is None or epoch < args.epochs:
-        model.train()
-        # A resumed epoch draws the same dropout; each process its own. Batches and augmentations depend on
-        # (seed, epoch, step) alone.
-        utils.seed_everything(args.seed * 1000 + epoch + 1_000_003 * rank)
-        skip = resumed.get("epoch_step", 0) if epoch == start_epoch else 0
-        losses = LossSums(device, resumed.get("epoch_sums", {}) if skip else {}, skip, epoch)
-        schedule.start_epoch(epoch, seconds)
-        t0 = time.time()
-        batches = loader.epoch(epoch, skip)
-        if skip:
-            set_rng_state(resumed["rng_by_rank"][rank] if "rng_by_rank" in resumed
-                          else resumed["rng"])  # "rng": one process's states, as saved before torchrun support
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}" + (f"/{args.epochs}" if args.epochs else ""), leave=False,
-                   disable=None if rank == 0 else True, total=steps_per_epoch, initial=skip)
-        done = skip
-        for i, batch in enumerate(bar, start=skip + 1):
-            batch = to_device_batch(batch, args, device, step, memory_format)
-            lambd = schedule.lambd(step, seconds)
-            lr = lr_at(schedule.progress(step, seconds), args.warmup, args.lr)
-            vals = work.step(lambda: train_step(net, optimizer, scaler, batch, lambd, lr, args, dtype), batch)
-            stopping, seconds = agree(stop.signal is not None, schedule.seconds())
-            step, done = step + 1, i
-            losses.add(vals)
-            finished = schedule.over(seconds)
-            if step % args.print_every == 0 or finished or (stopping and i < steps_per_epoch):
-                means = losses.window(i)  # the one wait for the device
-                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("class", "triplet", "domain")})
-                if step % args.print_every == 0:
-                    print(f"epoch {epoch + 1} step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
-                          + f"  lambda {lambd:.3f}  lr {lr:.2e}")
-                    if rank == 0:
-                        utils.append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, "lambda": lambd,
-                                                      "lr": lr, "seconds": seconds, **work.to_dict(), **means})
-            if finished:
-                break
-            if stopping and i < steps_per_epoch:
-                rngs = utils.all_gather_objects(rng_state())
-                if rank == 0:
-                    utils.save_checkpoint(make_checkpoint(model, optimizer, scaler, epoch, step, args, best, i,
-                                                          losses.read, rngs, schedule.state(seconds)), last_path)
-                print(f"stopped at step {step} ({i}/{steps_per_epoch} of epoch {epoch + 1}); continue with "
-                      f"--resume {last_path}")
-                return
-        train_s = time.time() - t0
-        best = end_epoch(args, model, optimizer, scaler, val, data, device, epoch, step, best, losses.means(done),
-                         lambd, train_s, (done - skip) * args.batch_size / max(train_s, 1e-9),
-                         finished or (args.epochs is not None and epoch + 1 == args.epochs), schedule, log_path)
-        epoch += 1
-        if finished:
-            print(f"budget of {args.budget_minutes} min spent after {step} steps ({epoch} epoch(s), the last one "
-                  f"{done}/{steps_per_epoch} steps); {measured_against(args.recipe, work)}")
-            break
-        if any_process(stop.signal is not None) and (args.epochs is None or epoch < args.epochs):
-            print(f"stopped after epoch {epoch}; continue with --resume {last_path}")
-            return
-    print(f"done: {work.describe(schedule.seconds())}; best seen-class val mAP@all {best:.4f} -> "
-          f"{os.path.join(args.checkpoint_dir, 'best.pth')}")
 
 
 if __name__ == "__main__":

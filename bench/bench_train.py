@@ -12,7 +12,7 @@ Prints, for the recipe's sampling (--recipe: triplets for original, pairs for sc
     folder first, not timed).
 (2) the model alone on synthetic tensors already on the device: training steps/s of train.py's train_step
     (forward, losses, backward, clipping, AdamW) in fp32 and with channels_last, and on CUDA with --amp.
-(3) train.py's own loop (train_epochs) over synthetic epochs of --steps steps: uint8 batches held in memory, so
+(3) train.py's own loop (fit) over synthetic epochs of --steps steps: uint8 batches held in memory, so
     it times the copy to the device, the augmentation there, the schedule, the step and the logging, and not the
     loader; with train.py's defaults (--amp and channels_last on CUDA, fp32 on the CPU). Its second epoch is timed.
 (4) the ratios the issue sets targets for: loader / model (>= 1.5) and loop / model (>= 0.9).
@@ -35,14 +35,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
-from model import BACKBONES  # noqa: E402
+from model import BACKBONES, backbone_stats  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_dir", type=str, default="data/demo", help="dataset folder (the demo's by default)")
-    p.add_argument("--recipe", type=str, default="scratch", choices=sorted(train.RECIPES),
+    p.add_argument("--recipe", type=str, default="scratch", choices=train.recipe_names(),
                    help="train.py's recipe: its sampling, losses and model")
     p.add_argument("--backbone", type=str, default=None, choices=sorted(BACKBONES), help="default: the recipe's")
     p.add_argument("--image_size", type=int, default=None, help="input side in pixels (default: the recipe's)")
@@ -79,7 +79,7 @@ class LegacyBatches(torch.utils.data.Dataset):
         self.transform = transforms.Compose([
             transforms.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.85, 1.18), antialias=True),
             transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            transforms.Normalize(dataset.IMAGENET_MEAN, dataset.IMAGENET_STD)])
+            transforms.Normalize(*backbone_stats("resnet18"))])  # ImageNet's statistics, as that loader did
 
     def __len__(self) -> int:
         return len(self.groups[0])
@@ -188,7 +188,7 @@ def model_rate(args, targs, device) -> tuple[float, float]:
 
 
 class SyntheticLoader:
-    """What train_epochs needs of a BatchLoader, with one uint8 batch in (pinned) memory served --steps times."""
+    """What train.fit needs of a BatchLoader, with one uint8 batch in (pinned) memory served --steps times."""
 
     def __init__(self, batch: list, steps: int, pin: bool):
         self.batch = [x.pin_memory() for x in batch] if pin else batch
@@ -205,7 +205,7 @@ class SyntheticLoader:
 
 
 def loop_rate(args, targs, device) -> float:
-    """Steps/s of train.py's train_epochs over its second synthetic epoch (the first warms up)."""
+    """Steps/s of train.py's loop (fit) over its second synthetic epoch (the first warms up)."""
     torch.manual_seed(0)
     targs.epochs, targs.print_every = 2, 100
     model, optimizer = train.build_model_and_optimizer(targs, 4, device)
@@ -217,8 +217,9 @@ def loop_rate(args, targs, device) -> float:
     with tempfile.TemporaryDirectory() as ckpt:
         targs.checkpoint_dir = ckpt
         with contextlib.redirect_stdout(io.StringIO()):  # its log lines; the figure comes from log.jsonl
-            train.train_epochs(targs, model, net, optimizer, scaler, loader, no_val, SimpleNamespace(seen=list("abcd")),
-                               device, dtype, 0, 0, -1.0, {}, os.path.join(ckpt, "log.jsonl"), SimpleNamespace(signal=None))
+            trainer = train.Trainer(targs, model, net, optimizer, scaler, device, dtype, {})
+            train.fit(trainer, loader, no_val, list("abcd"), train.TrainState.start(targs, len(loader)),
+                      SimpleNamespace(signal=None))
         epochs = [r for r in utils.read_jsonl(os.path.join(ckpt, "log.jsonl")) if r["kind"] == "epoch"]
     return args.steps / epochs[-1]["train_seconds"]
 

@@ -25,6 +25,11 @@ def tiny(tmp_path_factory):
     return make_tiny_dataset(str(tmp_path_factory.mktemp("data")))
 
 
+def recipe(name: str) -> dict:
+    """The values of configs/NAME.yaml."""
+    return train.read_config(os.path.join(train.CONFIG_DIR, name + ".yaml"), train.get_args_parser())[1]
+
+
 def test_recipe_follows_pretrained_and_explicit_flags_win():
     def resolved(*argv):
         args = train.get_args_parser().parse_args(["--data_dir", "x", *argv])
@@ -32,8 +37,8 @@ def test_recipe_follows_pretrained_and_explicit_flags_win():
         return args
     scratch = resolved("--no-pretrained")
     assert scratch.recipe == "scratch" and scratch.recipe_source == "from --no-pretrained"
-    assert {k: getattr(scratch, k) for k in train.RECIPES["scratch"]} == train.RECIPES["scratch"]
-    assert resolved().recipe == "finetune" and resolved().lr == train.RECIPES["finetune"]["lr"]
+    assert {k: getattr(scratch, k) for k in recipe("scratch")} == recipe("scratch")
+    assert resolved().recipe == "finetune" and resolved().lr == recipe("finetune")["lr"]
     original = resolved("--recipe", "original", "--no-pretrained", "--lr", "0.5", "--no-shared_trunk")
     assert original.recipe_source == "given" and original.lr == 0.5 and original.sampling == "triplets"
     assert original.backbone == "vgg16" and original.domain_loss_ratio == 0.5 and original.epochs == 30
