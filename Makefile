@@ -1,5 +1,6 @@
 # make demo: set up .venv, generate the demo data, train, evaluate, write retrieval grids, search the photos with a drawn star.
 # make test: set up .venv, run the test suite.
+# make lint: set up .venv, check the code's style with ruff.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ DEMO_SEED := 0
 DEMO_TRAIN_ARGS := --no-pretrained --epochs $(DEMO_EPOCHS) --seed $(DEMO_SEED) --print_every 10 --workers 1
 EXTRA_TRAIN_ARGS :=
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +41,10 @@ demo: venv $(DEMO_DATA)/.demo_data
 
 test: venv
 	$(PY) -m pytest tests -q --durations=10
+
+# ruff with pyproject.toml's settings: pycodestyle and pyflakes, lines of at most 120 characters.
+lint: venv
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(DEMO_RUN) $(DEMO_DATA)
