@@ -148,7 +148,8 @@ def scan_dataset(root: str, check_images: bool = True, class_split: str = "") ->
     if class_split:
         labels = os.path.join(root, "splits", class_split)
         if not os.path.isdir(labels):
-            have = sorted(os.listdir(os.path.join(root, "splits"))) if os.path.isdir(os.path.join(root, "splits")) else []
+            splits = os.path.join(root, "splits")
+            have = sorted(os.listdir(splits)) if os.path.isdir(splits) else []
             raise DataError(f"unknown class split {class_split!r}: {labels} does not exist; "
                             + (f"choose one of {', '.join(have)}" if have else f"{root} has no splits/ folder"))
     seen = read_labels(os.path.join(labels, "train_labels.txt"))
@@ -392,7 +393,8 @@ class ImageStore:
             return
         loader = torch.utils.data.DataLoader(self, batch_size=64, num_workers=workers)
         from tqdm import tqdm
-        self.memory = torch.cat([b for b in tqdm(loader, desc="images to memory", leave=False, disable=None)])  # (N, S, S, 3)
+        batches = tqdm(loader, desc="images to memory", leave=False, disable=None)
+        self.memory = torch.cat([b for b in batches])  # (N, S, S, 3)
 
     def get(self, idx: np.ndarray) -> torch.Tensor:
         """uint8 (n, 3, S, S) images of the items ``idx`` (channels last in memory)."""

@@ -175,7 +175,8 @@ def backbone_weights(name: str):
     return getattr(torchvision.models, weights_name).DEFAULT
 
 
-def build_trunk(name: str, pretrained: bool, image_size: int = 224, start_state: dict | None = None) -> tuple[nn.Module, int]:
+def build_trunk(name: str, pretrained: bool, image_size: int = 224,
+                start_state: dict | None = None) -> tuple[nn.Module, int]:
     """A backbone without its classifier: images (B, 3, H, W) -> pooled features (B, F). It starts from
     torchvision's ImageNet weights (``pretrained``), from ``start_state`` (a state dict of the whole
     torchvision network, e.g. a weights file a user already has; ValueError when it does not fit), or at
@@ -188,7 +189,8 @@ def build_trunk(name: str, pretrained: bool, image_size: int = 224, start_state:
     weights = backbone_weights(name) if pretrained else None
     random_vit = name in PATCH_SIZE and weights is None and start_state is None
     try:
-        net = torchvision.models.get_model(builder, weights=weights, **({"image_size": image_size} if random_vit else {}))
+        net = torchvision.models.get_model(builder, weights=weights,
+                                           **({"image_size": image_size} if random_vit else {}))
     except Exception as e:  # no network, no cached file, corrupt cache
         raise PretrainedWeightsUnavailable(
             f"could not load ImageNet weights for {name} ({type(e).__name__}: {e}); place "

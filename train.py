@@ -197,7 +197,8 @@ def add_run_args(g) -> None:
                    help="fraction of each seen class's sketches and photos held out for model selection")
     g.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and after the last)")
     g.add_argument("--print_every", type=int, default=100,
-                   help="log the mean losses of the last N steps every N steps (the only time the loop waits for the GPU)")
+                   help="log the mean losses of the last N steps every N steps "
+                        "(the only time the loop waits for the GPU)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--resume", type=str, default="", help="checkpoint (e.g. ckpt/last.pth) to continue from")
 
@@ -582,12 +583,15 @@ def print_setup(args, world: int) -> dict:
     print(f"config {args.config} ({args.recipe_source}):\n" + "".join(f"  {line}\n" for line in text.splitlines()),
           end="")
     print(f"recipe: {args.recipe}: "
-          f"{'one shared trunk' if args.shared_trunk else 'two branches'}{' with domain batch norm' if args.domain_bn else ''}, "
+          f"{'one shared trunk' if args.shared_trunk else 'two branches'}"
+          f"{' with domain batch norm' if args.domain_bn else ''}, "
           f"{args.sampling}{' + photo edge maps' if args.edge_maps else ''}, losses "
           + ", ".join(f"{k} {getattr(args, k + '_loss_ratio')}" for k in ("class", "triplet", "domain"))
-          + f", lr {args.lr}, " + (f"budget {args.budget_minutes} min" if args.budget_minutes else f"{args.epochs} epochs"))
+          + f", lr {args.lr}, "
+          + (f"budget {args.budget_minutes} min" if args.budget_minutes else f"{args.epochs} epochs"))
     if world > 1:
-        print(f"distributed: {world} processes ({dist.get_backend()}), {args.batch_size // world} {args.sampling} each per step")
+        print(f"distributed: {world} processes ({dist.get_backend()}), "
+              f"{args.batch_size // world} {args.sampling} each per step")
     return info
 
 
@@ -605,9 +609,11 @@ def read_training_data(args, rank: int, world: int) -> tuple:
     if args.sampling == "pairs":
         source = dataset.PairedBatches(train, data.seen, args.image_size, args.batch_size, args.edge_maps, args.seed,
                                        root=args.data_dir, shard=(rank, world))
-        print(f"pairs: {len(source)} steps of {args.batch_size} photos + {args.batch_size} sketch-domain images per epoch")
+        print(f"pairs: {len(source)} steps of {args.batch_size} photos + {args.batch_size} sketch-domain images "
+              "per epoch")
         if len(source) < 1:
-            raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[1]} training photos; lower it")
+            raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[1]} training photos; "
+                                  "lower it")
     else:
         semantic = data.train_embeddings if args.semantic_negatives else None
         print("negatives: " + ("by class-name similarity (train_embeddings.npy)" if semantic is not None
@@ -900,7 +906,8 @@ def end_epoch(t: Trainer, val: dict, classes: list, state: TrainState, stats: di
         state.best = val_map if improved else state.best
         val_text = f"val mAP@all {val_map:.4f}{'  (best)' if improved else ''}  [{val_s:.0f}s validation]"
     seconds = state.schedule.seconds()
-    print(f"{epoch_label(state.epoch - 1, args.epochs)}: " + "  ".join(f"{k} {v:.4f}" for k, v in stats["losses"].items())
+    print(f"{epoch_label(state.epoch - 1, args.epochs)}: "
+          + "  ".join(f"{k} {v:.4f}" for k, v in stats["losses"].items())
           + f"  lambda {stats['lambda']:.3f}  {val_text}  [{stats['train_seconds']:.0f}s, {stats['rate']:.1f} "
           f"{args.sampling}/s" + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "")
           + f"; so far {state.work.describe(seconds)}]")

@@ -1,8 +1,9 @@
 """The backbones beyond the paper's CNNs (EfficientNet-B0, ConvNeXt-T, Swin-T, ViT-B/16, ViT-B/32, and CLIP's
-ViT-B/32 and ViT-B/16 image encoders), with random weights: shapes, unit embeddings, a training step, save and load; two training steps that evaluate.py then
-scores; the input sizes and normalisations they cannot take; and starting weights from a file. The full networks
-give the feature widths model.BACKBONES lists; everything else runs on tiny networks of the same classes (one
-block per stage, a few channels: tiny_networks), through the project's own wrapping."""
+ViT-B/32 and ViT-B/16 image encoders), with random weights: shapes, unit embeddings, a training step, save and
+load; two training steps that evaluate.py then scores; the input sizes and normalisations they cannot take; and
+starting weights from a file. The full networks give the feature widths model.BACKBONES lists; everything else runs
+on tiny networks of the same classes (one block per stage, a few channels: tiny_networks), through the project's
+own wrapping."""
 import os
 
 import pytest
@@ -132,8 +133,9 @@ def demo(tmp_path_factory) -> str:
     """The demo data (demo_data.py) at 64 px, 2 sketches and 2 photos of each of its 47 classes: 67 training
     photos after the validation hold-out, so 2 steps of 32."""
     out = str(tmp_path_factory.mktemp("demo") / "demo")
-    demo_data.main(demo_data.get_args_parser().parse_args(["--out", out, "--image_size", str(SIZE), "--sketches_per_class",
-                                                           "2", "--photos_per_class", "2", "--workers", "1"]))
+    demo_data.main(demo_data.get_args_parser().parse_args(["--out", out, "--image_size", str(SIZE),
+                                                           "--sketches_per_class", "2", "--photos_per_class", "2",
+                                                           "--workers", "1"]))
     return out
 
 

@@ -46,7 +46,8 @@ def test_finetune_yaml_is_the_parsers_own_defaults():
 
 
 def test_config_and_recipe_name_the_same_file_and_a_flag_wins(tmp_path):
-    by_recipe, by_config = parse("--recipe", "original"), parse("--config", os.path.join(train.CONFIG_DIR, "original.yaml"))
+    by_recipe = parse("--recipe", "original")
+    by_config = parse("--config", os.path.join(train.CONFIG_DIR, "original.yaml"))
     assert {k: v for k, v in vars(by_config).items() if k != "config"} == {
         k: v for k, v in vars(by_recipe).items() if k != "config"}
     assert by_recipe.recipe == by_config.recipe == "original" and by_config.recipe_source == "given"
@@ -132,8 +133,8 @@ def test_the_banner_args_json_and_checkpoints_keep_the_config(tmp_path):
            "edge_maps: false\ntriplet_loss_ratio: 1.0\nclass_loss_ratio: 0.0\n"
     config.write_text(text)
     ckpt = str(tmp_path / "ckpt")
-    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", ckpt, "--config", str(config), "--no-pretrained",
-                    "--embedding_dim", "16", "--workers", "0", "--device", "cpu", "--epochs", "1")
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", ckpt, "--config", str(config),
+                    "--no-pretrained", "--embedding_dim", "16", "--workers", "0", "--device", "cpu", "--epochs", "1")
     assert proc.returncode == 0, proc.stderr
     assert f"config {config} (given):\n" + "".join(f"  {line}\n" for line in text.splitlines()) in proc.stdout
     last = utils.load_checkpoint(os.path.join(ckpt, "last.pth"))

@@ -87,8 +87,9 @@ def test_a_channels_last_step_computes_what_the_default_layout_computes(device):
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is then minus the (clipped) gradient
         batch = batch_on(device, torch.float64)
         batch[:3] = [x.contiguous(memory_format=fmt) for x in batch[:3]]
-        vals = train.global_mean(train.train_step(train.TrainingLosses(model), optimizer,
-                                                  torch.amp.GradScaler(device, enabled=False), batch, 0.5, 1.0, args, None))
+        scaler = torch.amp.GradScaler(device, enabled=False)
+        vals = train.global_mean(train.train_step(train.TrainingLosses(model), optimizer, scaler, batch, 0.5, 1.0,
+                                                  args, None))
         grad = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
         results.append((vals, torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]),
                         grad))
@@ -125,9 +126,12 @@ def test_a_bfloat16_train_step_computes_in_bfloat16_and_learns():
     scaler = torch.amp.GradScaler("cuda", enabled=False)  # bfloat16 has float32's range: no scaler
     batch = batch_on("cuda")
     totals = []
+
+    def step():
+        totals.append(train.global_mean(train.train_step(train.TrainingLosses(model), optimizer, scaler,
+                                                         batch, 0.0, 1e-3, args, torch.bfloat16)))
+
     for i in range(10):  # lambda 0: no reversal, so every loss is minimised
-        step = lambda: totals.append(train.global_mean(train.train_step(train.TrainingLosses(model), optimizer, scaler,
-                                                                        batch, 0.0, 1e-3, args, torch.bfloat16)))
         if i == 0:
             assert trunk_output_dtype(model, step) == torch.bfloat16
         else:
@@ -145,7 +149,9 @@ def test_a_float16_step_is_scaled_and_an_overflowing_one_is_skipped():
     args = train_args("unused", "unused", "--device", "cuda", "--class_loss_ratio", "1")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = batch_on("cuda")
-    weights = lambda: torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+
+    def weights():
+        return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
 
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 40)  # float16 overflows above 65504
     before = weights()

@@ -201,7 +201,10 @@ def test_hardest_negative_triplet_matches_a_loop():
 def test_domain_loss_weights_domains_equally_and_smooths_targets():
     logits = torch.tensor([-2.0, 1.0, 3.0, 0.5, -1.0])  # 2 sketches, 3 photos
     loss, acc = M.domain_loss(logits, 2, smoothing=0.2)
-    bce = lambda x, t: -(t * math.log(1 / (1 + math.exp(-x))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-x))))
+
+    def bce(x, t):
+        return -(t * math.log(1 / (1 + math.exp(-x))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-x))))
+
     sketch = sum(bce(x, 0.1) for x in (-2.0, 1.0)) / 2
     photo = sum(bce(x, 0.9) for x in (3.0, 0.5, -1.0)) / 3
     assert loss.item() == pytest.approx(0.5 * (sketch + photo), rel=1e-6)

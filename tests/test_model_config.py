@@ -84,7 +84,8 @@ def evaluate(model: str, data: str, out: str, *extra):
 def test_a_format_0_checkpoint_evaluates_to_the_numbers_it_gave(tmp_path):
     """tests/fixtures/README.md says how the fixture and its numbers were made, by the code before format 1."""
     data = make_tiny_dataset(str(tmp_path / "data"))
-    path, expected = os.path.join(FIXTURES, "checkpoint_format0.pth"), json.load(open(os.path.join(FIXTURES, "checkpoint_format0.json")))
+    path = os.path.join(FIXTURES, "checkpoint_format0.pth")
+    expected = json.load(open(os.path.join(FIXTURES, "checkpoint_format0.json")))
     ckpt = utils.load_checkpoint(path)
     config = utils.checkpoint_model(ckpt)
     assert "model" not in ckpt and config.backbone == "mobilenet_v3_small" and config.mean == (0.485, 0.456, 0.406)
@@ -117,7 +118,8 @@ def test_a_new_checkpoint_describes_its_model_in_its_own_terms(tiny_data, tmp_pa
     ckpt = utils.load_checkpoint(path)
     assert ckpt["model"] == {"format": 1, "backbone": "mobilenet_v3_small", "embedding_dim": 16, "image_size": 32,
                              "shared_trunk": False, "domain_bn": False, "domain_input": "embedding", "weights": "none",
-                             "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}  # torchvision's ImageNet statistics
+                             # torchvision's ImageNet statistics
+                             "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     before = evaluate(path, tiny_data, str(tmp_path / "a"))
     assert before.returncode == 0, before.stderr
     # Evaluation reads the model entry, not the flags: renaming or dropping train.py's flags changes nothing.

@@ -29,7 +29,8 @@ def train_args(data, ckpt, *extra):
 
 
 def eval_args(model, data, *extra):
-    return evaluate.get_args_parser().parse_args(["--model", model, "--data", data, "--workers", "0", "--device", "cpu", *extra])
+    return evaluate.get_args_parser().parse_args(["--model", model, "--data", data, "--workers", "0", "--device", "cpu",
+                                                  *extra])
 
 
 def assert_one_line_error(proc, *fragments):
@@ -247,7 +248,8 @@ def test_cli_empty_class_folder(tmp_path):
 @pytest.mark.parametrize("flag,value,fragment", [("--epochs", "0", "--epochs must be at least 1"),
                                                  ("--batch_size", "-4", "--batch_size must be at least 1")])
 def test_cli_bad_numbers(tmp_path, flag, value, fragment):
-    proc = run_main("train.py", "--data_dir", str(tmp_path), "--checkpoint_dir", str(tmp_path / "c"), *TINY, flag, value)
+    proc = run_main("train.py", "--data_dir", str(tmp_path), "--checkpoint_dir", str(tmp_path / "c"), *TINY,
+                    flag, value)
     assert_one_line_error(proc, fragment)
     assert not os.path.exists(tmp_path / "c")  # nothing was created
 
@@ -257,8 +259,8 @@ def test_cli_corrupt_image_is_skipped_with_a_warning(trained, tmp_path):
     data = make_tiny_dataset(str(tmp_path / "data"))
     with open(os.path.join(data, "photos", "circle", "corrupt.jpg"), "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    proc = run_main("evaluate.py", "--model", os.path.join(ckpt, "last.pth"), "--data", data, "--workers", "0", "--device", "cpu",
-                    "--num_sketches", "1", "--output_dir", str(tmp_path / "e"))
+    proc = run_main("evaluate.py", "--model", os.path.join(ckpt, "last.pth"), "--data", data, "--workers", "0",
+                    "--device", "cpu", "--num_sketches", "1", "--output_dir", str(tmp_path / "e"))
     assert proc.returncode == 0, proc.stderr
     assert "warning: skipped 1 unreadable image file(s)" in proc.stdout and "corrupt.jpg" in proc.stdout
     assert "12 gallery photos" in proc.stdout
@@ -320,8 +322,8 @@ def test_the_disk_cache_and_the_loader_processes_train_exactly_as_decoding_in_th
     for name in a["models"]:
         for k, v in a["models"][name].items():
             assert torch.equal(v, b["models"][name][k]), (name, k)
-    again = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", str(tmp_path / "again"), *TINY, "--epochs",
-                     "1", "--disk_cache", "--cache_dir", cache, "--batch_size", "10")
+    again = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", str(tmp_path / "again"), *TINY,
+                     "--epochs", "1", "--disk_cache", "--cache_dir", cache, "--batch_size", "10")
     assert f"0 images added, {n} kept" in again.stdout and "held in memory" in again.stdout
 
 
@@ -345,7 +347,7 @@ def test_defaults_resolved_for_this_machine(tiny_data, tmp_path):
 
 
 def test_a_diverging_run_stops_with_one_line_at_the_next_read(tiny_data, tmp_path):
-    proc = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", str(tmp_path / "c"), *TINY, "--epochs", "1",
-                    "--lr", "1e30", "--grad_clip", "0")
+    proc = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", str(tmp_path / "c"), *TINY,
+                    "--epochs", "1", "--lr", "1e30", "--grad_clip", "0")
     assert_one_line_error(proc, "the loss became", "between steps", "lower --lr")
     assert not os.path.exists(tmp_path / "c" / "last.pth")
