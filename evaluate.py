@@ -33,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=str, default="", help="checkpoint written by train.py (best.pth / last.pth)")
     p.add_argument("--data_dir", "--data", type=str, default="",
-                   help="dataset folder (see README: data layout); --data is its older name")
+                   help="dataset folder (layout: docs/data.md); --data is its older name")
     p.add_argument("--class_split", type=str, default="",
                    help="named zero-shot split under DATA/splits/ (default: the one the model was trained on)")
     p.add_argument("--split", type=str, default="test",

@@ -1,6 +1,6 @@
 """Train a zero-shot sketch-based image retrieval model (triplet loss + domain-adversarial loss).
 
-    python train.py --data_dir data/demo --backbone resnet18 --no-pretrained --image_size 64 --epochs 8
+    python train.py --data_dir data/demo --checkpoint_dir runs/demo --no-pretrained --epochs 9   # make demo's run
     python train.py --data_dir data/sketchy --config configs/original.yaml --checkpoint_dir ckpt --epochs 30
     python train.py --data_dir data/sketchy --checkpoint_dir ckpt --epochs 30 --resume ckpt/last.pth
     torchrun --standalone --nproc_per_node=4 train.py --data_dir data/sketchy --batch_size 128 --checkpoint_dir ckpt
@@ -178,7 +178,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def add_run_args(g) -> None:
-    g.add_argument("--data_dir", type=str, required=True, help="dataset folder (see README: data layout)")
+    g.add_argument("--data_dir", type=str, required=True, help="dataset folder (layout: docs/data.md)")
     g.add_argument("--class_split", type=str, default="",
                    help="a named zero-shot split under DATA/splits/ (e.g. sake25, sempcyc25, yelamarthi21); "
                         "default: DATA/train_labels.txt and test_labels.txt")
@@ -205,9 +205,9 @@ def add_run_args(g) -> None:
 
 def add_model_args(g) -> None:
     g.add_argument("--backbone", type=str, default="resnet50", choices=sorted(BACKBONES),
-                   help="torchvision CNN of the encoder(s)")
+                   help="image encoder: a torchvision CNN or ViT, or a CLIP image encoder")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from torchvision's ImageNet weights")
+                   help="start from the backbone's published weights (torchvision's ImageNet ones; OpenAI's for CLIP)")
     g.add_argument("--weights", type=str, default="",
                    help="start the trunk from this file instead of downloading: a state dict of the whole "
                         "torchvision --backbone network (e.g. the .pth behind its ImageNet weights' URL)")

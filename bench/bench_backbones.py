@@ -7,7 +7,7 @@
 For each backbone, with random weights: the parameters of one encoder (trunk + 512-d projection), and
 images/s of embedding (eval mode, no gradients) and of training (forward and backward of a shared-trunk
 model on sketch-photo pairs, train.py's scratch losses, AdamW), each over --batches timed batches after one
-of warm-up. README.md's backbone table comes from this.
+of warm-up. docs/backbones.md's table comes from this.
 """
 import argparse
 import functools
