@@ -29,8 +29,9 @@ relevant scores (see _ranks_of_relevant). Memory is O(chunk_size * N) on the emb
 
 Hashed retrieval: itq_codes fits ITQ (textbook, or SEM-PCYC's variant) and returns packed uint8
 codes; hamming_distance compares them by XOR and a popcount table; retrieval_metrics(...,
-score="hamming") ranks by Hamming distance, with s_g = -hamming(query, g) and the same tie rule
-as above.
+score="hamming") and fine_grained_accuracy(..., score="hamming") rank by Hamming distance, with
+s_g = -hamming(query, g) and the same tie rule as above. fine_grained_accuracy is instance-level
+acc@k (a query's one paired photo within the top k).
 """
 from typing import Sequence
 
@@ -573,3 +574,73 @@ def hamming_distance(query_codes: Tensor, gallery_codes: Tensor) -> Tensor:
         out[s:s + rows] = counts.sum(2, dtype=torch.int32)
     return out
 
+
+# ------------------------------------------------------------------------------------- fine-grained
+
+
+def fine_grained_accuracy(query_emb: Tensor, gallery_emb: Tensor, target_index: Tensor,
+                          ks: Sequence[int] = (1, 5), score: str = "cosine", chunk_size: int = 512) -> dict:
+    """Instance-level acc@k: the share of queries whose paired gallery item, row target_index[i], ranks
+    within the top k.
+
+        rank_i  = #{g : s_ig >= s_i,target(i)}      the target counts itself, and every gallery item
+                                                    scoring as high as the target (a tie) counts against it
+        acc@k   = (1/Q) sum_i [rank_i <= k]
+
+    Ties take the last position of their group, as everywhere in metrics.py. The target's score is
+    read from the same (chunk, N) score matrix as the others', so it ties with itself exactly.
+
+    Follows Sketch_LVM (aneeshan95/Sketch_LVM, commit 432c504, "Add basic code for ZS-SBIR"):
+    src/model_LN_prompt.py, validation_epoch_end, branch opts.instance_level: rank[idx] =
+    dist.le(trgt_dist).sum() with dist = 1 - cosine (the same rank), top1 = rank <= 1,
+    top10 = rank <= 10, meanK = mean rank. That branch was deleted on 2023-07-28 (commit e204ac0);
+    the current README says the fine-grained code will be uploaded later. Its gallery is
+    gallery_feat_all: one row per query sketch, holding the sketch's own paired photo
+    (src/dataset_retrieval.py: photo `<sketch file name before '-'>.jpg`), all unseen classes mixed.
+    A photo drawn by m sketches is there m times, and its m - 1 copies tie with the target (up to the
+    rounding of their separate distance call), which pushes rank up by up to m - 1. This function
+    ranks whatever gallery it is given: to count each photo once, pass the unique photos and point
+    target_index at each sketch's photo.
+
+    Args:
+        query_emb: (Q, D) float embeddings, or (Q, C) uint8 codes with score="hamming".
+        gallery_emb: (N, D) float, or (N, C) uint8 codes.
+        target_index: (Q,) integer, the gallery row of each query's paired item.
+        ks: cut-offs k.
+        score: "cosine" or "hamming" (s = -Hamming distance), as in retrieval_metrics.
+        chunk_size: queries scored at once (memory about 4 * chunk_size * N bytes).
+    Returns:
+        {"acc@k": float for each k, "mean_rank": float, "rank": (Q,) int64 on the CPU}.
+    """
+    if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
+        raise ValueError(f"expected (Q, D) and (N, D) inputs, got {tuple(query_emb.shape)} and "
+                         f"{tuple(gallery_emb.shape)}")
+    _check_score(score, query_emb, gallery_emb)
+    num_q, n = query_emb.shape[0], gallery_emb.shape[0]
+    target = torch.as_tensor(target_index)
+    if target.shape != (num_q,) or target.is_floating_point() or target.dtype == torch.bool:
+        raise ValueError(f"target_index must hold one integer gallery row per query, shape ({num_q},), got "
+                         f"{tuple(target.shape)} {target.dtype}")
+    if num_q == 0 or n == 0:
+        raise ValueError("need at least one query and one gallery item")
+    if int(target.min()) < 0 or int(target.max()) >= n:
+        raise ValueError(f"target_index must lie in [0, {n}), got values from {int(target.min())} to "
+                         f"{int(target.max())}")
+    if any(int(k) < 1 for k in ks) or chunk_size < 1:
+        raise ValueError("ks and chunk_size must be positive")
+    if score == "cosine" and not (torch.isfinite(query_emb).all() and torch.isfinite(gallery_emb).all()):
+        raise ValueError("embeddings contain NaN or inf")
+    device = query_emb.device
+    gallery = gallery_emb.to(device)
+    if score == "cosine":
+        gallery = _unit(gallery)
+    target = target.to(device=device, dtype=torch.long)
+    rank = torch.empty(num_q, dtype=torch.long)
+    for s in range(0, num_q, chunk_size):
+        scores = _scores(query_emb[s:s + chunk_size], gallery, score)  # (B, N)
+        own = scores.gather(1, target[s:s + chunk_size, None])  # (B, 1) the target's score
+        rank[s:s + chunk_size] = (scores >= own).sum(1).cpu()
+    out = {f"acc@{k}": (rank <= k).double().mean().item() for k in ks}
+    out["mean_rank"] = rank.double().mean().item()
+    out["rank"] = rank
+    return out

@@ -1,9 +1,9 @@
-"""Tests of metrics.py's hashing (ITQ codes, Hamming ranking).
+"""Tests of metrics.py's hashing (ITQ codes, Hamming ranking) and fine-grained acc@k.
 
 Each function is checked against a plain reimplementation written out here: textbook ITQ with
 scipy's orthogonal Procrustes solver, SEM-PCYC's ITQ as a line-by-line numpy port of the update
 described in metrics.itq_codes, Hamming distances by looping over bits, retrieval metrics on codes
-by the per-query reference of test_metrics.py. No peer code runs.
+by the per-query reference of test_metrics.py, and acc@k by a per-query loop. No peer code runs.
 """
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import average_precision_score
 
 import metrics
-from test_metrics import PROTOCOLS, assert_matches_reference, reference_query
+from test_metrics import PROTOCOLS, assert_matches_reference, dyadic_embeddings, reference_query
 
 EPS = np.finfo(np.float64).eps
 
@@ -321,6 +321,65 @@ def test_score_and_input_kinds_must_agree():
         metrics.retrieval_metrics(codes, q_labels, codes, q_labels)
     with pytest.raises(ValueError, match="unknown score 'l2'"):
         metrics.retrieval_metrics(q, q_labels, g, g_labels, score="l2")
+
+
+# -------------------------------------------------------------------------------- fine-grained acc@k
+
+
+def loop_accuracy(scores: list, target: list, ks) -> tuple[dict, list]:
+    """Per query: rank = gallery items scoring at least the target's score (the target included)."""
+    ranks = [sum(1 for s in row if s >= row[t]) for row, t in zip(scores, target)]
+    return {f"acc@{k}": sum(r <= k for r in ranks) / len(ranks) for k in ks}, ranks
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 512])
+def test_fine_grained_accuracy_matches_loop(chunk_size):
+    gen = torch.Generator().manual_seed(chunk_size)
+    q = dyadic_embeddings(30, gen)  # every cosine a multiple of 1/16, exact in float32 and float64
+    g = dyadic_embeddings(25, gen)
+    g[20:] = g[:5]  # exact duplicates: ties with their originals
+    target = torch.randint(0, 25, (30,), generator=gen)
+    qd = q.double() / q.double().norm(dim=1, keepdim=True)
+    gd = g.double() / g.double().norm(dim=1, keepdim=True)
+    ks = (1, 5, 10)
+    want, ranks = loop_accuracy((qd @ gd.T).tolist(), target.tolist(), ks)
+    got = metrics.fine_grained_accuracy(q, g, target, ks=ks, chunk_size=chunk_size)
+    assert got["rank"].dtype == torch.int64 and got["rank"].tolist() == ranks
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-15)
+    assert got["mean_rank"] == pytest.approx(sum(ranks) / len(ranks), abs=1e-12)
+
+
+def test_fine_grained_accuracy_on_codes_matches_loop():
+    gen = torch.Generator().manual_seed(7)
+    qc = torch.randint(0, 256, (12, 1), generator=gen, dtype=torch.uint8)
+    gc = torch.randint(0, 256, (30, 1), generator=gen, dtype=torch.uint8)
+    target = torch.randint(0, 30, (12,), generator=gen)
+    scores = [[-d for d in row] for row in bit_loop_hamming(qc, gc)]
+    want, ranks = loop_accuracy(scores, target.tolist(), (1, 5))
+    got = metrics.fine_grained_accuracy(qc, gc, target, score="hamming", chunk_size=5)
+    assert got["rank"].tolist() == ranks
+    assert got["acc@1"] == want["acc@1"] and got["acc@5"] == want["acc@5"]
+
+
+def test_fine_grained_ties_count_against_the_target():
+    q = torch.tensor([[1.0, 0.0]])
+    g = torch.tensor([[0.0, 1.0], [2.0, 0.0], [3.0, 0.0]])  # rows 1 and 2: the same cosine 1
+    for target in (1, 2):
+        got = metrics.fine_grained_accuracy(q, g, torch.tensor([target]), ks=(1, 2))
+        assert got["rank"].tolist() == [2] and got["acc@1"] == 0.0 and got["acc@2"] == 1.0
+
+
+def test_fine_grained_bad_inputs_raise():
+    q, g = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 5\)"):
+        metrics.fine_grained_accuracy(q, g, torch.tensor([0, 1, 5]))
+    with pytest.raises(ValueError, match="one integer gallery row per query"):
+        metrics.fine_grained_accuracy(q, g, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one integer gallery row per query"):
+        metrics.fine_grained_accuracy(q, g, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="expected"):
+        metrics.fine_grained_accuracy(q, g[:, :3], torch.tensor([0, 1, 2]))
 
 
 # ------------------------------------------------------------------------------------------ CUDA
