@@ -214,18 +214,24 @@ def bit_loop_hamming(qc: torch.Tensor, gc: torch.Tensor) -> list:
     return out
 
 
-@pytest.mark.parametrize("block_bytes", [1, 50, 1 << 22])
-def test_hamming_matches_bit_loop(monkeypatch, block_bytes):
-    monkeypatch.setattr(metrics, "_HAMMING_BYTES", block_bytes)  # blocks of 1 row, of a few rows, one block
-    gen = torch.Generator().manual_seed(0)
-    qc = torch.randint(0, 256, (9, 3), generator=gen, dtype=torch.uint8)
-    gc = torch.randint(0, 256, (13, 3), generator=gen, dtype=torch.uint8)
+@pytest.mark.parametrize("block", [1, 50, 1 << 22])
+@pytest.mark.parametrize("num_bytes", [3, 4])  # odd C: a zero byte pads the last 16-bit word
+def test_hamming_matches_bit_loop(monkeypatch, block, num_bytes):
+    monkeypatch.setattr(metrics, "_HAMMING_LOOKUPS", block)  # blocks of 1 row, of a few rows, one block
+    gen = torch.Generator().manual_seed(num_bytes)
+    qc = torch.randint(0, 256, (9, num_bytes), generator=gen, dtype=torch.uint8)
+    gc = torch.randint(0, 256, (13, num_bytes), generator=gen, dtype=torch.uint8)
     gc[0] = qc[0]  # distance 0
-    gc[1] = ~qc[0]  # distance 24
+    gc[1] = ~qc[0]  # every bit differs
     d = metrics.hamming_distance(qc, gc)
     assert d.dtype == torch.int32 and d.shape == (9, 13)
     assert d.tolist() == bit_loop_hamming(qc, gc)
-    assert d[0, 0] == 0 and d[0, 1] == 24
+    assert d[0, 0] == 0 and d[0, 1] == 8 * num_bytes
+
+
+def test_popcount_table_counts_bits():
+    table = metrics._popcount_table("cpu")
+    assert table.shape == (65536,) and table.tolist() == [bin(i).count("1") for i in range(65536)]
 
 
 def test_hamming_rejects_float_codes():
@@ -280,6 +286,18 @@ def test_every_protocol_on_codes_matches_reference(num_bytes, chunk_size):
     # Ranks are exact integers on either side; float64 values differ by at most the rounding of sums
     # of at most N = 40 terms in [0, 1] (2 n u, Higham 2002, section 4.2).
     assert_matches_reference(got, ref, ks, tol=2 * 40 * EPS)
+
+
+def test_ranks_from_distance_histograms_match_the_score_counting():
+    """The Hamming path's histogram ranks equal the float path's counting on s = -d, ties included."""
+    gen = torch.Generator().manual_seed(3)
+    dist = torch.randint(0, 9, (6, 40), generator=gen, dtype=torch.int32)  # 9 levels: ties everywhere
+    for start, stop in ((0, 1), (5, 17), (0, 40)):
+        rank, hits = metrics._ranks_of_relevant_distances(dist, start, stop, 9)
+        want_rank, want_hits = metrics._ranks_of_relevant(-dist.float(), start, stop)
+        assert rank.dtype == torch.int64 and torch.equal(rank, want_rank) and torch.equal(hits, want_hits)
+    rank, hits = metrics._ranks_of_relevant_distances(torch.tensor([[2, 0, 2, 1]]), 2, 4, 3)
+    assert rank.tolist() == [[2, 4]] and hits.tolist() == [[1, 2]]  # by hand: d = 1 then d = 2 (tied with col 0)
 
 
 def test_hamming_ties_take_the_last_position():
