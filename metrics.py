@@ -26,9 +26,16 @@ Speed: no row is ever sorted. Queries are processed class by class (all queries 
 the same relevant photos); for each chunk only the R relevant scores are sorted, and the rank of
 each relevant item is found by counting how many gallery scores fall between consecutive
 relevant scores (see _ranks_of_relevant). Memory is O(chunk_size * N) on the embeddings' device.
+
+Hashed retrieval: itq_codes fits ITQ (textbook, or SEM-PCYC's variant) and returns packed uint8
+codes; hamming_distance compares them by XOR and a popcount table; retrieval_metrics(...,
+score="hamming") and fine_grained_accuracy(..., score="hamming") rank by Hamming distance, with
+s_g = -hamming(query, g) and the same tie rule as above. fine_grained_accuracy is instance-level
+acc@k (a query's one paired photo within the top k).
 """
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -36,6 +43,9 @@ from torch import Tensor
 PROTOCOLS = ("standard", "sake", "sem-pcyc", "doodle2search", "zse-sbir")
 _VOC = {"sake", "zse-sbir"}  # VOC-interpolated AP
 _RANK_ROWS = 64  # queries ranked at once inside a chunk
+SCORES = ("cosine", "hamming")  # how a query scores a gallery item: cosine of embeddings, -Hamming of codes
+ITQ_VARIANTS = ("textbook", "sem-pcyc")
+_HAMMING_LOOKUPS = 1 << 22  # 16-bit table lookups (5 bytes of memory each) done at once by hamming_distance
 
 
 def _unit(emb: Tensor) -> Tensor:
@@ -110,6 +120,21 @@ def _ranks_of_relevant(scores: Tensor, start: int, stop: int, grid: float = 0.5)
         c += _shared_below(scores, rel, bins, rel_count, shared)
     rank = hits + (n - r) - c  # (B, R) ascending scores
     return rank.flip(1), hits.flip(1)
+
+
+def _ranks_of_relevant_distances(dist: Tensor, start: int, stop: int, levels: int) -> tuple[Tensor, Tensor]:
+    """_ranks_of_relevant for integer distances in [0, levels), lower = more similar (Hamming): with the
+    score s = -d, rank(g) = #{h : d_h <= d_g} and hits(g) = #{relevant h : d_h <= d_g}, read from the
+    cumulative histograms of each row's distances and of its relevant distances (columns [start, stop)).
+
+    Returns rank, hits: (B, R) int64, relevant items in increasing distance (decreasing score) order.
+    """
+    b = dist.shape[0]
+    flat = dist.long() + torch.arange(b, device=dist.device)[:, None] * levels  # (B, N) row-offset levels
+    at_most = torch.bincount(flat.view(-1), minlength=b * levels).view(b, levels).cumsum(1)  # (B, L)
+    rel_at_most = torch.bincount(flat[:, start:stop].reshape(-1), minlength=b * levels).view(b, levels).cumsum(1)
+    rel = dist[:, start:stop].long().sort(dim=1).values  # (B, R) ascending distances
+    return at_most.gather(1, rel), rel_at_most.gather(1, rel)
 
 
 def _hits_of_sorted(rel: Tensor) -> Tensor:
@@ -234,8 +259,9 @@ def retrieval_metrics(
     protocols: Sequence[str] = ("standard",),
     chunk_size: int = 512,
     pr_points: int = 0,
+    score: str = "cosine",
 ) -> dict:
-    """AP, mAP, P@K and mAP@K of cosine retrieval under each requested protocol.
+    """AP, mAP, P@K and mAP@K of cosine (or Hamming) retrieval under each requested protocol.
 
     Args:
         query_emb: (Q, D) query embeddings; query_labels: (Q,) int class labels.
@@ -245,6 +271,10 @@ def retrieval_metrics(
         chunk_size: queries scored at once; peak memory is about 4 * chunk_size * N bytes plus
             a fixed 2.5 MB * N / 1000 for the counting.
         pr_points: if > 1, also the mean interpolated precision at recall 0, 1/(P-1), ..., 1.
+        score: "cosine" (embeddings) or "hamming": query_emb (Q, C) and gallery_emb (N, C) are then
+            uint8 packed codes (itq_codes) and the score is -hamming_distance, so that every
+            protocol ranks by Hamming distance; equal distances are ties, ranked as above (a tie
+            group takes its last position), and the ranks come from histograms of the distances.
 
     Returns:
         {"num_queries": queries with R > 0, "num_queries_without_relevant": queries with R = 0
@@ -255,12 +285,15 @@ def retrieval_metrics(
         and with pr_points "pr_curve": {"recall": (P,), "precision": (P,)} float64}.
     """
     _check_inputs(query_emb, query_labels, gallery_emb, gallery_labels, ks, protocols, chunk_size, pr_points)
+    _check_score(score, query_emb, gallery_emb)
     device = query_emb.device
     query_labels = query_labels.to(device=device, dtype=torch.long)
     gallery_labels = gallery_labels.to(device=device, dtype=torch.long)
     # Gallery sorted by class: every class's photos are one contiguous block of columns.
     gallery_labels, g_order = gallery_labels.sort(stable=True)
-    gallery = _unit(gallery_emb.to(device)[g_order])  # (N, D)
+    gallery = gallery_emb.to(device)[g_order]  # (N, D), or (N, C) codes
+    if score == "cosine":
+        gallery = _unit(gallery)
 
     num_rel = _count_relevant(query_labels.cpu(), gallery_labels.cpu())  # (Q,)
     valid = num_rel > 0
@@ -269,7 +302,7 @@ def retrieval_metrics(
                          "gallery classes are the same split")
     q_labels_cpu = query_labels.cpu()
     per_query, pr_sum = _per_query_values(query_emb, q_labels_cpu, gallery, gallery_labels, ks, protocols,
-                                          chunk_size, pr_points)
+                                          chunk_size, pr_points, score)
     out = {"num_relevant": num_rel, "num_queries": int(valid.sum()),
            "num_queries_without_relevant": int((~valid).sum()),
            "protocols": {name: _summary(per_query[name], valid, q_labels_cpu, ks) for name in protocols}}
@@ -277,6 +310,28 @@ def retrieval_metrics(
         out["pr_curve"] = {"recall": torch.linspace(0, 1, pr_points, dtype=torch.float64),
                            "precision": pr_sum / out["num_queries"]}
     return out
+
+
+def _scores(query: Tensor, gallery: Tensor, score: str) -> Tensor:
+    """(B, N) scores, higher = more similar: the cosine of query (B, D) with the unit-normalised gallery (N, D),
+    or, for score "hamming", minus the Hamming distance of packed codes (B, C) and (N, C), as float32 (exact:
+    every distance is an integer of at most 8 * C)."""
+    if score == "hamming":
+        return hamming_distance(query, gallery).neg_().float()
+    return _unit(query) @ gallery.T  # (B, D) @ (D, N)
+
+
+def _check_score(score: str, query_emb: Tensor, gallery_emb: Tensor) -> None:
+    """A known score, uint8 codes for "hamming" and no uint8 codes for "cosine", or a ValueError."""
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
+    codes = query_emb.dtype == torch.uint8 and gallery_emb.dtype == torch.uint8
+    if score == "hamming" and not codes:
+        raise ValueError("score='hamming' needs packed uint8 codes (from itq_codes), got "
+                         f"{query_emb.dtype} and {gallery_emb.dtype}")
+    if score == "cosine" and torch.uint8 in (query_emb.dtype, gallery_emb.dtype):
+        raise ValueError("got uint8 tensors, which look like packed codes: pass score='hamming' to rank them by "
+                         "Hamming distance")
 
 
 def _class_blocks(sorted_labels: Tensor) -> dict:
@@ -288,10 +343,10 @@ def _class_blocks(sorted_labels: Tensor) -> dict:
 
 def _per_query_values(query_emb: Tensor, q_labels_cpu: Tensor, gallery: Tensor, gallery_labels: Tensor,
                       ks: Sequence[int], protocols: Sequence[str], chunk_size: int,
-                      pr_points: int) -> tuple[dict, Tensor]:
+                      pr_points: int, score: str = "cosine") -> tuple[dict, Tensor]:
     """Every protocol's per-query values, {name: {key: (Q,) float64 on the CPU}} (0 for queries without a
     relevant item), and the sum over the queries of their (P,) interpolated precisions; the gallery (N, D)
-    is unit-normalised and sorted by class (gallery_labels (N,))."""
+    is unit-normalised (or (N, C) codes) and sorted by class (gallery_labels (N,))."""
     num_q, n = query_emb.shape[0], gallery.shape[0]
     keys = {name: ["ap"] + [f"p@{k}" for k in ks] + ([] if name == "doodle2search" else [f"ap@{k}" for k in ks])
             for name in protocols}
@@ -301,9 +356,17 @@ def _per_query_values(query_emb: Tensor, q_labels_cpu: Tensor, gallery: Tensor, 
         idx = (q_labels_cpu == c).nonzero().squeeze(1)  # (Qc,) queries of this class
         for s in range(0, idx.numel(), chunk_size):
             rows = idx[s:s + chunk_size]
-            scores = _unit(query_emb[rows.to(query_emb.device)]) @ gallery.T  # (B, N)
+            q = query_emb[rows.to(query_emb.device)]
+            if score == "hamming":  # (B, N) int32 distances, ranked from their histograms
+                scores = hamming_distance(q, gallery)
+            else:
+                scores = _unit(q) @ gallery.T  # (B, N)
             for t in range(0, rows.numel(), _RANK_ROWS):  # small blocks keep the counting in cache
-                rank, hits = _ranks_of_relevant(scores[t:t + _RANK_ROWS], start, stop)
+                if score == "hamming":
+                    rank, hits = _ranks_of_relevant_distances(scores[t:t + _RANK_ROWS], start, stop,
+                                                              8 * gallery.shape[1] + 1)
+                else:
+                    rank, hits = _ranks_of_relevant(scores[t:t + _RANK_ROWS], start, stop)
                 vals = _chunk_values(rank, hits, n, ks, protocols, pr_points)
                 if pr_points:
                     pr_sum += vals.pop("pr").sum(0).cpu()
@@ -378,3 +441,241 @@ def chance_map(query_labels: Tensor, gallery_labels: Tensor) -> float:
     if num_rel.numel() == 0:
         raise ValueError("no query has a relevant item in the gallery")
     return expected_random_ap(num_rel, gallery_labels.numel()).mean().item()
+
+
+# ------------------------------------------------------------------------------------------ hashing
+
+
+def itq_codes(query_emb: Tensor, gallery_emb: Tensor, bits: int = 64, variant: str = "textbook",
+              iterations: int = 50, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Binary codes of the queries and the gallery by Iterative Quantisation (ITQ), packed 8 bits a byte.
+
+    ITQ (Gong and Lazebnik, CVPR 2011; TPAMI 2013) projects centred data X - mu onto principal
+    components W (D, c), c = bits, giving V = (X - mu) W (n, c), and looks for codes
+    B in {-1, +1}^(n x c) and a rotation R (c, c) that minimise the quantisation loss
+    ||B - V R||_F^2, alternating two exact minimisations:
+
+        B = sgn(V R)                                        sgn(0) = +1
+        R = argmin_{R^T R = I} ||B - V R||_F^2 = argmax_R tr(B^T V R)
+          = W_C U_C^T,  where  B^T V = U_C S W_C^T  is an SVD (orthogonal Procrustes):
+          tr(B^T V R) = tr(S W_C^T R U_C) <= tr(S), with equality when W_C^T R U_C = I.
+
+    variant="textbook" (default): one hash function for both sides, fitted without labels on the
+        queries and the gallery together (transductive, as SEM-PCYC's is). mu = the mean of all
+        Q + N rows; W = the `bits` eigenvectors of their covariance with the largest eigenvalues,
+        each signed so that its largest-magnitude entry is positive (the codes then do not depend
+        on the eigensolver's signs); R starts at the Q factor of the QR decomposition of a
+        (bits, bits) standard normal matrix drawn from torch.Generator().manual_seed(seed); then
+        `iterations` rounds of the two updates above. Codes: (X - mu) W R >= 0, for both sides.
+    variant="sem-pcyc": AnjanDutta/sem-pcyc, src/itq.py (compressITQ, ITQ), step by step. Queries
+        and gallery are each centred on their own mean. W = the `bits` leading eigenvectors
+        (numpy.linalg.eigh, with the signs it returns) of the covariance of the centred **queries**
+        only: they fit on the test-set sketches, and with bits = D (their only setting) W holds
+        every component. R starts at the U of numpy's SVD of a (bits, bits) standard normal matrix
+        drawn after seeding numpy with `iterations` (they call np.random.seed(n_iter), n_iter = 50).
+        Then `iterations` rounds of B = sgn(V R) and their update, `UB, S, UA = svd(B^T V);
+        R = UA UB^T`, a port of MATLAB's [UB, S, UA] = svd(C); R = UA * UB'. numpy returns W_C^T
+        where MATLAB returns W_C, so this R = W_C^T U_C^T: orthogonal, but not the Procrustes
+        optimum, and it depends on the SVD's sign choices (flipping a pair u_i, w_i changes it), so
+        it is computed with numpy's SVD, as theirs. Codes: V R > 0 for the queries and
+        (X_g - mu_g) W R > 0 for the gallery.
+    Both fit in float64 on the CPU (a (Q + N, D) @ (D, bits) problem; SEM-PCYC centres in its
+    embeddings' float32); the codes come back on each input's device.
+
+    Args:
+        query_emb: (Q, D) float; gallery_emb: (N, D) float.
+        bits: code length, a positive multiple of 8 and at most D.
+        variant: one of ITQ_VARIANTS.
+        iterations: alternations of the two updates (50 in both papers' code).
+        seed: the textbook variant's initial rotation (SEM-PCYC's seed is `iterations`).
+    Returns:
+        (Q, bits // 8) and (N, bits // 8) uint8: code bit j is bit 7 - j % 8 of byte j // 8
+        (numpy.packbits' order); compare them with hamming_distance or
+        retrieval_metrics(..., score="hamming").
+    """
+    _check_itq(query_emb, gallery_emb, bits, variant, iterations)
+    xq = query_emb.detach().to("cpu", torch.float64)  # (Q, D)
+    xg = gallery_emb.detach().to("cpu", torch.float64)  # (N, D)
+    if variant == "textbook":
+        mean = torch.cat([xq, xg]).mean(0)  # (D,)
+        xq, xg = xq - mean, xg - mean
+        fit = torch.cat([xq, xg])  # (Q + N, D)
+        pcs = _leading_components(fit.T @ fit / (fit.shape[0] - 1), bits)  # (D, bits)
+        gen = torch.Generator().manual_seed(seed)
+        r0 = torch.linalg.qr(torch.randn(bits, bits, generator=gen, dtype=torch.float64)).Q
+        rot = _itq_rotation(fit @ pcs, r0, iterations)  # (bits, bits)
+        q_bits, g_bits = xq @ pcs @ rot >= 0, xg @ pcs @ rot >= 0  # (Q, bits), (N, bits)
+    else:
+        q_bits, g_bits = (torch.from_numpy(b) for b in _sem_pcyc_itq(xq.numpy(), xg.numpy(), bits, iterations))
+    return _pack_bits(q_bits).to(query_emb.device), _pack_bits(g_bits).to(gallery_emb.device)
+
+
+def _check_itq(query_emb: Tensor, gallery_emb: Tensor, bits: int, variant: str, iterations: int) -> None:
+    """itq_codes' arguments, or a ValueError that says which is wrong."""
+    if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
+        raise ValueError(f"expected (Q, D) and (N, D) embeddings, got {tuple(query_emb.shape)} and "
+                         f"{tuple(gallery_emb.shape)}")
+    dim = query_emb.shape[1]
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 8 or bits % 8 or bits > dim:
+        raise ValueError(f"hash codes need a bit count that is a positive multiple of 8 and at most the "
+                         f"embedding size {dim}, got {bits!r}")
+    if variant not in ITQ_VARIANTS:
+        raise ValueError(f"unknown ITQ variant {variant!r}; choose from {', '.join(ITQ_VARIANTS)}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if query_emb.shape[0] < 2 or gallery_emb.shape[0] < 1:
+        raise ValueError("ITQ needs at least 2 queries and 1 gallery item to fit a projection")
+    if not (torch.isfinite(query_emb).all() and torch.isfinite(gallery_emb).all()):
+        raise ValueError("embeddings contain NaN or inf")
+
+
+def _leading_components(cov: Tensor, bits: int) -> Tensor:
+    """(D, D) covariance -> (D, bits) its eigenvectors of largest eigenvalue first, each signed so that its
+    largest-magnitude entry (the first, if several) is positive."""
+    _, vecs = torch.linalg.eigh(cov)  # eigenvalues ascending
+    pcs = vecs.flip(1)[:, :bits]  # (D, bits) descending
+    peak = pcs.abs().argmax(0)  # (bits,)
+    return pcs * torch.sign(pcs[peak, torch.arange(bits)])
+
+
+def _itq_rotation(v: Tensor, rot: Tensor, iterations: int) -> Tensor:
+    """Textbook ITQ: `iterations` rounds of B = sgn(V R) (sgn(0) = +1) and the Procrustes optimum R = W_C U_C^T
+    with B^T V = U_C S W_C^T, from R = rot (c, c); V (n, c) float64."""
+    for _ in range(iterations):
+        b = (v @ rot >= 0).to(v.dtype) * 2 - 1  # (n, c) in {-1, +1}
+        u, _, wh = torch.linalg.svd(b.T @ v)  # (c, c) = U_C S W_C^T
+        rot = wh.T @ u.T
+    return rot
+
+
+def _sem_pcyc_itq(xq: np.ndarray, xg: np.ndarray, bits: int, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """SEM-PCYC's compressITQ (see itq_codes) on float64 (Q, D) and (N, D) arrays -> (Q, bits), (N, bits) bool."""
+    xq = xq - xq.mean(0, keepdims=True)
+    xg = xg - xg.mean(0, keepdims=True)
+    vals, vecs = np.linalg.eigh(np.cov(xq, rowvar=False), "U")
+    pcs = vecs[:, np.argsort(vals)[::-1]][:, :bits]  # (D, bits), largest eigenvalue first
+    v = xq @ pcs  # (Q, bits)
+    rot = np.linalg.svd(np.random.RandomState(iterations).randn(bits, bits))[0]  # their seed is n_iter
+    for _ in range(iterations):
+        b = np.where(v @ rot >= 0, 1.0, -1.0)
+        ub, _, ua = np.linalg.svd(b.T @ v)  # ua is W_C^T: numpy's third factor is transposed
+        rot = ua @ ub.T
+    return v @ rot > 0, xg @ pcs @ rot > 0
+
+
+def _pack_bits(code_bits: Tensor) -> Tensor:
+    """(n, c) bool, c a multiple of 8 -> (n, c // 8) uint8, bit j in bit 7 - j % 8 of byte j // 8."""
+    n, c = code_bits.shape
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32, device=code_bits.device)
+    return (code_bits.view(n, c // 8, 8).int() * weights).sum(2).to(torch.uint8)
+
+
+def _popcount_table(device) -> Tensor:
+    """(65536,) uint8: the number of set bits of every 16-bit value."""
+    v = torch.arange(1 << 16, device=device)
+    return sum((v >> k) & 1 for k in range(16)).to(torch.uint8)
+
+
+def _words16(codes: Tensor) -> Tensor:
+    """(n, C) uint8 packed codes -> (n, ceil(C / 2)) int32 16-bit words (an odd C gets a zero byte)."""
+    if codes.shape[1] % 2:
+        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], 1)], dim=1)
+    return (codes[:, 0::2].int() << 8) | codes[:, 1::2].int()
+
+
+def hamming_distance(query_codes: Tensor, gallery_codes: Tensor) -> Tensor:
+    """Hamming distance of every query code with every gallery code, (Q, N) int32 on the codes' device.
+
+    Codes are packed uint8, (Q, C) and (N, C) (itq_codes). Byte pairs are read as 16-bit words; the
+    words are XORed, each result is looked up in a 65,536-entry popcount table, and the counts are
+    summed (half the lookups of a byte table; with the words formed once per call rather than each
+    XORed byte widened to an index, it measured 8x faster on a 2-core CPU). The queries are taken
+    in blocks of about 4M lookups, so the (block, N, C / 2) intermediates stay near 20 MB; callers
+    that need bounded memory pass chunks of queries (retrieval_metrics does).
+    """
+    if (query_codes.dtype != torch.uint8 or gallery_codes.dtype != torch.uint8 or query_codes.ndim != 2
+            or gallery_codes.ndim != 2 or query_codes.shape[1] != gallery_codes.shape[1]):
+        raise ValueError(f"expected (Q, C) and (N, C) uint8 codes, got {tuple(query_codes.shape)} "
+                         f"{query_codes.dtype} and {tuple(gallery_codes.shape)} {gallery_codes.dtype}")
+    device = query_codes.device
+    qw, gw = _words16(query_codes), _words16(gallery_codes.to(device))  # (Q, W), (N, W) int32
+    q, w = qw.shape
+    n = gw.shape[0]
+    table = _popcount_table(device)
+    out = torch.empty(q, n, dtype=torch.int32, device=device)
+    rows = max(1, _HAMMING_LOOKUPS // max(n * w, 1))
+    for s in range(0, q, rows):
+        x = qw[s:s + rows, None, :] ^ gw[None]  # (b, N, W) differing bits
+        out[s:s + rows] = table.index_select(0, x.view(-1)).view(x.shape).sum(2, dtype=torch.int32)
+    return out
+
+
+# ------------------------------------------------------------------------------------- fine-grained
+
+
+def fine_grained_accuracy(query_emb: Tensor, gallery_emb: Tensor, target_index: Tensor,
+                          ks: Sequence[int] = (1, 5), score: str = "cosine", chunk_size: int = 512) -> dict:
+    """Instance-level acc@k: the share of queries whose paired gallery item, row target_index[i], ranks
+    within the top k.
+
+        rank_i  = #{g : s_ig >= s_i,target(i)}      the target counts itself, and every gallery item
+                                                    scoring as high as the target (a tie) counts against it
+        acc@k   = (1/Q) sum_i [rank_i <= k]
+
+    Ties take the last position of their group, as everywhere in metrics.py. The target's score is
+    read from the same (chunk, N) score matrix as the others', so it ties with itself exactly.
+
+    Follows Sketch_LVM (aneeshan95/Sketch_LVM, commit 432c504, "Add basic code for ZS-SBIR"):
+    src/model_LN_prompt.py, validation_epoch_end, branch opts.instance_level: rank[idx] =
+    dist.le(trgt_dist).sum() with dist = 1 - cosine (the same rank), top1 = rank <= 1,
+    top10 = rank <= 10, meanK = mean rank. That branch was deleted on 2023-07-28 (commit e204ac0);
+    the current README says the fine-grained code will be uploaded later. Its gallery is
+    gallery_feat_all: one row per query sketch, holding the sketch's own paired photo
+    (src/dataset_retrieval.py: photo `<sketch file name before '-'>.jpg`), all unseen classes mixed.
+    A photo drawn by m sketches is there m times, and its m - 1 copies tie with the target (up to the
+    rounding of their separate distance call), which pushes rank up by up to m - 1. This function
+    ranks whatever gallery it is given: to count each photo once, pass the unique photos and point
+    target_index at each sketch's photo.
+
+    Args:
+        query_emb: (Q, D) float embeddings, or (Q, C) uint8 codes with score="hamming".
+        gallery_emb: (N, D) float, or (N, C) uint8 codes.
+        target_index: (Q,) integer, the gallery row of each query's paired item.
+        ks: cut-offs k.
+        score: "cosine" or "hamming" (s = -Hamming distance), as in retrieval_metrics.
+        chunk_size: queries scored at once (memory about 4 * chunk_size * N bytes).
+    Returns:
+        {"acc@k": float for each k, "mean_rank": float, "rank": (Q,) int64 on the CPU}.
+    """
+    if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
+        raise ValueError(f"expected (Q, D) and (N, D) inputs, got {tuple(query_emb.shape)} and "
+                         f"{tuple(gallery_emb.shape)}")
+    _check_score(score, query_emb, gallery_emb)
+    num_q, n = query_emb.shape[0], gallery_emb.shape[0]
+    target = torch.as_tensor(target_index)
+    if target.shape != (num_q,) or target.is_floating_point() or target.dtype == torch.bool:
+        raise ValueError(f"target_index must hold one integer gallery row per query, shape ({num_q},), got "
+                         f"{tuple(target.shape)} {target.dtype}")
+    if num_q == 0 or n == 0:
+        raise ValueError("need at least one query and one gallery item")
+    if int(target.min()) < 0 or int(target.max()) >= n:
+        raise ValueError(f"target_index must lie in [0, {n}), got values from {int(target.min())} to "
+                         f"{int(target.max())}")
+    if any(int(k) < 1 for k in ks) or chunk_size < 1:
+        raise ValueError("ks and chunk_size must be positive")
+    if score == "cosine" and not (torch.isfinite(query_emb).all() and torch.isfinite(gallery_emb).all()):
+        raise ValueError("embeddings contain NaN or inf")
+    device = query_emb.device
+    gallery = gallery_emb.to(device)
+    if score == "cosine":
+        gallery = _unit(gallery)
+    target = target.to(device=device, dtype=torch.long)
+    rank = torch.empty(num_q, dtype=torch.long)
+    for s in range(0, num_q, chunk_size):
+        scores = _scores(query_emb[s:s + chunk_size], gallery, score)  # (B, N)
+        own = scores.gather(1, target[s:s + chunk_size, None])  # (B, 1) the target's score
+        rank[s:s + chunk_size] = (scores >= own).sum(1).cpu()
+    out = {f"acc@{k}": (rank <= k).double().mean().item() for k in ks}
+    out["mean_rank"] = rank.double().mean().item()
+    out["rank"] = rank
+    return out
