@@ -117,7 +117,9 @@ class ConfigArgumentParser(argparse.ArgumentParser):
     A config that cannot be used is one line, "error: ...", and exit status 2."""
 
     def parse_known_args(self, args=None, namespace=None):
-        first = argparse.ArgumentParser(add_help=False)
+        # Only the three flags that choose the config, spelled out (no abbreviations); its errors are this parser's.
+        first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        first.error = self.error
         first.add_argument("--config", type=str, default="")
         first.add_argument("--recipe", type=str, default="")
         first.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
@@ -273,7 +275,7 @@ def add_speed_args(g) -> None:
                    help="NHWC memory format for the CNNs (default: on with --amp on CUDA, where it speeds up "
                         "convolutions; off on the CPU)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the two encoders (slower start, faster steps; needs a C++ compiler on CPU)")
+                   help="torch.compile the encoder(s) (slower start, faster steps; needs a C++ compiler on CPU)")
 
 
 def start_weights(path: str) -> dict:
@@ -563,9 +565,10 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     if rank == 0:  # every input was read and fits: only now is anything written
         utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
         utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
-    if args.compile:
-        model.sketch_encoder.compile()  # in place: the state dict keeps its names
-        model.photo_encoder.compile()
+    if args.compile:  # in place: the state dict keeps its names
+        # a shared trunk is called directly (embed_pair) and through both domain views: compile it, not the views
+        for encoder in [model.encoder] if args.shared_trunk else [model.sketch_encoder, model.photo_encoder]:
+            encoder.compile()
     net = TrainingLosses(model, args.domain_label_smoothing)
     if world > 1:  # after loading: DDP copies rank 0's weights to every process
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
@@ -941,8 +944,9 @@ def make_checkpoint(t: Trainer, state: TrainState, seconds: float) -> dict:
 
 
 def to_device_batch(batch, args, device, step: int, memory_format) -> list:
-    """A loaded batch (uint8 images, labels) on the device, its images augmented there (augment: crop, flip,
-    normalisation) with random numbers seeded by (seed, step, rank), so a resumed run draws the same ones."""
+    """A loaded batch (uint8 images, labels) on the device, its images augmented there (augment: crop and flip;
+    each encoder normalises its own input) with random numbers seeded by (seed, step, rank), so a resumed run
+    draws the same ones."""
     rank, world = utils.rank_and_world()
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * world + rank)
     n_images = 2 if args.sampling == "pairs" else 3
