@@ -8,7 +8,7 @@ Each class also gets a "class-name embedding" built from its shape family and pa
 stand-in for word vectors.
 
 Output layout, in the folder OUT (--output_dir):
-    OUT/sketches/<class>/<class>_0000.png   (mode L)
+    OUT/sketches/<class>/<class>_0000-1.png (mode L; Sketchy's naming: paired with photo <class>_0000.jpg)
     OUT/photos/<class>/<class>_0000.jpg     (RGB)
     OUT/train_labels.txt, OUT/test_labels.txt              (seen / unseen classes, sorted)
     OUT/train_embeddings.npy, OUT/test_embeddings.npy      (float32, rows follow the label files)
@@ -635,14 +635,26 @@ def image_rng(seed, name, domain, index):
     return np.random.default_rng([seed, zlib.crc32(name.encode()), domain, index])
 
 
+def sketch_file_name(name, i, sketches, photos):
+    """Sketch i's file name, in Sketchy's pairing convention: <photo stem>-<j>.png names the photo it pairs with.
+
+    The sketches are spread over the photos in order, ceil(sketches / photos) to a photo: with as many
+    sketches as photos, sketch i is <class>_<i>-1.png, the partner of photo <class>_<i>.jpg (and the files
+    sort in the order of i). The pairing is by name only: each sketch is drawn from its own random pose, not
+    traced from its photo, so the demo's instance pairs carry the class and nothing finer.
+    """
+    per_photo = -(-sketches // photos)
+    return f"{name}_{i // per_photo:04d}-{i % per_photo + 1}.png"
+
+
 def _render_job(job):
-    root, name, domain, start, stop, seed, size = job
+    root, name, domain, start, stop, seed, size, sketches, photos = job
     sub = "sketches" if domain == SKETCH else "photos"
     folder = Path(root) / sub / name
     for i in range(start, stop):
         rng = image_rng(seed, name, domain, i)
         if domain == SKETCH:
-            render_sketch(name, rng, size).save(folder / f"{name}_{i:04d}.png")
+            render_sketch(name, rng, size).save(folder / sketch_file_name(name, i, sketches, photos))
         else:
             render_photo(name, rng, size).save(folder / f"{name}_{i:04d}.jpg", quality=90)
     return stop - start
@@ -676,7 +688,7 @@ def write_dataset(root, args):
         for domain, count in ((SKETCH, args.sketches_per_class), (PHOTO, args.photos_per_class)):
             for start in range(0, count, chunk):
                 jobs.append((str(root), c, domain, start, min(start + chunk, count),
-                             args.seed, args.image_size))
+                             args.seed, args.image_size, args.sketches_per_class, args.photos_per_class))
     if args.workers > 1:
         # workers ignore Ctrl-C; the parent stops them when it leaves the `with` block
         ctx = multiprocessing.get_context("spawn")
