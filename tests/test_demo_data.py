@@ -177,3 +177,25 @@ def test_sketches_are_named_after_their_photos_the_way_sketchy_is(tiny):
     assert [demo_data.sketch_file_name("c", i, 5, 2) for i in range(5)] == [
         "c_0000-1.png", "c_0000-2.png", "c_0000-3.png", "c_0001-1.png", "c_0001-2.png"]
     assert [demo_data.sketch_file_name("c", i, 2, 5) for i in range(2)] == ["c_0000-1.png", "c_0001-1.png"]
+
+
+def test_traced_pairs_draw_each_sketch_in_its_photos_pose(tiny, tmp_path):
+    """--traced_pairs keeps every photo and moves each sketch's strokes onto its photo's silhouette."""
+    traced = generate(tmp_path / "traced", "--workers", "1", "--traced_pairs")
+    a, b = digests(tiny), digests(traced)
+    assert {k: v for k, v in a.items() if k.startswith("photos/")} == {k: v for k, v in b.items()
+                                                                        if k.startswith("photos/")}
+    assert all(a[k] != b[k] for k in a if k.startswith("sketches/"))
+    size, gaps = 32, {"default": [], "traced": []}
+    for c in demo_data.class_names():
+        for i in range(3):
+            pose = demo_data.photo_pose(c, demo_data.image_rng(0, c, demo_data.PHOTO, i), size)
+            outline = np.concatenate([pose(p) for p, _ in demo_data.canonical_shape(c)]) / demo_data.SUPERSAMPLE
+            centre = (outline.min(0) + outline.max(0)) / 2  # the photo's silhouette box, in output pixels
+            for name, root in (("default", tiny), ("traced", traced)):
+                ink = np.asarray(Image.open(root / "sketches" / c / f"{c}_{i:04d}-1.png")) < 128
+                ys, xs = np.nonzero(ink)
+                box = np.array([(xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2])
+                gaps[name].append(np.abs(box - centre).max())
+    # Traced strokes sit on the photo's silhouette (within stroke width and wobble); untraced ones wander.
+    assert np.median(gaps["traced"]) < 1.5 < np.median(gaps["default"])
