@@ -209,7 +209,8 @@ def task_lines(info: dict) -> list:
 def trained_classes(ckpt: dict, model_path: str, data_dir: str, trained_labels: str) -> list | None:
     """The classes the model trained on when --data_dir is another dataset than its training data (a
     cross-dataset run), else None. They come from --trained_labels, the checkpoint's own "classes" entry, or
-    its training data's label file (train_labels.txt under its args' data_dir / class_split)."""
+    its training data's label file (train_labels.txt under its args' data_dir / class_split); when none can
+    be read (older checkpoints whose data moved), one printed line says the run is an ordinary one."""
     if trained_labels:
         return dataset.read_labels(trained_labels)
     a = ckpt["args"]
@@ -222,9 +223,11 @@ def trained_classes(ckpt: dict, model_path: str, data_dir: str, trained_labels: 
     path = os.path.join(labels, "train_labels.txt")
     if home and os.path.isfile(path):
         return dataset.read_labels(path)
-    raise utils.UserError(f"{data_dir} is not the dataset {model_path} was trained on ({home or 'not recorded'}), "
-                          f"and the checkpoint does not record its classes nor can {path} be read: pass "
-                          "--trained_labels FILE listing the classes it trained on")
+    # A dataset moved since training looks the same: evaluate its own unseen classes, and say so.
+    print(f"note: {data_dir} is not the folder {model_path} was trained on ({home or 'not recorded'}), whose "
+          f"classes the checkpoint does not record and {path} cannot tell: evaluating {data_dir}'s own unseen "
+          "classes; for a cross-dataset run pass --trained_labels FILE (the classes it trained on)")
+    return None
 
 
 def fine_grained_accuracy(query_emb: torch.Tensor, gallery_emb: torch.Tensor, target_index: torch.Tensor,

@@ -209,13 +209,24 @@ def test_cross_dataset_bad_input_is_one_line(run, tmp_path):
     proc = run_main("evaluate.py", "--model", run["model"], "--data_dir", none_left, "--workers", "0",
                     "--device", "cpu", "--output_dir", str(tmp_path / "o"))
     assert_one_line_error(proc, "no unseen class is left")
-    # A checkpoint whose training data is gone cannot tell its classes: one line naming --trained_labels.
+    # A checkpoint whose training data is gone cannot tell its classes: the data is taken for its own (moved)
+    # dataset, said in one line, unless --trained_labels names the classes.
     ckpt = torch.load(run["model"], map_location="cpu", weights_only=False)
     ckpt["args"]["data_dir"] = str(tmp_path / "gone")
     moved = str(tmp_path / "moved.pth")
     torch.save(ckpt, moved)
-    other = make_tiny_dataset(str(tmp_path / "other"), per_class=2)
+    other = make_tiny_dataset(str(tmp_path / "other"), seen=("TRI", "hexa"), unseen=("circle", "star"), per_class=2)
     proc = run_main("evaluate.py", "--model", moved, "--data_dir", other, "--workers", "0", "--device", "cpu",
-                    "--output_dir", str(tmp_path / "o2"))
-    assert_one_line_error(proc, "does not record its classes", "--trained_labels")
+                    "--num_sketches", "0", "--output_dir", str(tmp_path / "o2"))
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stdout.splitlines() if line.startswith("note:")] == [
+        f"note: {other} is not the folder {moved} was trained on ({tmp_path / 'gone'}), whose classes the "
+        f"checkpoint does not record and {tmp_path / 'gone' / 'train_labels.txt'} cannot tell: evaluating "
+        f"{other}'s own unseen classes; for a cross-dataset run pass --trained_labels FILE (the classes it trained on)"]
+    assert "cross_dataset" not in results(str(tmp_path / "o2"))
+    proc = run_main("evaluate.py", "--model", moved, "--data_dir", other, "--workers", "0", "--device", "cpu",
+                    "--num_sketches", "0", "--output_dir", str(tmp_path / "o3"),
+                    "--trained_labels", os.path.join(run["data"], "train_labels.txt"))
+    assert proc.returncode == 0, proc.stderr
+    assert results(str(tmp_path / "o3"))["cross_dataset"]["excluded"] == ["TRI", "hexa"]
     shutil.rmtree(other)
