@@ -640,6 +640,13 @@ def score_fine_grained(emb: Embedded, args, commit: str, out_dir: str) -> None:
     print(f"{'gallery':<28}" + "".join(f"{'acc@' + str(k):>8}" for k in FG_KS) + "   chance acc@1")
     for name, res, key in (("all paired photos", mixed, "all"), ("the query's class only", own, "class")):
         print(f"{name:<28}" + "".join(f"{res[f'acc@{k}']:8.4f}" for k in FG_KS) + f"   {chance[key]['acc@1']:.4f}")
+    if emb.untrained:
+        uq, ug = emb.untrained
+        results["untrained"] = {"gallery_all": fine_grained_accuracy(uq, ug, emb.targets, FG_KS),
+                                "gallery_class": fine_grained_within_class(uq, emb.q_labels, ug, emb.g_labels,
+                                                                           emb.targets, FG_KS)}
+        print("untrained network acc@1: " + ", ".join(f"{r['acc@1']:.4f} ({g[8:]} gallery)"
+                                                      for g, r in results["untrained"].items()))
     utils.write_json(os.path.join(out_dir, "results.json"), results)
     print(f"wrote results.json to {out_dir}")
 

@@ -165,7 +165,7 @@ def test_gzs_from_the_model_and_from_its_saved_embeddings(run, tmp_path):
 
 def test_fg_from_the_model_and_from_its_saved_embeddings(run, tmp_path):
     emb = str(tmp_path / "fg.pt")
-    proc = evaluate_run(run, tmp_path / "a", "--task", "fg", "--save_embeddings", emb)
+    proc = evaluate_run(run, tmp_path / "a", "--task", "fg", "--save_embeddings", emb, "--compare_untrained")
     assert proc.returncode == 0, proc.stderr
     a = results(str(tmp_path / "a"))
     assert a["task"] == "fg" and a["num_queries"] == 12 and a["num_gallery"] == 12
@@ -176,6 +176,7 @@ def test_fg_from_the_model_and_from_its_saved_embeddings(run, tmp_path):
     assert a["chance"]["all"] == pytest.approx({"acc@1": 1 / 12, "acc@5": 5 / 12})
     assert a["chance"]["class"] == pytest.approx({"acc@1": 1 / 6, "acc@5": 5 / 6})  # 6 photos a class
     assert "all paired photos" in proc.stdout and "the query's class only" in proc.stdout
+    assert set(a["untrained"]) == {"gallery_all", "gallery_class"} and "untrained network acc@1" in proc.stdout
     proc = run_main("evaluate.py", "--embeddings", emb, "--task", "fg", "--data_dir", run["data"],
                     "--output_dir", str(tmp_path / "b"))
     assert proc.returncode == 0, proc.stderr
@@ -194,14 +195,21 @@ def test_fg_on_a_dataset_without_pairs_is_one_line(run, tmp_path):
 def test_cross_dataset_leaves_out_the_trained_classes(run, tmp_path):
     other = make_tiny_dataset(str(tmp_path / "other"), seen=("TRI", "hexa"), unseen=("circle", "star"),
                               per_class=3)
+    emb = str(tmp_path / "cross.pt")
     proc = run_main("evaluate.py", "--model", run["model"], "--data_dir", other, "--workers", "0", "--device",
-                    "cpu", "--num_sketches", "0", "--output_dir", str(tmp_path / "o"))
+                    "cpu", "--num_sketches", "0", "--output_dir", str(tmp_path / "o"), "--save_embeddings", emb)
     assert proc.returncode == 0, proc.stderr
     assert "cross-dataset: 2 class(es) share a name" in proc.stdout and "(TRI, hexa)" in proc.stdout
     out = results(str(tmp_path / "o"))
     assert out["cross_dataset"]["excluded"] == ["TRI", "hexa"] and out["cross_dataset"]["unseen"] == 2
     assert set(out["protocols"]["standard"]["per_class_ap"]) == {"circle", "star"}
     assert out["num_queries"] == 6
+    # The saved file carries the training classes, so it is checked against the data and reproduces the run.
+    proc = run_main("evaluate.py", "--embeddings", emb, "--data_dir", other, "--output_dir", str(tmp_path / "again"))
+    assert proc.returncode == 0, proc.stderr
+    assert "(TRI, hexa)" in proc.stdout
+    again = results(str(tmp_path / "again"))
+    assert (again["protocols"], again["cross_dataset"]) == (out["protocols"], out["cross_dataset"])
 
 
 def test_cross_dataset_bad_input_is_one_line(run, tmp_path):
@@ -230,3 +238,13 @@ def test_cross_dataset_bad_input_is_one_line(run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert results(str(tmp_path / "o3"))["cross_dataset"]["excluded"] == ["TRI", "hexa"]
     shutil.rmtree(other)
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--task", "kfg"], ["unknown --task 'kfg'", "zs, gzs, fg"]),
+    (["--task", "gzs", "--split", "val"], ["--task gzs evaluates the test split", "drop --split val"]),
+    (["--task", "gzs", "--gzs_fraction", "0"], ["--gzs_fraction must be in (0, 1]"]),
+])
+def test_bad_task_arguments_are_one_line(argv, fragments, tmp_path):
+    proc = run_main("evaluate.py", "--model", "m.pth", "--data_dir", str(tmp_path), *argv)
+    assert_one_line_error(proc, *fragments)
