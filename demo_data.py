@@ -18,6 +18,7 @@ Usage:
     python demo_data.py --output_dir data/demo
     python demo_data.py --output_dir data/demo --seed 1 --image_size 96 --workers 4
     python demo_data.py --output_dir data/tiny --sketches_per_class 3 --photos_per_class 3 --image_size 32
+    python demo_data.py --output_dir data/demo_traced --traced_pairs   # sketches traced in their photo's pose
 """
 import argparse
 import colorsys
