@@ -14,6 +14,7 @@ the command line; every problem with the user's data raises DataError with a one
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -217,6 +218,56 @@ def flatten(by_class: dict, classes: list) -> tuple[list, list]:
         paths += by_class.get(c, [])
         labels += [i] * len(by_class.get(c, []))
     return paths, labels
+
+
+# ----------------------------------------------------------------------------------- evaluation settings
+
+def normalise_class_name(name: str) -> str:
+    """The name that decides whether two datasets share a class: lower case, stripped, and every run of
+    spaces, underscores and hyphens made one space ("Hot-Air_Balloon" -> "hot air balloon")."""
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower()).strip()
+
+
+GZS_SEED = 0        # the seen-class images that join a generalised evaluation never change with --seed
+GZS_FRACTION = 0.2  # SEM-PCYC src/test.py: perc = 0.2
+
+
+def sample_seen(by_class: dict, seen: list, root: str, count: int, seed: int = GZS_SEED) -> tuple[list, list]:
+    """``count`` seen-class images for generalised ZS-SBIR, drawn as SEM-PCYC's src/test.py draws them: from
+    the sorted unique files of all seen classes together (not class by class), without replacement, the
+    drawn positions sorted. Returns (paths, seen-class index of each). Our generator is numpy's
+    default_rng(seed), not SEM-PCYC's global np.random.seed(0) stream, so the files drawn differ from theirs."""
+    pool = sorted((os.path.relpath(p, root), p, seen.index(c)) for c in seen for p in by_class.get(c, []))
+    if count > len(pool):
+        raise DataError(f"generalised ZS-SBIR needs {count} seen-class images but the seen classes have "
+                        f"{len(pool)}; use a smaller --gzs_fraction")
+    picks = np.sort(np.random.default_rng(seed).choice(len(pool), size=count, replace=False))
+    return [pool[i][1] for i in picks], [pool[i][2] for i in picks]
+
+
+SKETCH_OF_PHOTO = re.compile(r"^(?P<photo>.+)-(?P<n>\d+)$")  # Sketchy: n02691156_58-3.png drawn from n02691156_58.jpg
+
+
+def instance_pairs(sketches: dict, photos: dict, classes: list) -> tuple[dict, dict]:
+    """Sketchy's pairing from file names: sketch ``<stem>-<j>.<ext>`` was drawn from the photo ``<stem>.<any
+    image extension>`` of the same class folder. Returns ({class: [(sketch, photo), ...]} in sketch order,
+    counts) with counts = {"sketches_without_photo", "photos_without_sketch"}: sketches whose name does not
+    follow the pattern or whose photo is absent, and photos no sketch was drawn from (Sketchy's extended
+    photos)."""
+    pairs, lone_sketches, lone_photos = {}, 0, 0
+    for c in classes:
+        by_stem = {os.path.splitext(os.path.basename(p))[0]: p for p in photos.get(c, [])}
+        used, pairs[c] = set(), []
+        for s in sketches.get(c, []):
+            m = SKETCH_OF_PHOTO.match(os.path.splitext(os.path.basename(s))[0])
+            photo = by_stem.get(m.group("photo")) if m else None
+            if photo is None:
+                lone_sketches += 1
+            else:
+                pairs[c].append((s, photo))
+                used.add(photo)
+        lone_photos += len(by_stem) - len(used)
+    return pairs, {"sketches_without_photo": lone_sketches, "photos_without_sketch": lone_photos}
 
 
 # ----------------------------------------------------------------------------------- datasets

@@ -8,7 +8,7 @@ Each class also gets a "class-name embedding" built from its shape family and pa
 stand-in for word vectors.
 
 Output layout, in the folder OUT (--output_dir):
-    OUT/sketches/<class>/<class>_0000.png   (mode L)
+    OUT/sketches/<class>/<class>_0000-1.png (mode L; Sketchy's naming: paired with photo <class>_0000.jpg)
     OUT/photos/<class>/<class>_0000.jpg     (RGB)
     OUT/train_labels.txt, OUT/test_labels.txt              (seen / unseen classes, sorted)
     OUT/train_embeddings.npy, OUT/test_embeddings.npy      (float32, rows follow the label files)
@@ -18,6 +18,7 @@ Usage:
     python demo_data.py --output_dir data/demo
     python demo_data.py --output_dir data/demo --seed 1 --image_size 96 --workers 4
     python demo_data.py --output_dir data/tiny --sketches_per_class 3 --photos_per_class 3 --image_size 32
+    python demo_data.py --output_dir data/demo_traced --traced_pairs   # sketches traced in their photo's pose
 """
 import argparse
 import colorsys
@@ -451,11 +452,18 @@ def _draw_stroke(draw, xy, widths, fill, chunk=4):
     draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
 
 
-def render_sketch(name, rng, size):
-    """A hand-drawn-looking outline of class `name`: mode L, dark strokes on white."""
+def photo_pose(name, rng, size):
+    """The placement render_photo draws with when given the same fresh generator (its first draws)."""
+    return _placement(rng, canonical_shape(name), size * SUPERSAMPLE, 45, (0.45, 0.85), 0.12)
+
+
+def render_sketch(name, rng, size, pose=None):
+    """A hand-drawn-looking outline of class `name`: mode L, dark strokes on white. With ``pose`` (photo_pose of
+    a photo) the outline is traced in that photo's placement; the sketch's own random draws are unchanged."""
     canvas = size * SUPERSAMPLE
     contours = canonical_shape(name)
     apply = _placement(rng, contours, canvas, 20, (0.6, 0.9), 0.08)
+    apply = pose or apply
     img = Image.new("L", (canvas, canvas), 255)
     draw = ImageDraw.Draw(img)
     shake = rng.uniform(0.01, 0.03)
@@ -591,7 +599,7 @@ def render_photo(name, rng, size):
     canvas = size * PHOTO_SUPERSAMPLE
     px = size / 64 * PHOTO_SUPERSAMPLE  # one pixel of a 64 px image, at the working scale
     contours = canonical_shape(name)
-    apply = _placement(rng, contours, size * SUPERSAMPLE, 45, (0.45, 0.85), 0.12)
+    apply = photo_pose(name, rng, size)
     xy = [(apply(p), hole) for p, hole in contours]  # at SUPERSAMPLE scale
 
     ca = _hsv(rng.uniform(0, 1), rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0))
@@ -635,14 +643,27 @@ def image_rng(seed, name, domain, index):
     return np.random.default_rng([seed, zlib.crc32(name.encode()), domain, index])
 
 
+def sketch_file_name(name, i, sketches, photos):
+    """Sketch i's file name, in Sketchy's pairing convention: <photo stem>-<j>.png names the photo it pairs with.
+
+    The sketches are spread over the photos in order, ceil(sketches / photos) to a photo: with as many
+    sketches as photos, sketch i is <class>_<i>-1.png, the partner of photo <class>_<i>.jpg (and the files
+    sort in the order of i). The pairing is by name only: each sketch is drawn from its own random pose, not
+    traced from its photo (unless --traced_pairs), so the default instance pairs carry the class only.
+    """
+    per_photo = -(-sketches // photos)
+    return f"{name}_{i // per_photo:04d}-{i % per_photo + 1}.png"
+
+
 def _render_job(job):
-    root, name, domain, start, stop, seed, size = job
+    root, name, domain, start, stop, seed, size, sketches, photos, traced = job
     sub = "sketches" if domain == SKETCH else "photos"
     folder = Path(root) / sub / name
     for i in range(start, stop):
         rng = image_rng(seed, name, domain, i)
         if domain == SKETCH:
-            render_sketch(name, rng, size).save(folder / f"{name}_{i:04d}.png")
+            pose = photo_pose(name, image_rng(seed, name, PHOTO, i // -(-sketches // photos)), size) if traced else None
+            render_sketch(name, rng, size, pose).save(folder / sketch_file_name(name, i, sketches, photos))
         else:
             render_photo(name, rng, size).save(folder / f"{name}_{i:04d}.jpg", quality=90)
     return stop - start
@@ -676,7 +697,8 @@ def write_dataset(root, args):
         for domain, count in ((SKETCH, args.sketches_per_class), (PHOTO, args.photos_per_class)):
             for start in range(0, count, chunk):
                 jobs.append((str(root), c, domain, start, min(start + chunk, count),
-                             args.seed, args.image_size))
+                             args.seed, args.image_size, args.sketches_per_class, args.photos_per_class,
+                             args.traced_pairs))
     if args.workers > 1:
         # workers ignore Ctrl-C; the parent stops them when it leaves the `with` block
         ctx = multiprocessing.get_context("spawn")
@@ -706,6 +728,9 @@ def get_args_parser():
     parser.add_argument("--sketches_per_class", type=int, default=60, help="sketches of each class")
     parser.add_argument("--photos_per_class", type=int, default=60, help="photos of each class")
     parser.add_argument("--workers", type=int, default=2, help="processes; 1 renders in-process")
+    parser.add_argument("--traced_pairs", action=argparse.BooleanOptionalAction, default=False,
+                        help="draw each sketch in the pose of the photo its name pairs it with (real instance "
+                             "pairs for evaluate.py --task fg); off keeps the default demo's images")
     return parser
 
 

@@ -3,12 +3,18 @@
     python evaluate.py --model ckpt/best.pth --data_dir data/sketchy --num_sketches 10 --num_images 5
     python evaluate.py --model ckpt/best.pth --data_dir data/demo --protocol all --save_embeddings emb.pt
     python evaluate.py --embeddings emb.pt --protocol sake          # no model, no images: seconds
+    python evaluate.py --model ckpt/best.pth --data_dir data/sketchy --task gzs   # or --task fg (acc@1, acc@5)
+    python evaluate.py --model sketchy_ckpt/best.pth --data_dir data/tuberlin     # cross-dataset zero-shot
 
 The test split's sketches (unseen classes, DATA/test_labels.txt) query every photo of those classes;
 --split val uses the seen-class validation hold-out that train.py selected best.pth on instead.
 docs/metrics.md defines the conventions (standard, sake, sem-pcyc, doodle2search, zse-sbir). Writes
 to --output_dir: results.json, pr_curve.png, per_class_ap.png and one retrieval grid per random
 query sketch (the sketch, then its top --num_images photos, framed green when of the sketch's class).
+--task picks the setting (docs/evaluation.md): zs, the above; gzs, generalised (seen-class images join the
+queries and the gallery, as SEM-PCYC's src/test.py --gzs_sbir); fg, fine-grained (acc@k of each sketch's own
+photo, Sketchy's file-name pairing). With --data_dir another dataset than the model's, the unseen classes
+are that dataset's classes the model did not train on (cross-dataset).
 """
 import argparse
 import os
@@ -25,6 +31,8 @@ from model import PretrainedWeightsUnavailable
 
 EMBEDDINGS_FORMAT = "zs-sbir-embeddings/1"
 KS = (100, 200)
+TASKS = ("zs", "gzs", "fg")
+FG_KS = (1, 5)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,6 +60,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare_untrained", action=argparse.BooleanOptionalAction, default=False,
                    help="also evaluate the same network at its (seeded) initialisation, as a baseline")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the grid queries")
+    p.add_argument("--task", type=str, default="zs",
+                   help="evaluation setting: zs, unseen sketches query unseen photos; gzs, generalised: seen-class "
+                        "training images join both sides (SEM-PCYC); fg, fine-grained: acc@1 and acc@5 of each "
+                        "sketch's own photo (Sketchy's file-name pairs); docs/evaluation.md")
+    p.add_argument("--gzs_fraction", type=float, default=dataset.GZS_FRACTION,
+                   help="gzs: seen-class sketches (photos) added, as a fraction of the unseen sketches (photos)")
+    p.add_argument("--gzs_seed", type=int, default=dataset.GZS_SEED, help="gzs: seed for drawing the seen images")
+    p.add_argument("--trained_labels", type=str, default="",
+                   help="label file of the classes the model trained on, for a cross-dataset run (default: the "
+                        "checkpoint's training data's train_labels.txt)")
     return p
 
 
@@ -64,6 +82,13 @@ def check_args(args) -> None:
     if args.protocol != "all" and args.protocol not in metrics.PROTOCOLS:
         raise utils.UserError(f"unknown --protocol {args.protocol!r}; choose one of "
                               f"{', '.join(metrics.PROTOCOLS)}, or all")
+    if args.task not in TASKS:
+        raise utils.UserError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
+    if args.task != "zs" and args.split != "test":
+        raise utils.UserError(f"--task {args.task} evaluates the test split's unseen classes; "
+                              f"drop --split {args.split}")
+    if not 0 < args.gzs_fraction <= 1:
+        raise utils.UserError(f"--gzs_fraction must be in (0, 1], got {args.gzs_fraction}")
     if args.split not in ("test", "val"):  # one meaning in every script: which images, never which classes
         raise utils.UserError(f"--split takes test or val, not {args.split!r}; a named class split is chosen "
                               f"with --class_split {args.split}")
@@ -79,15 +104,159 @@ def check_args(args) -> None:
 
 # ----------------------------------------------------------------------------------- embeddings
 
-def split_images(data: dataset.SBIRData, split: str, val_fraction: float) -> tuple[list, tuple, tuple]:
-    """(class names, (sketch paths, labels), (photo paths, labels)) of the evaluated split."""
-    if split == "test":
+@dataclass
+class TaskImages:
+    """The images one --task scores: query sketches and gallery photos with labels into ``classes``."""
+    classes: list
+    sketches: tuple                 # (paths, labels)
+    photos: tuple                   # (paths, labels)
+    info: dict                      # what results.json records of the setting
+    targets: list | None = None     # fg: the gallery position of each query sketch's own photo
+
+
+def cross_dataset_classes(data: dataset.SBIRData, trained: list) -> tuple[list, list]:
+    """(unseen, excluded): the dataset's classes (seen and unseen lists together) whose normalised names
+    (dataset.normalise_class_name) are not / are among the ``trained`` classes."""
+    known = {dataset.normalise_class_name(c) for c in trained}
+    every = data.seen + data.unseen
+    return ([c for c in every if dataset.normalise_class_name(c) not in known],
+            [c for c in every if dataset.normalise_class_name(c) in known])
+
+
+def task_images(data: dataset.SBIRData, args, val_fraction: float, trained: list | None) -> TaskImages:
+    """The query sketches and gallery photos of --task on --split; ``trained`` (the model's classes) makes it a
+    cross-dataset run. Problems of the data's shape for the task are one UserError line."""
+    info: dict = {"task": args.task}
+    if trained is not None:
+        classes, excluded = cross_dataset_classes(data, trained)
+        info["cross_dataset"] = {"trained_classes": len(trained), "excluded": excluded, "unseen": len(classes),
+                                 "rule": "class names compared lower-cased, runs of spaces/_/- as one space"}
+        if not classes:
+            raise utils.UserError(f"every class of {data.root} is among the {len(trained)} classes the model "
+                                  "trained on: no unseen class is left for a cross-dataset evaluation")
+        sketches, photos = data.sketches, data.photos
+    elif args.split == "test":
         classes, sketches, photos = data.unseen, data.sketches, data.photos
     else:
         classes = data.seen
         _, val = dataset.split_seen(data, val_fraction, seed=dataset.VAL_SPLIT_SEED)
         sketches, photos = val["sketches"], val["photos"]
-    return classes, dataset.flatten(sketches, classes), dataset.flatten(photos, classes)
+    if args.task == "fg":
+        return fine_grained_images(classes, sketches, photos, data.root, info)
+    q, g = dataset.flatten(sketches, classes), dataset.flatten(photos, classes)
+    if args.task == "gzs":
+        if trained is not None:
+            raise utils.UserError("--task gzs adds the model's own seen classes of the same dataset; it has no "
+                                  "cross-dataset form: evaluate on the training dataset or use --task zs")
+        train, _ = dataset.split_seen(data, val_fraction, seed=dataset.VAL_SPLIT_SEED)
+        n_sk, n_ph = int(args.gzs_fraction * len(q[0])), int(args.gzs_fraction * len(g[0]))
+        offset = len(classes)  # labels: the unseen classes first, then the seen ones
+        sk, sk_labels = dataset.sample_seen(train["sketches"], data.seen, data.root, n_sk, args.gzs_seed)
+        ph, ph_labels = dataset.sample_seen(train["photos"], data.seen, data.root, n_ph, args.gzs_seed)
+        q = (sk + q[0], [offset + c for c in sk_labels] + q[1])  # seen items first, as SEM-PCYC concatenates
+        g = (ph + g[0], [offset + c for c in ph_labels] + g[1])
+        classes = list(classes) + list(data.seen)
+        info["gzs"] = {"fraction": args.gzs_fraction, "seed": args.gzs_seed, "seen_sketches": n_sk,
+                       "unseen_sketches": len(q[0]) - n_sk, "seen_photos": n_ph, "unseen_photos": len(g[0]) - n_ph,
+                       "seen_drawn_from": "seen-class training images (the validation hold-out left out)"}
+    return TaskImages(classes, q, g, info)
+
+
+def fine_grained_images(classes: list, sketches: dict, photos: dict, root: str, info: dict) -> TaskImages:
+    """Every paired sketch as a query; the gallery is every photo some evaluated sketch was drawn from."""
+    pairs, counts = dataset.instance_pairs(sketches, photos, classes)
+    n_sketches = sum(len(sketches.get(c, [])) for c in classes)
+    if not any(pairs.values()):
+        raise utils.UserError(f"--task fg needs sketch-photo pairs, and {root} has none: none of its {n_sketches} "
+                              "evaluated sketches is named <photo>-<n> after a photo of its class, as Sketchy's "
+                              "sketch n..._k-j.png is named after photo n..._k.jpg")
+    q_paths, q_labels, g_paths, g_labels, targets = [], [], [], [], []
+    for i, c in enumerate(classes):
+        photo_index = {}
+        for p in dict.fromkeys(photo for _, photo in pairs[c]):  # in the class's photo order, each once
+            photo_index[p] = len(g_paths)
+            g_paths.append(p)
+            g_labels.append(i)
+        for s, photo in pairs[c]:
+            q_paths.append(s)
+            q_labels.append(i)
+            targets.append(photo_index[photo])
+    info["fg"] = {"pairs": len(q_paths), "gallery_photos": len(g_paths), **counts}
+    return TaskImages(list(classes), (q_paths, q_labels), (g_paths, g_labels), info, targets)
+
+
+def task_lines(info: dict) -> list:
+    """What the setting did to the image sets, as printed lines (from task_images' info)."""
+    lines = []
+    if "cross_dataset" in info:
+        x = info["cross_dataset"]
+        lines.append(f"cross-dataset: {len(x['excluded'])} class(es) share a name with the model's "
+                     f"{x['trained_classes']} training classes and are left out"
+                     + (f" ({', '.join(x['excluded'])})" if x["excluded"] else "") + f"; {x['unseen']} unseen remain")
+    if "gzs" in info:
+        z = info["gzs"]
+        lines.append(f"gzs: {z['seen_sketches']} seen-class sketches join the {z['unseen_sketches']} unseen ones and "
+                     f"{z['seen_photos']} seen-class photos the {z['unseen_photos']} unseen ones (fraction "
+                     f"{z['fraction']} of each side, seed {z['seed']}, from the {z['seen_drawn_from']})")
+    if "fg" in info:
+        f = info["fg"]
+        lines.append(f"fg: {f['pairs']} sketches paired with {f['gallery_photos']} photos by file name; "
+                     f"{f['sketches_without_photo']} sketch(es) without a photo and {f['photos_without_sketch']} "
+                     "photo(s) without a sketch are left out")
+    return lines
+
+
+def trained_classes(ckpt: dict, model_path: str, data_dir: str, trained_labels: str) -> list | None:
+    """The classes the model trained on when --data_dir is another dataset than its training data (a
+    cross-dataset run), else None. They come from --trained_labels, the checkpoint's own "classes" entry, or
+    its training data's label file (train_labels.txt under its args' data_dir / class_split); when none can
+    be read (older checkpoints whose data moved), one printed line says the run is an ordinary one."""
+    if trained_labels:
+        return dataset.read_labels(trained_labels)
+    a = ckpt["args"]
+    home = a.get("data_dir") or ""
+    if home and os.path.realpath(home) == os.path.realpath(data_dir):
+        return None
+    if utils.is_str_list(ckpt.get("classes")):
+        return ckpt["classes"]
+    labels = os.path.join(home, "splits", a["class_split"]) if a.get("class_split") else home
+    path = os.path.join(labels, "train_labels.txt")
+    if home and os.path.isfile(path):
+        return dataset.read_labels(path)
+    # A dataset moved since training looks the same: evaluate its own unseen classes, and say so.
+    print(f"note: {data_dir} is not the folder {model_path} was trained on ({home or 'not recorded'}), whose "
+          f"classes the checkpoint does not record and {path} cannot tell: evaluating {data_dir}'s own unseen "
+          "classes; for a cross-dataset run pass --trained_labels FILE (the classes it trained on)")
+    return None
+
+
+def fine_grained_accuracy(query_emb: torch.Tensor, gallery_emb: torch.Tensor, target_index: torch.Tensor,
+                          ks=FG_KS, chunk: int = 1024) -> dict:
+    """acc@k of instance retrieval: the share of queries whose own gallery item (``target_index``, (Q,)) ranks
+    within the first k by cosine similarity. The rank is 1 + the number of gallery items scoring strictly higher
+    than the target (a tie counts for the target). Chunked over the queries; on the embeddings' device."""
+    hits = torch.zeros(len(ks), dtype=torch.int64)
+    target_index = target_index.to(query_emb.device)
+    for start in range(0, query_emb.shape[0], chunk):
+        s = metrics.similarity(query_emb[start:start + chunk], gallery_emb)              # (b, N)
+        own = s.gather(1, target_index[start:start + chunk, None])                      # (b, 1)
+        rank = 1 + (s > own).sum(dim=1)                                                 # (b,)
+        hits += torch.stack([(rank <= k).sum() for k in ks]).cpu()
+    n = max(query_emb.shape[0], 1)
+    return {f"acc@{k}": int(h) / n for k, h in zip(ks, hits)}
+
+
+def fine_grained_within_class(q, q_labels, g, g_labels, targets, ks=FG_KS) -> dict:
+    """acc@k when each query's gallery is only its own class's photos: fine_grained_accuracy class by class,
+    pooled over all the queries."""
+    hits = torch.zeros(len(ks), dtype=torch.float64)
+    for c in torch.unique(q_labels).tolist():
+        rows, cols = torch.nonzero(q_labels == c).flatten(), torch.nonzero(g_labels == c).flatten()
+        position = torch.full((g.shape[0],), -1, dtype=torch.int64)
+        position[cols] = torch.arange(cols.numel())
+        acc = fine_grained_accuracy(q[rows], g[cols], position[targets[rows]], ks)
+        hits += torch.tensor([acc[f"acc@{k}"] * rows.numel() for k in ks], dtype=torch.float64)
+    return {f"acc@{k}": float(h) / max(q.shape[0], 1) for k, h in zip(ks, hits)}
 
 
 def embed_split(model, sketches, photos, image_size: int, args, device) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -123,7 +292,11 @@ def load_embeddings(path: str) -> dict:
         "model": lambda m: isinstance(m, dict) and not utils.wrong_fields(m, {
             "path": lambda v: isinstance(v, str), "backbone": lambda v: isinstance(v, str),
             "embedding_dim": utils.is_int, "val_fraction": utils.is_number}),
-    }, {"class_split": lambda v: isinstance(v, str)})
+    }, {"class_split": lambda v: isinstance(v, str), "task": lambda v: v in TASKS,
+        "task_info": lambda v: isinstance(v, dict), "query_targets": utils.is_tensor(1, floating=False),
+        "trained_classes": utils.is_str_list})
+    if not bad and run.get("task") == "fg" and "query_targets" not in run:
+        bad = ["query_targets"]
     if bad:
         raise utils.UserError(f"{what} (wrong {', '.join(bad)}); the file is damaged; {hint}")
     q, g = run["queries"], run["gallery"]
@@ -138,16 +311,20 @@ def load_embeddings(path: str) -> dict:
         if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(run["classes"]):
             raise utils.UserError(f"{path}: {what} labels outside the {len(run['classes'])} classes; the file "
                                   "is corrupt")
+    t = run.get("query_targets")
+    if t is not None and (t.numel() != q.shape[0]
+                          or (t.numel() and not 0 <= int(t.min()) <= int(t.max()) < g.shape[0])):
+        raise utils.UserError(f"{path}: the fine-grained targets do not index the gallery; the file is corrupt")
     return run
 
 
 def check_same_dataset(run: dict, path: str, classes: list, sketches, photos, root: str, split: str) -> None:
-    """The embeddings file must describe exactly this dataset split (same classes and files)."""
+    """The embeddings file must describe exactly this dataset split (same classes and files, in order)."""
     def rel(paths):
-        return sorted(os.path.relpath(p, root) for p in paths)
+        return [os.path.relpath(p, root) for p in paths]
 
     if run["split"] != split or run["classes"] != classes or \
-            sorted(run["query_paths"]) != rel(sketches[0]) or sorted(run["gallery_paths"]) != rel(photos[0]):
+            run["query_paths"] != rel(sketches[0]) or run["gallery_paths"] != rel(photos[0]):
         raise utils.UserError(
             f"{path} holds embeddings of another dataset or split ({run['split']} split of {run['data']}: "
             f"{len(run['classes'])} classes, {len(run['query_paths'])} sketches, {len(run['gallery_paths'])} "
@@ -256,17 +433,23 @@ class Embedded:
     sketches: tuple = ()            # (paths, labels): from a model only, for the grids
     photos: tuple = ()
     untrained: tuple = ()           # (queries, gallery) of the untrained network, with --compare_untrained
+    info: dict | None = None        # the setting's facts for results.json (task_images)
+    targets: torch.Tensor | None = None  # fg: (Q,) gallery position of each query's own photo
 
 
 def embeddings_from_file(args, run: dict, ckpt: dict | None) -> Embedded:
     """The embeddings --embeddings holds, checked against --split, --data_dir and --model where given."""
     if run["split"] != args.split:
         raise utils.UserError(f"{args.embeddings} holds the {run['split']} split, not --split {args.split}")
+    task = run.get("task", "zs")  # files written before --task hold the zs setting
+    if task != args.task:
+        raise utils.UserError(f"{args.embeddings} holds the embeddings of --task {task}, not --task {args.task}; "
+                              f"pass --task {task}, or save another file with --task {args.task} --save_embeddings")
     if args.data_dir:
         data = dataset.scan_dataset(args.data_dir, check_images=False,
                                     class_split=args.class_split or run.get("class_split", ""))
-        classes, sketches, photos = split_images(data, args.split, run["model"]["val_fraction"])
-        check_same_dataset(run, args.embeddings, classes, sketches, photos, args.data_dir, args.split)
+        want = task_images(data, args, run["model"]["val_fraction"], run.get("trained_classes"))
+        check_same_dataset(run, args.embeddings, want.classes, want.sketches, want.photos, args.data_dir, args.split)
     if ckpt is not None:
         cfg = utils.checkpoint_model(ckpt)
         if (cfg.backbone, cfg.embedding_dim) != (run["model"]["backbone"], run["model"]["embedding_dim"]):
@@ -276,8 +459,12 @@ def embeddings_from_file(args, run: dict, ckpt: dict | None) -> Embedded:
     print(f"embeddings {args.embeddings}: {run['split']} split of {run['data']}, model {run['model']['path']} "
           f"({run['model']['backbone']}, {run['queries'].shape[1]}-d)")
     class_split = args.class_split or run.get("class_split") or (ckpt["args"].get("class_split", "") if ckpt else "")
+    info = run.get("task_info") or {"task": task}
+    for line in task_lines(info):
+        print(line)
     return Embedded(run["classes"], run["queries"], run["query_labels"], run["gallery"], run["gallery_labels"],
-                    run["throughput"], args.model or run["model"]["path"], args.data_dir or run["data"], class_split)
+                    run["throughput"], args.model or run["model"]["path"], args.data_dir or run["data"], class_split,
+                    info=info, targets=run.get("query_targets"))
 
 
 def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> Embedded | None:
@@ -288,11 +475,19 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
           f"{ckpt['epoch']} epoch(s)" + (f" ({ckpt['work']['steps']:,} steps, {ckpt['work']['images']:,} images, "
                                          f"{utils.flops_text(ckpt['work']['flops'])})" if "work" in ckpt else "")
           + f", seen-class val mAP@all {ckpt['best']:.4f}")
-    class_split = args.class_split or a.get("class_split", "")
+    trained = trained_classes(ckpt, args.model, args.data_dir, args.trained_labels)
+    if trained is not None and args.split != "test":
+        raise utils.UserError(f"{args.data_dir} is not {args.model}'s training dataset: a cross-dataset run evaluates "
+                              "its unseen classes; drop --split val")
+    # Another dataset has the split names of its own, not the model's.
+    class_split = args.class_split or (a.get("class_split", "") if trained is None else "")
     data = dataset.scan_dataset(args.data_dir, class_split=class_split)
     if data.skipped:
         print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
-    classes, sketches, photos = split_images(data, args.split, a["val_fraction"])
+    images = task_images(data, args, a["val_fraction"], trained)
+    classes, sketches, photos = images.classes, images.sketches, images.photos
+    for line in task_lines(images.info):
+        print(line)
     if not sketches[0] or not photos[0]:
         raise utils.UserError(f"the {args.split} split of {args.data_dir} has {len(sketches[0])} sketches and "
                               f"{len(photos[0])} photos; it needs both (for --split val, train with "
@@ -305,8 +500,10 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
                                 args, device)[:2]
     if rank != 0:
         return None
-    emb = Embedded(classes, q, torch.tensor(sketches[1]), g, torch.tensor(photos[1]), throughput, args.model,
-                   args.data_dir, class_split, sketches, photos, untrained)
+    targets = None if images.targets is None else torch.tensor(images.targets, dtype=torch.int64)
+    emb = Embedded(classes, q, torch.tensor(sketches[1], dtype=torch.int64), g,
+                   torch.tensor(photos[1], dtype=torch.int64), throughput, args.model, args.data_dir, class_split,
+                   sketches, photos, untrained, images.info, targets)
     print(f"embedded {len(sketches[0]) + len(photos[0])} images at {throughput:.1f} images/s")
     if args.save_embeddings:
         root = os.path.abspath(args.data_dir)
@@ -315,7 +512,9 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
             "gallery": g, "gallery_labels": emb.g_labels,
             "gallery_paths": [os.path.relpath(p, root) for p in photos[0]],
             "classes": list(classes), "split": args.split, "data": root, "throughput": throughput,
-            "class_split": class_split,
+            "class_split": class_split, "task": args.task, "task_info": images.info,
+            **({} if targets is None else {"query_targets": targets}),
+            **({} if trained is None else {"trained_classes": list(trained)}),
             "model": {"path": os.path.abspath(args.model), "epoch": ckpt["epoch"], "step": ckpt["step"],
                       "backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim, "image_size": cfg.image_size,
                       "val_fraction": a["val_fraction"]}})
@@ -364,6 +563,8 @@ def run_evaluation(args, rank: int, device: torch.device) -> None:
 
 def score(emb: Embedded, args, commit: str, out_dir: str) -> None:
     """The metrics of every protocol asked for, printed, with plots, grids (from a model) and results.json."""
+    if args.task == "fg":
+        return score_fine_grained(emb, args, commit, out_dir)
     names = list(metrics.PROTOCOLS) if args.protocol == "all" else [args.protocol]
     missing = classes_without_photos(emb, args.split)
     start = time.perf_counter()
@@ -375,7 +576,8 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> None:
     chance = metrics.chance_map(emb.q_labels, emb.g_labels)
     classes = emb.classes
     results = {"model": emb.model, "data": emb.data, "split": args.split, "class_split": emb.class_split or None,
-               "embeddings": args.embeddings or None, "commit": commit,
+               "embeddings": args.embeddings or None, "commit": commit, "task": args.task,
+               **{k: v for k, v in (emb.info or {}).items() if k != "task"},
                "num_queries": res["num_queries"], "num_gallery": int(emb.g.shape[0]), "num_classes": len(classes),
                "num_queries_without_relevant": res["num_queries_without_relevant"],
                "classes_without_photos": [classes[c] for c in missing],
@@ -386,6 +588,8 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> None:
         results.update(results["protocols"]["standard"])  # the headline numbers, also at the top level
     head = names[0]
     what = "unseen classes" if args.split == "test" else "seen-class validation hold-out"
+    if args.task == "gzs":
+        what = "unseen classes and drawn seen-class images"
     print(f"{args.split} split ({what}): {res['num_queries']} query sketches, {emb.g.shape[0]} gallery photos, "
           f"{len(classes)} classes; metrics in {metric_seconds:.2f}s")
     print_table(results, names)
@@ -411,6 +615,40 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> None:
     print("per-class AP: " + ", ".join(f"{c} {ap:.3f}" for c, ap in worst[:10]) + (" ..." if len(worst) > 10 else ""))
     print(f"wrote results.json, pr_curve.png, per_class_ap.png and {len(results['grids'])} retrieval grid(s) "
           f"to {out_dir}")
+
+
+def score_fine_grained(emb: Embedded, args, commit: str, out_dir: str) -> None:
+    """acc@1 and acc@5 of each query sketch's own photo, over two galleries: every paired photo of the
+    evaluated classes, and only the photos of the query's class; printed and written to results.json."""
+    if emb.q.shape[0] == 0 or emb.targets is None:
+        raise utils.UserError("there are no paired query sketches to evaluate")
+    start = time.perf_counter()
+    mixed = fine_grained_accuracy(emb.q, emb.g, emb.targets, FG_KS)
+    own = fine_grained_within_class(emb.q, emb.q_labels, emb.g, emb.g_labels, emb.targets, FG_KS)
+    metric_seconds = time.perf_counter() - start
+    per_class = torch.bincount(emb.g_labels, minlength=len(emb.classes))[emb.q_labels].double()  # (Q,) its photos
+    chance = {"all": {f"acc@{k}": min(k / emb.g.shape[0], 1.0) for k in FG_KS},
+              "class": {f"acc@{k}": float(torch.clamp(k / per_class, max=1.0).mean()) for k in FG_KS}}
+    results = {"model": emb.model, "data": emb.data, "split": args.split, "class_split": emb.class_split or None,
+               "embeddings": args.embeddings or None, "commit": commit, "task": "fg",
+               **{k: v for k, v in (emb.info or {}).items() if k != "task"},
+               "num_queries": int(emb.q.shape[0]), "num_gallery": int(emb.g.shape[0]), "num_classes": len(emb.classes),
+               "throughput_images_per_s": emb.throughput, "metrics_seconds": metric_seconds,
+               "gallery_all": mixed, "gallery_class": own, "chance": chance}
+    print(f"fine-grained: {emb.q.shape[0]} query sketches, {emb.g.shape[0]} paired photos, {len(emb.classes)} "
+          f"classes; metrics in {metric_seconds:.2f}s")
+    print(f"{'gallery':<28}" + "".join(f"{'acc@' + str(k):>8}" for k in FG_KS) + "   chance acc@1")
+    for name, res, key in (("all paired photos", mixed, "all"), ("the query's class only", own, "class")):
+        print(f"{name:<28}" + "".join(f"{res[f'acc@{k}']:8.4f}" for k in FG_KS) + f"   {chance[key]['acc@1']:.4f}")
+    if emb.untrained:
+        uq, ug = emb.untrained
+        results["untrained"] = {"gallery_all": fine_grained_accuracy(uq, ug, emb.targets, FG_KS),
+                                "gallery_class": fine_grained_within_class(uq, emb.q_labels, ug, emb.g_labels,
+                                                                           emb.targets, FG_KS)}
+        print("untrained network acc@1: " + ", ".join(f"{r['acc@1']:.4f} ({g[8:]} gallery)"
+                                                      for g, r in results["untrained"].items()))
+    utils.write_json(os.path.join(out_dir, "results.json"), results)
+    print(f"wrote results.json to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dataset
 import demo_data
 
 TINY = ["--sketches_per_class", "3", "--photos_per_class", "3", "--image_size", "32"]
@@ -54,8 +55,9 @@ def test_layout_and_counts(tiny):
         assert sorted(p.name for p in (tiny / domain).iterdir()) == classes
         for c in classes:
             files = sorted(p.name for p in (tiny / domain / c).iterdir())
-            assert files == [f"{c}_{i:04d}.{ext}" for i in range(3)]
-        with Image.open(tiny / domain / classes[0] / f"{classes[0]}_0000.{ext}") as im:
+            suffix = "-1" if domain == "sketches" else ""  # sketch <c>_0000-1.png pairs with photo <c>_0000.jpg
+            assert files == [f"{c}_{i:04d}{suffix}.{ext}" for i in range(3)]
+        with Image.open(tiny / domain / classes[0] / f"{classes[0]}_0000{suffix}.{ext}") as im:
             assert (im.mode, im.size) == (mode, (32, 32))
     marker = json.loads((tiny / demo_data.MARKER).read_text())
     assert marker["image_size"] == 32 and marker["seed"] == 0
@@ -154,10 +156,46 @@ def test_replaces_previous_demo_dataset(tmp_path, capsys):
          "--image_size", "32", "--workers", "1"])
     demo_data.main(args)
     assert sorted(p.name for p in (out / "sketches" / "circle").iterdir()) == [
-        "circle_0000.png", "circle_0001.png"]
+        "circle_0000-1.png", "circle_0000-2.png"]  # two sketches drawn from the one photo circle_0000.jpg
     assert len(list(out.glob("photos/*/*.jpg"))) == len(demo_data.class_names())
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temp folders left behind
     n = len(demo_data.class_names())
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and f"{n} classes (" in lines[0]
     assert f"{2 * n} sketches, {n} photos" in lines[0]
+
+
+def test_sketches_are_named_after_their_photos_the_way_sketchy_is(tiny):
+    """Every sketch pairs with one photo by evaluate.py --task fg's rule (dataset.instance_pairs)."""
+    classes = read_labels(tiny / "test_labels.txt")
+    by = {d: {c: sorted(str(p) for p in (tiny / d / c).iterdir()) for c in classes} for d in ("sketches", "photos")}
+    pairs, counts = dataset.instance_pairs(by["sketches"], by["photos"], classes)
+    assert counts == {"sketches_without_photo": 0, "photos_without_sketch": 0}
+    assert [(Path(s).name, Path(p).name) for s, p in pairs[classes[0]]] == [
+        (f"{classes[0]}_{i:04d}-1.png", f"{classes[0]}_{i:04d}.jpg") for i in range(3)]
+    # More sketches than photos: ceil(S / P) a photo, in file-name order; fewer: photos without a sketch.
+    assert [demo_data.sketch_file_name("c", i, 5, 2) for i in range(5)] == [
+        "c_0000-1.png", "c_0000-2.png", "c_0000-3.png", "c_0001-1.png", "c_0001-2.png"]
+    assert [demo_data.sketch_file_name("c", i, 2, 5) for i in range(2)] == ["c_0000-1.png", "c_0001-1.png"]
+
+
+def test_traced_pairs_draw_each_sketch_in_its_photos_pose(tiny, tmp_path):
+    """--traced_pairs keeps every photo and moves each sketch's strokes onto its photo's silhouette."""
+    traced = generate(tmp_path / "traced", "--workers", "1", "--traced_pairs")
+    a, b = digests(tiny), digests(traced)
+    assert {k: v for k, v in a.items() if k.startswith("photos/")} == {k: v for k, v in b.items()
+                                                                        if k.startswith("photos/")}
+    assert all(a[k] != b[k] for k in a if k.startswith("sketches/"))
+    size, gaps = 32, {"default": [], "traced": []}
+    for c in demo_data.class_names():
+        for i in range(3):
+            pose = demo_data.photo_pose(c, demo_data.image_rng(0, c, demo_data.PHOTO, i), size)
+            outline = np.concatenate([pose(p) for p, _ in demo_data.canonical_shape(c)]) / demo_data.SUPERSAMPLE
+            centre = (outline.min(0) + outline.max(0)) / 2  # the photo's silhouette box, in output pixels
+            for name, root in (("default", tiny), ("traced", traced)):
+                ink = np.asarray(Image.open(root / "sketches" / c / f"{c}_{i:04d}-1.png")) < 128
+                ys, xs = np.nonzero(ink)
+                box = np.array([(xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2])
+                gaps[name].append(np.abs(box - centre).max())
+    # Traced strokes sit on the photo's silhouette (within stroke width and wobble); untraced ones wander.
+    assert np.median(gaps["traced"]) < 1.5 < np.median(gaps["default"])
