@@ -231,19 +231,12 @@ def trained_classes(ckpt: dict, model_path: str, data_dir: str, trained_labels: 
 
 
 def fine_grained_accuracy(query_emb: torch.Tensor, gallery_emb: torch.Tensor, target_index: torch.Tensor,
-                          ks=FG_KS, chunk: int = 1024) -> dict:
-    """acc@k of instance retrieval: the share of queries whose own gallery item (``target_index``, (Q,)) ranks
-    within the first k by cosine similarity. The rank is 1 + the number of gallery items scoring strictly higher
-    than the target (a tie counts for the target). Chunked over the queries; on the embeddings' device."""
-    hits = torch.zeros(len(ks), dtype=torch.int64)
-    target_index = target_index.to(query_emb.device)
-    for start in range(0, query_emb.shape[0], chunk):
-        s = metrics.similarity(query_emb[start:start + chunk], gallery_emb)              # (b, N)
-        own = s.gather(1, target_index[start:start + chunk, None])                      # (b, 1)
-        rank = 1 + (s > own).sum(dim=1)                                                 # (b,)
-        hits += torch.stack([(rank <= k).sum() for k in ks]).cpu()
-    n = max(query_emb.shape[0], 1)
-    return {f"acc@{k}": int(h) / n for k, h in zip(ks, hits)}
+                          ks=FG_KS, chunk_size: int = 512) -> dict:
+    """metrics.fine_grained_accuracy's acc@k, as results.json keeps them: the share of queries whose own gallery
+    item (``target_index``, (Q,)) ranks within the first k, a tie counting against the target (Sketch_LVM's
+    rank, dist.le(target).sum())."""
+    out = metrics.fine_grained_accuracy(query_emb, gallery_emb, target_index, ks=ks, chunk_size=chunk_size)
+    return {f"acc@{k}": out[f"acc@{k}"] for k in ks}
 
 
 def fine_grained_within_class(q, q_labels, g, g_labels, targets, ks=FG_KS) -> dict:

@@ -87,13 +87,14 @@ def test_gzs_composition_written_out(tmp_path):
 
 
 def fg_loop(scores: torch.Tensor, target: torch.Tensor, k: int) -> float:
-    """acc@k by its definition, one query at a time: the own photo's rank among the gallery items is
-    1 + the number of them scoring strictly higher."""
+    """acc@k by its definition, one query at a time: the own photo's rank among the gallery items is the
+    number of them scoring at least as high as it (itself included: a tie counts against it, as Sketch_LVM's
+    rank = dist.le(target_dist).sum())."""
     hits = 0
     for i in range(scores.shape[0]):
         own = float(scores[i, target[i]])
         cols = range(scores.shape[1])
-        rank = 1 + sum(1 for j in cols if float(scores[i, j]) > own)
+        rank = sum(1 for j in cols if float(scores[i, j]) >= own)
         hits += rank <= k
     return hits / scores.shape[0]
 
@@ -125,7 +126,8 @@ def test_fine_grained_accuracy_matches_a_per_query_loop():
         assert own[f"acc@{k}"] == pytest.approx(hits / 40, abs=1e-12)
     # Chunks of queries give the same counts (Gaussian embeddings: no score within float error of another).
     qn, gn = torch.randn(40, 8, generator=g), torch.randn(25, 8, generator=g)
-    assert evaluate.fine_grained_accuracy(qn, gn, target, chunk=7) == evaluate.fine_grained_accuracy(qn, gn, target)
+    chunked = evaluate.fine_grained_accuracy(qn, gn, target, chunk_size=7)
+    assert chunked == evaluate.fine_grained_accuracy(qn, gn, target)
 
 
 # ----------------------------------------------------------------------------------- through evaluate.py
