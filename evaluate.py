@@ -292,11 +292,19 @@ def hash_embeddings(emb: "Embedded", args) -> tuple["Embedded", dict]:
             "seed": ITQ_SEED if args.itq == "textbook" else ITQ_ITERATIONS,  # SEM-PCYC seeds numpy with n_iter
             "fitted_on": ("the query sketches and gallery photos together, without labels" if args.itq == "textbook"
                           else "the query sketches (each side centred on its own mean)"),
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start,
+            "distinct_codes": {"queries": len(torch.unique(q, dim=0)), "gallery": len(torch.unique(g, dim=0))}}
     if untrained:
         info["untrained"] = "the untrained network's embeddings get an ITQ of their own, fitted the same way"
     print(f"{args.hash_bits}-bit ITQ ({args.itq}) codes, ranked by Hamming distance (fitted on {info['fitted_on']}, "
           f"in {info['seconds']:.2f}s)")
+    distinct = info["distinct_codes"]
+    same = [f"all {n} {what} have one code" for n, what, k in ((q.shape[0], "query sketches", distinct["queries"]),
+                                                               (g.shape[0], "photos", distinct["gallery"])) if k == 1]
+    if same:
+        print(f"warning: {' and '.join(same)}, so every query ranks "
+              + ("the photos as one tie" if distinct["gallery"] == 1 else "the photos alike")
+              + " (docs/evaluation.md: a sketch-photo gap wider than the spread within each domain)")
     return replace(emb, q=q, g=g, untrained=untrained), info
 
 

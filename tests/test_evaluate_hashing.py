@@ -193,3 +193,19 @@ def test_more_bits_than_dimensions_is_one_line_before_any_embedding(run, tmp_pat
     proc = run_main("evaluate.py", "--embeddings", run["zs"], "--hash_bits", "32", "--output_dir", str(tmp_path / "b"))
     assert_one_line_error(proc, f"--hash_bits 32 is more than the 16 dimensions of {run['zs']}'s embeddings")
     assert not os.path.exists(tmp_path / "b")
+
+
+def test_codes_that_collapse_to_one_per_domain_are_warned_about(capsys):
+    """Sketches and photos 10 apart along one axis, spread 0.1 within each: the textbook fit (one mean for both)
+    spends every bit on the gap, so each domain gets one code; sem-pcyc centres each side and keeps the spread."""
+    g = torch.Generator().manual_seed(0)
+    gap = torch.zeros(16)
+    gap[0] = 5.0
+    q, gal = gap + 0.1 * torch.randn(10, 16, generator=g), -gap + 0.1 * torch.randn(12, 16, generator=g)
+    emb = evaluate.Embedded(["a", "b"], q, torch.arange(10) % 2, gal, torch.arange(12) % 2, 1.0, "m", "d", "")
+    _, info = evaluate.hash_embeddings(emb, type("Args", (), {"hash_bits": 8, "itq": "textbook"})())
+    assert info["distinct_codes"] == {"queries": 1, "gallery": 1}
+    assert "warning: all 10 query sketches have one code and all 12 photos have one code, so every query ranks the " \
+           "photos as one tie" in capsys.readouterr().out
+    _, info = evaluate.hash_embeddings(emb, type("Args", (), {"hash_bits": 8, "itq": "sem-pcyc"})())
+    assert min(info["distinct_codes"].values()) > 1 and "warning" not in capsys.readouterr().out
