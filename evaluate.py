@@ -5,6 +5,7 @@
     python evaluate.py --embeddings emb.pt --protocol sake          # no model, no images: seconds
     python evaluate.py --model ckpt/best.pth --data_dir data/sketchy --task gzs   # or --task fg (acc@1, acc@5)
     python evaluate.py --model sketchy_ckpt/best.pth --data_dir data/tuberlin     # cross-dataset zero-shot
+    python evaluate.py --embeddings emb.pt --hash_bits 64 --itq sem-pcyc   # 64-bit ITQ codes, Hamming ranking
 
 The test split's sketches (unseen classes, DATA/test_labels.txt) query every photo of those classes;
 --split val uses the seen-class validation hold-out that train.py selected best.pth on instead.
@@ -14,12 +15,14 @@ query sketch (the sketch, then its top --num_images photos, framed green when of
 --task picks the setting (docs/evaluation.md): zs, the above; gzs, generalised (seen-class images join the
 queries and the gallery, as SEM-PCYC's src/test.py --gzs_sbir); fg, fine-grained (acc@k of each sketch's own
 photo, Sketchy's file-name pairing). With --data_dir another dataset than the model's, the unseen classes
-are that dataset's classes the model did not train on (cross-dataset).
+are that dataset's classes the model did not train on (cross-dataset). --hash_bits N scores any of these
+on N-bit ITQ binary codes of the embeddings (fitted at evaluation time, --itq picks the variant), ranked
+by Hamming distance, instead of on the float embeddings (docs/metrics.md, "Hashed retrieval").
 """
 import argparse
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ EMBEDDINGS_FORMAT = "zs-sbir-embeddings/1"
 KS = (100, 200)
 TASKS = ("zs", "gzs", "fg")
 FG_KS = (1, 5)
+ITQ_ITERATIONS, ITQ_SEED = 50, 0  # both papers' code alternates 50 times; the textbook variant's initial rotation
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,6 +71,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gzs_fraction", type=float, default=dataset.GZS_FRACTION,
                    help="gzs: seen-class sketches (photos) added, as a fraction of the unseen sketches (photos)")
     p.add_argument("--gzs_seed", type=int, default=dataset.GZS_SEED, help="gzs: seed for drawing the seen images")
+    p.add_argument("--hash_bits", type=int, default=0,
+                   help="score N-bit ITQ binary codes of the embeddings, ranked by Hamming distance, instead of the "
+                        "float embeddings: 0 (off) or a multiple of 8 up to the embedding size (docs/metrics.md)")
+    p.add_argument("--itq", type=str, default="textbook",
+                   help="how --hash_bits fits ITQ: textbook (on the queries and gallery together, no labels) or "
+                        "sem-pcyc (SEM-PCYC's code: on the query sketches, each side centred on its own mean)")
     p.add_argument("--trained_labels", type=str, default="",
                    help="label file of the classes the model trained on, for a cross-dataset run (default: the "
                         "checkpoint's training data's train_labels.txt)")
@@ -87,6 +97,13 @@ def check_args(args) -> None:
     if args.task != "zs" and args.split != "test":
         raise utils.UserError(f"--task {args.task} evaluates the test split's unseen classes; "
                               f"drop --split {args.split}")
+    if args.itq not in metrics.ITQ_VARIANTS:
+        raise utils.UserError(f"unknown --itq {args.itq!r}; choose one of {', '.join(metrics.ITQ_VARIANTS)}")
+    if args.hash_bits < 0 or args.hash_bits % 8:
+        raise utils.UserError(f"--hash_bits must be 0 (off) or a positive multiple of 8 (codes are packed 8 bits a "
+                              f"byte), got {args.hash_bits}")
+    if not args.hash_bits and args.itq != "textbook":
+        raise utils.UserError(f"--itq {args.itq} picks how hash codes are fitted; pass --hash_bits N (e.g. 64) too")
     if not 0 < args.gzs_fraction <= 1:
         raise utils.UserError(f"--gzs_fraction must be in (0, 1], got {args.gzs_fraction}")
     if args.split not in ("test", "val"):  # one meaning in every script: which images, never which classes
@@ -231,15 +248,16 @@ def trained_classes(ckpt: dict, model_path: str, data_dir: str, trained_labels: 
 
 
 def fine_grained_accuracy(query_emb: torch.Tensor, gallery_emb: torch.Tensor, target_index: torch.Tensor,
-                          ks=FG_KS, chunk_size: int = 512) -> dict:
+                          ks=FG_KS, chunk_size: int = 512, score: str = "cosine") -> dict:
     """metrics.fine_grained_accuracy's acc@k, as results.json keeps them: the share of queries whose own gallery
     item (``target_index``, (Q,)) ranks within the first k, a tie counting against the target (Sketch_LVM's
-    rank, dist.le(target).sum())."""
-    out = metrics.fine_grained_accuracy(query_emb, gallery_emb, target_index, ks=ks, chunk_size=chunk_size)
+    rank, dist.le(target).sum()); score "hamming" ranks packed codes by Hamming distance."""
+    out = metrics.fine_grained_accuracy(query_emb, gallery_emb, target_index, ks=ks, score=score,
+                                        chunk_size=chunk_size)
     return {f"acc@{k}": out[f"acc@{k}"] for k in ks}
 
 
-def fine_grained_within_class(q, q_labels, g, g_labels, targets, ks=FG_KS) -> dict:
+def fine_grained_within_class(q, q_labels, g, g_labels, targets, ks=FG_KS, score: str = "cosine") -> dict:
     """acc@k when each query's gallery is only its own class's photos: fine_grained_accuracy class by class,
     pooled over all the queries."""
     hits = torch.zeros(len(ks), dtype=torch.float64)
@@ -247,9 +265,47 @@ def fine_grained_within_class(q, q_labels, g, g_labels, targets, ks=FG_KS) -> di
         rows, cols = torch.nonzero(q_labels == c).flatten(), torch.nonzero(g_labels == c).flatten()
         position = torch.full((g.shape[0],), -1, dtype=torch.int64)
         position[cols] = torch.arange(cols.numel())
-        acc = fine_grained_accuracy(q[rows], g[cols], position[targets[rows]], ks)
+        acc = fine_grained_accuracy(q[rows], g[cols], position[targets[rows]], ks, score=score)
         hits += torch.tensor([acc[f"acc@{k}"] * rows.numel() for k in ks], dtype=torch.float64)
     return {f"acc@{k}": float(h) / max(q.shape[0], 1) for k, h in zip(ks, hits)}
+
+
+def check_hash_bits(bits: int, dim: int, source: str) -> None:
+    """--hash_bits against the embedding size ``dim`` of ``source`` (a model or an embeddings file), before any
+    embedding work: ITQ keeps at most one bit per dimension."""
+    if bits > dim:
+        raise utils.UserError(f"--hash_bits {bits} is more than the {dim} dimensions of {source}'s embeddings (ITQ "
+                              f"codes have at most one bit per dimension); pass a multiple of 8 up to {dim}")
+
+
+def hash_embeddings(emb: "Embedded", args) -> tuple["Embedded", dict]:
+    """``emb`` with its queries and gallery (and the untrained network's, fitted on their own, the same way) as
+    packed --hash_bits-bit ITQ codes of --itq's variant (metrics.itq_codes), and what results.json records."""
+    start = time.perf_counter()
+    try:
+        fit = dict(bits=args.hash_bits, variant=args.itq, iterations=ITQ_ITERATIONS, seed=ITQ_SEED)
+        q, g = metrics.itq_codes(emb.q, emb.g, **fit)  # (Q, bits/8), (N, bits/8) uint8
+        untrained = metrics.itq_codes(*emb.untrained, **fit) if emb.untrained else ()
+    except ValueError as e:  # e.g. a single query, or NaN embeddings from a diverged model
+        raise utils.UserError(f"cannot fit {args.hash_bits}-bit ITQ codes: {e}") from None
+    info = {"bits": args.hash_bits, "itq": args.itq, "score": "hamming", "iterations": ITQ_ITERATIONS,
+            "seed": ITQ_SEED if args.itq == "textbook" else ITQ_ITERATIONS,  # SEM-PCYC seeds numpy with n_iter
+            "fitted_on": ("the query sketches and gallery photos together, without labels" if args.itq == "textbook"
+                          else "the query sketches (each side centred on its own mean)"),
+            "seconds": time.perf_counter() - start,
+            "distinct_codes": {"queries": len(torch.unique(q, dim=0)), "gallery": len(torch.unique(g, dim=0))}}
+    if untrained:
+        info["untrained"] = "the untrained network's embeddings get an ITQ of their own, fitted the same way"
+    print(f"{args.hash_bits}-bit ITQ ({args.itq}) codes, ranked by Hamming distance (fitted on {info['fitted_on']}, "
+          f"in {info['seconds']:.2f}s)")
+    distinct = info["distinct_codes"]
+    same = [f"all {n} {what} have one code" for n, what, k in ((q.shape[0], "query sketches", distinct["queries"]),
+                                                               (g.shape[0], "photos", distinct["gallery"])) if k == 1]
+    if same:
+        print(f"warning: {' and '.join(same)}, so every query ranks "
+              + ("the photos as one tie" if distinct["gallery"] == 1 else "the photos alike")
+              + " (docs/evaluation.md: a sketch-photo gap wider than the spread within each domain)")
+    return replace(emb, q=q, g=g, untrained=untrained), info
 
 
 def embed_split(model, sketches, photos, image_size: int, args, device) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -377,22 +433,29 @@ def plot_per_class_ap(per_class: dict, chance: float, out_path: str) -> None:
     utils.save_figure(fig, out_path)
 
 
-def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, args, out_dir) -> list:
-    """Grids for --num_sketches seeded random queries; returns the PNG paths."""
+def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, args, out_dir,
+                score: str = "cosine") -> list:
+    """Grids for --num_sketches seeded random queries, ranked as the metrics rank them (score "hamming": packed
+    codes, the smallest Hamming distance first, ties in gallery order); returns the PNG paths."""
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(sketches[0]), size=min(args.num_sketches, len(sketches[0])), replace=False)
     k = min(args.num_images, len(photos[0]))
     if len(picks) == 0 or k == 0:
         return []
-    scores = metrics.similarity(q[torch.as_tensor(picks)], g)  # (n, N)
-    top = torch.topk(scores, k, dim=1)
+    if score == "hamming":
+        dist = metrics.hamming_distance(q[torch.as_tensor(picks)], g)  # (n, N)
+        order = dist.sort(dim=1, stable=True).indices[:, :k]  # (n, k)
+        captions = [[f"{d} of {8 * g.shape[1]} bits differ" for d in r] for r in dist.gather(1, order).tolist()]
+    else:
+        top = torch.topk(metrics.similarity(q[torch.as_tensor(picks)], g), k, dim=1)  # of (n, N)
+        order, captions = top.indices, [[f"{s:.3f}" for s in r] for r in top.values.tolist()]
     written = []
     for row, qi in enumerate(picks):
-        hits = [(photos[0][j], classes[photos[1][j]], float(s)) for s, j in zip(top.values[row], top.indices[row])]
+        hits = [(photos[0][j], classes[photos[1][j]], text) for j, text in zip(order[row].tolist(), captions[row])]
         query_class = classes[sketches[1][qi]]
         name = f"grid_{row:02d}_{query_class}.png"
         utils.save_retrieval_grid(dataset.load_image(sketches[0][qi]), f"query: {query_class}",
-                                  [(p, f"{i + 1}. {c}\n{s:.3f}", "green" if c == query_class else "red")
+                                  [(p, f"{i + 1}. {c}\n{s}", "green" if c == query_class else "red")
                                    for i, (p, c, s) in enumerate(hits)], os.path.join(out_dir, name))
         written.append(os.path.join(out_dir, name))
     return written
@@ -540,6 +603,9 @@ def run_evaluation(args, rank: int, device: torch.device) -> None:
     # The inputs are checked before anything is written.
     run = load_embeddings(args.embeddings) if args.embeddings else None
     ckpt = utils.load_checkpoint(args.model) if args.model else None
+    if args.hash_bits:
+        dim = run["queries"].shape[1] if run is not None else utils.checkpoint_model(ckpt).embedding_dim
+        check_hash_bits(args.hash_bits, dim, anchor)
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(anchor)), "eval")
     utils.ensure_dir(out_dir, "output folder")
     info = utils.print_banner("evaluate.py", args)
@@ -560,9 +626,12 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> None:
         return score_fine_grained(emb, args, commit, out_dir)
     names = list(metrics.PROTOCOLS) if args.protocol == "all" else [args.protocol]
     missing = classes_without_photos(emb, args.split)
+    emb, hashing = hash_embeddings(emb, args) if args.hash_bits else (emb, None)
+    measure = "hamming" if hashing else "cosine"
     start = time.perf_counter()
     try:
-        res = metrics.retrieval_metrics(emb.q, emb.q_labels, emb.g, emb.g_labels, ks=KS, protocols=names, pr_points=101)
+        res = metrics.retrieval_metrics(emb.q, emb.q_labels, emb.g, emb.g_labels, ks=KS, protocols=names, pr_points=101,
+                                        score=measure)
     except ValueError as e:  # e.g. NaN embeddings from a diverged model
         raise utils.UserError(f"cannot compute the metrics: {e}") from None
     metric_seconds = time.perf_counter() - start
@@ -576,7 +645,8 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> None:
                "classes_without_photos": [classes[c] for c in missing],
                "throughput_images_per_s": emb.throughput, "metrics_seconds": metric_seconds,
                "chance_map_all": chance, "protocols": {n: summary(res, n, classes) for n in names},
-               "pr_curve": {k: v.tolist() for k, v in res["pr_curve"].items()}}
+               "pr_curve": {k: v.tolist() for k, v in res["pr_curve"].items()},
+               **({"hashing": hashing} if hashing else {})}
     if "standard" in names:
         results.update(results["protocols"]["standard"])  # the headline numbers, also at the top level
     head = names[0]
@@ -590,16 +660,17 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> None:
     print(f"chance level mAP@all {chance:.4f}  ({head} / chance = {top / chance:.2f}x)")
     if emb.untrained:
         base = metrics.retrieval_metrics(emb.untrained[0], emb.q_labels, emb.untrained[1], emb.g_labels, ks=KS,
-                                         protocols=names)
+                                         protocols=names, score=measure)
         results["untrained"] = {n: summary(base, n, classes) for n in names}
         if "standard" in names:
             results["untrained"].update(results["untrained"]["standard"])
         b = results["untrained"][head]["map_all"]
         print(f"untrained network mAP@all {b:.4f}  ({head}: trained / untrained = {top / b:.2f}x)")
-    plot_pr_curve(results["pr_curve"], f"{head} mAP@all {top:.3f}", os.path.join(out_dir, "pr_curve.png"))
+    label = f"{head} mAP@all {top:.3f}" + (f", {args.hash_bits}-bit ITQ ({args.itq})" if hashing else "")
+    plot_pr_curve(results["pr_curve"], label, os.path.join(out_dir, "pr_curve.png"))
     plot_per_class_ap(results["protocols"][head]["per_class_ap"], chance, os.path.join(out_dir, "per_class_ap.png"))
     if emb.sketches:
-        results["grids"] = write_grids(emb.q, emb.g, emb.sketches, emb.photos, classes, args, out_dir)
+        results["grids"] = write_grids(emb.q, emb.g, emb.sketches, emb.photos, classes, args, out_dir, measure)
     else:
         results["grids"] = []
         print("no retrieval grids from --embeddings (they need the images)")
@@ -615,9 +686,11 @@ def score_fine_grained(emb: Embedded, args, commit: str, out_dir: str) -> None:
     evaluated classes, and only the photos of the query's class; printed and written to results.json."""
     if emb.q.shape[0] == 0 or emb.targets is None:
         raise utils.UserError("there are no paired query sketches to evaluate")
+    emb, hashing = hash_embeddings(emb, args) if args.hash_bits else (emb, None)
+    measure = "hamming" if hashing else "cosine"
     start = time.perf_counter()
-    mixed = fine_grained_accuracy(emb.q, emb.g, emb.targets, FG_KS)
-    own = fine_grained_within_class(emb.q, emb.q_labels, emb.g, emb.g_labels, emb.targets, FG_KS)
+    mixed = fine_grained_accuracy(emb.q, emb.g, emb.targets, FG_KS, score=measure)
+    own = fine_grained_within_class(emb.q, emb.q_labels, emb.g, emb.g_labels, emb.targets, FG_KS, score=measure)
     metric_seconds = time.perf_counter() - start
     per_class = torch.bincount(emb.g_labels, minlength=len(emb.classes))[emb.q_labels].double()  # (Q,) its photos
     chance = {"all": {f"acc@{k}": min(k / emb.g.shape[0], 1.0) for k in FG_KS},
@@ -627,7 +700,8 @@ def score_fine_grained(emb: Embedded, args, commit: str, out_dir: str) -> None:
                **{k: v for k, v in (emb.info or {}).items() if k != "task"},
                "num_queries": int(emb.q.shape[0]), "num_gallery": int(emb.g.shape[0]), "num_classes": len(emb.classes),
                "throughput_images_per_s": emb.throughput, "metrics_seconds": metric_seconds,
-               "gallery_all": mixed, "gallery_class": own, "chance": chance}
+               "gallery_all": mixed, "gallery_class": own, "chance": chance,
+               **({"hashing": hashing} if hashing else {})}
     print(f"fine-grained: {emb.q.shape[0]} query sketches, {emb.g.shape[0]} paired photos, {len(emb.classes)} "
           f"classes; metrics in {metric_seconds:.2f}s")
     print(f"{'gallery':<28}" + "".join(f"{'acc@' + str(k):>8}" for k in FG_KS) + "   chance acc@1")
@@ -635,9 +709,9 @@ def score_fine_grained(emb: Embedded, args, commit: str, out_dir: str) -> None:
         print(f"{name:<28}" + "".join(f"{res[f'acc@{k}']:8.4f}" for k in FG_KS) + f"   {chance[key]['acc@1']:.4f}")
     if emb.untrained:
         uq, ug = emb.untrained
-        results["untrained"] = {"gallery_all": fine_grained_accuracy(uq, ug, emb.targets, FG_KS),
+        results["untrained"] = {"gallery_all": fine_grained_accuracy(uq, ug, emb.targets, FG_KS, score=measure),
                                 "gallery_class": fine_grained_within_class(uq, emb.q_labels, ug, emb.g_labels,
-                                                                           emb.targets, FG_KS)}
+                                                                           emb.targets, FG_KS, score=measure)}
         print("untrained network acc@1: " + ", ".join(f"{r['acc@1']:.4f} ({g[8:]} gallery)"
                                                       for g, r in results["untrained"].items()))
     utils.write_json(os.path.join(out_dir, "results.json"), results)

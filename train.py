@@ -817,7 +817,7 @@ def fit(t: Trainer, loader, val: dict, classes: list, state: TrainState, stop: S
         stats = train_one_epoch(t, loader, state, stop)
         if stats["stopped"]:
             if utils.rank_and_world()[0] == 0:
-                utils.save_checkpoint(make_checkpoint(t, state, state.seconds), last_path)
+                utils.save_checkpoint(make_checkpoint(t, state, state.seconds, classes), last_path)
             print(f"stopped at step {state.step} ({state.epoch_step}/{len(loader)} of epoch {state.epoch + 1}); "
                   f"continue with --resume {last_path}")
             return
@@ -920,21 +920,22 @@ def end_epoch(t: Trainer, val: dict, classes: list, state: TrainState, stats: di
                                       "lambda": stats["lambda"], "train_seconds": stats["train_seconds"],
                                       "val_seconds": val_s, "seconds": seconds, **state.work.to_dict(),
                                       **stats["losses"]})
-        ckpt = make_checkpoint(t, state, seconds)
+        ckpt = make_checkpoint(t, state, seconds, classes)
         if improved:
             utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "best.pth"))
         utils.save_checkpoint(ckpt, os.path.join(args.checkpoint_dir, "last.pth"))
         utils.plot_training_curves(utils.read_jsonl(log_path), os.path.join(args.checkpoint_dir, "curves.png"))
 
 
-def make_checkpoint(t: Trainer, state: TrainState, seconds: float) -> dict:
+def make_checkpoint(t: Trainer, state: TrainState, seconds: float, classes: list) -> dict:
     """The checkpoint of the run as it stands, ``seconds`` into its training: the weights, the optimizer and
-    scaler states, the arguments, the model's description, the config, and the state; epoch counts completed
-    epochs, and epoch_step > 0 marks a stop inside the next one, with its loss sums and RNG states."""
+    scaler states, the arguments, the model's description, the config, the seen ``classes`` it trains on (their
+    names, so that a cross-dataset evaluation knows them after the data has moved), and the state; epoch counts
+    completed epochs, and epoch_step > 0 marks a stop inside the next one, with its loss sums and RNG states."""
     ckpt = {"models": {name: m.state_dict() for name, m in t.model.named_children()},
             "optimizers": {"adamw": t.optimizer.state_dict()}, "scaler": t.scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "args": vars(t.args), "model": model_config(t.args).to_dict(),
-            "config": t.config, "best": state.best, "epoch_step": state.epoch_step,
+            "config": t.config, "classes": list(classes), "best": state.best, "epoch_step": state.epoch_step,
             "world_size": utils.rank_and_world()[1], "seconds": seconds,
             "grl_start_seconds": state.schedule.grl_start_seconds, "finished": state.schedule.over(seconds),
             "work": state.work.to_dict()}

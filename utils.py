@@ -301,6 +301,7 @@ def load_checkpoint(path: str) -> dict:
     }, {"epoch_step": lambda e: is_int(e) and e >= 0, "world_size": lambda w: is_int(w) and w >= 1,
         "epoch_sums": lambda d: isinstance(d, dict) and all(is_number(v) for v in d.values()),
         "rng_by_rank": lambda r: isinstance(r, list) and all(map(_is_rng_state, r)), "rng": _is_rng_state,
+        "classes": is_str_list,  # the seen classes trained on; older checkpoints lack it
         "work": lambda w: isinstance(w, dict) and all(is_int(w.get(k)) and w[k] >= 0
                                                       for k in ("steps", "images", "flops"))})
     if not bad:  # what evaluation reads of the training arguments; format 0 also describes the model there

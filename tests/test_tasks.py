@@ -223,6 +223,7 @@ def test_cross_dataset_bad_input_is_one_line(run, tmp_path):
     # dataset, said in one line, unless --trained_labels names the classes.
     ckpt = torch.load(run["model"], map_location="cpu", weights_only=False)
     ckpt["args"]["data_dir"] = str(tmp_path / "gone")
+    del ckpt["classes"]  # as checkpoints written before train.py recorded them
     moved = str(tmp_path / "moved.pth")
     torch.save(ckpt, moved)
     other = make_tiny_dataset(str(tmp_path / "other"), seen=("TRI", "hexa"), unseen=("circle", "star"), per_class=2)
@@ -240,6 +241,30 @@ def test_cross_dataset_bad_input_is_one_line(run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert results(str(tmp_path / "o3"))["cross_dataset"]["excluded"] == ["TRI", "hexa"]
     shutil.rmtree(other)
+
+
+def test_checkpoints_name_their_classes_so_a_moved_dataset_needs_no_trained_labels(run, tmp_path):
+    """train.py records the seen classes it trained on; a cross-dataset run reads them from the checkpoint even
+    when the training folder (and so its train_labels.txt) is gone; a wrong entry is one line."""
+    ckpt = torch.load(run["model"], map_location="cpu", weights_only=False)
+    assert ckpt["classes"] == ["tri", "square", "pent", "hexa"]  # make_tiny_dataset's seen classes, in order
+    assert torch.load(os.path.join(os.path.dirname(run["model"]), "last.pth"), map_location="cpu",
+                      weights_only=False)["classes"] == ckpt["classes"]
+    ckpt["args"]["data_dir"] = str(tmp_path / "gone")
+    moved = str(tmp_path / "moved.pth")
+    torch.save(ckpt, moved)
+    other = make_tiny_dataset(str(tmp_path / "other"), seen=("TRI", "hexa"), unseen=("circle", "star"), per_class=2)
+    proc = run_main("evaluate.py", "--model", moved, "--data_dir", other, "--workers", "0", "--device", "cpu",
+                    "--num_sketches", "0", "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    assert "note:" not in proc.stdout and "(TRI, hexa)" in proc.stdout
+    out = results(str(tmp_path / "o"))
+    assert out["cross_dataset"]["excluded"] == ["TRI", "hexa"] and out["cross_dataset"]["trained_classes"] == 4
+    ckpt["classes"] = ["tri", 3]
+    torch.save(ckpt, moved)
+    proc = run_main("evaluate.py", "--model", moved, "--data_dir", other, "--workers", "0", "--device", "cpu",
+                    "--output_dir", str(tmp_path / "o2"))
+    assert_one_line_error(proc, f"{moved} is not a checkpoint written by train.py (wrong classes)")
 
 
 @pytest.mark.parametrize("argv, fragments", [
