@@ -75,8 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="score N-bit ITQ binary codes of the embeddings, ranked by Hamming distance, instead of the "
                         "float embeddings: 0 (off) or a multiple of 8 up to the embedding size (docs/metrics.md)")
     p.add_argument("--itq", type=str, default="textbook",
-                   help="how --hash_bits fits ITQ: textbook (on the queries and gallery together, no labels) or "
-                        "sem-pcyc (SEM-PCYC's code: on the query sketches, each side centred on its own mean)")
+                   help="--hash_bits' ITQ rotation, both fitted on the query sketches with each side centred on its "
+                        "own mean: textbook (the Procrustes optimum) or sem-pcyc (SEM-PCYC's code, to compare with "
+                        "its published numbers)")
     p.add_argument("--trained_labels", type=str, default="",
                    help="label file of the classes the model trained on, for a cross-dataset run (default: the "
                         "checkpoint's training data's train_labels.txt)")
@@ -290,8 +291,7 @@ def hash_embeddings(emb: "Embedded", args) -> tuple["Embedded", dict]:
         raise utils.UserError(f"cannot fit {args.hash_bits}-bit ITQ codes: {e}") from None
     info = {"bits": args.hash_bits, "itq": args.itq, "score": "hamming", "iterations": ITQ_ITERATIONS,
             "seed": ITQ_SEED if args.itq == "textbook" else ITQ_ITERATIONS,  # SEM-PCYC seeds numpy with n_iter
-            "fitted_on": ("the query sketches and gallery photos together, without labels" if args.itq == "textbook"
-                          else "the query sketches (each side centred on its own mean)"),
+            "fitted_on": "the query sketches (each side centred on its own mean)",
             "seconds": time.perf_counter() - start,
             "distinct_codes": {"queries": len(torch.unique(q, dim=0)), "gallery": len(torch.unique(g, dim=0))}}
     if untrained:

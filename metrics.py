@@ -460,13 +460,15 @@ def itq_codes(query_emb: Tensor, gallery_emb: Tensor, bits: int = 64, variant: s
           = W_C U_C^T,  where  B^T V = U_C S W_C^T  is an SVD (orthogonal Procrustes):
           tr(B^T V R) = tr(S W_C^T R U_C) <= tr(S), with equality when W_C^T R U_C = I.
 
-    variant="textbook" (default): one hash function for both sides, fitted without labels on the
-        queries and the gallery together (transductive, as SEM-PCYC's is). mu = the mean of all
-        Q + N rows; W = the `bits` eigenvectors of their covariance with the largest eigenvalues,
-        each signed so that its largest-magnitude entry is positive (the codes then do not depend
-        on the eigensolver's signs); R starts at the Q factor of the QR decomposition of a
-        (bits, bits) standard normal matrix drawn from torch.Generator().manual_seed(seed); then
-        `iterations` rounds of the two updates above. Codes: (X - mu) W R >= 0, for both sides.
+    variant="textbook" (default): fitted as SEM-PCYC fits (below), without labels, with the textbook
+        rotation. Queries and gallery are each centred on their own mean (one mean for both would
+        spend the leading components, and so every bit, on the gap between sketches and photos:
+        every sketch then gets one code and every photo another); W = the `bits` eigenvectors of the
+        centred **queries'** covariance with the largest eigenvalues, each signed so that its
+        largest-magnitude entry is positive (the codes then do not depend on the eigensolver's
+        signs); R starts at the Q factor of the QR decomposition of a (bits, bits) standard normal
+        matrix drawn from torch.Generator().manual_seed(seed), then `iterations` rounds of the two
+        updates above on the queries' V. Codes: (X_q - mu_q) W R >= 0 and (X_g - mu_g) W R >= 0.
     variant="sem-pcyc": AnjanDutta/sem-pcyc, src/itq.py (compressITQ, ITQ), step by step. Queries
         and gallery are each centred on their own mean. W = the `bits` leading eigenvectors
         (numpy.linalg.eigh, with the signs it returns) of the covariance of the centred **queries**
@@ -497,13 +499,11 @@ def itq_codes(query_emb: Tensor, gallery_emb: Tensor, bits: int = 64, variant: s
     xq = query_emb.detach().to("cpu", torch.float64)  # (Q, D)
     xg = gallery_emb.detach().to("cpu", torch.float64)  # (N, D)
     if variant == "textbook":
-        mean = torch.cat([xq, xg]).mean(0)  # (D,)
-        xq, xg = xq - mean, xg - mean
-        fit = torch.cat([xq, xg])  # (Q + N, D)
-        pcs = _leading_components(fit.T @ fit / (fit.shape[0] - 1), bits)  # (D, bits)
+        xq, xg = xq - xq.mean(0), xg - xg.mean(0)  # each side on its own mean, as SEM-PCYC centres them
+        pcs = _leading_components(xq.T @ xq / (xq.shape[0] - 1), bits)  # (D, bits), fitted on the queries
         gen = torch.Generator().manual_seed(seed)
         r0 = torch.linalg.qr(torch.randn(bits, bits, generator=gen, dtype=torch.float64)).Q
-        rot = _itq_rotation(fit @ pcs, r0, iterations)  # (bits, bits)
+        rot = _itq_rotation(xq @ pcs, r0, iterations)  # (bits, bits)
         q_bits, g_bits = xq @ pcs @ rot >= 0, xg @ pcs @ rot >= 0  # (Q, bits), (N, bits)
     else:
         q_bits, g_bits = (torch.from_numpy(b) for b in _sem_pcyc_itq(xq.numpy(), xg.numpy(), bits, iterations))

@@ -196,16 +196,21 @@ def test_more_bits_than_dimensions_is_one_line_before_any_embedding(run, tmp_pat
 
 
 def test_codes_that_collapse_to_one_per_domain_are_warned_about(capsys):
-    """Sketches and photos 10 apart along one axis, spread 0.1 within each: the textbook fit (one mean for both)
-    spends every bit on the gap, so each domain gets one code; sem-pcyc centres each side and keeps the spread."""
+    """Embeddings that do not vary within a domain give one code per domain: every ranking is one tie, and
+    evaluate.py says so. A gap between the domains' means alone does not (each side is centred on its own mean):
+    sketches and photos 10 apart along one axis, spread 0.1 within each, keep distinct codes in both variants."""
     g = torch.Generator().manual_seed(0)
     gap = torch.zeros(16)
     gap[0] = 5.0
     q, gal = gap + 0.1 * torch.randn(10, 16, generator=g), -gap + 0.1 * torch.randn(12, 16, generator=g)
-    emb = evaluate.Embedded(["a", "b"], q, torch.arange(10) % 2, gal, torch.arange(12) % 2, 1.0, "m", "d", "")
-    _, info = evaluate.hash_embeddings(emb, type("Args", (), {"hash_bits": 8, "itq": "textbook"})())
-    assert info["distinct_codes"] == {"queries": 1, "gallery": 1}
-    assert "warning: all 10 query sketches have one code and all 12 photos have one code, so every query ranks the " \
-           "photos as one tie" in capsys.readouterr().out
-    _, info = evaluate.hash_embeddings(emb, type("Args", (), {"hash_bits": 8, "itq": "sem-pcyc"})())
-    assert min(info["distinct_codes"].values()) > 1 and "warning" not in capsys.readouterr().out
+    for itq in ("textbook", "sem-pcyc"):
+        sketches, photos = gap.expand(10, 16).clone(), -gap.expand(12, 16).clone()  # no spread within a domain
+        flat = evaluate.Embedded(["a", "b"], sketches, torch.arange(10) % 2, photos, torch.arange(12) % 2, 1.0,
+                                 "m", "d", "")
+        _, info = evaluate.hash_embeddings(flat, type("Args", (), {"hash_bits": 8, "itq": itq})())
+        assert info["distinct_codes"] == {"queries": 1, "gallery": 1}
+        assert "warning: all 10 query sketches have one code and all 12 photos have one code, so every query ranks " \
+               "the photos as one tie" in capsys.readouterr().out
+        emb = evaluate.Embedded(["a", "b"], q, torch.arange(10) % 2, gal, torch.arange(12) % 2, 1.0, "m", "d", "")
+        _, info = evaluate.hash_embeddings(emb, type("Args", (), {"hash_bits": 8, "itq": itq})())
+        assert min(info["distinct_codes"].values()) > 1 and "warning" not in capsys.readouterr().out
