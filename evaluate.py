@@ -224,23 +224,38 @@ def task_lines(info: dict) -> list:
     return lines
 
 
+def split_folder(data_dir: str, class_split: str) -> str:
+    """The folder of a dataset's label files: DATA/splits/NAME for a named split it has, else DATA."""
+    named = os.path.join(data_dir, "splits", class_split) if class_split else ""
+    return named if named and os.path.isdir(named) else data_dir
+
+
 def trained_classes(ckpt: dict, model_path: str, data_dir: str, trained_labels: str) -> list | None:
     """The classes the model trained on when --data_dir is another dataset than its training data (a
-    cross-dataset run), else None. They come from --trained_labels, the checkpoint's own "classes" entry, or
-    its training data's label file (train_labels.txt under its args' data_dir / class_split); when none can
-    be read (older checkpoints whose data moved), one printed line says the run is an ordinary one."""
+    cross-dataset run: another folder whose training classes are not the model's), else None. They come from
+    --trained_labels, the checkpoint's own "classes" entry, or its training data's label file (train_labels.txt
+    under its args' data_dir / class_split); when none can be read (older checkpoints whose data moved), one
+    printed line says the run is an ordinary one."""
     if trained_labels:
         return dataset.read_labels(trained_labels)
     a = ckpt["args"]
     home = a.get("data_dir") or ""
     if home and os.path.realpath(home) == os.path.realpath(data_dir):
         return None
+    path = os.path.join(split_folder(home, a.get("class_split", "")), "train_labels.txt")
     if utils.is_str_list(ckpt.get("classes")):
-        return ckpt["classes"]
-    labels = os.path.join(home, "splits", a["class_split"]) if a.get("class_split") else home
-    path = os.path.join(labels, "train_labels.txt")
-    if home and os.path.isfile(path):
-        return dataset.read_labels(path)
+        trained = ckpt["classes"]
+    elif home and os.path.isfile(path):
+        trained = dataset.read_labels(path)
+    else:
+        trained = None
+    if trained is not None:
+        # The same dataset under another path (moved, copied, or a relative path read from another folder)
+        # trains on the same classes: an ordinary run.
+        here = os.path.join(split_folder(data_dir, a.get("class_split", "")), "train_labels.txt")
+        same = os.path.isfile(here) and sorted(map(dataset.normalise_class_name, dataset.read_labels(here))) \
+            == sorted(map(dataset.normalise_class_name, trained))
+        return None if same else trained
     # A dataset moved since training looks the same: evaluate its own unseen classes, and say so.
     print(f"note: {data_dir} is not the folder {model_path} was trained on ({home or 'not recorded'}), whose "
           f"classes the checkpoint does not record and {path} cannot tell: evaluating {data_dir}'s own unseen "

@@ -214,6 +214,20 @@ def test_cross_dataset_leaves_out_the_trained_classes(run, tmp_path):
     assert (again["protocols"], again["cross_dataset"]) == (out["protocols"], out["cross_dataset"])
 
 
+def test_the_training_dataset_under_another_path_is_an_ordinary_run(run, tmp_path):
+    """A copy of the training data (moved, copied, or its relative path read from another folder) trains on the
+    checkpoint's own classes: the classes decide, not the path, so it is evaluated as the original is."""
+    copy = shutil.copytree(run["data"], str(tmp_path / "copy"))
+    outs = []
+    for data, out in ((run["data"], tmp_path / "a"), (copy, tmp_path / "b")):
+        proc = run_main("evaluate.py", "--model", run["model"], "--data_dir", data, "--workers", "0", "--device",
+                        "cpu", "--num_sketches", "0", "--output_dir", str(out))
+        assert proc.returncode == 0, proc.stderr
+        assert "cross-dataset" not in proc.stdout and "note:" not in proc.stdout
+        outs.append(results(str(out)))
+    assert "cross_dataset" not in outs[1] and outs[0]["protocols"] == outs[1]["protocols"]
+
+
 def test_cross_dataset_bad_input_is_one_line(run, tmp_path):
     none_left = make_tiny_dataset(str(tmp_path / "none"), seen=("tri",), unseen=("Square",), per_class=2)
     proc = run_main("evaluate.py", "--model", run["model"], "--data_dir", none_left, "--workers", "0",
