@@ -45,9 +45,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_problem(args, device):
-    """Seeded embeddings: a random unit centre per class plus isotropic noise, classes of unequal size."""
-    gen = torch.Generator().manual_seed(args.seed)
+def make_problem(args, device, gen: torch.Generator | None = None):
+    """Seeded embeddings: a random unit centre per class plus isotropic noise, classes of unequal size. ``gen``
+    (default: seeded with --seed) is left where the draws end, for a caller that draws more."""
+    gen = gen or torch.Generator().manual_seed(args.seed)
     weights = torch.rand(args.classes, generator=gen) + 0.5  # class sizes vary by up to 3x
     q_labels = torch.multinomial(weights, args.queries, replacement=True, generator=gen)
     g_labels = torch.multinomial(weights, args.gallery, replacement=True, generator=gen)

@@ -38,6 +38,7 @@ from scipy.spatial.distance import cdist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics  # noqa: E402
+from bench_metrics import make_problem  # noqa: E402  (bench/, this script's folder, is on sys.path)
 
 KS = (100, 200)
 
@@ -76,15 +77,10 @@ def unit64(x) -> np.ndarray:
 
 
 def synthetic(args):
-    """Seeded unit embeddings with class structure (as bench/bench_metrics.py), and fine-grained pairs."""
+    """Seeded unit embeddings with class structure (bench_metrics.make_problem's), and fine-grained pairs drawn
+    after them from the same generator."""
     gen = torch.Generator().manual_seed(args.seed)
-    weights = torch.rand(args.classes, generator=gen) + 0.5
-    ql = torch.multinomial(weights, args.queries, replacement=True, generator=gen)
-    gl = torch.multinomial(weights, args.gallery, replacement=True, generator=gen)
-    centres = torch.nn.functional.normalize(torch.randn(args.classes, args.dim, generator=gen), dim=1)
-    noise = 1 / args.dim ** 0.5
-    q = centres[ql] * args.structure + torch.randn(args.queries, args.dim, generator=gen) * noise
-    g = centres[gl] * args.structure + torch.randn(args.gallery, args.dim, generator=gen) * noise
+    q, ql, g, gl = make_problem(args, torch.device("cpu"), gen)
     photos = torch.randn(args.fg_photos, args.dim, generator=gen)
     drawn = torch.randint(1, 4, (args.fg_photos,), generator=gen)  # sketches per photo
     target = torch.repeat_interleave(torch.arange(args.fg_photos), drawn)  # (Q_fg,) photo of each sketch
