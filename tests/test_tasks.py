@@ -143,9 +143,10 @@ def run(tmp_path_factory):
     return {"data": data, "model": os.path.join(ckpt, "best.pth"), "root": root}
 
 
-def evaluate_run(run, out, *extra):
-    return run_main("evaluate.py", "--model", run["model"], "--data_dir", run["data"], "--workers", "0",
-                    "--device", "cpu", "--num_sketches", "0", "--output_dir", str(out), *extra)
+def evaluate_run(run, out, *extra, model: str = "", data: str = ""):
+    """evaluate.py on the CPU without grids: the trained model on its data, or the given ones."""
+    return run_main("evaluate.py", "--model", model or run["model"], "--data_dir", data or run["data"], "--workers",
+                    "0", "--device", "cpu", "--num_sketches", "0", "--output_dir", str(out), *extra)
 
 
 def test_gzs_from_the_model_and_from_its_saved_embeddings(run, tmp_path):
@@ -198,8 +199,7 @@ def test_cross_dataset_leaves_out_the_trained_classes(run, tmp_path):
     other = make_tiny_dataset(str(tmp_path / "other"), seen=("TRI", "hexa"), unseen=("circle", "star"),
                               per_class=3)
     emb = str(tmp_path / "cross.pt")
-    proc = run_main("evaluate.py", "--model", run["model"], "--data_dir", other, "--workers", "0", "--device",
-                    "cpu", "--num_sketches", "0", "--output_dir", str(tmp_path / "o"), "--save_embeddings", emb)
+    proc = evaluate_run(run, tmp_path / "o", "--save_embeddings", emb, data=other)
     assert proc.returncode == 0, proc.stderr
     assert "cross-dataset: 2 class(es) share a name" in proc.stdout and "(TRI, hexa)" in proc.stdout
     out = results(str(tmp_path / "o"))
@@ -220,8 +220,7 @@ def test_the_training_dataset_under_another_path_is_an_ordinary_run(run, tmp_pat
     copy = shutil.copytree(run["data"], str(tmp_path / "copy"))
     outs = []
     for data, out in ((run["data"], tmp_path / "a"), (copy, tmp_path / "b")):
-        proc = run_main("evaluate.py", "--model", run["model"], "--data_dir", data, "--workers", "0", "--device",
-                        "cpu", "--num_sketches", "0", "--output_dir", str(out))
+        proc = evaluate_run(run, out, data=data)
         assert proc.returncode == 0, proc.stderr
         assert "cross-dataset" not in proc.stdout and "note:" not in proc.stdout
         outs.append(results(str(out)))
@@ -241,17 +240,15 @@ def test_cross_dataset_bad_input_is_one_line(run, tmp_path):
     moved = str(tmp_path / "moved.pth")
     torch.save(ckpt, moved)
     other = make_tiny_dataset(str(tmp_path / "other"), seen=("TRI", "hexa"), unseen=("circle", "star"), per_class=2)
-    proc = run_main("evaluate.py", "--model", moved, "--data_dir", other, "--workers", "0", "--device", "cpu",
-                    "--num_sketches", "0", "--output_dir", str(tmp_path / "o2"))
+    proc = evaluate_run(run, tmp_path / "o2", model=moved, data=other)
     assert proc.returncode == 0, proc.stderr
     assert [line for line in proc.stdout.splitlines() if line.startswith("note:")] == [
         f"note: {other} is not the folder {moved} was trained on ({tmp_path / 'gone'}), whose classes the "
         f"checkpoint does not record and {tmp_path / 'gone' / 'train_labels.txt'} cannot tell: evaluating "
         f"{other}'s own unseen classes; for a cross-dataset run pass --trained_labels FILE (the classes it trained on)"]
     assert "cross_dataset" not in results(str(tmp_path / "o2"))
-    proc = run_main("evaluate.py", "--model", moved, "--data_dir", other, "--workers", "0", "--device", "cpu",
-                    "--num_sketches", "0", "--output_dir", str(tmp_path / "o3"),
-                    "--trained_labels", os.path.join(run["data"], "train_labels.txt"))
+    proc = evaluate_run(run, tmp_path / "o3", "--trained_labels", os.path.join(run["data"], "train_labels.txt"),
+                        model=moved, data=other)
     assert proc.returncode == 0, proc.stderr
     assert results(str(tmp_path / "o3"))["cross_dataset"]["excluded"] == ["TRI", "hexa"]
     shutil.rmtree(other)
@@ -268,8 +265,7 @@ def test_checkpoints_name_their_classes_so_a_moved_dataset_needs_no_trained_labe
     moved = str(tmp_path / "moved.pth")
     torch.save(ckpt, moved)
     other = make_tiny_dataset(str(tmp_path / "other"), seen=("TRI", "hexa"), unseen=("circle", "star"), per_class=2)
-    proc = run_main("evaluate.py", "--model", moved, "--data_dir", other, "--workers", "0", "--device", "cpu",
-                    "--num_sketches", "0", "--output_dir", str(tmp_path / "o"))
+    proc = evaluate_run(run, tmp_path / "o", model=moved, data=other)
     assert proc.returncode == 0, proc.stderr
     assert "note:" not in proc.stdout and "(TRI, hexa)" in proc.stdout
     out = results(str(tmp_path / "o"))
