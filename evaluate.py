@@ -64,16 +64,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare_untrained", action=argparse.BooleanOptionalAction, default=False,
                    help="also evaluate the same network at its (seeded) initialisation, as a baseline")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the grid queries")
-    p.add_argument("--task", type=str, default="zs",
-                   help="evaluation setting: zs, unseen sketches query unseen photos; gzs, generalised: seen-class "
+    p.add_argument("--task", type=str, nargs="+", default=["zs"],
+                   help="evaluation setting(s): zs, unseen sketches query unseen photos; gzs, generalised: seen-class "
                         "training images join both sides (SEM-PCYC); fg, fine-grained: acc@1 and acc@5 of each "
-                        "sketch's own photo (Sketchy's file-name pairs); docs/evaluation.md")
+                        "sketch's own photo (Sketchy's file-name pairs); several (e.g. zs gzs fg) are evaluated in "
+                        "turn, each into its own sub-folder of --output_dir; docs/evaluation.md")
     p.add_argument("--gzs_fraction", type=float, default=dataset.GZS_FRACTION,
                    help="gzs: seen-class sketches (photos) added, as a fraction of the unseen sketches (photos)")
     p.add_argument("--gzs_seed", type=int, default=dataset.GZS_SEED, help="gzs: seed for drawing the seen images")
-    p.add_argument("--hash_bits", type=int, default=0,
+    p.add_argument("--hash_bits", type=int, nargs="+", default=[0],
                    help="score N-bit ITQ binary codes of the embeddings, ranked by Hamming distance, instead of the "
-                        "float embeddings: 0 (off) or a multiple of 8 up to the embedding size (docs/metrics.md)")
+                        "float embeddings: 0 (off) or a multiple of 8 up to the embedding size (docs/metrics.md); "
+                        "several (e.g. 0 64) score each task each way")
     p.add_argument("--itq", type=str, default="textbook",
                    help="--hash_bits' ITQ rotation, both fitted on the query sketches with each side centred on its "
                         "own mean: textbook (the Procrustes optimum) or sem-pcyc (SEM-PCYC's code, to compare with "
@@ -93,17 +95,19 @@ def check_args(args) -> None:
     if args.protocol != "all" and args.protocol not in metrics.PROTOCOLS:
         raise utils.UserError(f"unknown --protocol {args.protocol!r}; choose one of "
                               f"{', '.join(metrics.PROTOCOLS)}, or all")
-    if args.task not in TASKS:
-        raise utils.UserError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
-    if args.task != "zs" and args.split != "test":
-        raise utils.UserError(f"--task {args.task} evaluates the test split's unseen classes; "
-                              f"drop --split {args.split}")
+    args.task, args.hash_bits = list(dict.fromkeys(args.task)), list(dict.fromkeys(args.hash_bits))  # each once
+    for task in args.task:
+        if task not in TASKS:
+            raise utils.UserError(f"unknown --task {task!r}; choose one of {', '.join(TASKS)}")
+        if task != "zs" and args.split != "test":
+            raise utils.UserError(f"--task {task} evaluates the test split's unseen classes; drop --split {args.split}")
     if args.itq not in metrics.ITQ_VARIANTS:
         raise utils.UserError(f"unknown --itq {args.itq!r}; choose one of {', '.join(metrics.ITQ_VARIANTS)}")
-    if args.hash_bits < 0 or args.hash_bits % 8:
-        raise utils.UserError(f"--hash_bits must be 0 (off) or a positive multiple of 8 (codes are packed 8 bits a "
-                              f"byte), got {args.hash_bits}")
-    if not args.hash_bits and args.itq != "textbook":
+    for bits in args.hash_bits:
+        if bits < 0 or bits % 8:
+            raise utils.UserError(f"--hash_bits must be 0 (off) or a positive multiple of 8 (codes are packed 8 bits "
+                                  f"a byte), got {bits}")
+    if not any(args.hash_bits) and args.itq != "textbook":
         raise utils.UserError(f"--itq {args.itq} picks how hash codes are fitted; pass --hash_bits N (e.g. 64) too")
     if not 0 < args.gzs_fraction <= 1:
         raise utils.UserError(f"--gzs_fraction must be in (0, 1], got {args.gzs_fraction}")
@@ -111,6 +115,9 @@ def check_args(args) -> None:
         raise utils.UserError(f"--split takes test or val, not {args.split!r}; a named class split is chosen "
                               f"with --class_split {args.split}")
     if args.embeddings:
+        if len(args.task) > 1:
+            raise utils.UserError(f"an --embeddings file holds the images of one task; pass one --task, not "
+                                  f"{' '.join(args.task)}")
         if args.save_embeddings:
             raise utils.UserError("--embeddings and --save_embeddings together would only copy the file")
         if args.compare_untrained:
@@ -613,30 +620,89 @@ def classes_without_photos(emb: Embedded, split: str) -> list:
 
 
 def run_evaluation(args, rank: int, device: torch.device) -> None:
-    """Under torchrun every process embeds its share of the images; rank 0 alone computes and writes."""
+    """Under torchrun every process embeds its share of the images; rank 0 alone computes and writes. Each --task
+    is embedded once and scored once per --hash_bits value: one setting writes into --output_dir, several each
+    into a sub-folder named after it (setting_name), with a table of all of them printed and in results.json."""
     anchor = args.embeddings or args.model
     # The inputs are checked before anything is written.
     run = load_embeddings(args.embeddings) if args.embeddings else None
     ckpt = utils.load_checkpoint(args.model) if args.model else None
-    if args.hash_bits:
+    if any(args.hash_bits):
         dim = run["queries"].shape[1] if run is not None else utils.checkpoint_model(ckpt).embedding_dim
-        check_hash_bits(args.hash_bits, dim, anchor)
+        check_hash_bits(max(args.hash_bits), dim, anchor)
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(anchor)), "eval")
     utils.ensure_dir(out_dir, "output folder")
     info = utils.print_banner("evaluate.py", args)
-    if args.embeddings:
-        if rank != 0:  # nothing to embed: the other processes have no work
-            return
-        emb = embeddings_from_file(args, run, ckpt)
-    else:
-        emb = embeddings_from_model(args, ckpt, rank, device)
-        if emb is None:
-            return
-    score(emb, args, info["commit"], out_dir)
+    if args.embeddings and rank != 0:  # nothing to embed: the other processes have no work
+        return
+    several = len(args.task) * len(args.hash_bits) > 1
+    settings = {}
+    for task in args.task:
+        task_args = argparse.Namespace(**{**vars(args), "task": task, "hash_bits": 0,
+                                          "save_embeddings": task_file(args.save_embeddings, task, len(args.task))})
+        if several:
+            print(f"\n=== --task {task}")
+        if args.embeddings:
+            emb = embeddings_from_file(task_args, run, ckpt)
+        else:
+            emb = embeddings_from_model(task_args, ckpt, rank, device)
+            if emb is None:
+                continue
+        for bits in args.hash_bits:
+            name = setting_name(task, bits)
+            where = os.path.join(out_dir, name) if several else out_dir
+            if several:
+                print(f"\n--- setting {name} (results in {where})")
+                utils.ensure_dir(where, "output folder")
+            settings[name] = score(emb, argparse.Namespace(**{**vars(task_args), "hash_bits": bits}), info["commit"],
+                                   where)
+    if several and settings:
+        report_settings(settings, args, info["commit"], out_dir)
 
 
-def score(emb: Embedded, args, commit: str, out_dir: str) -> None:
-    """The metrics of every protocol asked for, printed, with plots, grids (from a model) and results.json."""
+def setting_name(task: str, bits: int) -> str:
+    """The name of one (task, hash bits) setting, as printed and as its sub-folder: zs, gzs_64bit, ..."""
+    return task + (f"_{bits}bit" if bits else "")
+
+
+def task_file(path: str, task: str, num_tasks: int) -> str:
+    """--save_embeddings' file for one of ``num_tasks`` tasks: the path itself for one task, else the task's
+    name before the extension (emb.pt -> emb_gzs.pt), a file per task as --embeddings reads them."""
+    if not path or num_tasks == 1:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_{task}{ext}"
+
+
+def headline(results: dict) -> dict:
+    """A setting's numbers for the table of settings: the first protocol's four (zs, gzs) or the acc@k (fg)."""
+    if results["task"] == "fg":
+        return {"acc@1": results["gallery_all"]["acc@1"], "acc@5": results["gallery_all"]["acc@5"]}
+    head = next(iter(results["protocols"]))
+    return {"protocol": head, **{k: v for k, v in results["protocols"][head].items() if k != "per_class_ap"}}
+
+
+def report_settings(settings: dict, args, commit: str, out_dir: str) -> None:
+    """Print one row per evaluated setting and write them to out_dir/results.json."""
+    columns = (("map_all", "mAP@all"), ("p@100", "P@100"), ("map@200", "mAP@200"), ("p@200", "P@200"),
+               ("acc@1", "acc@1"), ("acc@5", "acc@5"))
+    rows = {name: {"results": os.path.join(name, "results.json"), "num_queries": r["num_queries"],
+                   "num_gallery": r["num_gallery"], **headline(r)} for name, r in settings.items()}
+    print(f"\nevery setting ({os.path.join(out_dir, '<setting>', 'results.json')}; mAP and P under the "
+          f"{next((r['protocol'] for r in rows.values() if 'protocol' in r), args.protocol)} protocol):")
+    print(f"{'setting':<12}{'queries':>8}{'gallery':>8}" + "".join(f"{title:>9}" for _, title in columns))
+    for name, r in rows.items():
+        print(f"{name:<12}{r['num_queries']:>8}{r['num_gallery']:>8}"
+              + "".join(f"{r[key]:9.4f}" if r.get(key) is not None else f"{'-':>9}" for key, _ in columns))
+    first = next(iter(settings.values()))
+    utils.write_json(os.path.join(out_dir, "results.json"), {
+        "model": first["model"], "data": first["data"], "commit": commit, "tasks": args.task,
+        "hash_bits": args.hash_bits, **({"itq": args.itq} if any(args.hash_bits) else {}), "settings": rows})
+
+
+def score(emb: Embedded, args, commit: str, out_dir: str) -> dict:
+    """The metrics of every protocol asked for, printed, with plots, grids (from a model) and results.json, whose
+    content it returns."""
     if args.task == "fg":
         return score_fine_grained(emb, args, commit, out_dir)
     names = list(metrics.PROTOCOLS) if args.protocol == "all" else [args.protocol]
@@ -694,9 +760,10 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> None:
     print("per-class AP: " + ", ".join(f"{c} {ap:.3f}" for c, ap in worst[:10]) + (" ..." if len(worst) > 10 else ""))
     print(f"wrote results.json, pr_curve.png, per_class_ap.png and {len(results['grids'])} retrieval grid(s) "
           f"to {out_dir}")
+    return results
 
 
-def score_fine_grained(emb: Embedded, args, commit: str, out_dir: str) -> None:
+def score_fine_grained(emb: Embedded, args, commit: str, out_dir: str) -> dict:
     """acc@1 and acc@5 of each query sketch's own photo, over two galleries: every paired photo of the
     evaluated classes, and only the photos of the query's class; printed and written to results.json."""
     if emb.q.shape[0] == 0 or emb.targets is None:
@@ -731,6 +798,7 @@ def score_fine_grained(emb: Embedded, args, commit: str, out_dir: str) -> None:
                                                       for g, r in results["untrained"].items()))
     utils.write_json(os.path.join(out_dir, "results.json"), results)
     print(f"wrote results.json to {out_dir}")
+    return results
 
 
 if __name__ == "__main__":

@@ -187,6 +187,37 @@ def test_fg_from_the_model_and_from_its_saved_embeddings(run, tmp_path):
     assert (a["gallery_all"], a["gallery_class"], a["fg"]) == (b["gallery_all"], b["gallery_class"], b["fg"])
 
 
+def test_several_settings_in_one_call_give_each_single_calls_numbers(run, tmp_path):
+    """--task zs gzs fg --hash_bits 0 16: six settings, each in its own sub-folder with the numbers a call of its
+    own gives, a table of all six printed and in results.json, and one embeddings file per task."""
+    proc = evaluate_run(run, tmp_path / "all", "--task", "zs", "gzs", "fg", "--hash_bits", "0", "16",
+                        "--save_embeddings", str(tmp_path / "emb.pt"))
+    assert proc.returncode == 0, proc.stderr
+    names = ["zs", "zs_16bit", "gzs", "gzs_16bit", "fg", "fg_16bit"]
+    table = results(str(tmp_path / "all"))
+    assert list(table["settings"]) == names and table["tasks"] == ["zs", "gzs", "fg"]
+    for name in names:
+        task, _, bits = name.partition("_")
+        alone = tmp_path / f"alone_{name}"
+        one = evaluate_run(run, alone, "--task", task, *(["--hash_bits", bits[:-3]] if bits else []))
+        assert one.returncode == 0, one.stderr
+        a, b = results(str(tmp_path / "all" / name)), results(str(alone))
+        keys = ("gallery_all", "gallery_class") if task == "fg" else ("protocols",)
+        assert [a[k] for k in keys] == [b[k] for k in keys], name
+        row = table["settings"][name]
+        assert row["results"] == os.path.join(name, "results.json") and row["num_queries"] == a["num_queries"]
+        assert row["acc@1" if task == "fg" else "map_all"] == (a["gallery_all"]["acc@1"] if task == "fg"
+                                                                else a["protocols"]["standard"]["map_all"])
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(f"{name} "))
+        assert f"{row['acc@1' if task == 'fg' else 'map_all']:9.4f}" in line
+    for task in ("zs", "gzs", "fg"):  # each task's file evaluates again on its own
+        again = run_main("evaluate.py", "--embeddings", str(tmp_path / f"emb_{task}.pt"), "--task", task,
+                         "--output_dir", str(tmp_path / f"again_{task}"))
+        assert again.returncode == 0, again.stderr
+    proc = run_main("evaluate.py", "--embeddings", str(tmp_path / "emb_zs.pt"), "--task", "zs", "gzs")
+    assert_one_line_error(proc, "an --embeddings file holds the images of one task", "not zs gzs")
+
+
 def test_fg_on_a_dataset_without_pairs_is_one_line(run, tmp_path):
     plain = make_tiny_dataset(str(tmp_path / "plain"), per_class=3)
     proc = run_main("evaluate.py", "--model", run["model"], "--data_dir", plain, "--workers", "0", "--device",
@@ -281,6 +312,8 @@ def test_checkpoints_name_their_classes_so_a_moved_dataset_needs_no_trained_labe
     (["--task", "kfg"], ["unknown --task 'kfg'", "zs, gzs, fg"]),
     (["--task", "gzs", "--split", "val"], ["--task gzs evaluates the test split", "drop --split val"]),
     (["--task", "gzs", "--gzs_fraction", "0"], ["--gzs_fraction must be in (0, 1]"]),
+    (["--task", "zs", "fg", "--split", "val"], ["--task fg evaluates the test split", "drop --split val"]),
+    (["--hash_bits", "0", "12"], ["--hash_bits must be 0 (off) or a positive multiple of 8", "got 12"]),
 ])
 def test_bad_task_arguments_are_one_line(argv, fragments, tmp_path):
     proc = run_main("evaluate.py", "--model", "m.pth", "--data_dir", str(tmp_path), *argv)
