@@ -18,7 +18,7 @@ Usage:
     python demo_data.py --output_dir data/demo
     python demo_data.py --output_dir data/demo --seed 1 --image_size 96 --workers 4
     python demo_data.py --output_dir data/tiny --sketches_per_class 3 --photos_per_class 3 --image_size 32
-    python demo_data.py --output_dir data/demo_traced --traced_pairs   # sketches traced in their photo's pose
+    python demo_data.py --output_dir data/demo_cross --cross_dataset   # for cross-dataset runs (evaluate.py)
 """
 import argparse
 import colorsys
@@ -56,6 +56,14 @@ UNSEEN = (
     "ring_thick",
     "star5",
 )
+
+# --cross_dataset: a second dataset for cross-dataset evaluation of a model trained on the demo. It holds the
+# demo's ten unseen classes and these ten of its seen classes (a neighbour of each unseen one), named in another
+# style (Title Case with spaces: "Arrow Thin" for arrow_thin, as datasets spell the same class differently) and
+# drawn anew (each image's generator is seeded by the new name), so that a demo model evaluated on it must leave
+# out the ten classes it trained on, which it recognises by their normalised names.
+CROSS_SEEN = ("arrow_thin", "circle", "crescent_thin", "ellipse_thin", "flower4", "heptagon", "letter_l",
+              "plus_thin", "ring_thin", "star4")
 
 # Degrees of turning above which an outline vertex counts as a corner (a new pen stroke).
 CORNER_DEG = 30.0
@@ -250,6 +258,20 @@ def seen_unseen():
     """(seen, unseen) class names, each sorted."""
     names = class_names()
     return [c for c in names if c not in UNSEEN], sorted(UNSEEN)
+
+
+def cross_dataset_name(shape):
+    """A class's name in the --cross_dataset variant: arrow_thin -> Arrow Thin."""
+    return shape.replace("_", " ").title()
+
+
+def dataset_classes(cross_dataset):
+    """(seen, unseen): each a sorted list of (class name, shape) of the demo, or of its --cross_dataset variant."""
+    seen, unseen = seen_unseen()
+    if cross_dataset:
+        seen = CROSS_SEEN
+    name = cross_dataset_name if cross_dataset else str
+    return (sorted((name(c), c) for c in seen), sorted((name(c), c) for c in unseen))
 
 
 @lru_cache(maxsize=None)
@@ -648,24 +670,26 @@ def sketch_file_name(name, i, sketches, photos):
 
     The sketches are spread over the photos in order, ceil(sketches / photos) to a photo: with as many
     sketches as photos, sketch i is <class>_<i>-1.png, the partner of photo <class>_<i>.jpg (and the files
-    sort in the order of i). The pairing is by name only: each sketch is drawn from its own random pose, not
-    traced from its photo (unless --traced_pairs), so the default instance pairs carry the class only.
+    sort in the order of i). With --traced_pairs (the default) each sketch is traced in its photo's pose, an
+    instance pair as Sketchy's; with --no-traced_pairs it is drawn in a pose of its own and the pair carries the
+    class only.
     """
     per_photo = -(-sketches // photos)
     return f"{name}_{i // per_photo:04d}-{i % per_photo + 1}.png"
 
 
 def _render_job(job):
-    root, name, domain, start, stop, seed, size, sketches, photos, traced = job
+    root, name, shape, domain, start, stop, seed, size, sketches, photos, traced = job
     sub = "sketches" if domain == SKETCH else "photos"
     folder = Path(root) / sub / name
     for i in range(start, stop):
         rng = image_rng(seed, name, domain, i)
         if domain == SKETCH:
-            pose = photo_pose(name, image_rng(seed, name, PHOTO, i // -(-sketches // photos)), size) if traced else None
-            render_sketch(name, rng, size, pose).save(folder / sketch_file_name(name, i, sketches, photos))
+            partner = image_rng(seed, name, PHOTO, i // -(-sketches // photos))  # the paired photo's generator
+            pose = photo_pose(shape, partner, size) if traced else None
+            render_sketch(shape, rng, size, pose).save(folder / sketch_file_name(name, i, sketches, photos))
         else:
-            render_photo(name, rng, size).save(folder / f"{name}_{i:04d}.jpg", quality=90)
+            render_photo(shape, rng, size).save(folder / f"{name}_{i:04d}.jpg", quality=90)
     return stop - start
 
 
@@ -686,17 +710,16 @@ def _check_target(out):
 
 def write_dataset(root, args):
     """Write the whole dataset into the folder `root`, which must not exist yet."""
-    names = class_names()
-    seen, unseen = seen_unseen()
+    seen, unseen = dataset_classes(args.cross_dataset)
     for sub in ("sketches", "photos"):
-        for c in names:
+        for c, _ in seen + unseen:
             (root / sub / c).mkdir(parents=True)
     jobs = []
     chunk = 20
-    for c in names:
+    for c, shape in sorted(seen + unseen):
         for domain, count in ((SKETCH, args.sketches_per_class), (PHOTO, args.photos_per_class)):
             for start in range(0, count, chunk):
-                jobs.append((str(root), c, domain, start, min(start + chunk, count),
+                jobs.append((str(root), c, shape, domain, start, min(start + chunk, count),
                              args.seed, args.image_size, args.sketches_per_class, args.photos_per_class,
                              args.traced_pairs))
     if args.workers > 1:
@@ -709,9 +732,9 @@ def write_dataset(root, args):
     else:
         for job in jobs:
             _render_job(job)
-    for split, labels in (("train", seen), ("test", unseen)):
-        (root / f"{split}_labels.txt").write_text("".join(c + "\n" for c in labels))
-        np.save(root / f"{split}_embeddings.npy", class_embeddings(labels))
+    for split, classes in (("train", seen), ("test", unseen)):
+        (root / f"{split}_labels.txt").write_text("".join(c + "\n" for c, _ in classes))
+        np.save(root / f"{split}_embeddings.npy", class_embeddings([shape for _, shape in classes]))
     (root / MARKER).write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
     return len(seen), len(unseen)
 
@@ -728,9 +751,13 @@ def get_args_parser():
     parser.add_argument("--sketches_per_class", type=int, default=60, help="sketches of each class")
     parser.add_argument("--photos_per_class", type=int, default=60, help="photos of each class")
     parser.add_argument("--workers", type=int, default=2, help="processes; 1 renders in-process")
-    parser.add_argument("--traced_pairs", action=argparse.BooleanOptionalAction, default=False,
-                        help="draw each sketch in the pose of the photo its name pairs it with (real instance "
-                             "pairs for evaluate.py --task fg); off keeps the default demo's images")
+    parser.add_argument("--traced_pairs", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw each sketch in the pose of the photo its name pairs it with (instance pairs, "
+                             "as Sketchy's, for evaluate.py --task fg); --no-traced_pairs draws each sketch in a "
+                             "pose of its own (the demo's images before the fine-grained setting)")
+    parser.add_argument("--cross_dataset", action=argparse.BooleanOptionalAction, default=False,
+                        help="the second dataset of a cross-dataset evaluation: the demo's 10 unseen classes and 10 "
+                             "of its seen ones, named in another style (Arrow Thin for arrow_thin) and drawn anew")
     return parser
 
 

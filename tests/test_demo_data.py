@@ -180,22 +180,39 @@ def test_sketches_are_named_after_their_photos_the_way_sketchy_is(tiny):
 
 
 def test_traced_pairs_draw_each_sketch_in_its_photos_pose(tiny, tmp_path):
-    """--traced_pairs keeps every photo and moves each sketch's strokes onto its photo's silhouette."""
-    traced = generate(tmp_path / "traced", "--workers", "1", "--traced_pairs")
-    a, b = digests(tiny), digests(traced)
+    """--traced_pairs (the default) draws each sketch's strokes on its photo's silhouette; --no-traced_pairs keeps
+    every photo and draws each sketch in a pose of its own."""
+    traced, untraced = tiny, generate(tmp_path / "untraced", "--workers", "1", "--no-traced_pairs")
+    a, b = digests(untraced), digests(traced)
     assert {k: v for k, v in a.items() if k.startswith("photos/")} == {k: v for k, v in b.items()
                                                                         if k.startswith("photos/")}
     assert all(a[k] != b[k] for k in a if k.startswith("sketches/"))
-    size, gaps = 32, {"default": [], "traced": []}
+    size, gaps = 32, {"untraced": [], "traced": []}
     for c in demo_data.class_names():
         for i in range(3):
             pose = demo_data.photo_pose(c, demo_data.image_rng(0, c, demo_data.PHOTO, i), size)
             outline = np.concatenate([pose(p) for p, _ in demo_data.canonical_shape(c)]) / demo_data.SUPERSAMPLE
             centre = (outline.min(0) + outline.max(0)) / 2  # the photo's silhouette box, in output pixels
-            for name, root in (("default", tiny), ("traced", traced)):
+            for name, root in (("untraced", untraced), ("traced", traced)):
                 ink = np.asarray(Image.open(root / "sketches" / c / f"{c}_{i:04d}-1.png")) < 128
                 ys, xs = np.nonzero(ink)
                 box = np.array([(xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2])
                 gaps[name].append(np.abs(box - centre).max())
     # Traced strokes sit on the photo's silhouette (within stroke width and wobble); untraced ones wander.
-    assert np.median(gaps["traced"]) < 1.5 < np.median(gaps["default"])
+    assert np.median(gaps["traced"]) < 1.5 < np.median(gaps["untraced"])
+
+
+def test_cross_dataset_holds_the_unseen_classes_and_ten_seen_ones_named_and_drawn_anew(tiny, tmp_path):
+    """--cross_dataset: the demo's 10 unseen classes and 10 of its seen ones, in Title Case; by normalised name
+    10 classes are the demo's seen ones (a demo model leaves them out), and no image is one of the demo's."""
+    cross = generate(tmp_path / "cross", "--workers", "1", "--cross_dataset")
+    names = read_labels(cross / "train_labels.txt") + read_labels(cross / "test_labels.txt")
+    assert len(names) == 20 and "Arrow Thin" in names and "Star5" in names
+    seen, unseen = demo_data.seen_unseen()
+    normal = {dataset.normalise_class_name(c): c for c in names}
+    assert {dataset.normalise_class_name(c) for c in unseen} <= set(normal)
+    assert len(set(normal) & {dataset.normalise_class_name(c) for c in seen}) == 10
+    assert sorted(p.name for p in (cross / "sketches").iterdir()) == sorted(names)
+    demo = set(digests(tiny).values())
+    images = {k: v for k, v in digests(cross).items() if k.endswith((".png", ".jpg"))}
+    assert len(images) == 2 * 3 * 20 and not demo & set(images.values())
