@@ -102,10 +102,11 @@ def load_index(path: str) -> dict | None:
 
 
 def embed_files(encoder, paths: list, image_size: int, batch_size: int, workers: int, device, amp: bool,
-                model_path: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                model_path: str, progress=None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Embed photo files (with the checkpoint ``model_path``'s photo encoder): (n, D) embeddings, (n,) readable
     flags, and whether Ctrl-C stopped it early (then n < len(paths): the first n files are done, and the caller
-    keeps them)."""
+    keeps them). ``progress(done, total)``, when given, is called after each batch (app.py's page shows it;
+    the terminal gets tqdm's bar either way)."""
     loader = torch.utils.data.DataLoader(dataset.ImageFilesDataset(paths, image_size), batch_size=batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda",
                                          worker_init_fn=utils.seed_worker)
@@ -114,6 +115,8 @@ def embed_files(encoder, paths: list, image_size: int, batch_size: int, workers:
         for emb, ok in utils.embed_batches(encoder, loader, device, amp, desc="embed gallery"):
             out.append(emb)
             readable.append(ok)
+            if progress is not None:
+                progress(sum(len(e) for e in out), len(paths))
     except KeyboardInterrupt:
         interrupted = True
     if not out:
@@ -273,12 +276,14 @@ def faiss_search(built, queries: torch.Tensor, k: int, nprobe: int) -> tuple[tor
 
 # ----------------------------------------------------------------------------------- queries
 
-def embed_sketches(encoder, sketches: list, image_size: int, batch_size: int, device, amp: bool) -> torch.Tensor:
-    """Prepared query sketches (PIL) -> unit embeddings (Q, D) on the CPU."""
+def embed_sketches(encoder, sketches: list, image_size: int, batch_size: int, device, amp: bool,
+                   show: bool = True) -> torch.Tensor:
+    """Prepared query sketches (PIL) -> unit embeddings (Q, D) on the CPU; ``show``: tqdm's bar in a terminal."""
     transform = dataset.build_transform(image_size)
     batches = ((torch.stack([transform(s) for s in sketches[i:i + batch_size]]),)  # (B, 3, S, S)
                for i in range(0, len(sketches), batch_size))
-    return torch.cat([emb for emb, in utils.embed_batches(encoder, batches, device, amp, desc="embed queries")])
+    return torch.cat([emb for emb, in utils.embed_batches(encoder, batches, device, amp, desc="embed queries",
+                                                                show=show)])
 
 
 def report_gallery(gallery: str, index_path: str, index: dict, counts: dict, files: list, others: list,
