@@ -36,14 +36,20 @@ from model import PretrainedWeightsUnavailable
 CANVAS = 512
 BRUSH_WIDTH = round(CANVAS * 1.5 / 64)
 MAX_SKETCH_PIXELS = 50_000_000  # an upload with more pixels is refused before it is decoded (a decompression bomb)
-# Selects the canvas's brush when the page loads: as built, Gradio's sketchpad starts with no tool selected
-# ("select the draw tool to start").
+# Selects the canvas's brush when the page loads and after the canvas is cleared: as built, Gradio's sketchpad
+# starts (and clears) with no tool selected ("select the draw tool to start"). The brush is clicked only while that
+# hint shows, as a click on a selected brush would deselect it.
 SELECT_BRUSH_JS = """() => {
   const pick = (tries) => {
-    const brush = document.querySelector('#sketch button[aria-label="Brush"]');
-    if (brush) { brush.click(); } else if (tries > 0) { setTimeout(() => pick(tries - 1), 100); }
+    const pad = document.querySelector('#sketch');
+    const brush = pad && pad.querySelector('button[aria-label="Brush"]');
+    if (brush && pad.innerText.includes('select the draw tool')) { brush.click(); }
+    else if (tries > 0) { setTimeout(() => pick(tries - 1), 100); }
   };
   pick(100);
+  document.addEventListener('click', (e) => {
+    if (e.target.closest && e.target.closest('#sketch button[aria-label="Clear canvas"]')) { pick(20); }
+  }, true);
 }"""
 
 

@@ -311,6 +311,8 @@ def test_page_draw_upload_examples_and_bad_input(served, browser, tmp_path):
     page.click("#search")  # an empty canvas sent: a message, no results, no trace
     wait_message(page, "the canvas is empty")
     assert page.locator("#results img").count() == 0
+    draw_triangle(page)  # the brush is selected again after a clear
+    wait_message(page, "for the drawing")
 
     sketch = os.path.join(served["data"], "sketches", "star", "star_1.png")
     page.set_input_files("#upload input[type=file]", sketch)
