@@ -349,8 +349,9 @@ def build_page(gr, searcher: Searcher, examples: list):
                 upload_box = gr.File(label="…or upload a sketch", file_types=["image"], type="filepath",
                                      elem_id="upload")
                 example_box = gr.Gallery(value=[(p, os.path.basename(os.path.dirname(p))) for p in examples],
-                                         label="Example sketches (click one to search with it)", columns=5,
-                                         height="auto", allow_preview=False, elem_id="examples", buttons=[],
+                                         label="Example sketches (click one to search with it)", columns=4,
+                                         height=360, object_fit="contain", allow_preview=False,
+                                         elem_id="examples", buttons=[],
                                          visible=bool(examples))
             with gr.Column(scale=3):
                 message = gr.Markdown("", elem_id="message")
