@@ -35,6 +35,9 @@ from model import PretrainedWeightsUnavailable
 # crops the drawing to its strokes, as it does for every query, and the model sees it at its own input size.)
 CANVAS = 512
 BRUSH_WIDTH = round(CANVAS * 1.5 / 64)
+# Uploads over --max_upload_mb are refused with a message on the page and a line in the log; Gradio itself refuses
+# (in the browser, before sending) those over UPLOAD_CAP times that, so that no huge file reaches the server.
+UPLOAD_CAP = 4
 MAX_SKETCH_PIXELS = 50_000_000  # an upload with more pixels is refused before it is decoded (a decompression bomb)
 # Selects the canvas's brush when the page loads and after the canvas is cleared: as built, Gradio's sketchpad
 # starts (and clears) with no tool selected ("select the draw tool to start"). The brush is clicked only while that
@@ -143,10 +146,14 @@ def drawing_to_sketch(value) -> Image.Image | None:
     return sketch
 
 
-def read_upload(path: str, max_pixels: int = MAX_SKETCH_PIXELS) -> Image.Image:
-    """An uploaded sketch file, prepared (dataset.load_sketch); a file that is not an image, or has more than
-    ``max_pixels`` pixels, is a UserError saying so."""
+def read_upload(path: str, max_bytes: int, max_pixels: int = MAX_SKETCH_PIXELS) -> Image.Image:
+    """An uploaded sketch file, prepared (dataset.load_sketch); a file of more than ``max_bytes`` bytes, one that
+    is not an image, or an image of more than ``max_pixels`` pixels is a UserError saying so."""
     name = os.path.basename(path)
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise utils.UserError(f"{name} is {size / 1e6:.2f} MB, more than the {max_bytes / 1e6:g} MB a sketch file "
+                              "may have (--max_upload_mb); upload a smaller file")
     try:
         with Image.open(path) as im:  # reads the header only
             width, height = im.size
@@ -324,7 +331,7 @@ def build_page(gr, searcher: Searcher, examples: list):
     def upload(path):
         if not path:  # the upload box was cleared: leave the page as it is
             return gr.skip(), gr.skip(), gr.skip()
-        return answer(read_upload(path), f"file {os.path.basename(path)}")
+        return answer(read_upload(path, int(searcher.args.max_upload_mb * 1e6)), f"file {os.path.basename(path)}")
 
     def example(evt: gr.SelectData):
         path = examples[evt.index]
@@ -409,7 +416,7 @@ def main(args) -> None:
                                                                          if args.share else ""))
     page.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[root], blocked_paths=blocked,
-        max_file_size=int(args.max_upload_mb * 1e6), show_error=False, js=SELECT_BRUSH_JS, quiet=True)
+        max_file_size=int(UPLOAD_CAP * args.max_upload_mb * 1e6), show_error=False, js=SELECT_BRUSH_JS, quiet=True)
 
 
 if __name__ == "__main__":

@@ -78,12 +78,15 @@ def test_brush_matches_the_training_sketches_stroke_scale():
 def test_read_upload_refuses_non_images_and_too_many_pixels(tmp_path):
     good = tmp_path / "sketch.png"
     square_drawing().save(good)
-    assert np.array_equal(np.asarray(app.read_upload(str(good))), np.asarray(dataset.load_sketch(str(good))))
+    assert np.array_equal(np.asarray(app.read_upload(str(good), 10**6)), np.asarray(dataset.load_sketch(str(good))))
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(utils.UserError, match="notes.png is not an image this app can read"):
-        app.read_upload(str(tmp_path / "notes.png"))
+        app.read_upload(str(tmp_path / "notes.png"), 10**6)
     with pytest.raises(utils.UserError, match=r"512 x 512 pixels, more than the 1,000 a sketch may have"):
-        app.read_upload(str(good), max_pixels=1000)
+        app.read_upload(str(good), 10**6, max_pixels=1000)
+    size = good.stat().st_size
+    with pytest.raises(utils.UserError, match=rf"sketch.png is {size / 1e6:.2f} MB, more than the 0.001 MB"):
+        app.read_upload(str(good), 1000)
 
 
 def test_paths_classes_and_the_index_location(tmp_path):
@@ -327,16 +330,21 @@ def test_page_draw_upload_examples_and_bad_input(served, browser, tmp_path):
     page.wait_for_selector("#upload input[type=file]", state="attached")
     page.set_input_files("#upload input[type=file]", str(tmp_path / "notes.png"))
     assert "notes.png is not an image this app can read" in wait_message(page, "not an image")
-    page.reload()
-    big = tmp_path / "big.png"  # 80 kB of noise over --max_upload_mb 0.05
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 400), dtype=np.uint8)).save(big)
-    assert big.stat().st_size > 50_000
-    page.wait_for_selector("#upload input[type=file]", state="attached")
-    page.set_input_files("#upload input[type=file]", str(big))
-    page.wait_for_function("() => /too large|exceed|maximum/i.test(document.body.innerText)", timeout=20000)
-    text = page.inner_text("body")
-    assert "Traceback" not in text and "File \"" not in text
-    assert "refused" in log_text(served) and "Traceback" not in log_text(served)
+    for side, seen in ((200, "app"), (600, "gradio")):  # 80 kB and 240 kB of noise: over 0.05 MB, and 4 times that
+        page.reload()
+        big = tmp_path / f"big{side}.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, 400), dtype=np.uint8)).save(big)
+        assert (50_000 < big.stat().st_size < 200_000) if seen == "app" else big.stat().st_size > 200_000
+        page.wait_for_selector("#upload input[type=file]", state="attached")
+        page.set_input_files("#upload input[type=file]", str(big))
+        if seen == "app":  # the app's message and log line
+            assert "more than the 0.05 MB a sketch file may have" in wait_message(page, "MB")
+            assert "refused (upload): big200.png is 0.08 MB" in log_text(served)
+        else:  # Gradio refuses it in the browser: its own message, nothing sent
+            page.wait_for_function("() => /too large|exceed|maximum/i.test(document.body.innerText)", timeout=20000)
+        text = page.inner_text("body")
+        assert "Traceback" not in text and "File \"" not in text
+    assert "refused (upload): notes.png" in log_text(served) and "Traceback" not in log_text(served)
     assert served["proc"].poll() is None  # still serving
     draw_triangle(page)
     wait_message(page, "for the drawing")
