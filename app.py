@@ -205,6 +205,10 @@ class Searcher:
         self.lock = threading.Lock()  # one query at a time on the model
 
     def progress(self, done: int, total: int) -> None:
+        """embed_files' callback: the page's status reads it; the log gets a line at every tenth (tqdm's bar
+        shows only in a terminal)."""
+        if done * 10 // max(total, 1) > self.done * 10 // max(total, 1):
+            log(f"gallery index: {done:,} of {total:,} photos embedded")
         self.done, self.total = done, total
 
     def build(self) -> None:

@@ -136,6 +136,7 @@ def test_searcher_ranks_as_retrieve_does(tmp_path):
     assert "0 of 18 photos" in searcher.status()
     searcher.build()
     assert searcher.ready and searcher.layout and os.path.isfile(index_path)
+    assert (searcher.done, searcher.total) == (18, 18)  # the progress the page shows while it builds
     assert searcher.status().startswith("Gallery: 18 photos")
     sketch = dataset.load_sketch(os.path.join(data, "sketches", "star", "star_0.png"))
     hits, seconds = searcher.search(sketch)
