@@ -14,6 +14,7 @@ built and updated as retrieve.py does: only new or changed photos are embedded, 
 Only files under --gallery are served. Needs gradio (pip install -r requirements.txt).
 """
 import argparse
+import collections
 import functools
 import os
 import sys
@@ -290,8 +291,8 @@ def build_page(gr, searcher: Searcher, examples: list):
         classes = [c for _, _, _, c, _ in hits if c]
         summary = ""
         if classes:
-            top = max(set(classes), key=classes.count)
-            summary = f" Most frequent class: {top} ({classes.count(top)} of {len(hits)})."
+            top, count = collections.Counter(classes).most_common(1)[0]  # a tie: the class ranked first
+            summary = f" Most frequent class: {top} ({count} of {len(hits)})."
         log(f"query ({what}): {len(hits)} photos in {seconds * 1000:.0f} ms")
         return ([(p, caption(rank, s, c, rel)) for p, rank, s, c, rel in hits],
                 f"Top {len(hits)} of {len(searcher.paths):,} photos for the {what} "
