@@ -23,6 +23,7 @@ import time
 import traceback
 
 import numpy as np
+import torch
 from PIL import Image
 
 import dataset
@@ -80,11 +81,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--faiss", action=argparse.BooleanOptionalAction, default=False,
                    help="approximate search with a faiss index (needs: pip install faiss-cpu)")
     p.add_argument("--nprobe", type=int, default=32, help="with --faiss: inverted lists visited per query")
+    p.add_argument("--query_threads", type=int, default=1,
+                   help="torch CPU threads for queries, once the index is built (which uses torch's default); one "
+                        "sketch gains little from more, and on a busy machine more threads wait on each other")
     return p
 
 
 def check_args(args) -> None:
-    for name in ("topk", "batch_size", "nprobe"):
+    for name in ("topk", "batch_size", "nprobe", "query_threads"):
         if getattr(args, name) < 1:
             raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.num_examples < 0:
@@ -229,6 +233,7 @@ class Searcher:
             self.embeddings = index["embeddings"].float().clone()  # (N, D), in memory: the index file is mmapped
             self.paths = index["paths"]
             self.layout = follows_dataset_layout(self.paths)
+            torch.set_num_threads(a.query_threads)
             self.ready = True
             log(f"ready: {len(self.paths)} photos, serving queries")
         except utils.UserError as e:

@@ -1,20 +1,21 @@
 """Speed of app.py: the server's time per query over 1k, 10k and 100k photos, and the time from the end of a
 stroke to the results shown in a browser; optionally the README's screenshot.
 
-    python bench/bench_app.py                                              # untrained demo-sized model
-    python bench/bench_app.py --model runs/demo/best.pth --gallery data/demo/photos --threads 2
+    python bench/bench_app.py                                               # untrained demo-sized model
+    python bench/bench_app.py --model runs/demo/best.pth --gallery data/demo/photos --threads 2  # two threads
     python bench/bench_app.py --model runs/demo/best.pth --gallery data/demo/photos --screenshot docs/app_screenshot.png
 
 Prints (1) the server-side time of one query (app.Searcher.search: the drawing prepared by
 dataset.prepare_sketch from a 512 x 512 canvas image, embedded by the sketch encoder, ranked by one
 matrix product and top-k against the gallery's cached embeddings, exact) over seeded random unit
 embeddings of --sizes photos, p50 and p90 of --repeats queries after a warm-up, with --threads torch
-threads; (2) with playwright and Debian's chromium (/usr/bin/chromium) and --gallery: app.py started on a
-free port over that folder, a triangle drawn in one mouse stroke --strokes times (the canvas cleared
-between), and the time from the mouse-up to the results' message changing on the page, p50 and p90 (the page's own
-work, the upload of the canvas, the query and the results' thumbnails); with --screenshot, the page
-after the last drawing, written as a PNG. Target (issue 23): p50 under 100 ms at 100k photos on 2 CPU
-cores. The model is --model's, or an untrained resnet18 of the demo's shape (32 px, 512-d).
+threads (app.py's --query_threads, 1 by default); (2) with playwright, Debian's chromium
+(/usr/bin/chromium) and --gallery: app.py started on a free port over that folder, a triangle drawn
+in one mouse stroke --strokes times (the canvas cleared between), and the time from the mouse-up to
+the results' message on the page, p50 and p90 (the page's own work, the upload of the canvas, the
+query and the results' thumbnails); with --screenshot, the page after the last drawing, written as a
+PNG. Target (issue 23): p50 under 100 ms at 100k photos on 2 CPU cores. The model is --model's, or an
+untrained resnet18 of the demo's shape (32 px, 512-d).
 """
 import argparse
 import math
@@ -42,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=str, default="", help="checkpoint; empty: an untrained resnet18, 32 px, 512-d")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000], help="gallery sizes")
     p.add_argument("--repeats", type=int, default=50, help="queries timed per size")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the target's 2 CPU cores)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the queries (app.py's --query_threads)")
     p.add_argument("--gallery", type=str, default="", help="photo folder for the browser part; empty: skip it")
     p.add_argument("--strokes", type=int, default=10, help="drawings timed in the browser")
     p.add_argument("--screenshot", type=str, default="", help="write the page after a drawing to this PNG")
