@@ -2,6 +2,8 @@
 # on 64-bit hash codes), write retrieval grids, search the photos with a drawn star.
 # make test: set up .venv, run the test suite.
 # make lint: set up .venv, check the code's style with ruff.
+# make app: set up .venv and the demo data, train the demo's model if runs/demo/best.pth is missing, serve the sketch
+# search page (app.py) on http://127.0.0.1:7860 over the demo's photos.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,7 +20,7 @@ DEMO_SEED := 0
 DEMO_TRAIN_ARGS := --no-pretrained --epochs $(DEMO_EPOCHS) --seed $(DEMO_SEED) --print_every 10 --workers 1
 EXTRA_TRAIN_ARGS :=
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean app
 
 venv: $(VENV)/.installed
 
@@ -48,6 +50,12 @@ demo: venv $(DEMO_DATA)/.demo_data $(CROSS_DATA)/.demo_data
 	echo "The recipe ablation on this demo (docs/results.md, bench/bench_recipes.py), beside this run's mAP@all above:" && \
 	sed -n '/<!-- demo-table -->/,/<!-- end demo-table -->/p' docs/results.md | grep '^|' && \
 	echo "make demo: training $$((trained - start)) s, evaluation and retrieval $$(($$(date +%s) - trained)) s (after the set-up)"
+
+# The sketch search page over the demo's photos, with make demo's model; trained first (the demo's recipe and seed)
+# when it is missing. The gallery index is kept beside the photos (data/demo/photos_index.pt).
+app: venv $(DEMO_DATA)/.demo_data
+	@test -f $(DEMO_RUN)/best.pth || $(PY) train.py --data_dir $(DEMO_DATA) --checkpoint_dir $(DEMO_RUN) $(DEMO_TRAIN_ARGS)
+	$(PY) app.py --model $(DEMO_RUN)/best.pth --gallery $(DEMO_DATA)/photos --examples $(DEMO_DATA)/sketches
 
 test: venv
 	$(PY) -m pytest tests -q --durations=10

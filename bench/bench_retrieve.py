@@ -3,12 +3,12 @@
     python bench/bench_retrieve.py                         # exact (and faiss, if installed), 1e5 and 1e6 photos
     python bench/bench_retrieve.py --sizes 100000 --build_images 200 --no-prep_check
 
-Prints (1) exact search (retrieve.search) over seeded random unit 512-d float32 gallery embeddings:
+Prints (1) exact search (gallery.search) over seeded random unit 512-d float32 gallery embeddings:
 seconds per query for one query alone and within a batch of --queries, best of --repeats, and the
 process's peak memory during the search beyond the gallery itself; (2) when faiss is importable,
-retrieve.faiss_index's build time, and for each --nprobe the seconds per query and the recall@k of
+gallery.faiss_index's build time, and for each --nprobe the seconds per query and the recall@k of
 its top k against the exact one (random vectors have no clusters: the worst case for inverted lists);
-(3) the time to build a gallery index (retrieve.update_index: scan, embed, save) per 1,000 photos
+(3) the time to build a gallery index (gallery.update_index: scan, embed, save) per 1,000 photos
 at the demo's size (64 px JPEGs drawn by demo_data.py into a temporary folder; shufflenet_v2_x1_0,
 128-d, untrained weights, retrieve.py's default --batch_size and --workers), and to reuse it;
 (4) with --prep_check and the demo's model and data present: mAP@all of the demo's unseen-class
@@ -30,6 +30,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 import demo_data  # noqa: E402
+import gallery  # noqa: E402
 import retrieve  # noqa: E402
 import utils  # noqa: E402
 from model import ZSSBIRModel  # noqa: E402
@@ -110,7 +111,7 @@ def bench_search(args, faiss) -> dict:
         g = unit_rows(n, args.dim, gen)          # (N, D)
         q = unit_rows(args.queries, args.dim, gen)  # (Q, D)
         print(f"\ngallery {n:,} x {args.dim}-d float32 ({g.numel() * 4 / 2**20:.0f} MiB), top {args.topk}")
-        exact = functools.partial(retrieve.search, gallery=g, k=args.topk)
+        exact = functools.partial(gallery.search, gallery=g, k=args.topk)
         reset = peak_rss_reset()
         base = current_rss_mib()
         t1, _ = best_of(lambda: exact(q[:1]), args.repeats)
@@ -122,13 +123,13 @@ def bench_search(args, faiss) -> dict:
         print(f"  exact  {args.queries} queries   {tq / args.queries:8.4f} s/query  "
               f"({tq:.3f} s for the batch; {extra})")
         if faiss is not None:
-            t_build, built = best_of(functools.partial(retrieve.faiss_index, faiss, g, args.seed), 1)
+            t_build, built = best_of(functools.partial(gallery.faiss_index, faiss, g, args.seed), 1)
             kind = type(built).__name__ + (f", {built.nlist} lists" if hasattr(built, "nlist") else "")
             print(f"  faiss  build        {t_build:8.2f} s  ({kind})")
             default = retrieve.get_args_parser().get_default("nprobe")
             for nprobe in args.nprobe if hasattr(built, "nlist") else [default]:
-                f1, _ = best_of(lambda: retrieve.faiss_search(built, q[:1], args.topk, nprobe), args.repeats)
-                fq, (_, rows) = best_of(lambda: retrieve.faiss_search(built, q, args.topk, nprobe), args.repeats)
+                f1, _ = best_of(lambda: gallery.faiss_search(built, q[:1], args.topk, nprobe), args.repeats)
+                fq, (_, rows) = best_of(lambda: gallery.faiss_search(built, q, args.topk, nprobe), args.repeats)
                 print(f"  faiss  nprobe {nprobe:<4}  {f1:8.4f} s/query alone, {fq / args.queries:8.4f} s/query in the "
                       f"batch; recall@{args.topk} vs exact {recall(rows, ref_rows):.3f}"
                       + ("  (retrieve.py's default)" if nprobe == default else ""))
@@ -158,12 +159,16 @@ def bench_build(args) -> None:
                 "args": {"backbone": "shufflenet_v2_x1_0", "embedding_dim": 128, "image_size": 64}}
         root, path = os.path.join(tmp, "photos"), os.path.join(tmp, "index.pt")
         device = torch.device("cpu")
-        embed = lambda paths: retrieve.embed_files(model.photo_encoder, paths, 64, defaults, device)  # noqa: E731
+
+        def embed(paths):
+            return gallery.embed_files(model.photo_encoder, paths, 64, defaults.batch_size, defaults.workers, device,
+                                       defaults.amp, "")
+
         for what in ("build", "reuse"):
             t = time.perf_counter()
-            files, _ = retrieve.scan_gallery(root, exclude="")
-            _, counts = retrieve.update_index(retrieve.load_index(path), path, root, files,
-                                              retrieve.model_identity(ckpt), embed)
+            files, _ = gallery.scan_gallery(root, exclude="")
+            _, counts = gallery.update_index(gallery.load_index(path), path, root, files,
+                                              gallery.model_identity(ckpt), embed)
             seconds = time.perf_counter() - t
             print(f"  {what:<6} {seconds:7.2f} s  = {seconds / args.build_images * 1000:6.2f} s per 1,000 photos  "
                   f"({counts['embedded']} embedded, {counts['unchanged']} unchanged)")
@@ -202,8 +207,8 @@ def prep_check(args) -> None:
     print(f"\nquery preparation: {len(sketches)} unseen-class sketches of {args.data_dir} against its {len(photos)} "
           f"unseen-class photos, model {args.model}")
     for name, form in forms.items():
-        q = retrieve.embed_sketches(model.sketch_encoder, [form(dataset.load_image(p)) for p in sketches], size,
-                                    defaults, torch.device("cpu"))
+        q = gallery.embed_sketches(model.sketch_encoder, [form(dataset.load_image(p)) for p in sketches], size,
+                                   defaults.batch_size, torch.device("cpu"), defaults.amp)
         res = metrics.retrieval_metrics(q, torch.tensor(s_labels), g, torch.tensor(p_labels), ks=(100,),
                                         protocols=("standard",))
         print(f"  {name:<38} mAP@all {res['protocols']['standard']['map_all']:.4f}")

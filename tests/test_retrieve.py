@@ -2,7 +2,6 @@
 form, faiss (when installed) and bad input."""
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import dataset
+import gallery
 import metrics
 import retrieve
 import utils
@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture
-def gallery(setup, tmp_path):
+def photos(setup, tmp_path):
     """A fresh copy of the tiny dataset's 18 photos (6 classes x 3), in class sub-folders."""
     folder = tmp_path / "gallery"
     for c in sorted(os.listdir(os.path.join(setup["data"], "photos"))):
@@ -57,19 +57,19 @@ def gallery(setup, tmp_path):
     return str(folder)
 
 
-def retrieve_json(capsys, model, gallery, queries, out, *extra, grids: bool = False) -> dict:
+def retrieve_json(capsys, model, photos, queries, out, *extra, grids: bool = False) -> dict:
     """Run retrieve.main with --json in this process; return the parsed document (stdout holds nothing else)
     with the messages of stderr under "stderr"."""
-    stdout, stderr = retrieve_text(capsys, model, gallery, queries, out, "--json", "--grids" if grids else "--no-grids",
+    stdout, stderr = retrieve_text(capsys, model, photos, queries, out, "--json", "--grids" if grids else "--no-grids",
                                    *extra)
     return {**json.loads(stdout), "stderr": stderr}
 
 
-def retrieve_text(capsys, model, gallery, queries, out, *extra) -> tuple[str, str]:
+def retrieve_text(capsys, model, photos, queries, out, *extra) -> tuple[str, str]:
     """Run retrieve.main in this process (no data loader workers); return what it printed (stdout, stderr)."""
     capsys.readouterr()
     retrieve.main(retrieve.get_args_parser().parse_args(
-        ["--model", model, "--gallery", gallery, "--query", *queries, "--output_dir", out, "--workers", "0",
+        ["--model", model, "--gallery", photos, "--query", *queries, "--output_dir", out, "--workers", "0",
          "--device", "cpu", *extra]))
     captured = capsys.readouterr()
     return captured.out, captured.err
@@ -116,18 +116,18 @@ def test_search_equals_brute_force_ranking_with_ties():
     g[30:40] = g[0:10]
     q = torch.randint(-3, 4, (7, 6), generator=gen).float()
     for k, chunk in ((5, 7), (12, 3), (50, 64), (80, 16)):
-        scores, rows = retrieve.search(q, g, k, chunk=chunk)
+        scores, rows = gallery.search(q, g, k, chunk=chunk)
         assert rows.tolist() == brute_force(q, g, k), (k, chunk)
         assert torch.equal(scores, torch.gather(q @ g.T, 1, rows)), (k, chunk)
-    assert retrieve.search(q, g[:0], 3)[1].shape == (7, 0)
+    assert gallery.search(q, g[:0], 3)[1].shape == (7, 0)
 
 
 def test_search_of_unit_vectors_scores_as_metrics_similarity(monkeypatch):
-    monkeypatch.setattr(retrieve, "QUERY_BLOCK", 4)  # several query blocks
+    monkeypatch.setattr(gallery, "QUERY_BLOCK", 4)  # several query blocks
     gen = torch.Generator().manual_seed(1)
     g = torch.nn.functional.normalize(torch.randn(1000, 32, generator=gen), dim=1)
     q = torch.nn.functional.normalize(torch.randn(10, 32, generator=gen), dim=1)
-    scores, rows = retrieve.search(q, g, 20, chunk=128)
+    scores, rows = gallery.search(q, g, 20, chunk=128)
     sim = metrics.similarity(q, g)  # (10, 1000)
     # float32 dot products of D = 32 terms of unit vectors, each within D u32 of the exact score, and
     # similarity normalises the (already unit) rows again, moving each by at most D u32 more. The two are
@@ -138,8 +138,8 @@ def test_search_of_unit_vectors_scores_as_metrics_similarity(monkeypatch):
 
 def test_order_keys_round_trip_and_order():
     s = torch.tensor([[-2.5, -0.0, 0.0, 1e-30, -1e-30, 3.0, 3.0, float("inf"), -float("inf")]])
-    keys = retrieve._order_keys(s, first_row=10)
-    scores, rows = retrieve._decode_keys(keys)
+    keys = gallery._order_keys(s, first_row=10)
+    scores, rows = gallery._decode_keys(keys)
     assert torch.equal(scores, s + 0.0) and rows.tolist() == [list(range(10, 19))]
     order = keys.argsort(dim=1, descending=True)[0].tolist()
     assert order == [7, 5, 6, 3, 1, 2, 4, 0, 8]  # by score, equal scores (3.0; -0.0 and 0.0) by row
@@ -214,7 +214,7 @@ def test_phone_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
     assert not readable and not image.any()
 
 
-def test_pipeline_ranks_the_same_for_every_form_of_a_sketch(setup, gallery, tmp_path, capsys):
+def test_pipeline_ranks_the_same_for_every_form_of_a_sketch(setup, photos, tmp_path, capsys):
     sketch = Image.open(setup["sketch"]).convert("L")  # a tiny dataset sketch, black outline on white
     forms = {"plain.png": sketch, "inverted.png": Image.eval(sketch, lambda v: 255 - v),
              "transparent.png": transparent(sketch, (0, 0, 0)),
@@ -225,7 +225,7 @@ def test_pipeline_ranks_the_same_for_every_form_of_a_sketch(setup, gallery, tmp_
     for name, im in forms.items():
         im.save(tmp_path / name)
     paths = [str(tmp_path / n) for n in forms]
-    doc = retrieve_json(capsys, setup["model"], gallery, paths, str(tmp_path / "out"), "--topk", "18",
+    doc = retrieve_json(capsys, setup["model"], photos, paths, str(tmp_path / "out"), "--topk", "18",
                         "--batch_size", "1")
     # Each form is prepared to the same image and embedded alone (--batch_size 1), as retrieve.py does: the same
     # input tensor through the same kernels, so the same embedding, bit for bit.
@@ -233,8 +233,7 @@ def test_pipeline_ranks_the_same_for_every_form_of_a_sketch(setup, gallery, tmp_
     for name, s in zip(forms, sketches):
         assert np.array_equal(np.asarray(s), np.asarray(sketches[0])), name
     model = utils.build_model(utils.load_checkpoint(setup["model"]), setup["model"], trained=True)
-    emb = retrieve.embed_sketches(model.sketch_encoder, sketches, 32, SimpleNamespace(batch_size=1, amp=False),
-                                  torch.device("cpu"))  # (5, D)
+    emb = gallery.embed_sketches(model.sketch_encoder, sketches, 32, 1, torch.device("cpu"), False)  # (5, D)
     for name, e in zip(forms, emb):
         assert torch.equal(e, emb[0]), name
     # Their scores need not be: search scores the 5 queries in one matrix product, and a BLAS may compute a
@@ -256,32 +255,32 @@ def index_of(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_index_is_reused_and_updated_file_by_file(setup, gallery, tmp_path, capsys):
+def test_index_is_reused_and_updated_file_by_file(setup, photos, tmp_path, capsys):
     out, query = str(tmp_path / "out"), [setup["sketch"]]
-    first = retrieve_json(capsys, setup["model"], gallery, query, out, "--topk", "18", *ALONE)
+    first = retrieve_json(capsys, setup["model"], photos, query, out, "--topk", "18", *ALONE)
     assert first["index_counts"] == {"images": 18, "embedded": 18, "unchanged": 0, "deleted": 0, "unreadable": 0}
     index_file = os.path.join(out, "gallery_index.pt")
     assert first["index"] == index_file
     saved = index_of(index_file)
-    assert saved["root"] == os.path.realpath(gallery) and len(saved["paths"]) == 18
+    assert saved["root"] == os.path.realpath(photos) and len(saved["paths"]) == 18
     assert not any(os.path.isabs(p) for p in saved["paths"]) and saved["embeddings"].shape == (18, 16)
 
-    again = retrieve_json(capsys, setup["model"], gallery, query, out, "--topk", "18", *ALONE)
+    again = retrieve_json(capsys, setup["model"], photos, query, out, "--topk", "18", *ALONE)
     assert again["index_counts"] == {"images": 18, "embedded": 0, "unchanged": 18, "deleted": 0, "unreadable": 0}
     assert index_of(index_file)["revision"] == saved["revision"]  # not rewritten
     assert ranking(again) == ranking(first)
 
     # One photo added, one modified (new content and date), one deleted.
-    Image.open(os.path.join(gallery, "star", "star_0.png")).rotate(90).save(os.path.join(gallery, "star", "new.png"))
-    modified = os.path.join(gallery, "circle", "circle_1.png")
+    Image.open(os.path.join(photos, "star", "star_0.png")).rotate(90).save(os.path.join(photos, "star", "new.png"))
+    modified = os.path.join(photos, "circle", "circle_1.png")
     Image.open(modified).transpose(Image.FLIP_LEFT_RIGHT).save(modified)
     os.utime(modified, ns=(1_000_000_000, 1_000_000_000))
-    os.remove(os.path.join(gallery, "tri", "tri_2.png"))
-    third = retrieve_json(capsys, setup["model"], gallery, query, out, "--topk", "18", *ALONE)
+    os.remove(os.path.join(photos, "tri", "tri_2.png"))
+    third = retrieve_json(capsys, setup["model"], photos, query, out, "--topk", "18", *ALONE)
     assert third["index_counts"] == {"images": 18, "embedded": 2, "unchanged": 16, "deleted": 1, "unreadable": 0}
 
     # The updated index holds exactly what a fresh build holds.
-    fresh = retrieve_json(capsys, setup["model"], gallery, query, str(tmp_path / "fresh"), "--topk", "18", *ALONE)
+    fresh = retrieve_json(capsys, setup["model"], photos, query, str(tmp_path / "fresh"), "--topk", "18", *ALONE)
     assert fresh["index_counts"]["embedded"] == 18
     a, b = index_of(index_file), index_of(os.path.join(tmp_path, "fresh", "gallery_index.pt"))
     assert a["paths"] == b["paths"] and torch.equal(a["sizes"], b["sizes"]) and torch.equal(a["mtimes"], b["mtimes"])
@@ -289,24 +288,24 @@ def test_index_is_reused_and_updated_file_by_file(setup, gallery, tmp_path, caps
     assert [p for p, _ in ranking(third)] == [p for p, _ in ranking(fresh)]
 
 
-def test_another_model_rebuilds_the_index_with_one_line(setup, gallery, tmp_path, capsys):
+def test_another_model_rebuilds_the_index_with_one_line(setup, photos, tmp_path, capsys):
     index_file = str(tmp_path / "idx" / "photos.pt")
-    retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], str(tmp_path / "a"), "--index", index_file)
-    doc = retrieve_json(capsys, setup["other_model"], gallery, [setup["sketch"]], str(tmp_path / "b"),
+    retrieve_json(capsys, setup["model"], photos, [setup["sketch"]], str(tmp_path / "a"), "--index", index_file)
+    doc = retrieve_json(capsys, setup["other_model"], photos, [setup["sketch"]], str(tmp_path / "b"),
                         "--index", index_file)
     assert f"index {index_file} was built with another model; rebuilding" in doc["stderr"]
     assert doc["index_counts"]["embedded"] == 18 and doc["index"] == index_file
 
 
-def test_gallery_embeddings_match_evaluate(setup, gallery, tmp_path, capsys):
-    retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], str(tmp_path / "out"), "--batch_size", "8")
+def test_gallery_embeddings_match_evaluate(setup, photos, tmp_path, capsys):
+    retrieve_json(capsys, setup["model"], photos, [setup["sketch"]], str(tmp_path / "out"), "--batch_size", "8")
     saved = index_of(str(tmp_path / "out" / "gallery_index.pt"))
     ckpt = utils.load_checkpoint(setup["model"])
     model = utils.build_model(ckpt, setup["model"], trained=True)
-    ref = utils.embed_images(model.photo_encoder, [os.path.join(gallery, p) for p in saved["paths"]], 32, 8, 0,
+    ref = utils.embed_images(model.photo_encoder, [os.path.join(photos, p) for p in saved["paths"]], 32, 8, 0,
                              torch.device("cpu"), True)
     assert torch.equal(saved["embeddings"], ref)  # the same images in the same batches: the same bits
-    assert retrieve.model_identity(ckpt) == saved["model"] != retrieve.model_identity(
+    assert gallery.model_identity(ckpt) == saved["model"] != gallery.model_identity(
         utils.load_checkpoint(setup["other_model"]))
 
 
@@ -320,43 +319,43 @@ def test_interrupted_build_keeps_what_was_embedded(tmp_path):
 
     path = str(tmp_path / "index.pt")
     with pytest.raises(KeyboardInterrupt):
-        retrieve.update_index(None, path, str(tmp_path), files, "model-a", embed_two_then_stop)
+        gallery.update_index(None, path, str(tmp_path), files, "model-a", embed_two_then_stop)
     saved = index_of(path)
     assert saved["paths"] == ["0.png"] and saved["skipped"] == {"1.png": [10, 1]}
     def embed_all(paths):
         return torch.zeros(len(paths), 4), torch.ones(len(paths), dtype=torch.bool), False
 
-    index, counts = retrieve.update_index(retrieve.load_index(path), path, str(tmp_path), files, "model-a", embed_all)
+    index, counts = gallery.update_index(gallery.load_index(path), path, str(tmp_path), files, "model-a", embed_all)
     assert counts == {"images": 4, "embedded": 3, "unchanged": 1, "deleted": 0, "unreadable": 1}
     assert index["paths"] == ["0.png", "2.png", "3.png", "4.png"] and index["embeddings"][0].tolist() == [1.0] * 4
     assert calls == [5]
 
 
-def test_non_images_are_skipped_counted_and_remembered(setup, gallery, tmp_path, capsys):
-    with open(os.path.join(gallery, "notes.txt"), "w") as f:
+def test_non_images_are_skipped_counted_and_remembered(setup, photos, tmp_path, capsys):
+    with open(os.path.join(photos, "notes.txt"), "w") as f:
         f.write("not a photo")
-    broken = os.path.join(gallery, "star", "broken.jpg")
+    broken = os.path.join(photos, "star", "broken.jpg")
     with open(broken, "wb") as f:
         f.write(b"\xff\xd8 this is no JPEG")
     out = str(tmp_path / "out")
-    stdout, _ = retrieve_text(capsys, setup["model"], gallery, [setup["sketch"]], out, "--topk", "3")
+    stdout, _ = retrieve_text(capsys, setup["model"], photos, [setup["sketch"]], out, "--topk", "3")
     assert "skipped 2 file(s) of the gallery: 1 not an image, 1 unreadable image(s)" in stdout
     assert "18 photos in" in stdout and "(18 embedded," in stdout
     lines = stdout.splitlines()
     table = lines[lines.index("rank   score  photo") + 1:][:3]
-    assert [line.split()[0] for line in table] == ["1", "2", "3"] and all(gallery in line for line in table)
+    assert [line.split()[0] for line in table] == ["1", "2", "3"] and all(photos in line for line in table)
     with open(os.path.join(out, "grid_01_star_0.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # The broken file is not retried until it changes; grids written inside the gallery are not searched.
-    in_gallery, index = os.path.join(gallery, "results"), os.path.join(out, "gallery_index.pt")
+    in_gallery, index = os.path.join(photos, "results"), os.path.join(out, "gallery_index.pt")
     for _ in range(2):
-        doc = retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], in_gallery, "--index", index,
+        doc = retrieve_json(capsys, setup["model"], photos, [setup["sketch"]], in_gallery, "--index", index,
                             grids=True)
         assert doc["index_counts"] == {"images": 18, "embedded": 0, "unchanged": 18, "deleted": 0, "unreadable": 1}
         assert doc["skipped_files"] == ["notes.txt", os.path.join("star", "broken.jpg")]
     assert os.path.isfile(os.path.join(in_gallery, "grid_01_star_0.png"))
     Image.new("RGB", (32, 32), "white").save(broken, format="JPEG")
-    doc = retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], in_gallery, "--index", index)
+    doc = retrieve_json(capsys, setup["model"], photos, [setup["sketch"]], in_gallery, "--index", index)
     assert doc["index_counts"] == {"images": 19, "embedded": 1, "unchanged": 18, "deleted": 0, "unreadable": 0}
 
 
@@ -368,10 +367,10 @@ def test_faiss_ivf_visiting_every_list_is_exact(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     g = torch.nn.functional.normalize(torch.randn(2500, 16, generator=gen), dim=1)
     q = torch.nn.functional.normalize(torch.randn(5, 16, generator=gen), dim=1)
-    built = retrieve.faiss_index(faiss, g)
+    built = gallery.faiss_index(faiss, g)
     assert isinstance(built, faiss.IndexIVFFlat) and built.nlist == 50
-    scores, rows = retrieve.faiss_search(built, q, 10, nprobe=50)
-    ref_scores, _ = retrieve.search(q, g, 10)
+    scores, rows = gallery.faiss_search(built, q, 10, nprobe=50)
+    ref_scores, _ = gallery.search(q, g, 10)
     # both are float32 inner products of D = 16 terms of unit vectors, each within D u32 of the exact one, in
     # other summation orders (faiss's kernels, torch's BLAS): the exact top 10, near-ties in either order
     assert torch.allclose(scores, ref_scores, rtol=0, atol=2 * 16 * U32)
@@ -379,13 +378,13 @@ def test_faiss_ivf_visiting_every_list_is_exact(monkeypatch):
 
 
 @needs_faiss
-def test_cli_faiss_ranks_like_exact_and_caches_its_index(setup, gallery, tmp_path, capsys):
-    exact = retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], str(tmp_path / "out"))
-    approx = retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], str(tmp_path / "out"), "--faiss")
+def test_cli_faiss_ranks_like_exact_and_caches_its_index(setup, photos, tmp_path, capsys):
+    exact = retrieve_json(capsys, setup["model"], photos, [setup["sketch"]], str(tmp_path / "out"))
+    approx = retrieve_json(capsys, setup["model"], photos, [setup["sketch"]], str(tmp_path / "out"), "--faiss")
     assert "built the faiss index" in approx["stderr"] and approx["search"] == "faiss"
     # small gallery: flat, exact; faiss and torch sum each 16-d unit dot product in other orders (D u32 each)
     assert_ranked_alike(ranking(approx), ranking(exact), 2 * 16 * U32)
-    again = retrieve_json(capsys, setup["model"], gallery, [setup["sketch"]], str(tmp_path / "out"), "--faiss")
+    again = retrieve_json(capsys, setup["model"], photos, [setup["sketch"]], str(tmp_path / "out"), "--faiss")
     assert "built the faiss index" not in again["stderr"] and ranking(again) == ranking(approx)
 
 
@@ -396,13 +395,13 @@ def run_cli_cases(*cases) -> list:
     return [run_main("retrieve.py", *argv) for argv in cases]
 
 
-def test_cli_bad_input_one_line_each(setup, gallery, tmp_path):
+def test_cli_bad_input_one_line_each(setup, photos, tmp_path):
     (tmp_path / "sketch.png").write_text("this is text")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no photos here")
     (tmp_path / "model.pth").write_bytes(b"\x00" * 100)
     (tmp_path / "precious.pt").write_bytes(b"user data")
-    good = {"--model": setup["model"], "--gallery": gallery, "--query": setup["sketch"], "--workers": "0",
+    good = {"--model": setup["model"], "--gallery": photos, "--query": setup["sketch"], "--workers": "0",
             "--device": "cpu", "--output": str(tmp_path / "out")}  # the older name of --output_dir
     expected = [  # (changed arguments, fragments of the one error line)
         ({"--query": str(tmp_path / "none.png")}, ("query sketch", "none.png not found")),
@@ -414,7 +413,7 @@ def test_cli_bad_input_one_line_each(setup, gallery, tmp_path):
         ({"--model": str(tmp_path / "none.pth")}, ("none.pth not found",)),
         ({"--index": str(tmp_path / "precious.pt")}, ("precious.pt is not a readable gallery index",)),
         ({"--topk": "0"}, ("--topk must be at least 1",)),
-        ({"--output": gallery}, ("is the gallery folder",)),
+        ({"--output": photos}, ("is the gallery folder",)),
     ]
     if faiss is None:
         expected.append(({"--faiss": None}, ("--faiss needs the faiss package (pip install faiss-cpu)",)))

@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 import evaluate
-import retrieve
+import gallery
 import utils
 from conftest import make_tiny_dataset, run_main
 from test_retrieve import save_tiny_checkpoint
@@ -129,7 +129,7 @@ def corpus(tmp_path_factory):
                   "gallery_paths": [f"photos/c/{i}.png" for i in range(6)], "classes": ["circle", "star"],
                   "split": "test", "data": data, "throughput": 10.0, "class_split": "",
                   "model": {"path": model, "backbone": "mobilenet_v3_small", "embedding_dim": 16, "val_fraction": 0.1}}
-    index = {"format": retrieve.INDEX_FORMAT, "model": "0" * 64, "root": data, "revision": "r",
+    index = {"format": gallery.INDEX_FORMAT, "model": "0" * 64, "root": data, "revision": "r",
              "paths": ["a.png", "b.png"], "sizes": torch.tensor([10, 20]), "mtimes": torch.tensor([1, 2]),
              "embeddings": torch.randn(2, 16), "skipped": {"c.png": [3, 4]}}
     # a checkpoint of train.py's structure with small stand-in weights: the files stay small
