@@ -5,7 +5,8 @@ empty canvas, bad uploads and files that must not be served, against app.py star
 The browser tests need playwright (requirements.txt) and Debian's chromium at /usr/bin/chromium (.ci/run
 installs it); they are skipped, saying which is missing, where either is absent. With `make demo`'s model and
 data present (runs/demo/best.pth, data/demo), one more test draws a shape and checks that its class ranks above
-chance on the demo's photos."""
+chance on the demo's photos: .ci/run runs `make demo` first so that CI always runs it. (A model the suite could
+train in its time is too weak for that check: 100 steps on a smaller demo put 2 triangles in the top 24.)"""
 import math
 import os
 import re
@@ -386,10 +387,11 @@ def test_drawn_triangle_finds_triangles_above_chance_on_the_demo(browser, tmp_pa
         classes = [cls for _, _, cls, _ in result_captions(page)]
     finally:
         stop_app(proc)
-    share, chance = classes.count("triangle") / len(classes), 60 / 2820
-    print(f"\ndrawn triangle on the demo: {classes.count('triangle')} of the top {len(classes)} photos are triangles "
-          f"(share {share:.2f}, chance {chance:.3f}); top 5: {classes[:5]}")
-    assert share > chance
+    hits, chance = classes.count("triangle"), 60 / 2820
+    print(f"\ndrawn triangle on the demo: {hits} of the top {len(classes)} photos are triangles (chance share "
+          f"{chance:.3f}, {chance * len(classes):.1f} expected); top 5: {classes[:5]}")
+    # A random ranking puts 5 or more triangles in the top 24 with probability 1.3e-4 (binomial, p = 60 / 2,820).
+    assert len(classes) == 24 and hits >= 5
 
 
 def test_gradio_is_imported_by_app_only():
