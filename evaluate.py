@@ -106,7 +106,7 @@ def check_args(args) -> None:
     for bits in args.hash_bits:
         if bits < 0 or bits % 8:
             raise utils.UserError(f"--hash_bits must be 0 (off) or a positive multiple of 8 (codes are packed 8 bits "
-                                  f"a byte), got {bits}")
+                                  f"a byte), got {bits}: pass e.g. --hash_bits 64")
     if not any(args.hash_bits) and args.itq != "textbook":
         raise utils.UserError(f"--itq {args.itq} picks how hash codes are fitted; pass --hash_bits N (e.g. 64) too")
     if not 0 < args.gzs_fraction <= 1:
@@ -158,7 +158,9 @@ def task_images(data: dataset.SBIRData, args, val_fraction: float, trained: list
                                  "rule": "class names compared lower-cased, runs of spaces/_/- as one space"}
         if not classes:
             raise utils.UserError(f"every class of {data.root} is among the {len(trained)} classes the model "
-                                  "trained on: no unseen class is left for a cross-dataset evaluation")
+                                  "trained on: no unseen class is left for a cross-dataset evaluation; evaluate it "
+                                  "with a model that did not train on its classes (or give --trained_labels, if "
+                                  "the checkpoint's classes are not the ones it trained on)")
         sketches, photos = data.sketches, data.photos
     elif args.split == "test":
         classes, sketches, photos = data.unseen, data.sketches, data.photos
