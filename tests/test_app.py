@@ -243,13 +243,14 @@ def open_page(browser, url: str):
     return page
 
 
-def stroke(page, points, steps: int = 4) -> float:
-    """One mouse stroke through ``points``, each segment in ``steps`` mouse moves (a move costs headless Chromium
-    about 0.2 s: the canvas redraws); returns the perf_counter time of its mouse-up."""
+def stroke(page, points) -> float:
+    """One mouse stroke through ``points``, one mouse move per point (the canvas joins them with straight lines; a
+    move costs headless Chromium about 0.2 s, 0.8 under the 4x CPU cap); returns the perf_counter time of its
+    mouse-up."""
     page.mouse.move(*points[0])
     page.mouse.down()
     for p in points[1:]:
-        page.mouse.move(*p, steps=steps)
+        page.mouse.move(*p)
     end = time.perf_counter()
     page.mouse.up()
     return end
@@ -393,8 +394,8 @@ def test_drawn_triangle_and_ellipse_find_their_classes_above_chance_on_the_demo(
         wait_message(page, "The canvas is empty")
         box = page.locator("#sketch canvas").first.bounding_box()
         cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-        stroke(page, [(cx + 150 * math.cos(t), cy - 90 * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 25)],
-               steps=1)  # a 24-gon
+        ellipse = [(cx + 150 * math.cos(t), cy - 90 * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 25)]
+        stroke(page, ellipse)  # a 24-gon
         wait_message(page, "for the drawing")
         found["ellipse"] = [cls for _, _, cls, _ in result_captions(page)]
     finally:
