@@ -16,6 +16,7 @@ Only files under --gallery are served. Needs gradio (pip install -r requirements
 import argparse
 import collections
 import functools
+import logging
 import os
 import sys
 import threading
@@ -113,6 +114,19 @@ def import_gradio():
 def log(message: str) -> None:
     """One line in the terminal (stderr), for whoever runs the server."""
     print(f"app.py {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+class BrowserLeft(logging.Filter):
+    """uvicorn logs a browser that goes away during an upload (a page closed or reloaded mid-request: starlette's
+    ClientDisconnect) as "Exception in ASGI application" with a stack trace; it is not an error of the server, so
+    the terminal gets one line instead. Every other record passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ == "ClientDisconnect":
+            log("a browser left during a request (the page was closed or reloaded); nothing of it was kept")
+            return False
+        return True
 
 
 # ----------------------------------------------------------------------------------- pure pieces
@@ -424,6 +438,7 @@ def main(args) -> None:
     blocked = [os.path.abspath(args.model), index_path, os.path.splitext(index_path)[0] + ".faiss"]
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)" + ("; --share: also on a public link"
                                                                          if args.share else ""))
+    logging.getLogger("uvicorn.error").addFilter(BrowserLeft())
     page.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[root], blocked_paths=blocked,
         max_file_size=int(UPLOAD_CAP * args.max_upload_mb * 1e6), show_error=False, js=SELECT_BRUSH_JS, quiet=True)

@@ -376,6 +376,25 @@ def test_only_gallery_files_are_served(served):
 
 
 @needs_browser
+def test_a_browser_leaving_mid_upload_is_one_log_line(served):
+    """A page closed or reloaded while it uploads (as a reload under a slow CPU did in this test file): the request's
+    body ends early. uvicorn would log a stack trace; the terminal gets one line and the server keeps serving."""
+    host, port = served["url"].removeprefix("http://").split(":")
+    body = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"s.png\"\r\n\r\n" + b"x" * 100
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /gradio_api/upload HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n" + body)
+        time.sleep(0.5)  # the server is reading the body when the connection closes
+    deadline = time.monotonic() + 30
+    while "a browser left during a request" not in log_text(served) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "a browser left during a request" in log_text(served)
+    assert "Traceback" not in log_text(served) and served["proc"].poll() is None
+    with urllib.request.urlopen(served["url"], timeout=10) as r:
+        assert r.status == 200
+
+
+@needs_browser
 @pytest.mark.skipif(not (os.path.isfile(DEMO_MODEL) and os.path.isdir(DEMO_PHOTOS)),
                     reason="needs make demo's model and data (runs/demo/best.pth, data/demo/photos)")
 def test_drawn_triangle_and_ellipse_find_their_classes_above_chance_on_the_demo(browser, tmp_path):
