@@ -245,8 +245,7 @@ def open_page(browser, url: str):
 
 def stroke(page, points) -> float:
     """One mouse stroke through ``points``, one mouse move per point (the canvas joins them with straight lines; a
-    move costs headless Chromium about 0.2 s, 0.8 under the 4x CPU cap); returns the perf_counter time of its
-    mouse-up."""
+    move cost headless Chromium about 0.2 s on 2 cores); returns the perf_counter time of its mouse-up."""
     page.mouse.move(*points[0])
     page.mouse.down()
     for p in points[1:]:
