@@ -255,10 +255,15 @@ def stroke(page, points) -> float:
     return end
 
 
+def canvas_centre(page) -> tuple:
+    """The drawing canvas's centre, in page coordinates."""
+    box = page.locator("#sketch canvas").first.bounding_box()
+    return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+
 def triangle_corners(page, radius: float = 150) -> list:
     """The corners of a triangle, point up, around the canvas's centre (page coordinates)."""
-    box = page.locator("#sketch canvas").first.bounding_box()
-    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    cx, cy = canvas_centre(page)
     return [(cx + radius * math.cos(a), cy - radius * math.sin(a))
             for a in (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3)]
 
@@ -410,8 +415,7 @@ def test_drawn_triangle_and_ellipse_find_their_classes_above_chance_on_the_demo(
         found["triangle"] = [cls for _, _, cls, _ in result_captions(page)]
         page.locator("#sketch button[aria-label='Clear canvas']").click()
         wait_message(page, "The canvas is empty")
-        box = page.locator("#sketch canvas").first.bounding_box()
-        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        cx, cy = canvas_centre(page)
         ellipse = [(cx + 150 * math.cos(t), cy - 90 * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 25)]
         stroke(page, ellipse)  # a 24-gon
         wait_message(page, "for the drawing")
