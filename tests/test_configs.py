@@ -10,13 +10,13 @@ from conftest import make_tiny_dataset, run_main
 
 # The recipes as train.py wrote them in Python before they became configs/*.yaml (commit a003a0a): the files
 # must keep these values, or runs of a recipe stop matching the figures measured with it.
-SCRATCH = dict(backbone="resnet18", image_size=32, batch_size=64, lr=2e-3, weight_decay=5e-4, warmup=0.3,
+SCRATCH = dict(backbone="resnet18", pretrained=False, image_size=32, batch_size=64, lr=2e-3, weight_decay=5e-4, warmup=0.3,
                shared_trunk=True, domain_bn=False, edge_maps=True, sampling="pairs", triplet_loss_ratio=0.0,
                class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0, crop_scale=0.5)
 RECIPES = {
     "scratch": SCRATCH,
-    "finetune": {**SCRATCH, "backbone": "resnet50", "image_size": 224, "lr": 1e-4, "warmup": 0.1},
-    "original": dict(backbone="vgg16", image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4, warmup=0.5 / 30,
+    "finetune": {**SCRATCH, "backbone": "resnet50", "pretrained": True, "image_size": 224, "lr": 1e-4, "warmup": 0.1},
+    "original": dict(backbone="vgg16", pretrained=True, image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4, warmup=0.5 / 30,
                      shared_trunk=False, domain_bn=False, edge_maps=False, sampling="triplets", triplet_loss_ratio=1.0,
                      class_loss_ratio=0.0, domain_loss_ratio=0.5, grl_threshold_epoch=5, proxy_lr_mult=1.0,
                      crop_scale=0.7),
@@ -43,6 +43,15 @@ def test_finetune_yaml_is_the_parsers_own_defaults():
     """get_args_parser writes finetune's values as its defaults (what a config leaves out falls back to)."""
     parser = train.get_args_parser()
     assert {k: parser.get_default(k) for k in RECIPES["finetune"]} == RECIPES["finetune"]
+
+
+def test_each_recipe_chooses_its_initial_weights_and_a_flag_wins():
+    # --recipe scratch once kept the parser's --pretrained and started from ImageNet weights.
+    assert train.model_config(parse("--recipe", "scratch")).weights == "none"
+    assert train.model_config(parse("--no-pretrained")).weights == "none"
+    assert train.model_config(parse("--recipe", "scratch", "--pretrained")).weights == "imagenet"
+    assert train.model_config(parse("--recipe", "finetune")).weights == "imagenet"
+    assert train.model_config(parse("--recipe", "finetune", "--no-pretrained")).weights == "none"
 
 
 def test_config_and_recipe_name_the_same_file_and_a_flag_wins(tmp_path):
