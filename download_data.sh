@@ -13,7 +13,10 @@ usage() { echo "usage: bash download_data.sh demo|sketchy|tuberlin|quickdraw|all
 
 if [ $# -lt 1 ]; then usage; exit 2; fi
 name="$1"
-dest="${2:-data}"
+shift
+# DEST is the first argument after the name unless it is a flag: `sketchy --from DIR` keeps DEST at data/.
+dest=data
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then dest="$1"; shift; fi
 if [ -n "${PYTHON:-}" ]; then py="$PYTHON"
 elif [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"
 else py=python3; fi
@@ -23,7 +26,9 @@ get_demo() {
 }
 
 case "$name" in
-  demo) get_demo ;;
-  sketchy|tuberlin|quickdraw|all) "$py" "$here/prepare_data.py" "$name" --output_dir "$dest" "${@:3}" ;;
+  demo)
+    if [ $# -gt 0 ]; then echo "error: the demo dataset takes no options (got $*); run: bash download_data.sh demo [DEST]" >&2; exit 2; fi
+    get_demo ;;
+  sketchy|tuberlin|quickdraw|all) "$py" "$here/prepare_data.py" "$name" --output_dir "$dest" "$@" ;;
   *) echo "error: unknown dataset '$name'; choose demo, sketchy, tuberlin, quickdraw or all" >&2; exit 2 ;;
 esac

@@ -211,7 +211,7 @@ def fetch(dataset: str, archive: str, path: str, from_dir: str) -> None:
     if os.path.isfile(path):
         return
     by_hand = (f"fetch {archive} by hand (docs/datasets.md lists where, and its checksum) into a folder "
-               "and run again with --from FOLDER")
+               "and run again with --from FOLDER (bash download_data.sh NAME [DEST] --from FOLDER)")
     if from_dir:
         src = os.path.join(from_dir, archive)
         if not os.path.isfile(src):

@@ -422,6 +422,20 @@ def test_archives_fetched_by_hand_with_from(server, archives, tmp_path, monkeypa
     one_error_line(proc, "QuickDraw_sketches_final.zip is not there", "docs/datasets.md")
 
 
+def test_from_without_dest_as_the_hint_writes_it(server, archives, tmp_path):
+    # The hint's form, `bash download_data.sh NAME --from FOLDER`: DEST stays data/ (here under the working folder);
+    # --from is not taken for DEST.
+    env = download_env(server, archives, "gone")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "download_data.sh"), "tuberlin", "--from", archives],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tuberlin: 250 classes, 500 sketches, 500 photos" in proc.stdout
+    assert os.path.isdir(tmp_path / "data" / "tuberlin" / "sketches")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "download_data.sh"), "demo", "--from", archives],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    one_error_line(proc, "the demo dataset takes no options", "bash download_data.sh demo [DEST]")
+
+
 def test_a_class_without_a_folder_names_what_was_looked_for_and_the_closest(archives, tmp_path, monkeypatch):
     """The line names every class still without a folder, the folder looked for and the closest names."""
     raw = tmp_path / "raw"
