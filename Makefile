@@ -1,4 +1,4 @@
-# make demo: set up .venv, generate the demo data, train, evaluate every setting (zs, gzs, fg, cross-dataset, each also
+# make demo: set up .venv, generate the demo data, train (anew: --overwrite replaces the last demo run), evaluate every setting (zs, gzs, fg, cross-dataset, each also
 # on 64-bit hash codes), write retrieval grids, search the photos with a drawn star.
 # make test: set up .venv, run the test suite.
 # make lint: set up .venv, check the code's style with ruff.
@@ -38,7 +38,7 @@ $(CROSS_DATA)/.demo_data: demo_data.py | venv
 # One shell for the whole demo, so that it can say how long it took.
 demo: venv $(DEMO_DATA)/.demo_data $(CROSS_DATA)/.demo_data
 	@start=$$(date +%s) && \
-	$(PY) train.py --data_dir $(DEMO_DATA) --checkpoint_dir $(DEMO_RUN) $(DEMO_TRAIN_ARGS) $(EXTRA_TRAIN_ARGS) && \
+	$(PY) train.py --data_dir $(DEMO_DATA) --checkpoint_dir $(DEMO_RUN) --overwrite $(DEMO_TRAIN_ARGS) $(EXTRA_TRAIN_ARGS) && \
 	trained=$$(date +%s) && \
 	$(PY) evaluate.py --model $(DEMO_RUN)/best.pth --data_dir $(DEMO_DATA) --output_dir $(DEMO_RUN)/eval \
 		--task zs gzs fg --hash_bits 0 64 --num_sketches 10 --num_images 6 --compare_untrained --workers 1 \

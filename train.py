@@ -24,10 +24,12 @@ shuffle, batch norm is synchronised across GPUs, and only rank 0 logs and writes
 Validation embeds its images sharded across the processes.
 """
 import argparse
+import hashlib
 import math
 import os
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -135,10 +137,14 @@ class ConfigArgumentParser(argparse.ArgumentParser):
             for action in self._actions:
                 action.default = defaults.get(action.dest, action.default)
             parsed, rest = super().parse_known_args(args, namespace)
+            for action in self._actions:  # parsed again without defaults: what the command line itself gives
+                action.default = argparse.SUPPRESS
+            given = vars(super().parse_known_args(args)[0])
         finally:
             for action, default in saved.items():
                 action.default = default
         parsed.recipe_source = source
+        parsed.given = sorted(given)  # --resume keeps the run's own value of every flag not given (resume_args)
         return parsed, rest
 
     def choose_config(self, chosen: argparse.Namespace) -> tuple[str, str, str]:
@@ -202,7 +208,12 @@ def add_run_args(g) -> None:
                    help="log the mean losses of the last N steps every N steps "
                         "(the only time the loop waits for the GPU)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--resume", type=str, default="", help="checkpoint (e.g. ckpt/last.pth) to continue from")
+    g.add_argument("--resume", type=str, default="",
+                   help="checkpoint (e.g. ckpt/last.pth) to continue from, with the run's own flags and data "
+                        "(docs/errors.md says which flags may change)")
+    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="start a new run in a --checkpoint_dir that holds another run, deleting its checkpoints and "
+                        "logs (without it, such a folder is refused)")
 
 
 def add_model_args(g) -> None:
@@ -361,12 +372,12 @@ def lr_at(progress: float, warmup: float, base_lr: float) -> float:
     return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def validate(model, val: dict, classes: list, args, device) -> float:
-    """Seen-class validation mAP@all: held-out sketches against held-out photos."""
+def validate(model, val: dict, classes: list, args, device) -> float | None:
+    """Seen-class validation mAP@all: held-out sketches against held-out photos (None without a hold-out)."""
     sk_paths, sk_labels = dataset.flatten(val["sketches"], classes)
     ph_paths, ph_labels = dataset.flatten(val["photos"], classes)
     if not sk_paths or not ph_paths:
-        return float("nan")
+        return None
     common = dict(image_size=args.image_size, batch_size=2 * args.batch_size, workers=args.workers,
                   device=device, amp=args.amp)
     q = utils.embed_images(model.sketch_encoder, sk_paths, desc="val sketches", **common)
@@ -481,9 +492,57 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+# --resume: the flags a resumed run may give other values than the run's own. Where files are and how fast training
+# runs (what it learns is the same), and how long it goes on (the schedule is planned anew, said in a line). Any
+# other flag given with another value is refused; one left out takes the run's own value (docs/errors.md).
+RESUME_FREE = {"data_dir", "checkpoint_dir", "resume", "overwrite", "workers", "device", "amp", "cache_gb",
+               "disk_cache", "cache_dir", "channels_last", "compile", "print_every", "val_every"}
+RESUME_LENGTH = ("epochs", "budget_minutes")
+NOT_RESTORED = {"given", "resume", "overwrite", "checkpoint_dir", "data_dir", "recipe_source"}
+
+
+def flag_text(name: str, value) -> str:
+    """A flag and its value as the command line writes them: --lr 0.002, --no-pretrained, --backbone resnet18."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def resume_args(args, ckpt: dict, path: str) -> None:
+    """Continue the run with its own flags (in place): each flag left out of the command line takes the value the
+    checkpoint's run used; one given with another value is refused, except RESUME_FREE and RESUME_LENGTH (a new
+    length re-plans the schedule, said in a line). The checkpoint folder is the resumed file's unless given."""
+    saved, given = ckpt["args"], set(getattr(args, "given", vars(args)))
+    restored = []
+    for name, value in saved.items():
+        if name in NOT_RESTORED | RESUME_FREE or (not hasattr(args, name) and name != "run_id"):
+            continue  # a flag this version no longer has is left out
+        if name not in given:
+            if getattr(args, name, None) != value and name not in ("run_id", "config", "recipe"):
+                restored.append(name)
+            setattr(args, name, value)
+        elif getattr(args, name) != value and name not in RESUME_LENGTH:
+            raise utils.UserError(f"{path} was trained with {flag_text(name, value)} but this run gives "
+                                  f"{flag_text(name, getattr(args, name))}; leave it out to continue with the run's "
+                                  "own value (or pass the same), or start a new run in another --checkpoint_dir")
+    if "checkpoint_dir" not in given:
+        args.checkpoint_dir = os.path.dirname(os.path.abspath(path))
+    for name in RESUME_LENGTH:
+        if name in given and name in saved and getattr(args, name) != saved[name]:
+            print(f"note: {path}'s run was planned for {flag_text(name, saved[name])}; continuing with "
+                  f"{flag_text(name, getattr(args, name))}: the learning rate's warm-up and decay (and the lambda "
+                  f"ramp) are planned anew over the new length from step {ckpt['step']}")
+    if restored:
+        print(f"resume: the run's own values of flags left out (config {args.config}): "
+              + " ".join(flag_text(n, getattr(args, n)) for n in restored))
+
+
 def load_resume_checkpoint(path: str, args, world: int) -> dict:
-    """The --resume checkpoint, read and checked against this run before any data is read."""
+    """The --resume checkpoint, read and checked against this run before any data is read; the run's own flags
+    replace the ones not given (resume_args)."""
     ckpt = utils.load_checkpoint(path)
+    resume_args(args, ckpt, path)
+    check_args(args)
     saved = utils.checkpoint_model(ckpt)
     for key in ("backbone", "embedding_dim"):
         if getattr(saved, key) != getattr(args, key):
@@ -516,7 +575,7 @@ def resume_from(ckpt: dict, path: str, model, optimizer, scaler) -> None:
                               f"{str(e)[:120]}); the checkpoint is damaged or from another version") from None
     inside = f" and {ckpt['epoch_step']} step(s) of the next" if ckpt.get("epoch_step") else ""
     print(f"resumed from {path}: {ckpt['epoch']} epoch(s){inside} done, step {ckpt['step']}, "
-          f"best val mAP {ckpt['best']:.4f}")
+          f"best {utils.validation_text(ckpt['best'])}")
 
 
 def nothing_left(ckpt: dict, args) -> bool:
@@ -529,6 +588,85 @@ def nothing_left(ckpt: dict, args) -> bool:
         print(f"nothing to do: {args.resume} already has {ckpt['epoch']} of --epochs {args.epochs}")
         return True
     return False
+
+
+RUN_FILES = ("best.pth", "last.pth", "log.jsonl", "args.json", "curves.png")
+
+
+def check_run_folder(args, resume: dict | None) -> int:
+    """--checkpoint_dir against this run, before anything is written: a new run is refused a folder that holds
+    another (unless --overwrite), and a resumed one a folder of another run or one whose last.pth went further
+    than the checkpoint it resumes (it would be replaced). Returns how many log.jsonl records lie past the
+    resumed step (a run killed after its last checkpoint), which clear_run_folder drops."""
+    folder = args.checkpoint_dir
+    there = [n for n in RUN_FILES if os.path.exists(os.path.join(folder, n))]
+    if resume is None:
+        if there and not args.overwrite:
+            raise utils.UserError(f"{folder} already holds a run ({', '.join(there)}): a new run would replace its "
+                                  f"checkpoints and add to its log; continue it with --resume "
+                                  f"{os.path.join(folder, 'last.pth')}, choose another --checkpoint_dir, or pass "
+                                  "--overwrite to delete that run first")
+        return 0
+    recorded = os.path.join(folder, "args.json")
+    other = (utils.read_json(recorded) or {}).get("args", {}).get("run_id") if os.path.isfile(recorded) else None
+    if other not in (None, args.run_id):
+        raise utils.UserError(f"{folder} holds another run (run {other}) than {args.resume}'s (run {args.run_id}); "
+                              "resume into the run's own folder, or pass an empty --checkpoint_dir")
+    last = os.path.join(folder, "last.pth")
+    if os.path.isfile(last) and not os.path.samefile(last, args.resume):
+        step = utils.load_user_file(last, "checkpoint", utils.CHECKPOINT_HINT, mmap=True).get("step", 0)
+        if step > resume["step"]:
+            raise utils.UserError(f"{last} is at step {step}, past {args.resume}'s step {resume['step']}: continuing "
+                                  f"here would replace it; resume from {last}, or pass another --checkpoint_dir to "
+                                  f"branch off at step {resume['step']}")
+    return sum(r.get("step", 0) > resume["step"] for r in utils.read_jsonl(os.path.join(folder, "log.jsonl")))
+
+
+def clear_run_folder(args, resume: dict | None, stale: int) -> None:
+    """What check_run_folder allowed: --overwrite deletes the other run's files; a resumed run's log loses the
+    records past its checkpoint's step, which it is about to train again."""
+    folder = args.checkpoint_dir
+    if resume is None and args.overwrite:
+        gone = [n for n in RUN_FILES if os.path.exists(os.path.join(folder, n))]
+        for name in gone:
+            os.remove(os.path.join(folder, name))
+        if gone:
+            print(f"--overwrite: deleted the run that was in {folder} ({', '.join(gone)})")
+    if resume is not None and stale:
+        log = os.path.join(folder, "log.jsonl")
+        utils.rewrite_jsonl(log, [r for r in utils.read_jsonl(log) if r.get("step", 0) <= resume["step"]])
+        print(f"{log}: dropped {stale} record(s) past step {resume['step']}, where {args.resume} was written "
+              "(the run went on after it, e.g. was killed); this run trains those steps again")
+
+
+def training_data_record(root: str, data: dataset.SBIRData, train: dict, val: dict) -> dict:
+    """What a run trains and validates on, as its checkpoints keep it: the seen classes, the image counts and a
+    sha256 of the training and validation files' paths relative to the data folder (a moved copy is the same)."""
+    h = hashlib.sha256()
+    counts = {}
+    for part, images in (("train", train), ("val", val)):
+        for domain in ("sketches", "photos"):
+            files = [os.path.relpath(p, root) for c in data.seen for p in images[domain].get(c, [])]
+            counts[f"{part}_{domain}"] = len(files)
+            h.update(f"|{part}|{domain}|".encode() + "\n".join(files).encode())
+    return {"classes": list(data.seen), **counts, "files_sha256": h.hexdigest()}
+
+
+def check_resumed_data(ckpt: dict, path: str, now: dict) -> None:
+    """A resumed run trains on the data it started with: the same seen classes and, where the checkpoint
+    records them (training_data_record), the same training and validation files."""
+    classes = ckpt.get("classes")
+    if classes is not None and classes != now["classes"]:
+        raise utils.UserError(f"{path} trained on {len(classes)} seen classes ({', '.join(classes[:4])}, ...), this "
+                              f"data has {len(now['classes'])} ({', '.join(now['classes'][:4])}, ...): another dataset "
+                              "or split; resume on the data the run started with, or start a new run")
+    was = ckpt.get("data")
+    if isinstance(was, dict) and was.get("files_sha256") != now["files_sha256"]:
+        counts = ", ".join(f"{k} {was.get(k)} -> {v}" for k, v in now.items()
+                           if k not in ("classes", "files_sha256") and was.get(k) != v)
+        raise utils.UserError(f"{path} trained and validated on other files of these classes "
+                              f"({counts or 'the same counts, other files'}); resume on the data the run started "
+                              "with, or start a new run")
 
 
 def main(args) -> None:
@@ -550,10 +688,15 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     if args.channels_last is None:
         args.channels_last = device.type == "cuda" and args.amp
     resume = load_resume_checkpoint(args.resume, args, world) if args.resume else None
-    info = print_setup(args, world)
+    if getattr(args, "run_id", None) is None:  # a new run (or one from before runs had an id)
+        args.run_id = uuid.uuid4().hex[:12]
+    stale = check_run_folder(args, resume)
+    info = print_setup(args, world, resume.get("config") if resume else None)
     dtype = utils.amp_dtype(device, args.amp)
     utils.seed_everything(args.seed)
-    data, val, source = read_training_data(args, rank, world)
+    data, val, source, data_record = read_training_data(args, rank, world)
+    if resume is not None:
+        check_resumed_data(resume, args.resume, data_record)
     loader = open_image_store(source, args, rank, world, device)
     utils.seed_everything(args.seed)  # the initial weights do not depend on what reading the data drew
     model, optimizer = build_model_and_optimizer(args, len(data.seen), device, world)
@@ -564,6 +707,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
             return
     if rank == 0:  # every input was read and fits: only now is anything written
         utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
+        clear_run_folder(args, resume, stale)
         utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
     if args.compile:  # in place: the state dict keeps its names
         # a shared trunk is called directly (embed_pair) and through both domain views: compile it, not the views
@@ -572,17 +716,21 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     net = TrainingLosses(model, args.domain_label_smoothing)
     if world > 1:  # after loading: DDP copies rank 0's weights to every process
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    trainer = Trainer(args, model, net, optimizer, scaler, device, dtype, info["config"])
+    trainer = Trainer(args, model, net, optimizer, scaler, device, dtype, info["config"], data_record)
     with StopRequest() as stop:
         fit(trainer, loader, val, data.seen, TrainState.start(args, len(loader), resume), stop)
 
 
-def print_setup(args, world: int) -> dict:
-    """Print the arguments, versions, the config (its path and text) and the recipe in words; return what
-    args.json keeps: utils.print_banner's record with the config."""
+def print_setup(args, world: int, saved_config: dict | None = None) -> dict:
+    """Print the arguments, versions, the config (its path and text; a resumed run's as its checkpoint keeps it)
+    and the recipe in words; return what args.json keeps: utils.print_banner's record with the config."""
     info = utils.print_banner("train.py", args)
-    text = read_config(args.config, get_args_parser())[0]
-    info["config"] = {"path": args.config, "text": text}
+    if isinstance(saved_config, dict):
+        info["config"] = dict(saved_config)
+        text = info["config"].get("text", "")
+    else:
+        text = read_config(args.config, get_args_parser())[0]
+        info["config"] = {"path": args.config, "text": text}
     print(f"config {args.config} ({args.recipe_source}):\n" + "".join(f"  {line}\n" for line in text.splitlines()),
           end="")
     print(f"recipe: {args.recipe}: "
@@ -599,8 +747,8 @@ def print_setup(args, world: int) -> dict:
 
 
 def read_training_data(args, rank: int, world: int) -> tuple:
-    """The dataset, its seen-class validation split, and the batches of the training split that --sampling
-    draws (this process's share of them)."""
+    """The dataset, its seen-class validation split, the batches of the training split that --sampling draws
+    (this process's share of them), and what checkpoints record of the data (training_data_record)."""
     data = dataset.scan_dataset(args.data_dir, class_split=args.class_split)
     if data.skipped:
         print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
@@ -627,7 +775,7 @@ def read_training_data(args, rank: int, world: int) -> tuple:
         if len(source) < 1:
             raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[0]} training "
                                   "sketches; lower it")
-    return data, val, source
+    return data, val, source, training_data_record(args.data_dir, data, train, val)
 
 
 def model_config(args) -> ModelConfig:
@@ -803,6 +951,7 @@ class Trainer:
     device: torch.device
     dtype: torch.dtype | None
     config: dict
+    data: dict  # what it trains and validates on (training_data_record), which --resume checks
 
 
 def fit(t: Trainer, loader, val: dict, classes: list, state: TrainState, stop: StopRequest) -> None:
@@ -830,7 +979,7 @@ def fit(t: Trainer, loader, val: dict, classes: list, state: TrainState, stop: S
         if any_process(stop.signal is not None) and (args.epochs is None or state.epoch < args.epochs):
             print(f"stopped after epoch {state.epoch}; continue with --resume {last_path}")
             return
-    print(f"done: {state.work.describe(state.schedule.seconds())}; best seen-class val mAP@all {state.best:.4f} -> "
+    print(f"done: {state.work.describe(state.schedule.seconds())}; best {utils.validation_text(state.best)} -> "
           f"{os.path.join(args.checkpoint_dir, 'best.pth')}")
 
 
@@ -905,9 +1054,10 @@ def end_epoch(t: Trainer, val: dict, classes: list, state: TrainState, stats: di
         t1 = time.time()
         val_map = validate(t.model, val, classes, args, t.device)
         val_s = time.time() - t1
-        improved = math.isnan(val_map) or val_map > state.best  # without a validation set, the last epoch is best
-        state.best = val_map if improved else state.best
-        val_text = f"val mAP@all {val_map:.4f}{'  (best)' if improved else ''}  [{val_s:.0f}s validation]"
+        improved = val_map is None or val_map > state.best  # without a validation set, the last epoch is best
+        state.best = state.best if val_map is None else max(val_map, state.best)  # -1: nothing validated
+        val_text = ("no validation set (--val_fraction 0): best.pth is the last epoch" if val_map is None else
+                    f"val mAP@all {val_map:.4f}{'  (best)' if improved else ''}  [{val_s:.0f}s validation]")
     seconds = state.schedule.seconds()
     print(f"{epoch_label(state.epoch - 1, args.epochs)}: "
           + "  ".join(f"{k} {v:.4f}" for k, v in stats["losses"].items())
@@ -938,7 +1088,7 @@ def make_checkpoint(t: Trainer, state: TrainState, seconds: float, classes: list
             "config": t.config, "classes": list(classes), "best": state.best, "epoch_step": state.epoch_step,
             "world_size": utils.rank_and_world()[1], "seconds": seconds,
             "grl_start_seconds": state.schedule.grl_start_seconds, "finished": state.schedule.over(seconds),
-            "work": state.work.to_dict()}
+            "work": state.work.to_dict(), "data": t.data}
     if state.epoch_step:
         ckpt["epoch_sums"], ckpt["rng_by_rank"] = dict(state.epoch_sums), state.rng_by_rank
     return ckpt

@@ -6,7 +6,9 @@
 """
 import argparse
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import random
 import subprocess
@@ -362,6 +364,25 @@ def checkpoint_model(ckpt: dict) -> ModelConfig:
     return dataclasses.replace(config, mean=mean, std=std)
 
 
+def validation_text(best) -> str:
+    """A checkpoint's "best" as words: its seen-class validation mAP@all, or that it has none (-1: no epoch was
+    validated, or trained with --val_fraction 0; NaN in checkpoints written before that was -1)."""
+    if is_number(best) and best >= 0:
+        return f"seen-class val mAP@all {best:.4f}"
+    return "no seen-class validation (none held out, or no epoch validated yet)"
+
+
+def model_fingerprint(ckpt: dict) -> str:
+    """sha256 of what the model embeds with: its description (the checkpoint's model config) and every weight of
+    every network in it. Two checkpoints of one run at different steps differ; a copy or a rename does not."""
+    h = hashlib.sha256(json.dumps(checkpoint_model(ckpt).to_dict(), sort_keys=True).encode())
+    for net, state in sorted(ckpt["models"].items()):
+        for name, t in sorted(state.items()):
+            h.update(f"|{net}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:
     """Load the checkpoint's weights into ``model``; a shape or key mismatch is a UserError."""
     try:
@@ -385,10 +406,24 @@ def build_model(ckpt: dict, path: str, trained: bool) -> ZSSBIRModel:
 
 # ----------------------------------------------------------------------------------- logs
 
+def _finite_or_none(v):
+    """A record's value as strict JSON takes it: a NaN or infinite float becomes None (null)."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def append_jsonl(path: str, record: dict) -> None:
-    """Append one JSON object as a line (the machine-readable training log)."""
+    """Append one JSON object as a line (the machine-readable training log). Strict JSON: a non-finite number
+    is written as null (json.dumps would write NaN, which strict parsers reject)."""
+    line = json.dumps({k: _finite_or_none(v) for k, v in record.items()}, allow_nan=False)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line + "\n")
+
+
+def rewrite_jsonl(path: str, records: list) -> None:
+    """Replace a JSON-lines file by ``records``, atomically."""
+    text = "".join(json.dumps({k: _finite_or_none(v) for k, v in r.items()}, allow_nan=False) + "\n"
+                   for r in records)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def read_jsonl(path: str) -> list:
@@ -396,6 +431,15 @@ def read_jsonl(path: str) -> list:
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_json(path: str):
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def write_json(path: str, obj) -> None:

@@ -57,8 +57,9 @@ def test_each_recipe_chooses_its_initial_weights_and_a_flag_wins():
 def test_config_and_recipe_name_the_same_file_and_a_flag_wins(tmp_path):
     by_recipe = parse("--recipe", "original")
     by_config = parse("--config", os.path.join(train.CONFIG_DIR, "original.yaml"))
-    assert {k: v for k, v in vars(by_config).items() if k != "config"} == {
-        k: v for k, v in vars(by_recipe).items() if k != "config"}
+    assert {k: v for k, v in vars(by_config).items() if k not in ("config", "given")} == {
+        k: v for k, v in vars(by_recipe).items() if k not in ("config", "given")}
+    assert by_config.given == ["config", "data_dir"] and by_recipe.given == ["data_dir", "recipe"]
     assert by_recipe.recipe == by_config.recipe == "original" and by_config.recipe_source == "given"
     assert os.path.samefile(by_recipe.config, by_config.config)
     assert parse("--recipe", "original", "--lr", "0.5", "--shared_trunk").lr == 0.5

@@ -351,3 +351,107 @@ def test_a_diverging_run_stops_with_one_line_at_the_next_read(tiny_data, tmp_pat
                     "--epochs", "1", "--lr", "1e30", "--grad_clip", "0")
     assert_one_line_error(proc, "the loss became", "between steps", "lower --lr")
     assert not os.path.exists(tmp_path / "c" / "last.pth")
+
+
+# ----------------------------------------------------------------------------------- one run, one folder
+
+def copy_run(ckpt: str, dest) -> str:
+    shutil.copytree(ckpt, str(dest))
+    return str(dest)
+
+
+def test_resume_continues_with_the_runs_own_flags_and_refuses_other_values(trained, tmp_path):
+    """--resume alone (no recipe flags) continues the run as it was configured; a flag given with another value
+    than the run's is one line; a new length is allowed and said."""
+    data, ckpt = trained
+    resumed = copy_run(ckpt, tmp_path / "resumed")
+    last = os.path.join(resumed, "last.pth")
+    proc = run_main("train.py", "--data_dir", data, "--resume", last, "--device", "cpu", "--workers", "0",
+                    "--epochs", "3")  # no --checkpoint_dir: the resumed file's folder
+    assert proc.returncode == 0, proc.stderr
+    assert "resume: the run's own values of flags left out" in proc.stdout
+    assert "--backbone mobilenet_v3_small" in proc.stdout and "--lr 0.001" in proc.stdout
+    assert "planned for --epochs 2; continuing with --epochs 3" in proc.stdout
+    b = utils.load_checkpoint(last)
+    assert (b["epoch"], b["step"]) == (3, 15) and b["args"]["lr"] == 1e-3 and b["args"]["batch_size"] == 4
+    assert b["args"]["run_id"] == utils.load_checkpoint(os.path.join(ckpt, "last.pth"))["args"]["run_id"]
+    for flag, value, saved in (("--lr", "0.01", "--lr 0.001"), ("--batch_size", "8", "--batch_size 4"),
+                               ("--seed", "1", "--seed 0"), ("--pretrained", None, "--no-pretrained")):
+        proc = run_main("train.py", "--data_dir", data, "--resume", last, "--device", "cpu", "--epochs", "4",
+                        *([flag] if value is None else [flag, value]))
+        assert_one_line_error(proc, saved, f"this run gives {flag}" + (f" {value}" if value else ""),
+                              "leave it out")
+
+
+def test_resume_refuses_other_data(trained, tmp_path):
+    """Another dataset with as many seen classes (once: proxies silently reassigned), and the same classes with
+    other files, are refused before any training."""
+    data, ckpt = trained
+    last = os.path.join(copy_run(ckpt, tmp_path / "r"), "last.pth")
+    other = make_tiny_dataset(str(tmp_path / "other"), seen=("a", "b", "c", "d"), unseen=("circle", "star"))
+    proc = run_main("train.py", "--data_dir", other, "--resume", last, "--device", "cpu", "--epochs", "3")
+    assert_one_line_error(proc, "trained on 4 seen classes (tri, square, pent, hexa", "this data has 4 (a, b, c, d",
+                          "resume on the data the run started with")
+    more = make_tiny_dataset(str(tmp_path / "more"), per_class=7)
+    proc = run_main("train.py", "--data_dir", more, "--resume", last, "--device", "cpu", "--epochs", "3")
+    assert_one_line_error(proc, "trained and validated on other files of these classes", "train_sketches")
+    moved = shutil.copytree(data, str(tmp_path / "moved"))  # the same data in another folder resumes
+    proc = run_main("train.py", "--data_dir", moved, "--resume", last, "--device", "cpu", "--epochs", "3")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_new_run_is_refused_a_folder_that_holds_a_run_unless_overwrite(trained, tmp_path):
+    data, ckpt = trained
+    folder = copy_run(ckpt, tmp_path / "r")
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", folder, *TINY, "--epochs", "1")
+    assert_one_line_error(proc, "already holds a run (best.pth, last.pth, log.jsonl, args.json, curves.png)",
+                          f"--resume {os.path.join(folder, 'last.pth')}", "--overwrite")
+    proc = run_main("train.py", "--data_dir", data, "--checkpoint_dir", folder, *TINY, "--epochs", "1", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert f"--overwrite: deleted the run that was in {folder}" in proc.stdout
+    records = utils.read_jsonl(os.path.join(folder, "log.jsonl"))
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1]  # one run's log, not two mixed
+    assert utils.load_checkpoint(os.path.join(folder, "last.pth"))["epoch"] == 1
+
+
+def test_resume_is_refused_a_folder_of_another_run_or_one_that_went_further(trained, tmp_path):
+    data, ckpt = trained
+    folder = copy_run(ckpt, tmp_path / "r")
+    early = utils.load_checkpoint(os.path.join(folder, "last.pth"))
+    early.update(epoch=1, step=5)
+    utils.save_checkpoint(early, str(tmp_path / "early.pth"))
+    proc = run_main("train.py", "--data_dir", data, "--resume", str(tmp_path / "early.pth"), "--checkpoint_dir",
+                    folder, "--device", "cpu")
+    assert_one_line_error(proc, "last.pth is at step 10, past", "step 5", "branch off at step 5")
+    utils.write_json(os.path.join(folder, "args.json"), {"args": {"run_id": "someoneelse"}})
+    proc = run_main("train.py", "--data_dir", data, "--resume", os.path.join(ckpt, "last.pth"), "--checkpoint_dir",
+                    folder, "--device", "cpu", "--epochs", "3")
+    assert_one_line_error(proc, "holds another run (run someoneelse)")
+
+
+def test_resume_drops_the_log_records_past_its_checkpoint(trained, tmp_path):
+    """A run killed after its last checkpoint logged steps that the resumed run trains again: they are dropped,
+    so that log.jsonl and curves.png describe one run."""
+    data, ckpt = trained
+    folder = copy_run(ckpt, tmp_path / "r")
+    utils.append_jsonl(os.path.join(folder, "log.jsonl"), {"kind": "step", "epoch": 3, "step": 12, "class": 1.0})
+    proc = run_main("train.py", "--data_dir", data, "--resume", os.path.join(folder, "last.pth"), "--device", "cpu",
+                    "--workers", "0", "--epochs", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "dropped 1 record(s) past step 10" in proc.stdout
+    steps = [r["step"] for r in utils.read_jsonl(os.path.join(folder, "log.jsonl"))]
+    assert steps == sorted(steps) and steps[-1] == 15
+
+
+def test_without_a_validation_set_the_log_is_strict_json(tiny_data, tmp_path):
+    ckpt = str(tmp_path / "c")
+    proc = run_main("train.py", "--data_dir", tiny_data, "--checkpoint_dir", ckpt, *TINY, "--epochs", "1",
+                    "--val_fraction", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "no validation set (--val_fraction 0): best.pth is the last epoch" in proc.stdout
+    with open(os.path.join(ckpt, "log.jsonl")) as f:
+        records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl")) for line in f]
+    assert [r["val_map"] for r in records if r["kind"] == "epoch"] == [None]
+    proc = run_main("evaluate.py", "--model", os.path.join(ckpt, "best.pth"), "--data", tiny_data, "--workers", "0",
+                    "--device", "cpu", "--num_sketches", "0", "--output_dir", str(tmp_path / "e"))
+    assert proc.returncode == 0 and "no seen-class validation" in proc.stdout, proc.stderr
