@@ -20,6 +20,7 @@ on N-bit ITQ binary codes of the embeddings (fitted at evaluation time, --itq pi
 by Hamming distance, instead of on the float embeddings (docs/metrics.md, "Hashed retrieval").
 """
 import argparse
+import glob
 import os
 import time
 from dataclasses import dataclass, replace
@@ -272,6 +273,27 @@ def trained_classes(ckpt: dict, model_path: str, data_dir: str, trained_labels: 
     return None
 
 
+def check_unseen(data: dataset.SBIRData, class_split: str, ckpt: dict, model_path: str) -> None:
+    """The test split's "unseen" classes must be classes the model did not train on (the checkpoint's own list, or
+    for older checkpoints its training split's train_labels.txt where readable): a --class_split other than the
+    model's, or label files edited since, would score seen classes as zero-shot without a word."""
+    a = ckpt["args"]
+    own = os.path.join(split_folder(a.get("data_dir") or "", a.get("class_split", "")), "train_labels.txt")
+    trained = ckpt.get("classes") if utils.is_str_list(ckpt.get("classes")) else (
+        dataset.read_labels(own) if a.get("data_dir") and os.path.isfile(own) else None)
+    if trained is None:
+        return
+    known = {dataset.normalise_class_name(c) for c in trained}
+    leaked = [c for c in data.unseen if dataset.normalise_class_name(c) in known]
+    if leaked:
+        split = f"--class_split {class_split}" if class_split else f"{data.root}'s test_labels.txt"
+        theirs = f"--class_split {a['class_split']}" if a.get("class_split") else "no --class_split"
+        raise utils.UserError(
+            f"{len(leaked)} of the {len(data.unseen)} test classes of {split} are classes {model_path} trained on "
+            f"({', '.join(leaked[:5])}{', ...' if len(leaked) > 5 else ''}): the numbers would not be zero-shot; "
+            f"evaluate with the split the model trained on ({theirs}), or train a model on {split}")
+
+
 def fine_grained_accuracy(query_emb: torch.Tensor, gallery_emb: torch.Tensor, target_index: torch.Tensor,
                           ks=FG_KS, chunk_size: int = 512, score: str = "cosine") -> dict:
     """metrics.fine_grained_accuracy's acc@k, as results.json keeps them: the share of queries whose own gallery
@@ -373,6 +395,9 @@ def load_embeddings(path: str) -> dict:
     if bad:
         raise utils.UserError(f"{what} (wrong {', '.join(bad)}); the file is damaged; {hint}")
     q, g = run["queries"], run["gallery"]
+    if run["model"]["embedding_dim"] != q.shape[1]:
+        raise utils.UserError(f"{path} records {run['model']['embedding_dim']}-d embeddings of its model but holds "
+                              f"{q.shape[1]}-d ones; the file is corrupt; {hint}")
     if q.shape[1] != g.shape[1]:
         raise utils.UserError(f"{path}: query embeddings {tuple(q.shape)} and gallery embeddings "
                               f"{tuple(g.shape)} do not have the same dimension; the file is corrupt")
@@ -389,6 +414,27 @@ def load_embeddings(path: str) -> dict:
                           or (t.numel() and not 0 <= int(t.min()) <= int(t.max()) < g.shape[0])):
         raise utils.UserError(f"{path}: the fine-grained targets do not index the gallery; the file is corrupt")
     return run
+
+
+def check_same_model(run: dict, path: str, ckpt: dict, model_path: str) -> None:
+    """The embeddings file must have been made by the --model checkpoint, or its numbers would be credited to
+    another model: the same weights (utils.model_fingerprint) where the file records them; for files written
+    before it did, the same network, epoch and step."""
+    made, cfg = run["model"], utils.checkpoint_model(ckpt)
+    by = f"{made['path']} ({made['embedding_dim']}-d {made['backbone']}"
+    by += f", epoch {made['epoch']}, step {made['step']})" if "step" in made else ")"
+    fingerprint = made.get("fingerprint")
+    if fingerprint is not None:
+        same = fingerprint == utils.model_fingerprint(ckpt)
+    else:
+        same = ((cfg.backbone, cfg.embedding_dim) == (made["backbone"], made["embedding_dim"])
+                and (made.get("epoch"), made.get("step")) == (ckpt["epoch"], ckpt["step"]))
+    if not same:
+        other = ", other weights" if fingerprint else ""
+        raise utils.UserError(f"{path} was embedded by {by}, not by {model_path} ({cfg.embedding_dim}-d "
+                              f"{cfg.backbone}, epoch {ckpt['epoch']}, step {ckpt['step']}{other}): "
+                              f"its numbers would be credited to the wrong model; leave out --model (the file names "
+                              f"its own), or embed again with --model {model_path} --save_embeddings FILE")
 
 
 def check_same_dataset(run: dict, path: str, classes: list, sketches, photos, root: str, split: str) -> None:
@@ -461,6 +507,11 @@ def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, arg
                 score: str = "cosine") -> list:
     """Grids for --num_sketches seeded random queries, ranked as the metrics rank them (score "hamming": packed
     codes, the smallest Hamming distance first, ties in gallery order); returns the PNG paths."""
+    earlier = glob.glob(os.path.join(glob.escape(out_dir), "grid_[0-9][0-9]_*.png"))
+    for path in earlier:  # an earlier evaluation's grids would sit beside these, as if this one had drawn them
+        os.remove(path)
+    if earlier:
+        print(f"removed {len(earlier)} retrieval grid(s) of an earlier evaluation from {out_dir}")
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(sketches[0]), size=min(args.num_sketches, len(sketches[0])), replace=False)
     k = min(args.num_images, len(photos[0]))
@@ -531,11 +582,7 @@ def embeddings_from_file(args, run: dict, ckpt: dict | None) -> Embedded:
         want = task_images(data, args, run["model"]["val_fraction"], run.get("trained_classes"))
         check_same_dataset(run, args.embeddings, want.classes, want.sketches, want.photos, args.data_dir, args.split)
     if ckpt is not None:
-        cfg = utils.checkpoint_model(ckpt)
-        if (cfg.backbone, cfg.embedding_dim) != (run["model"]["backbone"], run["model"]["embedding_dim"]):
-            raise utils.UserError(f"{args.embeddings} was made by a {run['model']['embedding_dim']}-d "
-                                  f"{run['model']['backbone']}, not by {args.model} ({cfg.embedding_dim}-d "
-                                  f"{cfg.backbone})")
+        check_same_model(run, args.embeddings, ckpt, args.model)
     print(f"embeddings {args.embeddings}: {run['split']} split of {run['data']}, model {run['model']['path']} "
           f"({run['model']['backbone']}, {run['queries'].shape[1]}-d)")
     class_split = args.class_split or run.get("class_split") or (ckpt["args"].get("class_split", "") if ckpt else "")
@@ -554,7 +601,7 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
     print(f"model {args.model}: {cfg.backbone}, {cfg.embedding_dim}-d, {cfg.image_size}px, trained "
           f"{ckpt['epoch']} epoch(s)" + (f" ({ckpt['work']['steps']:,} steps, {ckpt['work']['images']:,} images, "
                                          f"{utils.flops_text(ckpt['work']['flops'])})" if "work" in ckpt else "")
-          + f", seen-class val mAP@all {ckpt['best']:.4f}")
+          + f", {utils.validation_text(ckpt['best'])}")
     trained = trained_classes(ckpt, args.model, args.data_dir, args.trained_labels)
     if trained is not None and args.split != "test":
         raise utils.UserError(f"{args.data_dir} is not {args.model}'s training dataset: a cross-dataset run evaluates "
@@ -564,6 +611,8 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
     data = dataset.scan_dataset(args.data_dir, class_split=class_split)
     if data.skipped:
         print(f"warning: skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}")
+    if trained is None and args.split == "test":
+        check_unseen(data, class_split, ckpt, args.model)
     images = task_images(data, args, a["val_fraction"], trained)
     classes, sketches, photos = images.classes, images.sketches, images.photos
     for line in task_lines(images.info):
@@ -596,6 +645,7 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
             **({} if targets is None else {"query_targets": targets}),
             **({} if trained is None else {"trained_classes": list(trained)}),
             "model": {"path": os.path.abspath(args.model), "epoch": ckpt["epoch"], "step": ckpt["step"],
+                      "fingerprint": utils.model_fingerprint(ckpt),
                       "backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim, "image_size": cfg.image_size,
                       "val_fraction": a["val_fraction"]}})
         print(f"saved embeddings to {args.save_embeddings}")
@@ -717,45 +767,29 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> dict:
                                         score=measure)
     except ValueError as e:  # e.g. NaN embeddings from a diverged model
         raise utils.UserError(f"cannot compute the metrics: {e}") from None
-    metric_seconds = time.perf_counter() - start
-    chance = metrics.chance_map(emb.q_labels, emb.g_labels)
-    classes = emb.classes
-    results = {"model": emb.model, "data": emb.data, "split": args.split, "class_split": emb.class_split or None,
-               "embeddings": args.embeddings or None, "commit": commit, "task": args.task,
-               **{k: v for k, v in (emb.info or {}).items() if k != "task"},
-               "num_queries": res["num_queries"], "num_gallery": int(emb.g.shape[0]), "num_classes": len(classes),
-               "num_queries_without_relevant": res["num_queries_without_relevant"],
-               "classes_without_photos": [classes[c] for c in missing],
-               "throughput_images_per_s": emb.throughput, "metrics_seconds": metric_seconds,
-               "chance_map_all": chance, "protocols": {n: summary(res, n, classes) for n in names},
-               "pr_curve": {k: v.tolist() for k, v in res["pr_curve"].items()},
-               **({"hashing": hashing} if hashing else {})}
-    if "standard" in names:
-        results.update(results["protocols"]["standard"])  # the headline numbers, also at the top level
-    head = names[0]
+    results = retrieval_record(emb, args, commit, res, names, time.perf_counter() - start)
+    results["classes_without_photos"] = [emb.classes[c] for c in missing]
+    if hashing:
+        results["hashing"] = hashing
+    head, chance = names[0], results["chance_map_all"]
     what = "unseen classes" if args.split == "test" else "seen-class validation hold-out"
     if args.task == "gzs":
         what = "unseen classes and drawn seen-class images"
     print(f"{args.split} split ({what}): {res['num_queries']} query sketches, {emb.g.shape[0]} gallery photos, "
-          f"{len(classes)} classes; metrics in {metric_seconds:.2f}s")
+          f"{len(emb.classes)} classes; metrics in {results['metrics_seconds']:.2f}s")
     print_table(results, names)
     top = results["protocols"][head]["map_all"]
     print(f"chance level mAP@all {chance:.4f}  ({head} / chance = {top / chance:.2f}x)")
     if emb.untrained:
-        base = metrics.retrieval_metrics(emb.untrained[0], emb.q_labels, emb.untrained[1], emb.g_labels, ks=KS,
-                                         protocols=names, score=measure)
-        results["untrained"] = {n: summary(base, n, classes) for n in names}
-        if "standard" in names:
-            results["untrained"].update(results["untrained"]["standard"])
+        results["untrained"] = untrained_record(emb, names, measure)
         b = results["untrained"][head]["map_all"]
         print(f"untrained network mAP@all {b:.4f}  ({head}: trained / untrained = {top / b:.2f}x)")
     label = f"{head} mAP@all {top:.3f}" + (f", {args.hash_bits}-bit ITQ ({args.itq})" if hashing else "")
     plot_pr_curve(results["pr_curve"], label, os.path.join(out_dir, "pr_curve.png"))
     plot_per_class_ap(results["protocols"][head]["per_class_ap"], chance, os.path.join(out_dir, "per_class_ap.png"))
-    if emb.sketches:
-        results["grids"] = write_grids(emb.q, emb.g, emb.sketches, emb.photos, classes, args, out_dir, measure)
-    else:
-        results["grids"] = []
+    results["grids"] = write_grids(emb.q, emb.g, emb.sketches or ([], []), emb.photos or ([], []), emb.classes, args,
+                                   out_dir, measure)
+    if not emb.sketches:
         print("no retrieval grids from --embeddings (they need the images)")
     utils.write_json(os.path.join(out_dir, "results.json"), results)
     worst = sorted(results["protocols"][head]["per_class_ap"].items(), key=lambda kv: kv[1])
@@ -763,6 +797,33 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> dict:
     print(f"wrote results.json, pr_curve.png, per_class_ap.png and {len(results['grids'])} retrieval grid(s) "
           f"to {out_dir}")
     return results
+
+
+def retrieval_record(emb: Embedded, args, commit: str, res: dict, names: list, seconds: float) -> dict:
+    """results.json of a zs or gzs setting: what was scored (model, data, split, setting) and every protocol's
+    numbers, the standard protocol's also at the top level."""
+    results = {"model": emb.model, "data": emb.data, "split": args.split, "class_split": emb.class_split or None,
+               "embeddings": args.embeddings or None, "commit": commit, "task": args.task,
+               **{k: v for k, v in (emb.info or {}).items() if k != "task"},
+               "num_queries": res["num_queries"], "num_gallery": int(emb.g.shape[0]), "num_classes": len(emb.classes),
+               "num_queries_without_relevant": res["num_queries_without_relevant"],
+               "throughput_images_per_s": emb.throughput, "metrics_seconds": seconds,
+               "chance_map_all": metrics.chance_map(emb.q_labels, emb.g_labels),
+               "protocols": {n: summary(res, n, emb.classes) for n in names},
+               "pr_curve": {k: v.tolist() for k, v in res["pr_curve"].items()}}
+    if "standard" in names:
+        results.update(results["protocols"]["standard"])  # the headline numbers, also at the top level
+    return results
+
+
+def untrained_record(emb: Embedded, names: list, measure: str) -> dict:
+    """The same protocols for the untrained network's embeddings (--compare_untrained)."""
+    base = metrics.retrieval_metrics(emb.untrained[0], emb.q_labels, emb.untrained[1], emb.g_labels, ks=KS,
+                                     protocols=names, score=measure)
+    out = {n: summary(base, n, emb.classes) for n in names}
+    if "standard" in names:
+        out.update(out["standard"])
+    return out
 
 
 def score_fine_grained(emb: Embedded, args, commit: str, out_dir: str) -> dict:

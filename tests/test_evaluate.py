@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -167,17 +168,63 @@ def test_class_split_selects_a_named_split_and_split_means_which_images(run, tmp
     folder = os.path.join(run["data"], "splits", "alt")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "train_labels.txt"), "w") as f:
-        f.write("pent\nhexa\ncircle\nstar\n")
+        f.write("tri\nsquare\npent\nhexa\ncircle\n")
     with open(os.path.join(folder, "test_labels.txt"), "w") as f:
-        f.write("tri\nsquare\n")
+        f.write("star\n")
     evaluate.main(evaluate.get_args_parser().parse_args([
         "--model", run["model"], "--data", run["data"], "--class_split", "alt", "--workers", "0", "--device", "cpu",
         "--protocol", "standard", "--num_sketches", "0", "--output_dir", str(tmp_path)]))
     out = results(str(tmp_path))
-    assert out["split"] == "test" and out["class_split"] == "alt" and out["num_queries"] == 16
-    assert set(out["per_class_ap"]) == {"tri", "square"}
+    assert out["split"] == "test" and out["class_split"] == "alt" and out["num_queries"] == 8
+    assert set(out["per_class_ap"]) == {"star"}
     proc = run_main("evaluate.py", "--model", run["model"], "--data", run["data"], "--split", "alt")
     assert_one_line_error(proc, "--split takes test or val", "--class_split alt")
+
+
+def test_a_class_split_whose_test_classes_the_model_trained_on_is_refused(run, tmp_path):
+    """Zero-shot leakage: a named split (or edited label files) whose test classes are among the checkpoint's
+    training classes would be scored as unseen classes without a word."""
+    folder = os.path.join(run["data"], "splits", "leaky")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "train_labels.txt"), "w") as f:
+        f.write("pent\nhexa\ncircle\nstar\n")
+    with open(os.path.join(folder, "test_labels.txt"), "w") as f:
+        f.write("tri\nsquare\n")
+    for task in ("zs", "gzs", "fg"):
+        proc = run_main("evaluate.py", "--model", run["model"], "--data", run["data"], "--class_split", "leaky",
+                        "--task", task, "--device", "cpu", "--output_dir", str(tmp_path / task))
+        assert_one_line_error(proc, "2 of the 2 test classes of --class_split leaky are classes", "(tri, square)",
+                              "would not be zero-shot", "(no --class_split)")
+        assert not os.path.exists(tmp_path / task / "results.json")
+
+
+def test_embeddings_are_credited_only_to_the_model_that_made_them(run, tmp_path):
+    """--embeddings A with --model B once wrote B into results.json for A's numbers."""
+    other = torch.load(run["model"], weights_only=False, map_location="cpu")
+    name, state = next(iter(other["models"].items()))
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key] + 1e-3  # another model of the same network, epoch and step
+    torch.save(other, tmp_path / "other.pth")
+    proc = run_main("evaluate.py", "--embeddings", run["emb"], "--model", str(tmp_path / "other.pth"),
+                    "--output_dir", str(tmp_path / "o"))
+    assert_one_line_error(proc, f"was embedded by {os.path.abspath(run['model'])}", "other weights",
+                          "credited to the wrong model", "leave out --model")
+    assert not os.path.exists(tmp_path / "o" / "results.json")
+    shutil.copy(run["model"], tmp_path / "copy.pth")  # the same weights under another name are the same model
+    proc = run_main("evaluate.py", "--embeddings", run["emb"], "--model", str(tmp_path / "copy.pth"),
+                    "--output_dir", str(tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr
+    assert results(str(tmp_path / "c"))["model"] == str(tmp_path / "copy.pth")
+
+
+def test_an_earlier_evaluations_grids_do_not_stay_beside_a_new_one(run, tmp_path):
+    out = str(tmp_path / "o")
+    shutil.copytree(run["out"], out)
+    assert len(results(out)["grids"]) == 2
+    proc = run_main("evaluate.py", "--embeddings", run["emb"], "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed 2 retrieval grid(s) of an earlier evaluation" in proc.stdout
+    assert results(out)["grids"] == [] and not [f for f in os.listdir(out) if f.startswith("grid_")]
 
 
 def test_data_dir_and_its_older_name_data_are_one_flag():
