@@ -1,8 +1,7 @@
 """Retrieval metrics for zero-shot sketch-based image retrieval, under the literature's conventions.
 
 Every query (sketch) ranks the whole gallery (photos); a photo is relevant when its class equals
-the query's class. docs/metrics.md defines everything in full; in short, with ties forming one
-threshold:
+the query's class. docs/metrics.md defines everything in full; in short:
 
     s_g       = cos(query, g)                        score, higher = more similar
     R         = #{relevant g}                         queries with R = 0 are excluded and counted
@@ -10,28 +9,42 @@ threshold:
     hits(g)   = #{relevant h : s_h >= s_g}
     P(g)      = hits(g) / rank(g)                     precision at a relevant item
     Pint(g)   = max{P(i) : i relevant, s_i <= s_g}    VOC-interpolated precision
-    top K     = {g : rank(g) <= K},  hits@K = #{relevant g in top K}
+    a(g)      = #{h : s_h > s_g},  m(g) = rank(g) - a(g)      items before g's tie group; its size
+    w_K(g)    = clamp((K - a(g)) / m(g), 0, 1)        chance that g lies in the first K places
+    hits@K    = sum_{relevant g} w_K(g)
+
+The first K places are a cut through the ranking, and a tie group straddling place K (a < K < a + m)
+has no order of its own: every quantity at a cut-off K is its **expected value over the orders of
+the tied items** (a uniformly random tie break, and the peers' unstable argsort, in expectation).
+w_K(g) is the chance that such an order puts g among the first K; a tie group straddling K with r_g
+relevant items adds (K - a) r_g / m to hits@K. The precision a relevant item counts with stays the
+tie-group one, P(g), as in scikit-learn's average_precision_score; mAP@all has no cut-off.
 
     protocol       AP                  AP@K                                       P@K
-    standard       (1/R) sum P         (1/min(R,K)) sum_{top K} P                 hits@K / min(K, N)
-    sem-pcyc       (1/R) sum P         (1/hits@K) sum_{top K} P  (0 if no hit)    hits@K / min(K, N)
+    standard       (1/R) sum P         (1/min(R,K)) sum w_K P                     hits@K / min(K, N)
+    sem-pcyc       (1/R) sum P         (sum w_K P) / hits@K  (0 if hits@K = 0)     hits@K / min(K, N)
     doodle2search  (1/R) sum P         -                                          hits@K / min(R, K)
-    sake           (1/R) sum Pint      (1/min(R,K)) sum_{top K} Pint@K            hits@K / min(K, N)
-    zse-sbir       (1/R) sum Pint      (1/min(R,K)) sum_{top K} Pint@K            hits@min(R,K) / min(R,K)
+    sake           (1/R) sum Pint      (1/min(R,K)) E[sum_{first K} Pint@K]       hits@K / min(K, N)
+    zse-sbir       (1/R) sum Pint      (1/min(R,K)) E[sum_{first K} Pint@K]       hits@min(R,K) / min(R,K)
 
-Pint@K interpolates within the top K only. Every mean is over the queries with R > 0.
-E[AP] of a random ranking = (1/N) * (H_N + (R-1)/(N-1) * (N - H_N)),  H_N = sum_{k<=N} 1/k.
+Pint@K interpolates within the first K places only, so whether any relevant item of the straddling
+group S comes before K also raises the Pint@K of the items above it: with p0 the hypergeometric
+chance that none does, E[sum Pint@K] = sum_{rank(g) <= K} ((1 - p0) max(Pin(g), P_S) + p0 Pin(g))
++ sum_{g in S} w_K(g) P_S, Pin the interpolation within rank <= K. sem-pcyc's AP@K is a ratio of
+expectations, which lies between its values under the extreme orders. Every mean is over the
+queries with R > 0. E[AP] of a random ranking = (1/N) * (H_N + (R-1)/(N-1) * (N - H_N)).
 
 Speed: no row is ever sorted. Queries are processed class by class (all queries of a class share
 the same relevant photos); for each chunk only the R relevant scores are sorted, and the rank of
 each relevant item is found by counting how many gallery scores fall between consecutive
-relevant scores (see _ranks_of_relevant). Memory is O(chunk_size * N) on the embeddings' device.
+relevant scores (see _ranks_of_relevant). Memory is O(CHUNK_SIZE * N) on the embeddings' device.
 
-Hashed retrieval: itq_codes fits ITQ (textbook, or SEM-PCYC's variant) and returns packed uint8
-codes; hamming_distance compares them by XOR and a popcount table; retrieval_metrics(...,
-score="hamming") and fine_grained_accuracy(..., score="hamming") rank by Hamming distance, with
-s_g = -hamming(query, g) and the same tie rule as above. fine_grained_accuracy is instance-level
-acc@k (a query's one paired photo within the top k).
+Hashed retrieval: itq_codes fits ITQ (textbook, or SEM-PCYC's variant; docs/metrics.md, "Hashed
+retrieval", gives every step) and returns packed uint8 codes; itq_stability says how many of those
+bits are decided by rounding; hamming_distance compares codes by XOR and a popcount table;
+retrieval_metrics(..., score="hamming") and fine_grained_accuracy(..., score="hamming") rank by
+Hamming distance, with s_g = -hamming(query, g) and the same tie rules as above.
+fine_grained_accuracy is instance-level acc@k (a query's one paired photo within the top k).
 """
 import contextlib
 from typing import Sequence
@@ -44,8 +57,13 @@ from torch import Tensor
 PROTOCOLS = ("standard", "sake", "sem-pcyc", "doodle2search", "zse-sbir")
 _VOC = {"sake", "zse-sbir"}  # VOC-interpolated AP
 _RANK_ROWS = 64  # queries ranked at once inside a chunk
+CHUNK_SIZE = 512  # queries retrieval_metrics scores at once: peak memory about 4 * CHUNK_SIZE * N bytes
 SCORES = ("cosine", "hamming")  # how a query scores a gallery item: cosine of embeddings, -Hamming of codes
 ITQ_VARIANTS = ("textbook", "sem-pcyc")
+# itq_stability above this: the codes depend on rounding. A stable fit changes only bits whose projection lies
+# within about 1e-7 of its scale of 0 (0 changed in every stable case measured); a fraction f moves a query-photo
+# Hamming distance by about 2 f bits levels, one level at 512 bits for f = 0.001 (docs/metrics.md, "Stability").
+ITQ_UNSTABLE = 0.001
 _HAMMING_LOOKUPS = 1 << 22  # 16-bit table lookups (5 bytes of memory each) done at once by hamming_distance
 
 
@@ -85,22 +103,25 @@ def _sort_rows(x: Tensor) -> Tensor:
     return float_order(keys).view(torch.float32)
 
 
-def _ranks_of_relevant(scores: Tensor, start: int, stop: int, grid: float = 0.5) -> tuple[Tensor, Tensor]:
-    """rank(g) and hits(g) of the relevant items, which are the columns [start, stop) of scores.
+def _ranks_of_relevant(scores: Tensor, start: int, stop: int, grid: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """rank(g), hits(g) and a(g) of the relevant items, which are the columns [start, stop) of scores.
 
     Args:
         scores: (B, N) scores of B queries that share their relevant columns.
         grid: bins per gallery item of the counting grid (a speed knob; results do not depend on it).
     Returns:
-        rank, hits: (B, R) int64, relevant items in decreasing score order.
+        rank, hits, before: (B, R) int64, relevant items in decreasing score order; before = a(g) =
+        #{h : s_h > s_g}, the items ahead of g's tie group.
 
     With rel_0 <= ... <= rel_{R-1} a row's sorted relevant scores, hits(rel_j) = #{i : rel_i >= rel_j}
-    and rank(rel_j) = hits(rel_j) + (N - R) - c_j, where c_j = #{irrelevant h : s_h < rel_j}.
+    and rank(rel_j) = hits(rel_j) + (N - R) - c_j, where c_j = #{irrelevant h : s_h < rel_j};
+    a(rel_j) = (N - R - e_j) + #{i : rel_i > rel_j}, where e_j = #{irrelevant h : s_h <= rel_j}.
     A monotone map sends every score to one of L = grid * N equal-width bins over [rel_0, rel_{R-1}].
     An irrelevant item in a bin without relevant scores is below rel_j exactly when its bin is
-    below rel_j's bin, so those items are counted by a histogram of bins. An item sharing a bin
-    with relevant scores is placed among them by comparison (usually with just one):
-    p(h) = #{j : rel_j <= s_h}, and it is below rel_j exactly when p(h) <= j.
+    below rel_j's bin (it cannot equal rel_j), so those items are counted by a histogram of bins.
+    An item sharing a bin with relevant scores is placed among them by comparison (usually with just
+    one): p(h) = #{j : rel_j <= s_h} and q(h) = #{j : rel_j < s_h}; it is below rel_j exactly when
+    p(h) <= j, and at most rel_j exactly when q(h) <= j.
     """
     b, n = scores.shape
     r = stop - start
@@ -115,27 +136,31 @@ def _ranks_of_relevant(scores: Tensor, start: int, stop: int, grid: float = 0.5)
     occupied = rel_count > 0
     bins[:, start:stop] = offset.long() + width - 1  # the relevant items leave the count
     bins = bins.view(-1)
-    c = _lone_below(bins, rel_bins, occupied, width)  # (B, R)
+    c = e = _lone_below(bins, rel_bins, occupied, width)  # (B, R)
     shared = occupied.index_select(0, bins).nonzero().squeeze(1)  # (M,) items sharing a bin
     if shared.numel():
-        c += _shared_below(scores, rel, bins, rel_count, shared)
-    rank = hits + (n - r) - c  # (B, R) ascending scores
-    return rank.flip(1), hits.flip(1)
+        below, at_most = _shared_below(scores, rel, hits, bins, rel_count, shared)
+        c, e = c + below, e + at_most
+    rank = (hits + (n - r) - c).flip(1)  # (B, R) decreasing scores from here
+    before = ((n - r) - e).flip(1) + _group_start(rank)  # irrelevant items above, relevant items above
+    return rank, hits.flip(1), before
 
 
-def _ranks_of_relevant_distances(dist: Tensor, start: int, stop: int, levels: int) -> tuple[Tensor, Tensor]:
+def _ranks_of_relevant_distances(dist: Tensor, start: int, stop: int, levels: int) -> tuple[Tensor, Tensor, Tensor]:
     """_ranks_of_relevant for integer distances in [0, levels), lower = more similar (Hamming): with the
-    score s = -d, rank(g) = #{h : d_h <= d_g} and hits(g) = #{relevant h : d_h <= d_g}, read from the
-    cumulative histograms of each row's distances and of its relevant distances (columns [start, stop)).
+    score s = -d, rank(g) = #{h : d_h <= d_g}, hits(g) = #{relevant h : d_h <= d_g} and
+    a(g) = #{h : d_h < d_g}, read from the cumulative histograms of each row's distances and of its
+    relevant distances (columns [start, stop)).
 
-    Returns rank, hits: (B, R) int64, relevant items in increasing distance (decreasing score) order.
+    Returns rank, hits, before: (B, R) int64, relevant items in increasing distance (decreasing score) order.
     """
     b = dist.shape[0]
     flat = dist.long() + torch.arange(b, device=dist.device)[:, None] * levels  # (B, N) row-offset levels
-    at_most = torch.bincount(flat.view(-1), minlength=b * levels).view(b, levels).cumsum(1)  # (B, L)
+    count = torch.bincount(flat.view(-1), minlength=b * levels).view(b, levels)  # (B, L) items at each distance
+    at_most = count.cumsum(1)
     rel_at_most = torch.bincount(flat[:, start:stop].reshape(-1), minlength=b * levels).view(b, levels).cumsum(1)
     rel = dist[:, start:stop].long().sort(dim=1).values  # (B, R) ascending distances
-    return at_most.gather(1, rel), rel_at_most.gather(1, rel)
+    return at_most.gather(1, rel), rel_at_most.gather(1, rel), (at_most - count).gather(1, rel)
 
 
 def _hits_of_sorted(rel: Tensor) -> Tensor:
@@ -177,10 +202,13 @@ def _lone_below(bins: Tensor, rel_bins: Tensor, occupied: Tensor, width: int) ->
     return lone_below.index_select(0, rel_bins.view(-1)).view(rel_bins.shape)
 
 
-def _shared_below(scores: Tensor, rel: Tensor, bins: Tensor, rel_count: Tensor, shared: Tensor) -> Tensor:
-    """(B, R): for each rel_j, the items ``shared`` (flat indices into scores (B, N)) that share a bin with
-    relevant scores and lie below rel_j, #{h : p(h) <= j}, with p(h) = #{j : rel_j <= s_h} found by
-    comparison within h's bin (rel (B, R) ascending, rel_count (B * W,) relevant scores per flat bin)."""
+def _shared_below(scores: Tensor, rel: Tensor, hits: Tensor, bins: Tensor, rel_count: Tensor,
+                  shared: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, R) twice: for each rel_j, the items ``shared`` (flat indices into scores (B, N)) that share a bin
+    with relevant scores and lie below rel_j, #{h : p(h) <= j}, and those at most rel_j, #{h : q(h) <= j};
+    p(h) = #{j : rel_j <= s_h} is found by comparison within h's bin (rel (B, R) ascending with hits (B, R)
+    from _hits_of_sorted, rel_count (B * W,) relevant scores per flat bin), and q(h) = p(h) unless s_h
+    equals rel_{p(h) - 1}, when it is the first index of that tie group, R - hits(rel_{p(h) - 1})."""
     b, r = rel.shape
     width = rel_count.numel() // b
     # Positions in a flat (B, R + 1) layout: that of rel padded with +inf and of the p histogram.
@@ -198,7 +226,16 @@ def _shared_below(scores: Tensor, rel: Tensor, bins: Tensor, rel_count: Tensor, 
         end = first.index_select(0, bin_m) + rel_count.index_select(0, bin_m)  # past the bin's relevant scores
         pos[more] = _search_sorted(rel_pad, pos[more], end, s[more])
     p_hist = torch.bincount(pos, minlength=b * (r + 1)).view(b, r + 1)
-    return p_hist.cumsum(1)[:, :r]  # shared items with p(h) <= j
+    below = p_hist.cumsum(1)[:, :r]  # shared items with p(h) <= j
+    last = (pos - 1).clamp(min=0)  # rel_{p(h) - 1}; at a row's start, the row before's +inf pad (or rel_0 > s_h)
+    tied = (rel_pad.index_select(0, last) == s).nonzero().squeeze(1)  # (T,) items equal to a relevant score
+    if not tied.numel():
+        return below, below
+    row_start = (torch.arange(b, device=rel.device) * (r + 1))[:, None]
+    group_first = (torch.cat([r - hits, hits.new_zeros(b, 1)], dim=1) + row_start).view(-1)  # (B * (R + 1),)
+    q_tied = group_first.index_select(0, last[tied])  # q(h) of the tied items; p(h) of the others
+    moved = torch.bincount(q_tied, minlength=b * (r + 1)) - torch.bincount(pos[tied], minlength=b * (r + 1))
+    return below, below + moved.view(b, r + 1).cumsum(1)[:, :r]  # and shared items with q(h) <= j
 
 
 def _search_sorted(values: Tensor, lo: Tensor, hi: Tensor, x: Tensor) -> Tensor:
@@ -218,8 +255,40 @@ def _suffix_max(x: Tensor) -> Tensor:
     return x.flip(1).cummax(1).values.flip(1)
 
 
-def _chunk_values(rank: Tensor, hits: Tensor, n: int, ks: Sequence[int], protocols, pr_points: int) -> dict:
-    """Per-query values of every protocol for B queries with the same R, from (B, R) rank and hits."""
+def _group_start(rank: Tensor) -> Tensor:
+    """(B, R) ranks of relevant items in decreasing score order -> (B, R) int64, the relevant items ahead of
+    each item's tie group (the members of a group share their rank, and only they do)."""
+    start = torch.ones_like(rank, dtype=torch.bool)
+    start[:, 1:] = rank[:, 1:] != rank[:, :-1]
+    return (torch.arange(rank.shape[1], device=rank.device) * start).cummax(1).values
+
+
+def _expected_cut(k: int, rank: Tensor, before: Tensor, prec: Tensor, voc: bool) -> tuple:
+    """The first k places, in expectation over the orders of the tied items: E[hits@k], E[sum of P over the
+    relevant items there] and, if voc, E[sum of Pint@k there] (else None), each (B,) float64, from (B, R) rank,
+    before (a(g)) and prec (P(g)) of B queries' relevant items in decreasing score order."""
+    inside, straddle = rank <= k, (before < k) & (rank > k)
+    if not straddle.any():  # no tie group holding relevant items straddles k (float scores, almost always)
+        top = prec * inside
+        return inside.sum(1).double(), top.sum(1), (_suffix_max(top) * inside).sum(1) if voc else None
+    size = rank - before  # (B, R) m(g): g's tie group holds places a + 1 .. a + m
+    ahead = (k - before).clamp(min=0)  # (B, R) of those, the ones within the first k (when < m)
+    w = (ahead.double() / size).clamp(max=1.0)  # (B, R) w_k(g)
+    if not voc:
+        return w.sum(1), (w * prec).sum(1), None
+    # p0: no relevant item of the straddling group S among the k - a places it gets, C(m - r_S, k - a) / C(m, k - a)
+    # = prod_{i < r_S} (m - (k - a) - i) / (m - i): one factor for S's i-th relevant item.
+    i = torch.arange(rank.shape[1], device=rank.device) - _group_start(rank)  # (B, R) g's index in its group
+    factor = (size - ahead - i).clamp(min=0).double() / (size - i)
+    p0 = torch.where(straddle, factor, 1.0).prod(1, keepdim=True)  # (B, 1), 1 when no group straddles k
+    pin, pin_s = _suffix_max(prec * inside), _suffix_max(prec * (inside | straddle))  # without S, with all of S
+    pint = (((1 - p0) * pin_s + p0 * pin) * inside).sum(1) + (w * prec * straddle).sum(1)
+    return w.sum(1), (w * prec).sum(1), pint
+
+
+def _chunk_values(rank: Tensor, hits: Tensor, before: Tensor, n: int, ks: Sequence[int], protocols,
+                  pr_points: int) -> dict:
+    """Per-query values of every protocol for B queries with the same R, from (B, R) rank, hits and before."""
     r = rank.shape[1]
     prec = hits.double() / rank  # (B, R) P(g), decreasing score order
     interp = _suffix_max(prec)  # (B, R) Pint(g)
@@ -227,56 +296,46 @@ def _chunk_values(rank: Tensor, hits: Tensor, n: int, ks: Sequence[int], protoco
     if pr_points:
         recall_hits = (torch.arange(pr_points, device=rank.device) * r + pr_points - 2) // (pr_points - 1)
         out["pr"] = interp[:, (recall_hits - 1).clamp(min=0)]  # (B, P) interpolated precision at recall i/(P-1)
-    per_k = {}  # what several protocols share at each cut-off, computed once
-    for k in ks:
-        top = rank <= k  # (B, R)
-        hits_k = top.sum(1)
-        per_k[k] = (top, hits_k, (prec * top).sum(1))
+    voc = any(name in _VOC for name in protocols)
+    cutoffs = {*ks, *(min(r, k) for k in ks if "zse-sbir" in protocols)}  # zse-sbir's P cuts at min(R, K)
+    cuts = {c: _expected_cut(c, rank, before, prec, voc) for c in cutoffs}  # shared by the protocols
     for name in protocols:
         vals = {"ap": (interp if name in _VOC else prec).sum(1) / r}
-        for k, (top, hits_k, prec_top) in per_k.items():
+        for k in ks:
+            hits_k, sum_p, sum_pint = cuts[k]
             if name == "standard":
-                vals[f"ap@{k}"] = prec_top / min(r, k)
-            elif name == "sem-pcyc":
-                vals[f"ap@{k}"] = prec_top / hits_k.clamp(min=1)
+                vals[f"ap@{k}"] = sum_p / min(r, k)
+            elif name == "sem-pcyc":  # a ratio of expectations; sum_p = 0 where hits_k = 0
+                vals[f"ap@{k}"] = sum_p / torch.where(hits_k > 0, hits_k, 1.0)
             elif name in _VOC:
-                vals[f"ap@{k}"] = (_suffix_max(prec * top) * top).sum(1) / min(r, k)
+                vals[f"ap@{k}"] = sum_pint / min(r, k)
             if name == "doodle2search":
-                vals[f"p@{k}"] = hits_k.double() / min(r, k)
+                vals[f"p@{k}"] = hits_k / min(r, k)
             elif name == "zse-sbir":
-                vals[f"p@{k}"] = (rank <= min(r, k)).sum(1).double() / min(r, k)
+                vals[f"p@{k}"] = cuts[min(r, k)][0] / min(r, k)
             else:
-                vals[f"p@{k}"] = hits_k.double() / min(k, n)
+                vals[f"p@{k}"] = hits_k / min(k, n)
         out[name] = vals
     return out
 
 
-def retrieval_metrics(
-    query_emb: Tensor,
-    query_labels: Tensor,
-    gallery_emb: Tensor,
-    gallery_labels: Tensor,
-    ks: Sequence[int] = (100, 200),
-    protocols: Sequence[str] = ("standard",),
-    chunk_size: int = 512,
-    pr_points: int = 0,
-    score: str = "cosine",
-) -> dict:
+def retrieval_metrics(query_emb: Tensor, query_labels: Tensor, gallery_emb: Tensor, gallery_labels: Tensor,
+                      ks: Sequence[int] = (100, 200), protocols: Sequence[str] = ("standard",), pr_points: int = 0,
+                      score: str = "cosine") -> dict:
     """AP, mAP, P@K and mAP@K of cosine (or Hamming) retrieval under each requested protocol.
 
     Args:
         query_emb: (Q, D) query embeddings; query_labels: (Q,) int class labels.
         gallery_emb: (N, D) gallery embeddings; gallery_labels: (N,) int class labels.
-        ks: cut-offs for P@K and mAP@K.
+        ks: cut-offs for P@K and mAP@K (a tie group straddling K counts in expectation: module docstring).
         protocols: names from PROTOCOLS (docs/metrics.md defines each).
-        chunk_size: queries scored at once; peak memory is about 4 * chunk_size * N bytes plus
-            a fixed 2.5 MB * N / 1000 for the counting.
         pr_points: if > 1, also the mean interpolated precision at recall 0, 1/(P-1), ..., 1.
         score: "cosine" (embeddings) or "hamming": query_emb (Q, C) and gallery_emb (N, C) are then
             uint8 packed codes (itq_codes) and the score is -hamming_distance, so that every
-            protocol ranks by Hamming distance; equal distances are ties, ranked as above (a tie
-            group takes its last position), and the ranks come from histograms of the distances.
-
+            protocol ranks by Hamming distance, equal distances being ties; the ranks then come
+            from histograms of the distances.
+    CHUNK_SIZE queries are scored at once: peak memory is about 4 * CHUNK_SIZE * N bytes plus a fixed
+    2.5 MB * N / 1000 for the counting.
     Returns:
         {"num_queries": queries with R > 0, "num_queries_without_relevant": queries with R = 0
         (excluded from every mean and per-class AP), "num_relevant": (Q,) int64 R per query,
@@ -285,7 +344,7 @@ def retrieval_metrics(
         excluded queries), "per_class_ap": {label: mean AP of its queries}}},
         and with pr_points "pr_curve": {"recall": (P,), "precision": (P,)} float64}.
     """
-    _check_inputs(query_emb, query_labels, gallery_emb, gallery_labels, ks, protocols, chunk_size, pr_points)
+    _check_inputs(query_emb, query_labels, gallery_emb, gallery_labels, ks, protocols, pr_points)
     _check_score(score, query_emb, gallery_emb)
     device = query_emb.device
     query_labels = query_labels.to(device=device, dtype=torch.long)
@@ -303,7 +362,7 @@ def retrieval_metrics(
                          "gallery classes are the same split")
     q_labels_cpu = query_labels.cpu()
     per_query, pr_sum = _per_query_values(query_emb, q_labels_cpu, gallery, gallery_labels, ks, protocols,
-                                          chunk_size, pr_points, score)
+                                          pr_points, score)
     out = {"num_relevant": num_rel, "num_queries": int(valid.sum()),
            "num_queries_without_relevant": int((~valid).sum()),
            "protocols": {name: _summary(per_query[name], valid, q_labels_cpu, ks) for name in protocols}}
@@ -343,8 +402,7 @@ def _class_blocks(sorted_labels: Tensor) -> dict:
 
 
 def _per_query_values(query_emb: Tensor, q_labels_cpu: Tensor, gallery: Tensor, gallery_labels: Tensor,
-                      ks: Sequence[int], protocols: Sequence[str], chunk_size: int,
-                      pr_points: int, score: str = "cosine") -> tuple[dict, Tensor]:
+                      ks: Sequence[int], protocols: Sequence[str], pr_points: int, score: str) -> tuple[dict, Tensor]:
     """Every protocol's per-query values, {name: {key: (Q,) float64 on the CPU}} (0 for queries without a
     relevant item), and the sum over the queries of their (P,) interpolated precisions; the gallery (N, D)
     is unit-normalised (or (N, C) codes) and sorted by class (gallery_labels (N,))."""
@@ -355,8 +413,8 @@ def _per_query_values(query_emb: Tensor, q_labels_cpu: Tensor, gallery: Tensor, 
     pr_sum = torch.zeros(max(pr_points, 0), dtype=torch.float64)
     for c, (start, stop) in _class_blocks(gallery_labels).items():
         idx = (q_labels_cpu == c).nonzero().squeeze(1)  # (Qc,) queries of this class
-        for s in range(0, idx.numel(), chunk_size):
-            rows = idx[s:s + chunk_size]
+        for s in range(0, idx.numel(), CHUNK_SIZE):
+            rows = idx[s:s + CHUNK_SIZE]
             q = query_emb[rows.to(query_emb.device)]
             if score == "hamming":  # (B, N) int32 distances, ranked from their histograms
                 scores = hamming_distance(q, gallery)
@@ -364,11 +422,11 @@ def _per_query_values(query_emb: Tensor, q_labels_cpu: Tensor, gallery: Tensor, 
                 scores = _unit(q) @ gallery.T  # (B, N)
             for t in range(0, rows.numel(), _RANK_ROWS):  # small blocks keep the counting in cache
                 if score == "hamming":
-                    rank, hits = _ranks_of_relevant_distances(scores[t:t + _RANK_ROWS], start, stop,
-                                                              8 * gallery.shape[1] + 1)
+                    ranked = _ranks_of_relevant_distances(scores[t:t + _RANK_ROWS], start, stop,
+                                                          8 * gallery.shape[1] + 1)
                 else:
-                    rank, hits = _ranks_of_relevant(scores[t:t + _RANK_ROWS], start, stop)
-                vals = _chunk_values(rank, hits, n, ks, protocols, pr_points)
+                    ranked = _ranks_of_relevant(scores[t:t + _RANK_ROWS], start, stop)
+                vals = _chunk_values(*ranked, n, ks, protocols, pr_points)
                 if pr_points:
                     pr_sum += vals.pop("pr").sum(0).cpu()
                 for name in protocols:
@@ -379,7 +437,7 @@ def _per_query_values(query_emb: Tensor, q_labels_cpu: Tensor, gallery: Tensor, 
 
 
 def _check_inputs(query_emb: Tensor, query_labels: Tensor, gallery_emb: Tensor, gallery_labels: Tensor,
-                  ks: Sequence[int], protocols: Sequence[str], chunk_size: int, pr_points: int) -> None:
+                  ks: Sequence[int], protocols: Sequence[str], pr_points: int) -> None:
     """retrieval_metrics' arguments, or a ValueError that says which is wrong."""
     if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
         raise ValueError(f"expected (Q, D) and (N, D) embeddings, got {tuple(query_emb.shape)} and "
@@ -393,8 +451,8 @@ def _check_inputs(query_emb: Tensor, query_labels: Tensor, gallery_emb: Tensor, 
         raise ValueError(f"unknown protocol {unknown[0]!r}; choose from {', '.join(PROTOCOLS)}")
     if not (torch.isfinite(query_emb).all() and torch.isfinite(gallery_emb).all()):
         raise ValueError("embeddings contain NaN or inf")
-    if any(int(k) < 1 for k in ks) or chunk_size < 1 or pr_points == 1 or pr_points < 0:
-        raise ValueError("ks and chunk_size must be positive and pr_points 0 or at least 2")
+    if any(int(k) < 1 for k in ks) or pr_points == 1 or pr_points < 0:
+        raise ValueError("ks must be positive and pr_points 0 or at least 2")
 
 
 def _summary(per_query: dict, valid: Tensor, query_labels: Tensor, ks: Sequence[int]) -> dict:
@@ -451,39 +509,25 @@ def itq_codes(query_emb: Tensor, gallery_emb: Tensor, bits: int = 64, variant: s
               iterations: int = 50, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Binary codes of the queries and the gallery by Iterative Quantisation (ITQ), packed 8 bits a byte.
 
-    ITQ (Gong and Lazebnik, CVPR 2011; TPAMI 2013) projects centred data X - mu onto principal
-    components W (D, c), c = bits, giving V = (X - mu) W (n, c), and looks for codes
-    B in {-1, +1}^(n x c) and a rotation R (c, c) that minimise the quantisation loss
-    ||B - V R||_F^2, alternating two exact minimisations:
+    ITQ (Gong and Lazebnik, CVPR 2011; TPAMI 2013) projects each side, centred on its own mean, onto the
+    `bits` leading principal components W (D, c) of the centred **queries** (the test-set sketches, as
+    SEM-PCYC fits), V = (X - mu) W, and looks for codes B in {-1, +1}^(n x c) and a rotation R (c, c)
+    minimising ||B - V R||_F^2 on the queries, alternating `iterations` times
 
         B = sgn(V R)                                        sgn(0) = +1
-        R = argmin_{R^T R = I} ||B - V R||_F^2 = argmax_R tr(B^T V R)
-          = W_C U_C^T,  where  B^T V = U_C S W_C^T  is an SVD (orthogonal Procrustes):
-          tr(B^T V R) = tr(S W_C^T R U_C) <= tr(S), with equality when W_C^T R U_C = I.
+        R = argmax_{R^T R = I} tr(B^T V R) = W_C U_C^T,     B^T V = U_C S W_C^T (SVD; orthogonal Procrustes)
 
-    variant="textbook" (default): fitted as SEM-PCYC fits (below), without labels, with the textbook
-        rotation. Queries and gallery are each centred on their own mean (one mean for both would
-        spend the leading components, and so every bit, on the gap between sketches and photos:
-        every sketch then gets one code and every photo another); W = the `bits` eigenvectors of the
-        centred **queries'** covariance with the largest eigenvalues, each signed so that its
-        largest-magnitude entry is positive (the codes then do not depend on the eigensolver's
-        signs); R starts at the Q factor of the QR decomposition of a (bits, bits) standard normal
-        matrix drawn from torch.Generator().manual_seed(seed), then `iterations` rounds of the two
-        updates above on the queries' V. Codes: (X_q - mu_q) W R >= 0 and (X_g - mu_g) W R >= 0.
-    variant="sem-pcyc": AnjanDutta/sem-pcyc, src/itq.py (compressITQ, ITQ), step by step. Queries
-        and gallery are each centred on their own mean. W = the `bits` leading eigenvectors
-        (numpy.linalg.eigh, with the signs it returns) of the covariance of the centred **queries**
-        only: they fit on the test-set sketches, and with bits = D (their only setting) W holds
-        every component. R starts at the U of numpy's SVD of a (bits, bits) standard normal matrix
-        drawn after seeding numpy with `iterations` (they call np.random.seed(n_iter), n_iter = 50).
-        Then `iterations` rounds of B = sgn(V R) and their update, `UB, S, UA = svd(B^T V);
-        R = UA UB^T`, a port of MATLAB's [UB, S, UA] = svd(C); R = UA * UB'. numpy returns W_C^T
-        where MATLAB returns W_C, so this R = W_C^T U_C^T: orthogonal, but not the Procrustes
-        optimum, and it depends on the SVD's sign choices (flipping a pair u_i, w_i changes it), so
-        it is computed with numpy's SVD, as theirs. Codes: V R > 0 for the queries and
-        (X_g - mu_g) W R > 0 for the gallery.
-    Both fit in float64 on the CPU (a (Q + N, D) @ (D, bits) problem; SEM-PCYC centres in its
-    embeddings' float32); the codes come back on each input's device.
+    variant="textbook": exactly that, in float64 on the CPU; W's columns signed so that each one's
+        largest-magnitude entry is positive; R starts at the Q of the QR of a (bits, bits) standard
+        normal matrix from torch.Generator().manual_seed(seed); codes X W R >= 0.
+    variant="sem-pcyc": AnjanDutta/sem-pcyc src/itq.py (compressITQ, ITQ) step by step, with numpy, in
+        the embeddings' own precision as theirs (float32 from their model: centred in float32, then
+        float64 where numpy promotes); eigh's signs; R starts at the U of the SVD of randn(bits, bits)
+        after seeding numpy with `iterations`; their update R = W_C^T U_C^T (a port of MATLAB's
+        [UB, S, UA] = svd(C); R = UA * UB', with numpy's transposed third factor: orthogonal, but not
+        the Procrustes optimum); codes V R > 0.
+    docs/metrics.md ("Hashed retrieval") gives every step and its source; itq_stability tells how many
+    of the bits depend on rounding.
 
     Args:
         query_emb: (Q, D) float; gallery_emb: (N, D) float.
@@ -492,24 +536,62 @@ def itq_codes(query_emb: Tensor, gallery_emb: Tensor, bits: int = 64, variant: s
         iterations: alternations of the two updates (50 in both papers' code).
         seed: the textbook variant's initial rotation (SEM-PCYC's seed is `iterations`).
     Returns:
-        (Q, bits // 8) and (N, bits // 8) uint8: code bit j is bit 7 - j % 8 of byte j // 8
-        (numpy.packbits' order); compare them with hamming_distance or
+        (Q, bits // 8) and (N, bits // 8) uint8 on each input's device: code bit j is bit 7 - j % 8 of
+        byte j // 8 (numpy.packbits' order); compare them with hamming_distance or
         retrieval_metrics(..., score="hamming").
     """
     _check_itq(query_emb, gallery_emb, bits, variant, iterations)
-    xq = query_emb.detach().to("cpu", torch.float64)  # (Q, D)
-    xg = gallery_emb.detach().to("cpu", torch.float64)  # (N, D)
-    if variant == "textbook":
-        xq, xg = xq - xq.mean(0), xg - xg.mean(0)  # each side on its own mean, as SEM-PCYC centres them
-        with _one_thread():
-            pcs = _leading_components(xq.T @ xq / (xq.shape[0] - 1), bits)  # (D, bits), fitted on the queries
-            gen = torch.Generator().manual_seed(seed)
-            r0 = torch.linalg.qr(torch.randn(bits, bits, generator=gen, dtype=torch.float64)).Q
-            rot = _itq_rotation(xq @ pcs, r0, iterations)  # (bits, bits)
-        q_bits, g_bits = xq @ pcs @ rot >= 0, xg @ pcs @ rot >= 0  # (Q, bits), (N, bits)
-    else:
-        q_bits, g_bits = (torch.from_numpy(b) for b in _sem_pcyc_itq(xq.numpy(), xg.numpy(), bits, iterations))
+    q_bits, g_bits = _itq_bits(query_emb, gallery_emb, bits, variant, iterations, seed,
+                               _own_precision(variant, query_emb))
     return _pack_bits(q_bits).to(query_emb.device), _pack_bits(g_bits).to(gallery_emb.device)
+
+
+def itq_stability(query_emb: Tensor, gallery_emb: Tensor, bits: int = 64, variant: str = "textbook",
+                  iterations: int = 50, seed: int = 0) -> float:
+    """The fraction of all code bits, the queries' and the gallery's together, that change when itq_codes
+    centres the embeddings in the other precision (float32 <-> float64), every later step unchanged.
+
+    SEM-PCYC centres in the embeddings' own precision (float32 from their model), the textbook fit in
+    float64, so the two results are the codes of embeddings that differ only by the rounding of one
+    float32 subtraction (about 6e-8 of each value): 0 means rounding decides no bit. Above ITQ_UNSTABLE
+    the codes, and every metric on them, depend on rounding rather than on the embeddings: an
+    ill-conditioned fit, such as more bits than the queries' covariance has eigenvalues clear of 0 (fewer
+    queries than dimensions), or SEM-PCYC's update at long codes (docs/metrics.md, "Stability", has
+    measured figures). Costs two ITQ fits; the arguments are itq_codes'.
+    """
+    _check_itq(query_emb, gallery_emb, bits, variant, iterations)
+    own = _own_precision(variant, query_emb)
+    other = torch.float32 if own == torch.float64 else torch.float64
+    a = _itq_bits(query_emb, gallery_emb, bits, variant, iterations, seed, own)
+    b = _itq_bits(query_emb, gallery_emb, bits, variant, iterations, seed, other)
+    changed = sum(int((x != y).sum()) for x, y in zip(a, b))
+    return changed / ((query_emb.shape[0] + gallery_emb.shape[0]) * bits)
+
+
+def _own_precision(variant: str, query_emb: Tensor) -> torch.dtype:
+    """The precision a variant centres the embeddings in: textbook float64; sem-pcyc the embeddings' own, as
+    their numpy code computes on the arrays it is given (float32 for anything narrower)."""
+    if variant == "sem-pcyc" and query_emb.dtype != torch.float64:
+        return torch.float32
+    return torch.float64
+
+
+def _itq_bits(query_emb: Tensor, gallery_emb: Tensor, bits: int, variant: str, iterations: int, seed: int,
+              dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """itq_codes' (Q, bits) and (N, bits) bool codes on the CPU, with both sides centred in dtype (float32 or
+    float64); the textbook fit then runs in float64, sem-pcyc's numpy promotes as theirs does."""
+    xq = query_emb.detach().to("cpu", dtype)  # (Q, D)
+    xg = gallery_emb.detach().to("cpu", dtype)  # (N, D)
+    if variant == "sem-pcyc":
+        q_bits, g_bits = _sem_pcyc_itq(xq.numpy(), xg.numpy(), bits, iterations)
+        return torch.from_numpy(q_bits), torch.from_numpy(g_bits)
+    xq, xg = (xq - xq.mean(0)).double(), (xg - xg.mean(0)).double()  # each side on its own mean, as SEM-PCYC
+    with _one_thread():
+        pcs = _leading_components(xq.T @ xq / (xq.shape[0] - 1), bits)  # (D, bits), fitted on the queries
+        gen = torch.Generator().manual_seed(seed)
+        r0 = torch.linalg.qr(torch.randn(bits, bits, generator=gen, dtype=torch.float64)).Q
+        rot = _itq_rotation(xq @ pcs, r0, iterations)  # (bits, bits)
+    return xq @ pcs @ rot >= 0, xg @ pcs @ rot >= 0  # (Q, bits), (N, bits)
 
 
 def _check_itq(query_emb: Tensor, gallery_emb: Tensor, bits: int, variant: str, iterations: int) -> None:
@@ -564,18 +646,20 @@ def _itq_rotation(v: Tensor, rot: Tensor, iterations: int) -> Tensor:
 
 
 def _sem_pcyc_itq(xq: np.ndarray, xg: np.ndarray, bits: int, iterations: int) -> tuple[np.ndarray, np.ndarray]:
-    """SEM-PCYC's compressITQ (see itq_codes) on float64 (Q, D) and (N, D) arrays -> (Q, bits), (N, bits) bool."""
-    xq = xq - xq.mean(0, keepdims=True)
-    xg = xg - xg.mean(0, keepdims=True)
+    """SEM-PCYC's compressITQ (see itq_codes) on float32 or float64 (Q, D) and (N, D) arrays -> (Q, bits),
+    (N, bits) bool, with their promotions: they centre in the arrays' precision, np.cov computes in float64,
+    and a float32 array times the float64 components is float64."""
+    xq = xq - np.mean(xq, axis=0, keepdims=True)
+    xg = xg - np.mean(xg, axis=0, keepdims=True)
     vals, vecs = np.linalg.eigh(np.cov(xq, rowvar=False), "U")
-    pcs = vecs[:, np.argsort(vals)[::-1]][:, :bits]  # (D, bits), largest eigenvalue first
-    v = xq @ pcs  # (Q, bits)
+    pcs = vecs[:, np.argsort(vals)[::-1]][:, :bits]  # (D, bits) float64, largest eigenvalue first
+    v = np.matmul(xq, pcs)  # (Q, bits) float64
     rot = np.linalg.svd(np.random.RandomState(iterations).randn(bits, bits))[0]  # their seed is n_iter
     for _ in range(iterations):
         b = np.where(v @ rot >= 0, 1.0, -1.0)
         ub, _, ua = np.linalg.svd(b.T @ v)  # ua is W_C^T: numpy's third factor is transposed
         rot = ua @ ub.T
-    return v @ rot > 0, xg @ pcs @ rot > 0
+    return v @ rot > 0, np.matmul(xg, pcs) @ rot > 0
 
 
 def _pack_bits(code_bits: Tensor) -> Tensor:
@@ -637,20 +721,11 @@ def fine_grained_accuracy(query_emb: Tensor, gallery_emb: Tensor, target_index: 
                                                     scoring as high as the target (a tie) counts against it
         acc@k   = (1/Q) sum_i [rank_i <= k]
 
-    Ties take the last position of their group, as everywhere in metrics.py. The target's score is
-    read from the same (chunk, N) score matrix as the others', so it ties with itself exactly.
-
-    Follows Sketch_LVM (aneeshan95/Sketch_LVM, commit 432c504, "Add basic code for ZS-SBIR"):
-    src/model_LN_prompt.py, validation_epoch_end, branch opts.instance_level: rank[idx] =
-    dist.le(trgt_dist).sum() with dist = 1 - cosine (the same rank), top1 = rank <= 1,
-    top10 = rank <= 10, meanK = mean rank. That branch was deleted on 2023-07-28 (commit e204ac0);
-    the current README says the fine-grained code will be uploaded later. Its gallery is
-    gallery_feat_all: one row per query sketch, holding the sketch's own paired photo
-    (src/dataset_retrieval.py: photo `<sketch file name before '-'>.jpg`), all unseen classes mixed.
-    A photo drawn by m sketches is there m times, and its m - 1 copies tie with the target (up to the
-    rounding of their separate distance call), which pushes rank up by up to m - 1. This function
-    ranks whatever gallery it is given: to count each photo once, pass the unique photos and point
-    target_index at each sketch's photo.
+    Ties take the last position of their group (the rank Sketch_LVM computes, dist.le(trgt_dist).sum(), in
+    its deleted instance-level branch; docs/metrics.md, "Fine-grained acc@k", gives the source and its
+    gallery of one paired photo per sketch). The target's score is read from the same (chunk, N) score
+    matrix as the others', so it ties with itself exactly. This function ranks whatever gallery it is given:
+    to count each photo once, pass the unique photos and point target_index at each sketch's photo.
 
     Args:
         query_emb: (Q, D) float embeddings, or (Q, C) uint8 codes with score="hamming".
@@ -662,6 +737,26 @@ def fine_grained_accuracy(query_emb: Tensor, gallery_emb: Tensor, target_index: 
     Returns:
         {"acc@k": float for each k, "mean_rank": float, "rank": (Q,) int64 on the CPU}.
     """
+    target = _check_fine_grained(query_emb, gallery_emb, target_index, ks, score, chunk_size)
+    device = query_emb.device
+    gallery = gallery_emb.to(device)
+    if score == "cosine":
+        gallery = _unit(gallery)
+    target = target.to(device=device, dtype=torch.long)
+    rank = torch.empty(query_emb.shape[0], dtype=torch.long)
+    for s in range(0, query_emb.shape[0], chunk_size):
+        scores = _scores(query_emb[s:s + chunk_size], gallery, score)  # (B, N)
+        own = scores.gather(1, target[s:s + chunk_size, None])  # (B, 1) the target's score
+        rank[s:s + chunk_size] = (scores >= own).sum(1).cpu()
+    out = {f"acc@{k}": (rank <= k).double().mean().item() for k in ks}
+    out["mean_rank"] = rank.double().mean().item()
+    out["rank"] = rank
+    return out
+
+
+def _check_fine_grained(query_emb: Tensor, gallery_emb: Tensor, target_index: Tensor, ks: Sequence[int],
+                        score: str, chunk_size: int) -> Tensor:
+    """fine_grained_accuracy's arguments -> target_index as a tensor, or a ValueError that says what is wrong."""
     if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
         raise ValueError(f"expected (Q, D) and (N, D) inputs, got {tuple(query_emb.shape)} and "
                          f"{tuple(gallery_emb.shape)}")
@@ -680,17 +775,4 @@ def fine_grained_accuracy(query_emb: Tensor, gallery_emb: Tensor, target_index: 
         raise ValueError("ks and chunk_size must be positive")
     if score == "cosine" and not (torch.isfinite(query_emb).all() and torch.isfinite(gallery_emb).all()):
         raise ValueError("embeddings contain NaN or inf")
-    device = query_emb.device
-    gallery = gallery_emb.to(device)
-    if score == "cosine":
-        gallery = _unit(gallery)
-    target = target.to(device=device, dtype=torch.long)
-    rank = torch.empty(num_q, dtype=torch.long)
-    for s in range(0, num_q, chunk_size):
-        scores = _scores(query_emb[s:s + chunk_size], gallery, score)  # (B, N)
-        own = scores.gather(1, target[s:s + chunk_size, None])  # (B, 1) the target's score
-        rank[s:s + chunk_size] = (scores >= own).sum(1).cpu()
-    out = {f"acc@{k}": (rank <= k).double().mean().item() for k in ks}
-    out["mean_rank"] = rank.double().mean().item()
-    out["rank"] = rank
-    return out
+    return target

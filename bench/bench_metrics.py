@@ -2,6 +2,7 @@
 
     python bench/bench_metrics.py                  # 12,700 queries x 12,500 photos, 25 classes, 512-d
     python bench/bench_metrics.py --device cuda    # the same on a GPU (sklearn stays on the CPU)
+    python bench/bench_metrics.py --no-speed       # only (f), ITQ's stability (about 30 s on 2 CPU cores)
 
 Prints, from one run: (a) the similarity matrix alone (one matmul), (b) the project's full metric
 suite (mAP@all, P@100, mAP@200, P@200, per-class AP; standard convention) from the embeddings,
@@ -9,8 +10,13 @@ suite (mAP@all, P@100, mAP@200, P@200, per-class AP; standard convention) from t
 extrapolated to all of them; the ratios (c)/(b) and (b)/(a), and the peak memory of (b); (d) the hashed
 evaluation of the same embeddings: ITQ codes of --bits bits (metrics.itq_codes, --itq_variant) and the same
 metric suite ranking by Hamming distance (score="hamming"); and (e) the metric suite on the GZS form of the
-problem (20% more queries and photos, from seen classes).
-Targets: (c)/(b) >= 10 and (b)/(a) <= 3 (issue 3); (d) and (e) at most 1.2x (b) (issue 22).
+problem (20% more queries and photos, from seen classes); (f) metrics.itq_stability, the share of ITQ code bits
+that the precision the embeddings are centred in decides, on a well-conditioned problem (64 bits of clustered
+512-d embeddings whose noise scales decay by 0.97 a dimension, 2,000 queries) and on an ill-conditioned one shaped
+like issue 30's (400 queries x 1,669 photos of 200 classes, 512-d: the queries' covariance has rank <= 399, so
+its trailing eigenvalues are 0 up to rounding), at 64 to 512 bits.
+Targets: (c)/(b) >= 10 and (b)/(a) <= 3 (issue 3); (d) and (e) at most 1.2x (b) (issue 22); (f): 0 on the
+well-conditioned problem, above metrics.ITQ_UNSTABLE on the ill-conditioned one at 512 bits (issue 30).
 Times are the best of --repeats runs.
 """
 import argparse
@@ -42,6 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=64, help="hash code length of (d)")
     p.add_argument("--itq_variant", type=str, default="textbook", choices=("textbook", "sem-pcyc"),
                    help="ITQ fit of (d) (metrics.itq_codes)")
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="run (a) to (e)")
+    p.add_argument("--stability", action=argparse.BooleanOptionalAction, default=True, help="run (f)")
     return p
 
 
@@ -70,6 +78,47 @@ def gzs_problem(args, q, ql, g, gl, device):
     return torch.cat([sq, q]), torch.cat([seen_q, ql]), torch.cat([sg, g]), torch.cat([seen_g, gl])
 
 
+def decaying_problem(queries: int, gallery: int, classes: int, dim: int, decay: float, seed: int):
+    """Clustered embeddings whose class centres and noise both scale dimension i by decay^i: the covariance's
+    leading eigenvalues then lie apart by about 1 - decay^2 of themselves. (Q, D) and (N, D) float32."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = decay ** torch.arange(dim, dtype=torch.float64)  # (D,)
+    centres = torch.randn(classes, dim, generator=gen, dtype=torch.float64) * scale
+    q_labels = torch.randint(classes, (queries,), generator=gen)
+    g_labels = torch.randint(classes, (gallery,), generator=gen)
+    q = centres[q_labels] + torch.randn(queries, dim, generator=gen, dtype=torch.float64) * scale
+    g = centres[g_labels] + torch.randn(gallery, dim, generator=gen, dtype=torch.float64) * scale
+    return q.float(), g.float()
+
+
+def spectrum_note(q: torch.Tensor, bits: int) -> str:
+    """The queries' covariance eigenvalues that `bits` components keep: largest, smallest, smallest relative gap."""
+    vals = torch.linalg.eigvalsh(torch.cov(q.double().T)).flip(0)  # descending
+    gaps = (vals[:bits - 1] - vals[1:bits]) / vals[:bits - 1].abs()
+    return (f"eigenvalues {vals[0]:.2e} .. {vals[bits - 1]:.2e} (of the {bits} kept), smallest gap "
+            f"{gaps.min():.1e} of the larger")
+
+
+def stability(args) -> None:
+    """(f): metrics.itq_stability of both variants on a well- and an ill-conditioned problem (float32 inputs)."""
+    print("(f) ITQ stability: share of code bits (queries and photos) that change when the embeddings are centred "
+          f"in the other precision (metrics.itq_stability; warning above ITQ_UNSTABLE = {metrics.ITQ_UNSTABLE})")
+    cases = [(f"well-conditioned: 2000 x 2000, 25 classes, 512-d, scales 0.97^i, seed {s}",
+              *decaying_problem(2000, 2000, 25, 512, 0.97, s), (64,)) for s in range(args.seed, args.seed + 3)]
+    shape = argparse.Namespace(queries=400, gallery=1669, classes=200, dim=512, structure=args.structure,
+                               seed=args.seed)
+    q, _, g, _ = make_problem(shape, torch.device("cpu"))
+    cases.append((f"ill-conditioned: 400 x 1669, 200 classes, 512-d, isotropic noise, seed {args.seed}", q, g,
+                   (64, 256, 512)))
+    for name, q, g, bit_counts in cases:
+        print(f"    {name}")
+        for bits in bit_counts:
+            start = time.perf_counter()
+            figures = [f"{v} {metrics.itq_stability(q, g, bits=bits, variant=v):.6f}" for v in metrics.ITQ_VARIANTS]
+            print(f"      {bits:3d} bits: {'  '.join(figures)}   ({spectrum_note(q, bits)}; "
+                  f"{time.perf_counter() - start:.1f} s)")
+
+
 def timed(fn, repeats: int, device) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -84,6 +133,14 @@ def timed(fn, repeats: int, device) -> tuple[float, object]:
 
 
 def main(args) -> None:
+    if args.speed:
+        speed(args)
+    if args.stability:
+        stability(args)
+
+
+def speed(args) -> None:
+    """(a) to (e)."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads; "
@@ -142,7 +199,7 @@ def main(args) -> None:
     hs = res_hash["protocols"]["standard"]
     print(f"(d) hashed, {args.bits}-bit ITQ ({args.itq_variant}): mAP@all {hs['map_all']:.4f}  "
           f"P@100 {hs['p@100']:.4f}  mAP@200 {hs['map@200']:.4f}  P@200 {hs['p@200']:.4f}  "
-          "(a tie group of equal distances takes its last position)")
+          "(ties: AP at a tie group's last position, P@K and the top-K cut in expectation over its orders)")
     print(f"    ITQ fit and codes                      {t_fit:8.3f} s")
     print(f"    full metric suite on the codes         {t_hash:8.3f} s   (Hamming distances of 512 queries alone: "
           f"{t_ham:.3f} s, x{args.queries / 512:.1f} for all)")

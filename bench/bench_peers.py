@@ -8,9 +8,13 @@ src/utils.py are imported from there at run time, never copied here. --sketch_lv
 aneeshan95/Sketch_LVM at commit 432c504 (the last one with the fine-grained branch); without it that row is
 skipped. Each row runs their function and ours on the same arrays and prints the largest |difference|:
 
-  hashing   their compressITQ codes vs metrics.itq_codes(variant="sem-pcyc") (differing bits, bits = D), then
-            their apsak / precak on exp(-Hamming fraction) of their codes vs metrics.retrieval_metrics(...,
-            score="hamming", protocols=("sem-pcyc",)) on the same codes, packed.
+  hashing   their compressITQ codes vs metrics.itq_codes(variant="sem-pcyc") (differing bits, bits = D), on the
+            embeddings in float64 and in float32 (what their model gives compressITQ); the share of bits that the
+            precision alone changes in their code vs metrics.itq_stability; then their apsak / precak on
+            exp(-Hamming fraction) of their (float64) codes vs metrics.retrieval_metrics(..., score="hamming",
+            protocols=("sem-pcyc",)) on the same codes, packed. Their argsort breaks the ties at place K in some
+            order; beside P@K the bench prints the range [min, max] of P@K over every order of the tied photos
+            (tie_range, exact) and checks that ours, the mean over those orders, and theirs lie in it.
   float     their apsak / precak on exp(-euclidean) vs retrieval_metrics(..., protocols=("sem-pcyc",)).
   fg        Sketch_LVM's Model.validation_epoch_end (instance_level branch) vs metrics.fine_grained_accuracy.
 
@@ -99,18 +103,18 @@ def from_file(path: str):
     return unit64(q), run["query_labels"].numpy(), unit64(g), run["gallery_labels"].numpy(), *(fg or (None, None))
 
 
-def boundary_ties(dist: np.ndarray, rel: np.ndarray, k: int):
-    """Per query: relevant items of rank <= k (a tie group takes its last position); the most relevant items of
-    the tie group straddling position k that any order of that group could bring into the top k (0 if none
-    straddles); whether a straddling group holds a relevant item."""
+def tie_range(dist: np.ndarray, rel: np.ndarray, k: int):
+    """Per query (Q,): the relevant items among the first k places (k <= N) that the orders of the tied items
+    allow, fewest and most, and their mean over those orders; and whether place k cuts a tie group holding
+    relevant items. The tie group at the k-th smallest distance gets the places of the first k that the
+    items strictly closer leave, `slots` of its m; of its r relevant items at least slots - (m - r) and at
+    most min(r, slots) land there, and slots * r / m on average over its orders."""
     d_k = np.partition(dist, k - 1, axis=1)[:, k - 1:k]  # (Q, 1) k-th smallest distance
     below, at = dist < d_k, dist == d_k
-    n_below = below.sum(1)
-    straddles = n_below + at.sum(1) > k
-    rel_at = (at & rel).sum(1)
-    inside = (below & rel).sum(1) + np.where(straddles, 0, rel_at)  # what rank <= k counts
-    extra = np.where(straddles, np.minimum(rel_at, k - n_below), 0)
-    return inside, extra, straddles & (rel_at > 0)
+    slots, m, r = k - below.sum(1), at.sum(1), (at & rel).sum(1)  # slots == m when the group fits
+    ahead = (below & rel).sum(1)
+    lo, hi = ahead + np.maximum(0, slots - (m - r)), ahead + np.minimum(r, slots)
+    return lo, hi, ahead + slots * r / m, (slots < m) & (r > 0)
 
 
 def ours_cat(q, ql, g, gl, score: str):
@@ -150,35 +154,71 @@ def hashing_rows(rows, sp_itq, sp_utils, q, ql, g, gl) -> None:
         rows.append(("64-bit hashing", "-", "-", float("nan"), f"skipped: D = {bits} is not a multiple of 8"))
         return
     their_q, their_g = sp_itq.compressITQ(q, g)  # (Q, D), (N, D) bool: their bits = D
-    our_q, our_g = metrics.itq_codes(torch.from_numpy(q), torch.from_numpy(g), bits=bits, variant="sem-pcyc")
     packed_q, packed_g = np.packbits(their_q, axis=1), np.packbits(their_g, axis=1)
-    differ = int(np.unpackbits(packed_q ^ our_q.numpy()).sum() + np.unpackbits(packed_g ^ our_g.numpy()).sum())
-    rows.append((f"{bits}-bit codes", "itq_codes(variant='sem-pcyc')", "src/itq.py:compressITQ", differ,
-                 f"differing bits of {(len(q) + len(g)) * bits}"))
+    stability_rows(rows, sp_itq, q, g, (their_q, their_g))
     sim = np.exp(-cdist(their_q, their_g, metric="hamming"))  # src/test.py main(), transcribed
     str_sim = (ql[:, None] == gl[None, :]) * 1  # src/test.py main(), transcribed
     theirs = theirs_cat(sp_utils, sim, str_sim)
     ours = ours_cat(torch.from_numpy(packed_q), ql, torch.from_numpy(packed_g), gl, score="hamming")
     dist = metrics.hamming_distance(torch.from_numpy(packed_q), torch.from_numpy(packed_g)).numpy()
     rel = str_sim.astype(bool)
-    ties = {k: boundary_ties(dist, rel, k) for k in (*KS, 200)}
+    n = dist.shape[1]
+    ties = {k: tie_range(dist, rel, min(k, n)) for k in (*KS, 200)}
 
     def p_note(k):
+        valid = rel.any(1)  # ours averages the queries with R > 0; precak all of them, R = 0 ones as 0
+
         def note(their_p):
-            inside, extra, _ = ties[k]
-            lo, hi = inside.mean() / k, (inside + extra).mean() / k
-            ok = lo - 1e-12 <= their_p <= hi + 1e-12
-            return (f"; any order of the ties allows [{lo:.6f}, {hi:.6f}] (ours is its lower end): "
-                    f"{'within' if ok else 'OUTSIDE'}, {int((extra > 0).sum())} queries cut a tie group at {k}")
+            lo, hi, mean = (x[valid].mean() / min(k, n) for x in ties[k][:3])  # P@K = hits / min(K, N), as prec's
+            slack = 1e-12  # float64 means of at most a few thousand ratios: far below the 1/(Q K) steps of P@K
+            span = [lo, hi] if valid.all() else [x.mean() / min(k, n) for x in ties[k][:2]]
+            text = (f"; any order of the ties allows [{lo:.6f}, {hi:.6f}]: ours "
+                    f"{'within' if lo - slack <= ours[f'p@{k}'] <= hi + slack else 'OUTSIDE'} (the mean over the "
+                    f"orders, {mean:.6f}: {'yes' if abs(ours[f'p@{k}'] - mean) <= slack else 'NO'}), theirs "
+                    f"{'within' if span[0] - slack <= their_p <= span[1] + slack else 'OUTSIDE'}")
+            if not valid.all():
+                skipped = int((~valid).sum())
+                text += (f" [{span[0]:.6f}, {span[1]:.6f}] (their mean also counts the {skipped} "
+                         f"quer{'y' if skipped == 1 else 'ies'} without a relevant photo, as 0)")
+            return text + f"; {int(ties[k][3].sum())} queries cut a tie group holding relevant items at {k}"
         return note
 
     def ap_note(diff):
-        cut = ties[200][2]
+        cut = ties[200][3]
         off = diff > 1e-12
         return (f"; {int(off.sum())} queries differ, all among the {int(cut.sum())} whose top 200 cuts a tie group"
                 f" holding relevant items: {'yes' if not (off & ~cut).any() else 'NO'}")
 
     compare_cat(rows, f"{bits}-bit Hamming", ours, theirs, {"ap@200": ap_note, **{k: p_note(k) for k in KS}})
+
+
+def differing_bits(a: tuple, b: tuple) -> int:
+    """Bits that differ between two (queries, gallery) code pairs, each (n, bits) bool or (n, bits / 8) packed."""
+    def unpacked(x):
+        x = np.asarray(x)
+        return np.unpackbits(x, axis=1).astype(bool) if x.dtype == np.uint8 else x.astype(bool)
+    return int(sum((unpacked(x) != unpacked(y)).sum() for x, y in zip(a, b)))
+
+
+def stability_rows(rows, sp_itq, q, g, their64) -> None:
+    """Their codes against ours in float64 (what the rows below rank) and in float32 (what their model feeds
+    compressITQ in src/test.py), and how many bits the precision alone changes, in their code and by
+    metrics.itq_stability."""
+    bits, total = q.shape[1], (len(q) + len(g)) * q.shape[1]
+    q32, g32 = q.astype(np.float32), g.astype(np.float32)
+    for name, (a, b), theirs in (("", (q, g), their64), (", float32", (q32, g32), sp_itq.compressITQ(q32, g32))):
+        ours = metrics.itq_codes(torch.from_numpy(a), torch.from_numpy(b), bits=bits, variant="sem-pcyc")
+        rows.append((f"{bits}-bit codes{name}", "itq_codes(variant='sem-pcyc')", "src/itq.py:compressITQ",
+                     differing_bits(theirs, tuple(x.numpy() for x in ours)),
+                     f"differing bits of {total}; embeddings in {a.dtype}"))
+        if name:
+            their_from64 = sp_itq.compressITQ(q32.astype(np.float64), g32.astype(np.float64))
+            theirs_changed = differing_bits(theirs, their_from64) / total
+            ours_changed = metrics.itq_stability(torch.from_numpy(a), torch.from_numpy(b), bits, "sem-pcyc")
+            rows.append((f"{bits}-bit code stability", "itq_stability(variant='sem-pcyc')",
+                         "compressITQ on float32 vs float64", abs(ours_changed - theirs_changed),
+                         f"bits changed by the embeddings' precision alone: {ours_changed:.6f} vs "
+                         f"{theirs_changed:.6f} of {total}; metrics.ITQ_UNSTABLE = {metrics.ITQ_UNSTABLE}"))
 
 
 def fine_grained_rows(rows, lvm_dir: str, sketches: torch.Tensor, gallery_all: torch.Tensor) -> None:

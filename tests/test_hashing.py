@@ -12,7 +12,8 @@ import torch
 from sklearn.metrics import average_precision_score
 
 import metrics
-from test_metrics import PROTOCOLS, assert_matches_reference, dyadic_embeddings, reference_query
+from test_metrics import (PROTOCOLS, assert_expected_over_tie_orders, assert_matches_reference, dyadic_embeddings,
+                          reference_query)
 
 EPS = np.finfo(np.float64).eps
 
@@ -38,9 +39,11 @@ def assert_clear_of_zero(projected: np.ndarray, margin: float = 1e-8) -> None:
 # ------------------------------------------------------------------------------------ textbook ITQ
 
 
-def reference_textbook_itq(xq: np.ndarray, xg: np.ndarray, bits: int, iterations: int, seed: int):
+def reference_textbook_itq(xq: np.ndarray, xg: np.ndarray, bits: int, iterations: int, seed: int,
+                           margin: float = 1e-8):
     """itq_codes(variant="textbook") from its docstring, with scipy's orthogonal Procrustes solver
-    (argmin_R ||V R - B||_F over orthogonal R) for the rotation."""
+    (argmin_R ||V R - B||_F over orthogonal R) for the rotation; every projection whose sign it takes lies
+    at least `margin` of the largest from 0 (assert_clear_of_zero)."""
     xq, xg = xq - xq.mean(axis=0), xg - xg.mean(axis=0)  # each side on its own mean
     vals, vecs = np.linalg.eigh(np.cov(xq, rowvar=False))  # fitted on the queries
     pcs = vecs[:, np.argsort(vals)[::-1][:bits]]
@@ -52,11 +55,11 @@ def reference_textbook_itq(xq: np.ndarray, xg: np.ndarray, bits: int, iterations
     v = xq @ pcs
     for _ in range(iterations):
         projected = v @ rot
-        assert_clear_of_zero(projected)
+        assert_clear_of_zero(projected, margin)
         b = np.where(projected >= 0, 1.0, -1.0)
         rot = scipy.linalg.orthogonal_procrustes(v, b)[0]
     q_proj, g_proj = xq @ pcs @ rot, xg @ pcs @ rot
-    assert_clear_of_zero(np.concatenate([q_proj, g_proj]))
+    assert_clear_of_zero(np.concatenate([q_proj, g_proj]), margin)
     return q_proj >= 0, g_proj >= 0, rot, v
 
 
@@ -109,8 +112,10 @@ def test_textbook_quantisation_loss_never_increases():
 
 
 def reference_sem_pcyc_itq(xq: np.ndarray, xg: np.ndarray, bits: int, n_iter: int):
-    """The SEM-PCYC procedure described in metrics.itq_codes, written out with their names and steps,
-    seeding numpy's global generator as they do (its state is restored afterwards)."""
+    """The SEM-PCYC procedure described in metrics.itq_codes, written out with their names and steps on the
+    arrays as given (float32 from their model: numpy centres in float32, np.cov and the products with the
+    float64 components promote to float64), seeding numpy's global generator as they do (its state is
+    restored afterwards). bits < D keeps the leading components, which their code (bits = D) has no need to."""
     xtrain = xq - np.mean(xq, axis=0, keepdims=True)
     xtest = xg - np.mean(xg, axis=0, keepdims=True)
     c = np.cov(xtrain, rowvar=False)
@@ -135,13 +140,14 @@ def reference_sem_pcyc_itq(xq: np.ndarray, xg: np.ndarray, bits: int, n_iter: in
     return xxtrain @ r > 0, xxtest @ r > 0, xxtrain @ r, xxtest @ r
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bits,iterations", [(16, 50), (8, 50), (16, 7)])
-def test_sem_pcyc_itq_matches_numpy_port(bits, iterations):
-    q, g = make_embeddings(10 + bits)
+def test_sem_pcyc_itq_matches_numpy_port(bits, iterations, dtype):
+    """Bit for bit, in the embeddings' own precision: the same numpy calls on the same arrays (float32 is what
+    their model gives their compressITQ), so no tolerance and no margin from 0 is needed."""
+    q, g = (x.to(dtype) for x in make_embeddings(10 + bits))
     q_codes, g_codes = metrics.itq_codes(q, g, bits=bits, variant="sem-pcyc", iterations=iterations)
-    ref_q, ref_g, q_proj, g_proj = reference_sem_pcyc_itq(q.double().numpy(), g.double().numpy(), bits,
-                                                          iterations)
-    assert_clear_of_zero(np.concatenate([q_proj, g_proj]))
+    ref_q, ref_g, _, _ = reference_sem_pcyc_itq(q.numpy(), g.numpy(), bits, iterations)
     assert np.array_equal(unpack(q_codes), ref_q)
     assert np.array_equal(unpack(g_codes), ref_g)
 
@@ -166,6 +172,49 @@ def test_both_variants_fit_on_the_queries_only(variant):
     q_codes_other_gallery, g_codes_shifted = metrics.itq_codes(q, g + 1, bits=16, variant=variant)
     assert torch.equal(q_codes, q_codes_other_gallery)  # the gallery plays no part in the fit
     assert torch.equal(g_codes, g_codes_shifted)  # and is centred on its own mean
+
+
+# ------------------------------------------------------------------------------------ stability
+
+
+def test_itq_stability_counts_the_bits_that_the_precision_changes():
+    """sem-pcyc centres in the embeddings' own precision, so its stability is the share of bits that differ
+    between its codes of float32 embeddings and of the same values in float64 (an ill-conditioned case, so
+    that some do: 32 bits from 20 queries, whose covariance has rank 19)."""
+    q, g = make_embeddings(50, q=20, n=30, dim=32)
+    a, b = metrics.itq_codes(q, g, bits=32, variant="sem-pcyc"), metrics.itq_codes(q.double(), g.double(), bits=32,
+                                                                                     variant="sem-pcyc")
+    changed = sum(int((unpack(x) != unpack(y)).sum()) for x, y in zip(a, b))
+    stability = metrics.itq_stability(q, g, bits=32, variant="sem-pcyc")
+    assert changed > 0 and stability == changed / ((20 + 30) * 32)
+    assert metrics.itq_stability(q.double(), g.double(), bits=32, variant="sem-pcyc") == stability  # symmetric
+
+
+@pytest.mark.parametrize("variant", ["textbook", "sem-pcyc"])
+def test_itq_stability_is_zero_when_well_conditioned(variant):
+    """16-d embeddings with per-dimension scales 3 .. 0.5 and 40 queries: the covariance's eigenvalues are well
+    apart. Centring in the other precision moves each centred value by one float32 rounding, about 6e-8 of it,
+    and a projection (16 terms) by about 1e-6 of the largest at most; the fit's projections lie at least 1e-5 of
+    the largest from 0 (the textbook reference checks those of every round, the sem-pcyc one those of the
+    codes), so no sign changes."""
+    q, g = make_embeddings(62)
+    for bits in (8, 16):
+        if variant == "sem-pcyc":
+            *_, q_proj, g_proj = reference_sem_pcyc_itq(q.double().numpy(), g.double().numpy(), bits, 50)
+            assert_clear_of_zero(np.concatenate([q_proj, g_proj]), margin=1e-5)
+        else:
+            reference_textbook_itq(q.double().numpy(), g.double().numpy(), bits, 50, 0, margin=1e-5)
+        assert metrics.itq_stability(q, g, bits=bits, variant=variant) == 0.0
+
+
+@pytest.mark.parametrize("variant", ["textbook", "sem-pcyc"])
+def test_itq_stability_is_large_when_ill_conditioned(variant):
+    """32 bits of 32-d embeddings from 20 queries: their covariance has rank at most 19, so 13 of the 32
+    components are eigenvectors of eigenvalues that are 0 up to rounding, which the rounding picks; the
+    gallery's bits along them follow. The caller's warning fires."""
+    q, g = make_embeddings(70, q=20, n=30, dim=32)
+    stability = metrics.itq_stability(q, g, bits=32, variant=variant)
+    assert metrics.ITQ_UNSTABLE < stability <= 1.0
 
 
 # ------------------------------------------------------------------------------ bits and errors
@@ -268,7 +317,8 @@ def reference_hamming_metrics(qc, q_labels, gc, g_labels, ks, pr_points):
 
 
 @pytest.mark.parametrize("num_bytes,chunk_size", [(1, 512), (1, 3), (2, 7)])
-def test_every_protocol_on_codes_matches_reference(num_bytes, chunk_size):
+def test_every_protocol_on_codes_matches_reference(monkeypatch, num_bytes, chunk_size):
+    monkeypatch.setattr(metrics, "CHUNK_SIZE", chunk_size)
     gen = torch.Generator().manual_seed(num_bytes * 100 + chunk_size)
     g_labels = torch.arange(4).repeat_interleave(torch.tensor([2, 5, 12, 21]))  # N = 40, R from 2 to 21
     q_labels = torch.arange(5).repeat_interleave(3)  # class 4 has no photo: excluded, counted
@@ -277,13 +327,15 @@ def test_every_protocol_on_codes_matches_reference(num_bytes, chunk_size):
     gc = class_code[g_labels] ^ metrics._pack_bits(flips)
     qc = class_code[q_labels] ^ metrics._pack_bits(torch.rand(len(q_labels), num_bytes * 8, generator=gen) < 0.25)
     ks = (1, 4, 10, 21, 50)
-    got = metrics.retrieval_metrics(qc, q_labels, gc, g_labels, ks=ks, protocols=PROTOCOLS, chunk_size=chunk_size,
-                                    pr_points=11, score="hamming")
+    got = metrics.retrieval_metrics(qc, q_labels, gc, g_labels, ks=ks, protocols=PROTOCOLS, pr_points=11,
+                                    score="hamming")
     ref = reference_hamming_metrics(qc, q_labels, gc, g_labels, ks, 11)
     assert got["num_queries_without_relevant"] == 3
-    # Ranks are exact integers on either side; float64 values differ by at most the rounding of sums
-    # of at most N = 40 terms in [0, 1] (2 n u, Higham 2002, section 4.2).
-    assert_matches_reference(got, ref, ks, tol=2 * 40 * EPS)
+    # Ranks are exact integers on either side. A per-query value is at most (3 R + 8) u from its exact value
+    # here (test_metrics.assert_expected_over_tie_orders derives it) and (R + 8) u in the reference (a rounding
+    # per weight, precision, product and sum term, and the mix of the interpolations), R <= 21; a mean over
+    # the Q = 15 queries adds Q u on each side (u = EPS / 2; Higham 2002, section 4.2).
+    assert_matches_reference(got, ref, ks, tol=(4 * 21 + 16 + 2 * 15) * EPS / 2)
 
 
 def test_ranks_from_distance_histograms_match_the_score_counting():
@@ -291,16 +343,17 @@ def test_ranks_from_distance_histograms_match_the_score_counting():
     gen = torch.Generator().manual_seed(3)
     dist = torch.randint(0, 9, (6, 40), generator=gen, dtype=torch.int32)  # 9 levels: ties everywhere
     for start, stop in ((0, 1), (5, 17), (0, 40)):
-        rank, hits = metrics._ranks_of_relevant_distances(dist, start, stop, 9)
-        want_rank, want_hits = metrics._ranks_of_relevant(-dist.float(), start, stop)
-        assert rank.dtype == torch.int64 and torch.equal(rank, want_rank) and torch.equal(hits, want_hits)
-    rank, hits = metrics._ranks_of_relevant_distances(torch.tensor([[2, 0, 2, 1]]), 2, 4, 3)
+        got = metrics._ranks_of_relevant_distances(dist, start, stop, 9)
+        want = metrics._ranks_of_relevant(-dist.float(), start, stop)
+        assert all(a.dtype == torch.int64 and torch.equal(a, b) for a, b in zip(got, want))
+    rank, hits, before = metrics._ranks_of_relevant_distances(torch.tensor([[2, 0, 2, 1]]), 2, 4, 3)
     assert rank.tolist() == [[2, 4]] and hits.tolist() == [[1, 2]]  # by hand: d = 1 then d = 2 (tied with col 0)
+    assert before.tolist() == [[1, 2]]  # ahead of d = 1: the d = 0 item; of d = 2: d = 0 and d = 1
 
 
 def test_hamming_ties_take_the_last_position():
     """Query 0x00; gallery at distances 1 (relevant), 1, 2 (relevant), 0. The distance-1 group holds
-    ranks 2-3 and takes rank 3; the top 2 therefore holds only the distance-0 photo."""
+    ranks 2-3 and takes rank 3 for AP; place 2 cuts it, and half its orders put its relevant photo there."""
     qc = torch.tensor([[0x00]], dtype=torch.uint8)
     gc = torch.tensor([[0x01], [0x02], [0x03], [0x00]], dtype=torch.uint8)
     q_labels, g_labels = torch.tensor([1]), torch.tensor([1, 0, 1, 0])
@@ -308,7 +361,8 @@ def test_hamming_ties_take_the_last_position():
     std = res["protocols"]["standard"]
     assert std["map_all"] == pytest.approx((1 / 3 + 2 / 4) / 2, abs=1e-15)
     assert std["map_all"] == pytest.approx(average_precision_score([1, 0, 1, 0], [-1, -1, -2, 0]), abs=1e-15)
-    assert std["p@2"] == 0.0  # a tie group straddling K counts as outside the top K
+    assert std["p@2"] == 0.25  # E[hits@2] = 0 + (2 - 1) * 1 / 2 relevant photos, over K = 2 places
+    assert std["map@2"] == (1 / 3) / 2 / 2  # P = 1/3, counted with chance 1/2, over min(R, K) = 2
     assert std["p@3"] == pytest.approx(1 / 3, abs=1e-15)
     for order in ([3, 2, 1, 0], [1, 0, 3, 2]):  # the gallery's order does not matter
         again = metrics.retrieval_metrics(qc, q_labels, gc[order], g_labels[order], ks=(2, 3),
@@ -316,6 +370,23 @@ def test_hamming_ties_take_the_last_position():
         for name in PROTOCOLS:
             a, b = res["protocols"][name], again["protocols"][name]
             assert [a[k] for k in ("map_all", "p@2", "p@3")] == [b[k] for k in ("map_all", "p@2", "p@3")]
+
+
+def test_tie_orders_hamming_mean_over_every_order():
+    """Codes that differ in 2 of 8 bits (distances 0 to 2 from the query: large tie groups) on galleries of 6
+    and 7: every protocol's P@K and AP@K against the mean over all orders of the tied photos, at every K."""
+    gen = torch.Generator().manual_seed(12)
+    straddling = 0
+    for n in (6, 7, 6, 7):
+        qc = torch.randint(0, 4, (3, 1), generator=gen, dtype=torch.uint8)
+        gc = torch.randint(0, 4, (n, 1), generator=gen, dtype=torch.uint8)
+        q_labels, g_labels = [0, 1, 2], torch.randint(0, 2, (n,), generator=gen).tolist()
+        ks = tuple(range(1, n + 2))
+        got = metrics.retrieval_metrics(qc, torch.tensor(q_labels), gc, torch.tensor(g_labels), ks=ks,
+                                        protocols=PROTOCOLS, score="hamming")
+        scores = [[-d for d in row] for row in bit_loop_hamming(qc, gc)]
+        straddling += assert_expected_over_tie_orders(got, scores, q_labels, g_labels, ks)
+    assert straddling >= 10
 
 
 def test_itq_codes_feed_retrieval_metrics():

@@ -7,6 +7,7 @@ list, cumsums and the VOC rule) on data without ties.
 """
 import itertools
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -89,16 +90,21 @@ def reference_query(scores: list, rel: list, ks, pr_points: int = 0) -> dict:
     """One query with R > 0, by the written definitions, in plain Python.
 
     Tie groups in decreasing score order; every member of a group gets rank = items in this and
-    all higher groups, hits = relevant items in this and all higher groups.
+    all higher groups, hits = relevant items in this and all higher groups, ahead = items in the
+    higher groups. At a cut-off K, a relevant item lies in the first K places with probability
+    w = clamp((K - ahead) / size, 0, 1) over the orders of the tied items (size = rank - ahead), and
+    every value at K is an expectation over those orders (test_tie_orders_* check these formulas
+    against every order).
     """
     n, r = len(scores), sum(rel)
     assert r > 0
     groups = {}  # score -> relevance flags of its tie group (-0.0 and 0.0 are one key)
     for s, is_rel in zip(scores, rel):
         groups.setdefault(s, []).append(is_rel)
-    rank, hits = {}, {}
+    rank, hits, ahead = {}, {}, {}
     seen = seen_rel = 0
     for s in sorted(groups, reverse=True):
+        ahead[s] = seen
         seen += len(groups[s])
         seen_rel += sum(groups[s])
         rank[s], hits[s] = seen, seen_rel
@@ -108,16 +114,27 @@ def reference_query(scores: list, rel: list, ks, pr_points: int = 0) -> dict:
     def interpolated(s, pool):  # max of P(i) over relevant i in pool with score <= s
         return max(prec[i] for i in pool if i <= s)
 
+    def weight(s, k):  # the chance that an order of the ties puts this item in the first k places
+        return min(max((k - ahead[s]) / (rank[s] - ahead[s]), 0.0), 1.0)
+
     ap = sum(prec[s] for s in relevant) / r
     ap_voc = sum(interpolated(s, relevant) for s in relevant) / r
     out = {"standard": {"ap": ap}, "sem-pcyc": {"ap": ap}, "doodle2search": {"ap": ap},
            "sake": {"ap": ap_voc}, "zse-sbir": {"ap": ap_voc}}
     for k in ks:
-        top = [s for s in relevant if rank[s] <= k]  # relevant items in the top K
-        hits_k, m = len(top), min(r, k)
-        hits_m = sum(1 for s in relevant if rank[s] <= m)  # hits@min(R, K)
-        sum_p = sum(prec[s] for s in top)
-        sum_pint = sum(interpolated(s, top) for s in top)  # Pint@K: within the top K only
+        m = min(r, k)
+        hits_k = sum(weight(s, k) for s in relevant)  # E[hits@K]
+        hits_m = sum(weight(s, m) for s in relevant)  # E[hits@min(R, K)]
+        sum_p = sum(weight(s, k) * prec[s] for s in relevant)
+        top = [s for s in relevant if rank[s] <= k]  # relevant items in the first K under every order
+        cut = [s for s in relevant if ahead[s] < k < rank[s]]  # those of the tie group straddling K
+        p_cut, p_none = (prec[cut[0]], 0.0) if cut else (0.0, 1.0)
+        if cut:  # no relevant item of the straddling group among the k - ahead places it gets
+            size, places = rank[cut[0]] - ahead[cut[0]], k - ahead[cut[0]]
+            p_none = math.comb(size - len(cut), places) / math.comb(size, places)
+        # Pint@K within the first K: the straddling group's P joins the max when one of its items is there.
+        sum_pint = sum((1 - p_none) * max(interpolated(s, top), p_cut) + p_none * interpolated(s, top) for s in top)
+        sum_pint += sum(weight(s, k) * p_cut for s in cut)
         out["standard"].update({f"ap@{k}": sum_p / m, f"p@{k}": hits_k / min(k, n)})
         out["sem-pcyc"].update({f"ap@{k}": sum_p / hits_k if hits_k else 0.0, f"p@{k}": hits_k / min(k, n)})
         out["doodle2search"].update({f"p@{k}": hits_k / m})
@@ -237,13 +254,14 @@ def assert_same_results(a, b, atol: float = 0.0, path: str = "") -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_reference_loop_on_tied_scores(seed):
+def test_matches_reference_loop_on_tied_scores(monkeypatch, seed):
     data = make_data(seed)
     scores = torch.tensor(cosine_scores(data[0], data[2]))  # (Q, N)
     assert torch.equal(scores * 16, (scores * 16).round())  # exact multiples of 1/16
     distinct = torch.tensor([len(set(row)) for row in scores.tolist()], dtype=torch.float)
     assert distinct.mean() < scores.shape[1] / 5  # the data really is full of ties
-    got = metrics.retrieval_metrics(*data, ks=KS, protocols=PROTOCOLS, chunk_size=5, pr_points=PR_POINTS)
+    monkeypatch.setattr(metrics, "CHUNK_SIZE", 5)  # several chunks per class
+    got = metrics.retrieval_metrics(*data, ks=KS, protocols=PROTOCOLS, pr_points=PR_POINTS)
     ref = reference_metrics(*data, ks=KS, pr_points=PR_POINTS)
     assert_matches_reference(got, ref, KS)
     # The protocols really differ on this data, so a mix-up of two of them would be caught.
@@ -256,16 +274,18 @@ def test_matches_reference_loop_on_tied_scores(seed):
 
 
 @pytest.mark.parametrize("protocols", [("sake",), ("doodle2search", "standard")])
-def test_subset_of_protocols(protocols):
+def test_subset_of_protocols(monkeypatch, protocols):
     data = make_data(9)
-    got = metrics.retrieval_metrics(*data, ks=(1, 50), protocols=protocols, chunk_size=3)
+    monkeypatch.setattr(metrics, "CHUNK_SIZE", 3)
+    got = metrics.retrieval_metrics(*data, ks=(1, 50), protocols=protocols)
     assert_matches_reference(got, reference_metrics(*data, ks=(1, 50)), (1, 50), protocols=protocols)
     default = metrics.retrieval_metrics(*data, ks=(1, 50))
     assert set(default["protocols"]) == {"standard"} and "pr_curve" not in default
 
 
 @pytest.mark.parametrize("chunk_size", [5, 512])
-def test_matches_reference_loop_on_continuous_scores_with_duplicate_rows(chunk_size):
+def test_matches_reference_loop_on_continuous_scores_with_duplicate_rows(monkeypatch, chunk_size):
+    monkeypatch.setattr(metrics, "CHUNK_SIZE", chunk_size)
     gen = torch.Generator().manual_seed(2)
     query_labels, gallery_labels = class_labels()
     query_emb = torch.randn(len(query_labels), 8, generator=gen, dtype=torch.float64)
@@ -276,7 +296,7 @@ def test_matches_reference_loop_on_continuous_scores_with_duplicate_rows(chunk_s
     scores = cosine_scores(query_emb, gallery_emb)
     assert all(len(set(row)) < len(row) * 3 // 4 for row in scores)  # many exact ties in every row
     got = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=KS,
-                                    protocols=PROTOCOLS, chunk_size=chunk_size, pr_points=7)
+                                    protocols=PROTOCOLS, pr_points=7)
     ref = reference_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=KS, pr_points=7)
     assert_matches_reference(got, ref, KS)
 
@@ -305,13 +325,14 @@ def voc_ap_peer(rel_sorted: np.ndarray, tot_pos: int) -> float:
 
 
 @pytest.mark.parametrize("seed,dim,spread", [(10, 8, 1.0), (11, 3, 0.5), (12, 16, 3.0)])
-def test_matches_peer_code_on_tie_free_data(seed, dim, spread):
+def test_matches_peer_code_on_tie_free_data(monkeypatch, seed, dim, spread):
+    monkeypatch.setattr(metrics, "CHUNK_SIZE", 4)
     query_emb, query_labels, gallery_emb, gallery_labels = make_continuous_data(seed, dim, spread)
     scores = cosine_scores(query_emb, gallery_emb)
     n = len(gallery_labels)
     assert all(len(set(row)) == n for row in scores)  # no ties
     got = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=KS,
-                                    protocols=PROTOCOLS, chunk_size=4)
+                                    protocols=PROTOCOLS)
     p = got["protocols"]
     aps = []
     for q, label in enumerate(query_labels.tolist()):
@@ -361,12 +382,14 @@ def test_ap_matches_sklearn_with_ties():
 
 
 def brute_force_ranks(scores: torch.Tensor, start: int, stop: int):
-    """rank = #{h : s_h >= s_j}, hits = #{relevant h : s_h >= s_j}, sorted by decreasing score."""
+    """rank = #{h : s_h >= s_j}, hits = #{relevant h : s_h >= s_j}, before = #{h : s_h > s_j}, sorted by
+    decreasing score."""
     rel = scores[:, start:stop]  # (B, R)
     rank = (scores[:, None, :] >= rel[:, :, None]).sum(2)  # (B, R)
     hits = (rel[:, None, :] >= rel[:, :, None]).sum(2)  # (B, R)
+    before = (scores[:, None, :] > rel[:, :, None]).sum(2)  # (B, R)
     order = rel.argsort(dim=1, descending=True, stable=True)
-    return rank.gather(1, order), hits.gather(1, order)
+    return rank.gather(1, order), hits.gather(1, order), before.gather(1, order)
 
 
 def random_scores(kind: str, b: int, n: int, dtype, gen: torch.Generator) -> torch.Tensor:
@@ -407,26 +430,26 @@ def test_ranks_of_relevant_matches_brute_force(kind, dtype):
         scores = random_scores(kind, b, n, dtype, gen)
         if kind == "mixed" and stop - start > 1:  # the relevant block of the first row ties
             scores[0, start:stop] = scores[0, start]
-        want_rank, want_hits = brute_force_ranks(scores, start, stop)
+        want = brute_force_ranks(scores, start, stop)
         grids = [float(3.0 * (1.0 - torch.rand(1, generator=gen))), 3.0, 1e-3]  # in (0, 3]
         for grid in grids:
-            rank, hits = metrics._ranks_of_relevant(scores, start, stop, grid=grid)
+            got = metrics._ranks_of_relevant(scores, start, stop, grid=grid)
             case = f"kind={kind} dtype={dtype} B={b} N={n} start={start} stop={stop} grid={grid}"
-            assert rank.dtype == torch.int64 and hits.dtype == torch.int64, case
-            assert rank.shape == (b, stop - start) and hits.shape == (b, stop - start), case
-            assert torch.equal(rank, want_rank), case
-            assert torch.equal(hits, want_hits), case
-        default_rank, default_hits = metrics._ranks_of_relevant(scores, start, stop)
-        assert torch.equal(default_rank, want_rank) and torch.equal(default_hits, want_hits)
+            for what, a, b_ in zip(("rank", "hits", "before"), got, want):
+                assert a.dtype == torch.int64 and a.shape == (b, stop - start), (what, case)
+                assert torch.equal(a, b_), (what, case)
+        default = metrics._ranks_of_relevant(scores, start, stop)
+        assert all(torch.equal(a, b_) for a, b_ in zip(default, want))
 
 
 def test_ranks_of_relevant_small_example():
     scores = torch.tensor([[0.9, 0.5, 0.5, 0.2, 0.5, 0.9, -0.0, 0.0]])
-    rank, hits = metrics._ranks_of_relevant(scores, 1, 4)  # relevant: 0.5, 0.5, 0.2
+    rank, hits, before = metrics._ranks_of_relevant(scores, 1, 4)  # relevant: 0.5, 0.5, 0.2
     assert rank.tolist() == [[5, 5, 6]]  # 0.9, 0.9, then the group 0.5 x 3; then 0.2
     assert hits.tolist() == [[2, 2, 3]]
-    rank, hits = metrics._ranks_of_relevant(scores, 6, 8)  # relevant: -0.0 and 0.0 tie
-    assert rank.tolist() == [[8, 8]] and hits.tolist() == [[2, 2]]
+    assert before.tolist() == [[2, 2, 5]]  # ahead of the 0.5 group: 0.9 x 2; of 0.2: five items
+    rank, hits, before = metrics._ranks_of_relevant(scores, 6, 8)  # relevant: -0.0 and 0.0 tie
+    assert rank.tolist() == [[8, 8]] and hits.tolist() == [[2, 2]] and before.tolist() == [[6, 6]]
 
 
 # ------------------------------------------------------------------------------- 6: PR curve
@@ -470,10 +493,12 @@ def test_pr_curve_of_perfect_ranking_is_one(tilt):
 
 
 @pytest.mark.parametrize("queries_per_class,chunk_sizes", [(8, (1, 7, 10000)), (70, (64, 65, 10000))])
-def test_chunk_size_does_not_change_results(queries_per_class, chunk_sizes):
+def test_chunk_size_does_not_change_results(monkeypatch, queries_per_class, chunk_sizes):
     data = make_data(4, num_queries_per_class=queries_per_class)  # 70: more than one rank block (64)
-    results = [metrics.retrieval_metrics(*data, ks=KS, protocols=PROTOCOLS, chunk_size=c, pr_points=PR_POINTS)
-               for c in chunk_sizes]
+    results = []
+    for c in chunk_sizes:
+        monkeypatch.setattr(metrics, "CHUNK_SIZE", c)
+        results.append(metrics.retrieval_metrics(*data, ks=KS, protocols=PROTOCOLS, pr_points=PR_POINTS))
     for other in results[1:]:
         assert_same_results(results[0], other, atol=1e-12)  # pr sums are added in chunk order
         for name in PROTOCOLS:  # per-query values are exact
@@ -565,16 +590,17 @@ def test_perfect_and_reversed_rankings():
     assert perfect["standard"]["p@1000"] == pytest.approx(1 / num_classes)  # K > N: R / N, averaged
 
     tied = metrics.retrieval_metrics(queries, query_labels, tied_gallery, gallery_labels, **kw)["protocols"]
-    small_r = [r <= 10 for r in GALLERY_CLASS_SIZES]  # a tie group straddling K counts as outside
+    # The R relevant items form the first tie group: every order of it fills the first 10 places with
+    # relevant items when R > 10, so the expectation over the orders is a perfect score too.
     for name in PROTOCOLS:
         assert tied[name]["map_all"] == 1.0, name
         if name in ("doodle2search", "zse-sbir"):
-            expected = [1.0 if s else 0.0 for s in small_r]
+            expected = [1.0] * num_classes
         else:
-            expected = [r / 10 if s else 0.0 for r, s in zip(GALLERY_CLASS_SIZES, small_r)]
+            expected = [min(r, 10) / 10 for r in GALLERY_CLASS_SIZES]
         assert tied[name]["per_query_p@10"].tolist() == expected, name
         if name != "doodle2search":
-            assert tied[name]["per_query_ap@10"].tolist() == [1.0 if s else 0.0 for s in small_r], name
+            assert tied[name]["per_query_ap@10"].tolist() == [1.0] * num_classes, name
 
     reversed_ = metrics.retrieval_metrics(-queries, query_labels, gallery_emb, gallery_labels, **kw)["protocols"]
     reversed_tied = metrics.retrieval_metrics(-queries, query_labels, tied_gallery, gallery_labels, **kw)["protocols"]
@@ -592,6 +618,104 @@ def test_perfect_and_reversed_rankings():
         assert reversed_[name]["p@10"] == 0.0, name
         if name != "doodle2search":
             assert reversed_[name]["map@10"] == 0.0, name
+
+
+# ------------------------------------------------------- tie orders: every order of the tied items
+
+
+def tie_orders(scores: list):
+    """Every order of the gallery by decreasing score: the tie groups in turn, each in every order of its items."""
+    levels = sorted(set(scores), reverse=True)
+    groups = [[i for i, s in enumerate(scores) if s == v] for v in levels]
+    for perms in itertools.product(*(itertools.permutations(g) for g in groups)):
+        yield [i for p in perms for i in p]
+
+
+def values_of_order(order: list, scores: list, rel: list, ks) -> dict:
+    """Every protocol's values at each K under one order of the gallery, as exact fractions, by an explicit loop
+    over the order's first K places. A relevant item there counts with its tie-group precision P(g) =
+    hits(g) / rank(g), which no order changes (the AP convention stays); Pint@K is the largest P(i) over the
+    relevant items i there that score at most as high."""
+    n, r = len(scores), sum(rel)
+    prec = {g: Fraction(sum(1 for h in range(n) if rel[h] and scores[h] >= scores[g]),
+                        sum(1 for h in range(n) if scores[h] >= scores[g])) for g in range(n) if rel[g]}
+    out = {name: {} for name in PROTOCOLS}
+    for k in ks:
+        m = min(r, k)
+        first = [g for g in order[:k] if rel[g]]  # the relevant items in the first K places
+        hits_k, hits_m = len(first), sum(1 for g in order[:m] if rel[g])
+        sum_p = sum((prec[g] for g in first), Fraction(0))
+        sum_pint = sum((max(prec[i] for i in first if scores[i] <= scores[g]) for g in first), Fraction(0))
+        p_k = Fraction(hits_k, min(k, n))
+        out["standard"].update({f"ap@{k}": sum_p / m, f"p@{k}": p_k})
+        out["sem-pcyc"].update({f"ap@{k}": sum_p / hits_k if hits_k else Fraction(0), f"p@{k}": p_k})
+        out["doodle2search"].update({f"p@{k}": Fraction(hits_k, m)})
+        out["sake"].update({f"ap@{k}": sum_pint / m, f"p@{k}": p_k})
+        out["zse-sbir"].update({f"ap@{k}": sum_pint / m, f"p@{k}": Fraction(hits_m, m)})
+    return out
+
+
+def assert_expected_over_tie_orders(got: dict, scores: list, query_labels: list, gallery_labels: list, ks) -> int:
+    """retrieval_metrics' per-query values at each K against every order of the tied items: each is the mean
+    over the orders, and lies within [min, max] over them; sem-pcyc's AP@K is the ratio of the means of its
+    numerator and denominator. Returns the number of (query, K) whose K cuts a tie group holding relevant items.
+
+    Tolerance: a value is (1/c) sum_j t_j over at most R relevant items, each t_j a product of at most R + 6
+    correctly rounded operations on exact integers (the chance that no relevant item of the straddling group
+    comes before K has one factor per such item; w, P, their product and the interpolation mix add a few),
+    the sum adds R - 1 roundings and the division (for sem-pcyc, by a sum: R more) the rest, and
+    sum_j |t_j| / c <= 1: |error| <= (3 R + 8) u, u = 2^-53 (first order; Higham 2002, sections 3.1 and 4.2).
+    """
+    n, straddling = len(gallery_labels), 0
+    for q, label in enumerate(query_labels):
+        rel = [int(c == label) for c in gallery_labels]
+        r = sum(rel)
+        if r == 0:
+            continue
+        tol = Fraction(3 * r + 8, 2 ** 53)
+        per_order = [values_of_order(order, scores[q], rel, ks) for order in tie_orders(scores[q])]
+        mean = {name: {key: sum((v[name][key] for v in per_order), Fraction(0)) / len(per_order)
+                       for key in per_order[0][name]} for name in PROTOCOLS}
+        for name in PROTOCOLS:
+            for key, want in mean[name].items():
+                ours = Fraction(got["protocols"][name][f"per_query_{key}"][q].item())
+                values = [v[name][key] for v in per_order]
+                assert min(values) - tol <= ours <= max(values) + tol, (name, key, q)
+                if name == "sem-pcyc" and key.startswith("ap@"):  # E[sum of P] / E[hits@K]
+                    k = int(key[3:])
+                    expected_hits = mean["standard"][f"p@{k}"] * min(k, n)
+                    want = mean["standard"][key] * min(r, k) / expected_hits if expected_hits else Fraction(0)
+                assert abs(ours - want) <= tol, (name, key, q, float(ours), float(want))
+        for k in ks:
+            cut = [g for g in range(n) if rel[g] and sum(s > scores[q][g] for s in scores[q]) < k
+                   < sum(s >= scores[q][g] for s in scores[q])]
+            straddling += bool(cut)
+    return straddling
+
+
+def test_tie_orders_cosine_mean_over_every_order():
+    """Dyadic embeddings (exact cosines, many ties) on galleries of 6 and 7: every protocol's P@K and AP@K
+    against the mean over all orders of the tied items, at every K from 1 to N + 1; and a gallery that is
+    one tie group (720 orders)."""
+    cases, straddling = [], 0
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        gallery_labels = torch.tensor([0, 1, 0, 1, 1, 0, 2][:6 + seed % 2])
+        query_labels = torch.tensor([0, 1, 2, 3])  # 3 (and 2 with 6 photos) has no photo: excluded
+        query_emb, gallery_emb = dyadic_embeddings(4, gen), dyadic_embeddings(len(gallery_labels), gen)
+        cases.append((query_emb, query_labels, gallery_emb, gallery_labels))
+    flat = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    cases.append((flat, torch.tensor([1]), torch.tensor([[0.0, 1.0, 0.0, 0.0]]).repeat(6, 1),
+                  torch.tensor([1, 0, 1, 0, 0, 1])))  # every score 0: one group of 6
+    for query_emb, query_labels, gallery_emb, gallery_labels in cases:
+        ks = tuple(range(1, len(gallery_labels) + 2))
+        scores = cosine_scores(query_emb, gallery_emb)
+        assert all(math.prod(math.factorial(row.count(s)) for s in set(row)) <= 720 for row in scores)
+        got = metrics.retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=ks,
+                                        protocols=PROTOCOLS)
+        straddling += assert_expected_over_tie_orders(got, scores, query_labels.tolist(), gallery_labels.tolist(),
+                                                      ks)
+    assert straddling >= 10  # the cases really cut tie groups that hold relevant items
 
 
 # ----------------------------------------------------------------------------- chance level
@@ -665,7 +789,7 @@ def test_bad_inputs_raise():
         metrics.retrieval_metrics(query_emb, query_labels, gallery_emb[:, :8], gallery_labels)
     with pytest.raises(ValueError):  # one label per embedding
         metrics.retrieval_metrics(query_emb, query_labels[:-1], gallery_emb, gallery_labels)
-    for bad in (dict(ks=(0,)), dict(chunk_size=0), dict(pr_points=1), dict(pr_points=-2)):
+    for bad in (dict(ks=(0,)), dict(pr_points=1), dict(pr_points=-2)):
         with pytest.raises(ValueError):
             metrics.retrieval_metrics(*data, **bad)
     for which in (0, 2):
@@ -687,9 +811,10 @@ def test_similarity_is_cosine():
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu(monkeypatch):
     data = make_data(8, num_queries_per_class=70)
-    kw = dict(ks=KS, protocols=PROTOCOLS, chunk_size=100, pr_points=PR_POINTS)
+    monkeypatch.setattr(metrics, "CHUNK_SIZE", 100)
+    kw = dict(ks=KS, protocols=PROTOCOLS, pr_points=PR_POINTS)
     cpu = metrics.retrieval_metrics(*data, **kw)
     cuda = metrics.retrieval_metrics(*(t.cuda() for t in data), **kw)
     # The dyadic scores and so the ranks are exact on either device; what may differ is the order in
