@@ -333,17 +333,27 @@ def hash_embeddings(emb: "Embedded", args) -> tuple["Embedded", dict]:
         fit = dict(bits=args.hash_bits, variant=args.itq, iterations=ITQ_ITERATIONS, seed=ITQ_SEED)
         q, g = metrics.itq_codes(emb.q, emb.g, **fit)  # (Q, bits/8), (N, bits/8) uint8
         untrained = metrics.itq_codes(*emb.untrained, **fit) if emb.untrained else ()
+        changed = metrics.itq_stability(emb.q, emb.g, **fit)
     except ValueError as e:  # e.g. a single query, or NaN embeddings from a diverged model
         raise utils.UserError(f"cannot fit {args.hash_bits}-bit ITQ codes: {e}") from None
     info = {"bits": args.hash_bits, "itq": args.itq, "score": "hamming", "iterations": ITQ_ITERATIONS,
             "seed": ITQ_SEED if args.itq == "textbook" else ITQ_ITERATIONS,  # SEM-PCYC seeds numpy with n_iter
             "fitted_on": "the query sketches (each side centred on its own mean)",
             "seconds": time.perf_counter() - start,
-            "distinct_codes": {"queries": len(torch.unique(q, dim=0)), "gallery": len(torch.unique(g, dim=0))}}
+            "distinct_codes": {"queries": len(torch.unique(q, dim=0)), "gallery": len(torch.unique(g, dim=0))},
+            "stability": {"changed_bits": changed, "threshold": metrics.ITQ_UNSTABLE,
+                          "measured_as": "the fraction of all code bits that change when the embeddings are "
+                                         "centred in the other precision (float32 <-> float64)"}}
     if untrained:
         info["untrained"] = "the untrained network's embeddings get an ITQ of their own, fitted the same way"
     print(f"{args.hash_bits}-bit ITQ ({args.itq}) codes, ranked by Hamming distance (fitted on {info['fitted_on']}, "
           f"in {info['seconds']:.2f}s)")
+    if changed > metrics.ITQ_UNSTABLE:
+        print(f"warning: {changed:.1%} of the {args.hash_bits}-bit codes' bits change with the rounding of the "
+              f"embeddings (float32 against float64; above {metrics.ITQ_UNSTABLE:.1%}), so these codes and their "
+              "metrics are not meaningful; use fewer --hash_bits"
+              + (" or --itq textbook (SEM-PCYC's rotation update is itself unstable)" if args.itq == "sem-pcyc" else "")
+              + " (docs/metrics.md, \"Stability\")")
     distinct = info["distinct_codes"]
     same = [f"all {n} {what} have one code" for n, what, k in ((q.shape[0], "query sketches", distinct["queries"]),
                                                                (g.shape[0], "photos", distinct["gallery"])) if k == 1]

@@ -214,3 +214,25 @@ def test_codes_that_collapse_to_one_per_domain_are_warned_about(capsys):
         emb = evaluate.Embedded(["a", "b"], q, torch.arange(10) % 2, gal, torch.arange(12) % 2, 1.0, "m", "d", "")
         _, info = evaluate.hash_embeddings(emb, type("Args", (), {"hash_bits": 8, "itq": itq})())
         assert min(info["distinct_codes"].values()) > 1 and "warning" not in capsys.readouterr().out
+
+
+def test_code_stability_is_recorded_and_unstable_codes_are_warned_about(run, tmp_path):
+    """results.json keeps metrics.itq_stability's figure; above metrics.ITQ_UNSTABLE one warning line says the
+    codes depend on rounding. Well-conditioned: 200 query sketches whose 16 dimensions have distinct variances,
+    8 bits. Ill-conditioned: 10 queries span at most 9 dimensions, so 16 bits fit directions of no variance,
+    which rounding alone decides."""
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.7 ** i for i in range(16)])
+    for name, num_queries, bits, unstable in (("well", 200, 8, False), ("ill", 10, 16, True)):
+        emb = saved(run, "zs")
+        q, g = torch.randn(num_queries, 16, generator=gen) * scale, torch.randn(300, 16, generator=gen) * scale
+        emb.update(queries=q, query_labels=torch.arange(num_queries) % 2, query_paths=[f"q{i}" for i in range(len(q))],
+                   gallery=g, gallery_labels=torch.arange(300) % 2, gallery_paths=[f"g{i}" for i in range(len(g))])
+        torch.save(emb, tmp_path / f"{name}.pt")
+        proc = run_main("evaluate.py", "--embeddings", str(tmp_path / f"{name}.pt"), "--hash_bits", str(bits),
+                        "--output_dir", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr
+        stability = results(str(tmp_path / name))["hashing"]["stability"]
+        assert stability["changed_bits"] == metrics.itq_stability(q, g, bits=bits)
+        assert (stability["changed_bits"] > metrics.ITQ_UNSTABLE) == unstable, stability
+        assert ("bits change with the rounding of the embeddings" in proc.stdout) == unstable, proc.stdout
