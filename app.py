@@ -8,9 +8,10 @@ index that retrieve.py keeps (gallery.py).
 The page is served on 127.0.0.1 (this machine only; --host and --port change that) and nothing is shared
 publicly unless --share is given. It has a drawing canvas (brush, eraser, undo, clear), an upload box for a
 sketch file and example sketches; the top --topk photos update when a stroke ends, with their scores, file
-names and, when the gallery follows the dataset layout (photos/<class>/<file>), their classes. The photos'
-embeddings are kept in an index file (--index, by default GALLERYNAME_index.pt beside the gallery folder),
-built and updated as retrieve.py does: only new or changed photos are embedded, and another model rebuilds it.
+names and, when the gallery follows the dataset layout (photos/<class>/<file>), their classes. A blank drawing,
+upload or example is refused with retrieve.py's words (gallery.blank_reason). The photos' embeddings are kept
+in an index file (--index, by default GALLERYNAME_index.pt beside the gallery folder), built and updated as
+retrieve.py does: only new or changed photos are embedded, and another model or precision rebuilds it.
 Only files under --gallery are served. Needs gradio (pip install -r requirements.txt).
 """
 import argparse
@@ -23,7 +24,6 @@ import threading
 import time
 import traceback
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -154,20 +154,39 @@ def follows_dataset_layout(paths: list) -> bool:
 
 
 def drawing_to_sketch(value) -> Image.Image | None:
-    """The sketchpad's value (a dict whose "composite" is the drawing, PIL) -> the query sketch, prepared as
-    retrieve.py prepares a sketch file (dataset.prepare_sketch); None when nothing is drawn."""
+    """The sketchpad's value (a dict whose "composite" is the drawing, PIL) -> the query sketch, prepared and
+    checked as retrieve.py prepares and checks a sketch file (gallery.prepare_query); None when there is no
+    drawing at all, and a blank canvas (gallery.blank_reason) is a UserError saying so."""
     composite = value.get("composite") if isinstance(value, dict) else value
     if composite is None:
         return None
-    sketch = dataset.prepare_sketch(composite)
-    if not (np.asarray(sketch.convert("L")) < 128).any():  # no stroke darker than mid-grey: a blank canvas
-        return None
+    sketch, blank = gallery.prepare_query(composite)
+    if blank:
+        raise utils.UserError(gallery.blank_message([("the canvas", blank)]))
+    return sketch
+
+
+def not_an_image(name: str, error: Exception) -> utils.UserError:
+    return utils.UserError(f"{name} is not an image this app can read ({type(error).__name__}); upload a PNG, "
+                           "JPEG or other image file")
+
+
+def read_sketch_file(path: str) -> Image.Image:
+    """A sketch file (an upload or an example), prepared (gallery.load_query); one that is not an image or is
+    blank is a UserError saying so, as retrieve.py says it of a query file."""
+    name = os.path.basename(path)
+    try:
+        sketch, blank = gallery.load_query(path)
+    except dataset.IMAGE_ERRORS as e:
+        raise not_an_image(name, e) from None
+    if blank:
+        raise utils.UserError(gallery.blank_message([(name, blank)]))
     return sketch
 
 
 def read_upload(path: str, max_bytes: int, max_pixels: int = MAX_SKETCH_PIXELS) -> Image.Image:
-    """An uploaded sketch file, prepared (dataset.load_sketch); a file of more than ``max_bytes`` bytes, one that
-    is not an image, or an image of more than ``max_pixels`` pixels is a UserError saying so."""
+    """An uploaded sketch file, prepared (read_sketch_file); a file of more than ``max_bytes`` bytes, one that
+    is not an image, an image of more than ``max_pixels`` pixels or a blank one is a UserError saying so."""
     name = os.path.basename(path)
     size = os.path.getsize(path)
     if size > max_bytes:
@@ -176,13 +195,12 @@ def read_upload(path: str, max_bytes: int, max_pixels: int = MAX_SKETCH_PIXELS) 
     try:
         with Image.open(path) as im:  # reads the header only
             width, height = im.size
-        if width * height > max_pixels:
-            raise utils.UserError(f"{name} is {width} x {height} pixels, more than the {max_pixels:,} a sketch "
-                                  "may have; upload a smaller image")
-        return dataset.load_sketch(path)
     except dataset.IMAGE_ERRORS as e:
-        raise utils.UserError(f"{name} is not an image this app can read ({type(e).__name__}); upload a PNG, "
-                              "JPEG or other image file") from None
+        raise not_an_image(name, e) from None
+    if width * height > max_pixels:
+        raise utils.UserError(f"{name} is {width} x {height} pixels, more than the {max_pixels:,} a sketch "
+                              "may have; upload a smaller image")
+    return read_sketch_file(path)
 
 
 def pick_examples(folder: str, count: int) -> list:
@@ -213,12 +231,11 @@ class Searcher:
     """The model and the gallery index behind the page. The index is built in a background thread
     (build(), which the page's status follows); queries are answered once it is ready."""
 
-    def __init__(self, model, cfg, device, args, root: str, index_path: str, files: list, others: list,
-                 old_index: dict | None, identity: str, faiss=None):
-        self.model, self.cfg, self.device, self.args = model, cfg, device, args
-        self.root, self.index_path, self.files, self.others = root, index_path, files, others
-        self.old_index, self.identity, self.faiss = old_index, identity, faiss
-        self.done, self.total = 0, len(files)
+    def __init__(self, model, args, source: gallery.GallerySource, identity: str, settings: gallery.EmbedSettings,
+                 faiss=None):
+        self.model, self.args, self.source, self.identity, self.settings = model, args, source, identity, settings
+        self.root, self.index_path, self.faiss = source.root, source.index_path, faiss
+        self.done, self.total = 0, len(source.files)
         self.ready, self.error = False, ""
         self.embeddings, self.paths, self.layout, self.built = None, [], False, None
         self.lock = threading.Lock()  # one query at a time on the model
@@ -232,22 +249,16 @@ class Searcher:
 
     def build(self) -> None:
         """Bring the index up to date (embedding new photos), then keep its embeddings in memory."""
-        start = time.perf_counter()
         try:
-            a = self.args
-            index, counts = gallery.update_index(
-                self.old_index, self.index_path, self.root, self.files, self.identity,
-                lambda paths: gallery.embed_files(self.model.photo_encoder, paths, self.cfg.image_size, a.batch_size,
-                                                  a.workers, self.device, a.amp, a.model, progress=self.progress))
-            gallery.report_gallery(a.gallery, self.index_path, index, counts, self.files, self.others,
-                                   time.perf_counter() - start)
+            index, _, _ = gallery.build_index(self.source, self.identity, self.settings, self.model.photo_encoder,
+                                              self.args.model, progress=self.progress)
             if self.faiss is not None:
                 self.built = gallery.cached_faiss_index(self.faiss, index,
                                                         os.path.splitext(self.index_path)[0] + ".faiss")
             self.embeddings = index["embeddings"].float().clone()  # (N, D), in memory: the index file is mmapped
             self.paths = index["paths"]
             self.layout = follows_dataset_layout(self.paths)
-            torch.set_num_threads(a.query_threads)
+            torch.set_num_threads(self.args.query_threads)
             self.ready = True
             log(f"ready: {len(self.paths)} photos, serving queries")
         except utils.UserError as e:
@@ -263,15 +274,17 @@ class Searcher:
         if not self.ready:
             return (f"Building the gallery index {self.index_path}: {self.done:,} of {self.total:,} photos "
                     "embedded; results come once it is done.")
-        return f"Gallery: {len(self.paths):,} photos of {self.args.gallery} (index {self.index_path})."
+        return (f"Gallery: {len(self.paths):,} photos of {self.args.gallery} (index {self.index_path}), searched "
+                f"with the model {self.args.model}.")
 
     def search(self, sketch: Image.Image) -> tuple[list, float]:
         """A prepared sketch -> [(photo path, rank, score, class, relative path)] of the top k, and the
         seconds the query took (embedding and ranking)."""
         start = time.perf_counter()
         with self.lock:
-            q = gallery.embed_sketches(self.model.sketch_encoder, [sketch], self.cfg.image_size, 1, self.device,
-                                       self.args.amp, show=False)  # (1, D)
+            s = self.settings
+            q = gallery.embed_sketches(self.model.sketch_encoder, [sketch], s.image_size, 1, s.device, s.amp,
+                                       show=False)  # (1, D)
         if self.built is not None:
             scores, rows = gallery.faiss_search(self.built, q, self.args.topk, self.args.nprobe)
         else:
@@ -297,69 +310,83 @@ def caption(rank: int, score: float, cls: str, rel: str) -> str:
 
 # ----------------------------------------------------------------------------------- the page
 
-def build_page(gr, searcher: Searcher, examples: list):
-    """The Blocks of the page: canvas, upload box, examples, results, status lines."""
+def answer(searcher: Searcher, sketch: Image.Image, what: str) -> tuple:
+    """(results, message, the sketch as the model sees it) for a prepared sketch; ``what`` names it (the log,
+    the message)."""
+    if not searcher.ready:
+        log(f"query ({what}) before the index is ready")
+        return [], searcher.status(), sketch
+    hits, seconds = searcher.search(sketch)
+    classes = [c for _, _, _, c, _ in hits if c]
+    summary = ""
+    if classes:
+        top, count = collections.Counter(classes).most_common(1)[0]  # a tie: the class ranked first
+        summary = f" Most frequent class: {top} ({count} of {len(hits)})."
+    log(f"query ({what}): {len(hits)} photos in {seconds * 1000:.0f} ms")
+    return ([(p, caption(rank, s, c, rel)) for p, rank, s, c, rel in hits],
+            f"Top {len(hits)} of {len(searcher.paths):,} photos for the {what} "
+            f"({seconds * 1000:.0f} ms).{summary}", sketch)
 
-    def answer(sketch, what: str):
-        """(results, message, the sketch as the model sees it) for a prepared sketch."""
-        if not searcher.ready:
-            message = searcher.status()
-            log(f"query ({what}) before the index is ready")
-            return [], message, sketch
-        hits, seconds = searcher.search(sketch)
-        classes = [c for _, _, _, c, _ in hits if c]
-        summary = ""
-        if classes:
-            top, count = collections.Counter(classes).most_common(1)[0]  # a tie: the class ranked first
-            summary = f" Most frequent class: {top} ({count} of {len(hits)})."
-        log(f"query ({what}): {len(hits)} photos in {seconds * 1000:.0f} ms")
-        return ([(p, caption(rank, s, c, rel)) for p, rank, s, c, rel in hits],
-                f"Top {len(hits)} of {len(searcher.paths):,} photos for the {what} "
-                f"({seconds * 1000:.0f} ms).{summary}", sketch)
 
-    def refuse(message: str, what: str):
-        log(f"refused ({what}): {message}")
+def guarded(gr, handler):
+    """A handler run so that a user's mistake is a message (a warning, the message line, a log line) and anything
+    else a message and a traceback in the log: the page never shows a stack trace and the server keeps serving."""
+    def refuse(message: str):
+        log(f"refused ({handler.__name__}): {message}")
         gr.Warning(message)
         return [], f"**{message}**", None
 
-    def guarded(handler):
-        """Run a handler; a user's mistake is a message, anything else a message and a traceback in the log.
-        The page never shows a stack trace and the server keeps serving."""
-        @functools.wraps(handler)  # keeps the signature, from which Gradio passes event data (gr.SelectData)
-        def run(*values):
-            try:
-                return handler(*values)
-            except utils.UserError as e:
-                return refuse(str(e), handler.__name__)
-            except Exception as e:  # noqa: BLE001
-                log(f"error in {handler.__name__}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-                gr.Warning("something went wrong; the terminal running app.py has the details")
-                return [], "**Something went wrong with this query; the terminal running app.py has the details.**", \
-                    None
-        return run
+    @functools.wraps(handler)  # keeps the signature, from which Gradio passes event data (gr.SelectData)
+    def run(*values):
+        try:
+            return handler(*values)
+        except utils.UserError as e:
+            return refuse(str(e))
+        except Exception as e:  # noqa: BLE001
+            log(f"error in {handler.__name__}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            gr.Warning("something went wrong; the terminal running app.py has the details")
+            return [], "**Something went wrong with this query; the terminal running app.py has the details.**", None
+    return run
 
+
+def page_handlers(gr, searcher: Searcher, examples: list) -> dict:
+    """The page's event handlers by event, each guarded: a stroke, the Search button, an upload, an example."""
     def stroke(value):
-        """A stroke ended (or the canvas was cleared, undone, erased): search, or say the canvas is empty."""
-        sketch = drawing_to_sketch(value)
+        """A stroke ended (or the canvas was cleared, undone, erased): search, or say why the canvas cannot be."""
+        try:
+            sketch = drawing_to_sketch(value)
+        except utils.UserError as e:  # blank: said on the page, without a warning (clearing the canvas is no mistake)
+            log("canvas blank: results cleared")
+            return [], f"{str(e)[0].upper()}{str(e)[1:]}.", None
         if sketch is None:
             log("canvas empty: results cleared")
             return [], "The canvas is empty: draw a sketch (or upload one) to search.", None
-        return answer(sketch, "drawing")
+        return answer(searcher, sketch, "drawing")
 
     def search_drawing(value):
-        """The Search button: as a stroke, and an empty canvas is a warning too."""
-        if drawing_to_sketch(value) is None:
+        """The Search button: as a stroke, and a blank or empty canvas is a warning too."""
+        sketch = drawing_to_sketch(value)
+        if sketch is None:
             raise utils.UserError("the canvas is empty: draw a sketch (or upload one) to search")
-        return stroke(value)
+        return answer(searcher, sketch, "drawing")
 
     def upload(path):
         if not path:  # the upload box was cleared: leave the page as it is
             return gr.skip(), gr.skip(), gr.skip()
-        return answer(read_upload(path, int(searcher.args.max_upload_mb * 1e6)), f"file {os.path.basename(path)}")
+        return answer(searcher, read_upload(path, int(searcher.args.max_upload_mb * 1e6)),
+                      f"file {os.path.basename(path)}")
 
     def example(evt: gr.SelectData):
         path = examples[evt.index]
-        return answer(dataset.load_sketch(path), f"example {os.path.basename(path)}")
+        return answer(searcher, read_sketch_file(path), f"example {os.path.basename(path)}")
+
+    return {name: guarded(gr, h) for name, h in (("stroke", stroke), ("search", search_drawing), ("upload", upload),
+                                                  ("example", example))}
+
+
+def build_page(gr, searcher: Searcher, examples: list):
+    """The Blocks of the page: canvas, upload box, examples, results, status lines."""
+    handlers = page_handlers(gr, searcher, examples)
 
     def tick():
         done = searcher.ready or bool(searcher.error)
@@ -391,10 +418,10 @@ def build_page(gr, searcher: Searcher, examples: list):
                 prepared = gr.Image(label="The sketch as the model sees it", type="pil", height=160,
                                     interactive=False, elem_id="prepared", buttons=[])
         outputs = [results, message, prepared]
-        sketchpad.change(guarded(stroke), sketchpad, outputs, show_progress="hidden", trigger_mode="always_last")
-        search_button.click(guarded(search_drawing), sketchpad, outputs)
-        upload_box.change(guarded(upload), upload_box, outputs)
-        example_box.select(guarded(example), None, outputs)
+        sketchpad.change(handlers["stroke"], sketchpad, outputs, show_progress="hidden", trigger_mode="always_last")
+        search_button.click(handlers["search"], sketchpad, outputs)
+        upload_box.change(handlers["upload"], upload_box, outputs)
+        example_box.select(handlers["example"], None, outputs)
         timer = gr.Timer(0.5)
         timer.tick(tick, None, [status, timer], show_progress="hidden")
     return page
@@ -416,23 +443,23 @@ def main(args) -> None:
     old_index = gallery.load_index(index_path)
     ckpt = utils.load_checkpoint(args.model)
     faiss = gallery.import_faiss() if args.faiss else None
-    files, others = gallery.scan_gallery(root, exclude="")
-    if not files:
+    source = gallery.GallerySource(args.gallery, root, index_path, *gallery.scan_gallery(root, exclude=""), old_index)
+    if not source.files:
         raise utils.UserError(f"gallery {args.gallery} holds no image files ({', '.join(dataset.IMAGE_EXTENSIONS)}); "
                               "pass the folder that holds your photos")
     device = utils.get_device(args.device)
     model = utils.build_model(ckpt, args.model, trained=True).to(device).eval()
     utils.ensure_dir(os.path.dirname(index_path), "index folder (choose one with --index)")
     utils.print_banner("app.py", args)
-    cfg = utils.checkpoint_model(ckpt)
-    print(f"model {args.model}: {cfg.backbone}, {cfg.embedding_dim}-d, {cfg.image_size}px")
+    settings = gallery.EmbedSettings(utils.checkpoint_model(ckpt).image_size, args.batch_size, args.workers, device,
+                                     args.amp)
+    print(gallery.describe_model(args.model, ckpt, settings, utils.model_fingerprint(ckpt)))
 
     examples_dir = args.examples or os.path.join(os.path.dirname(root), "sketches")
     if args.examples and not os.path.isdir(args.examples):
         raise utils.UserError(f"--examples {args.examples} is not a folder; pass a folder of sketches")
     examples = pick_examples(examples_dir, args.num_examples)
-    searcher = Searcher(model, cfg, device, args, root, index_path, files, others, old_index,
-                        gallery.model_identity(ckpt), faiss)
+    searcher = Searcher(model, args, source, gallery.model_identity(ckpt), settings, faiss)
     page = build_page(gr, searcher, examples)
     threading.Thread(target=searcher.build, daemon=True, name="gallery-index").start()
     blocked = [os.path.abspath(args.model), index_path, os.path.splitext(index_path)[0] + ".faiss"]

@@ -5,19 +5,21 @@
     python retrieve.py --model ckpt/best.pth --gallery ~/Pictures --query a.png --index ~/pictures.pt --faiss
 
 The photos' embeddings are computed once and kept in an index file (--index, by default
-OUTPUT_DIR/gallery_index.pt) with the model's identity and each file's path, size and modification
-time; later runs embed only new or changed files and drop deleted ones, and a different model
-rebuilds it. Query sketches may have any size and aspect ratio, dark strokes on white, light
-strokes on black, a transparent background, or be photos of a drawing on paper
-(dataset.prepare_sketch). Search is exact, in chunks of the gallery (a million photos within
-bounded memory), or approximate with --faiss. Prints each query's ranked photos (--json: one JSON
+OUTPUT_DIR/gallery_index.pt) with the model's identity, their precision and each file's path, size
+and modification time; later runs embed only new or changed files and drop deleted ones, and a
+different model or precision rebuilds it. Query sketches may have any size and aspect ratio, dark
+strokes on white, light strokes on black, a transparent background, or be photos of a drawing on
+paper (dataset.prepare_sketch); blank ones (no strokes: gallery.blank_reason) are refused, named in
+one line. Search is exact, in chunks of the gallery (a million photos within bounded memory), or
+approximate with --faiss. Prints each query's ranked photos (--json: one JSON
 document on stdout, everything else on stderr) and writes a grid PNG per query and results.json
-to --output_dir.
+to --output_dir, replacing those of the previous run there.
 """
 import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -63,24 +65,83 @@ def check_args(args) -> None:
 # ----------------------------------------------------------------------------------- inputs
 
 def read_queries(paths: list) -> list:
-    """Every query sketch, prepared (dataset.prepare_sketch); a missing or unreadable file is a UserError."""
-    sketches = []
+    """Every query sketch, prepared (gallery.load_query); a missing or unreadable file is a UserError, and so are
+    blank ones (gallery.blank_reason), all of them named in one line."""
+    sketches, blanks = [], []
     for path in paths:
         if not os.path.isfile(path):
             raise utils.UserError(f"query sketch {path} not found; pass image files (PNG, JPEG, ...) to --query")
         try:
-            sketches.append(dataset.load_sketch(path))
+            sketch, blank = gallery.load_query(path)
         except dataset.IMAGE_ERRORS as e:
             raise utils.UserError(f"cannot read query sketch {path} as an image ({type(e).__name__}); "
                                   f"pass a PNG, JPEG or other image file") from None
+        sketches.append(sketch)
+        if blank:
+            blanks.append((f"query sketch {path}" if len(paths) == 1 else path, blank))
+    if blanks:
+        raise utils.UserError(gallery.blank_message(blanks, len(paths)))
     return sketches
+
+
+def gallery_files(folder: str, root: str, out_dir: str) -> tuple[list, list, list]:
+    """scan_gallery of the --gallery folder (``root``: its real path), leaving out the output folder; a gallery
+    that is the output folder or holds no image file is a UserError."""
+    if os.path.realpath(out_dir) == root:
+        raise utils.UserError(f"--output_dir {out_dir} is the gallery folder; its grids would be searched next "
+                              "time, so choose another folder")
+    files, others, outputs = gallery.scan_gallery(root, exclude=os.path.realpath(out_dir))
+    if not files:
+        raise utils.UserError(f"gallery {folder} holds no image files ({', '.join(dataset.IMAGE_EXTENSIONS)}); "
+                              "pass the folder that holds your photos")
+    return files, others, outputs
 
 
 # ----------------------------------------------------------------------------------- output
 
+GRID_FILE = re.compile(r"grid_\d{2,}_.*\.png")  # grid_name's names
+
+
 def grid_name(i: int, query_path: str) -> str:
     stem = os.path.splitext(os.path.basename(query_path))[0]
     return f"grid_{i + 1:02d}_{''.join(c if c.isalnum() or c in '-_' else '_' for c in stem)[:40]}.png"
+
+
+def clear_previous_results(out_dir: str) -> None:
+    """Delete what an earlier run wrote in the output folder: its results.json first, then its grids
+    (grid_NN_*.png, those of an interrupted run too), so the folder never holds two runs' results at once."""
+    results = os.path.join(out_dir, gallery.RESULTS_NAME)
+    grids = [name for name in sorted(os.listdir(out_dir)) if GRID_FILE.fullmatch(name)]
+    had_results = os.path.isfile(results)
+    if had_results:
+        os.remove(results)
+    for name in grids:
+        os.remove(os.path.join(out_dir, name))
+    if had_results or grids:
+        print(f"removed an earlier run's {'results.json and ' if had_results else ''}{len(grids)} grid(s) from "
+              f"{out_dir}")
+
+
+def report_queries(args, sketches: list, paths: list, scores: torch.Tensor, rows: torch.Tensor,
+                   out_dir: str) -> list:
+    """Print each query's ranked photos (gallery ``paths`` at ``rows``, (Q, k)) and write its grid; returns
+    the queries' entries of results.json."""
+    results = []
+    for i, query in enumerate(args.query):
+        hits = [(os.path.join(args.gallery, paths[r]), s)
+                for s, r in zip(scores[i].tolist(), rows[i].tolist()) if r >= 0]
+        grid = os.path.join(out_dir, grid_name(i, query)) if args.grids else None
+        if grid:
+            utils.save_retrieval_grid(sketches[i], f"query\n{os.path.basename(query)[:24]}",
+                                      [(p, f"{r + 1}. {s:.3f}\n{os.path.basename(p)[:22]}", None)
+                                       for r, (p, s) in enumerate(hits)], grid, per_row=5)
+        results.append({"query": query, "grid": grid, "results": [{"rank": r + 1, "path": p, "score": s}
+                                                                  for r, (p, s) in enumerate(hits)]})
+        print(f"\nquery {i + 1}/{len(args.query)}: {query}" + (f"  (grid: {grid})" if grid else ""))
+        print(f"{'rank':>4}  {'score':>6}  photo")
+        for r, (path, score) in enumerate(hits):
+            print(f"{r + 1:>4}  {score:6.3f}  {path}")
+    return results
 
 
 # ----------------------------------------------------------------------------------- main
@@ -107,7 +168,8 @@ def run(args) -> dict:
     sketches = read_queries(args.query)
     faiss = gallery.import_faiss() if args.faiss else None
     root = os.path.realpath(args.gallery)
-    files, others = gallery_files(args.gallery, root, out_dir)
+    source = gallery.GallerySource(args.gallery, root, index_path, *gallery_files(args.gallery, root, out_dir),
+                                   old_index)
     device = utils.get_device(args.device)
     # weights that do not fit: an error, nothing written
     model = utils.build_model(ckpt, args.model, trained=True).to(device)
@@ -116,17 +178,30 @@ def run(args) -> dict:
     info = utils.print_banner("retrieve.py", args)
 
     cfg = utils.checkpoint_model(ckpt)
-    print(f"model {args.model}: {cfg.backbone}, {cfg.embedding_dim}-d, {cfg.image_size}px")
-    start = time.perf_counter()
-    index, counts = gallery.update_index(
-        old_index, index_path, root, files, gallery.model_identity(ckpt),
-        lambda paths: gallery.embed_files(model.photo_encoder, paths, cfg.image_size, args.batch_size, args.workers,
-                                          device, args.amp, args.model))
-    skipped = gallery.report_gallery(args.gallery, index_path, index, counts, files, others,
-                                     time.perf_counter() - start)
-
+    settings = gallery.EmbedSettings(cfg.image_size, args.batch_size, args.workers, device, args.amp)
+    fingerprint = utils.model_fingerprint(ckpt)
+    print(gallery.describe_model(args.model, ckpt, settings, fingerprint))
+    index, counts, skipped = gallery.build_index(source, gallery.model_identity(ckpt), settings, model.photo_encoder,
+                                                 args.model)
     queries = gallery.embed_sketches(model.sketch_encoder, sketches, cfg.image_size, args.batch_size, device,
                                      args.amp)  # (Q, D)
+    scores, rows, seconds = search_index(args, faiss, index, queries, index_path)
+
+    clear_previous_results(out_dir)
+    results = report_queries(args, sketches, index["paths"], scores, rows, out_dir)
+    doc = {"format": gallery.RESULTS_FORMAT, "model": args.model, "model_fingerprint": fingerprint,
+           "model_epoch": ckpt["epoch"], "model_step": ckpt["step"], "precision": settings.precision,
+           "gallery": args.gallery, "index": index_path, "commit": info["commit"],
+           "search": "faiss" if faiss is not None else "exact", "search_seconds": seconds,
+           "index_counts": counts, "skipped_files": skipped, "skipped_folders": source.outputs, "queries": results,
+           "args": vars(args)}
+    utils.write_json(os.path.join(out_dir, gallery.RESULTS_NAME), doc)
+    print(f"\nwrote results.json{' and the grids' if args.grids else ''} to {out_dir}")
+    return doc
+
+
+def search_index(args, faiss, index: dict, queries: torch.Tensor, index_path: str) -> tuple:
+    """Rank the index's photos for the queries (Q, D), exactly or with faiss: (scores (Q, k), rows (Q, k), seconds)."""
     start = time.perf_counter()
     if faiss is not None:
         built = gallery.cached_faiss_index(faiss, index, os.path.splitext(index_path)[0] + ".faiss")
@@ -134,51 +209,9 @@ def run(args) -> dict:
     else:
         scores, rows = gallery.search(queries, index["embeddings"], args.topk, args.chunk)
     seconds = time.perf_counter() - start
-    print(f"searched {counts['images']} photos for {len(sketches)} sketch(es) in {seconds:.3f} s "
+    print(f"searched {len(index['paths'])} photos for {len(queries)} sketch(es) in {seconds:.3f} s "
           f"({'faiss, approximate' if faiss is not None else 'exact'})")
-
-    results = report_queries(args, sketches, index["paths"], scores, rows, out_dir)
-    doc = {"model": args.model, "gallery": args.gallery, "index": index_path, "commit": info["commit"],
-           "search": "faiss" if faiss is not None else "exact", "search_seconds": seconds,
-           "index_counts": counts, "skipped_files": skipped, "queries": results, "args": vars(args)}
-    utils.write_json(os.path.join(out_dir, "results.json"), doc)
-    print(f"\nwrote results.json{' and the grids' if args.grids else ''} to {out_dir}")
-    return doc
-
-
-def gallery_files(folder: str, root: str, out_dir: str) -> tuple[list, list]:
-    """scan_gallery of the --gallery folder (``root``: its real path), leaving out the output folder; a gallery
-    that is the output folder or holds no image file is a UserError."""
-    if os.path.realpath(out_dir) == root:
-        raise utils.UserError(f"--output_dir {out_dir} is the gallery folder; its grids would be searched next "
-                              "time, so choose another folder")
-    files, others = gallery.scan_gallery(root, exclude=os.path.realpath(out_dir))
-    if not files:
-        raise utils.UserError(f"gallery {folder} holds no image files ({', '.join(dataset.IMAGE_EXTENSIONS)}); "
-                              "pass the folder that holds your photos")
-    return files, others
-
-
-def report_queries(args, sketches: list, paths: list, scores: torch.Tensor, rows: torch.Tensor,
-                   out_dir: str) -> list:
-    """Print each query's ranked photos (gallery ``paths`` at ``rows``, (Q, k)) and write its grid; returns
-    the queries' entries of results.json."""
-    results = []
-    for i, query in enumerate(args.query):
-        hits = [(os.path.join(args.gallery, paths[r]), s)
-                for s, r in zip(scores[i].tolist(), rows[i].tolist()) if r >= 0]
-        grid = os.path.join(out_dir, grid_name(i, query)) if args.grids else None
-        if grid:
-            utils.save_retrieval_grid(sketches[i], f"query\n{os.path.basename(query)[:24]}",
-                                      [(p, f"{r + 1}. {s:.3f}\n{os.path.basename(p)[:22]}", None)
-                                       for r, (p, s) in enumerate(hits)], grid, per_row=5)
-        results.append({"query": query, "grid": grid, "results": [{"rank": r + 1, "path": p, "score": s}
-                                                                  for r, (p, s) in enumerate(hits)]})
-        print(f"\nquery {i + 1}/{len(args.query)}: {query}" + (f"  (grid: {grid})" if grid else ""))
-        print(f"{'rank':>4}  {'score':>6}  photo")
-        for r, (path, score) in enumerate(hits):
-            print(f"{r + 1:>4}  {score:6.3f}  {path}")
-    return results
+    return scores, rows, seconds
 
 
 if __name__ == "__main__":

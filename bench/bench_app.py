@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import app  # noqa: E402
+import gallery  # noqa: E402
 import utils  # noqa: E402
 from model import ZSSBIRModel  # noqa: E402
 
@@ -80,7 +81,8 @@ def server_side(args) -> None:
           f"drawing prepared, embedded and ranked (exact top {opts.topk}); {args.repeats} queries per size")
     for n in args.sizes:
         g = torch.nn.functional.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(n)), dim=1)
-        searcher = app.Searcher(model, cfg, torch.device("cpu"), opts, "/", "", [], [], None, "")
+        settings = gallery.EmbedSettings(cfg.image_size, opts.batch_size, 0, torch.device("cpu"), opts.amp)
+        searcher = app.Searcher(model, opts, gallery.GallerySource("-", "/", "", [], [], [], None), "", settings)
         searcher.embeddings, searcher.paths, searcher.ready = g, [f"c{i % 50}/{i}.jpg" for i in range(n)], True
         searcher.layout = True
         times = []

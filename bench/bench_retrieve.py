@@ -11,8 +11,9 @@ its top k against the exact one (random vectors have no clusters: the worst case
 (3) the time to build a gallery index (gallery.update_index: scan, embed, save) per 1,000 photos
 at the demo's size (64 px JPEGs drawn by demo_data.py into a temporary folder; shufflenet_v2_x1_0,
 128-d, untrained weights, retrieve.py's default --batch_size and --workers), and to reuse it;
-(4) with --prep_check and the demo's model and data present: mAP@all of the demo's unseen-class
-sketches as drawn, through prepare_sketch, inverted, on a 3:1 canvas and small on a large canvas.
+(4) with --prep_check and the demo's model and data present: how many of the demo's unseen-class sketches
+gallery.blank_reason calls blank (none should be), and their mAP@all as drawn, through prepare_sketch,
+inverted, on a 3:1 canvas and small on a large canvas.
 Target (issue 6): exact search of 1,000,000 embeddings in under 1 s per query on 2 CPU cores.
 """
 import argparse
@@ -140,6 +141,7 @@ def bench_search(args, faiss) -> dict:
 def bench_build(args) -> None:
     """(3): build a gallery index of --build_images demo-sized photos, then reuse it."""
     defaults = retrieve.get_args_parser().parse_args(["--model", "m", "--gallery", "g", "--query", "q"])
+    retrieve.check_args(defaults)  # --workers -1 -> the number retrieve.py uses
     with tempfile.TemporaryDirectory() as tmp:
         names = demo_data.class_names()
         rng = np.random.default_rng(args.seed)
@@ -156,19 +158,20 @@ def bench_build(args) -> None:
         utils.seed_everything(args.seed)
         model = ZSSBIRModel("shufflenet_v2_x1_0", 128, pretrained=False)
         ckpt = {"models": {k: m.state_dict() for k, m in model.named_children()},
-                "args": {"backbone": "shufflenet_v2_x1_0", "embedding_dim": 128, "image_size": 64}}
+                "args": {"backbone": "shufflenet_v2_x1_0", "embedding_dim": 128, "image_size": 64,
+                         "pretrained": False}}
         root, path = os.path.join(tmp, "photos"), os.path.join(tmp, "index.pt")
         device = torch.device("cpu")
+        settings = gallery.EmbedSettings(64, defaults.batch_size, defaults.workers, device, defaults.amp)
 
         def embed(paths):
-            return gallery.embed_files(model.photo_encoder, paths, 64, defaults.batch_size, defaults.workers, device,
-                                       defaults.amp, "")
+            return gallery.embed_files(model.photo_encoder, paths, settings, "")
 
         for what in ("build", "reuse"):
             t = time.perf_counter()
-            files, _ = gallery.scan_gallery(root, exclude="")
+            files, _, _ = gallery.scan_gallery(root, exclude="")
             _, counts = gallery.update_index(gallery.load_index(path), path, root, files,
-                                              gallery.model_identity(ckpt), embed)
+                                              gallery.model_identity(ckpt), settings.precision, embed)
             seconds = time.perf_counter() - t
             print(f"  {what:<6} {seconds:7.2f} s  = {seconds / args.build_images * 1000:6.2f} s per 1,000 photos  "
                   f"({counts['embedded']} embedded, {counts['unchanged']} unchanged)")
@@ -206,6 +209,9 @@ def prep_check(args) -> None:
     }
     print(f"\nquery preparation: {len(sketches)} unseen-class sketches of {args.data_dir} against its {len(photos)} "
           f"unseen-class photos, model {args.model}")
+    blank = [p for p in sketches if gallery.load_query(p)[1]]
+    print(f"  blank by gallery.blank_reason (refused by retrieve.py and app.py): {len(blank)} of {len(sketches)}"
+          + (f" (e.g. {blank[0]})" if blank else ""))
     for name, form in forms.items():
         q = gallery.embed_sketches(model.sketch_encoder, [form(dataset.load_image(p)) for p in sketches], size,
                                    defaults.batch_size, torch.device("cpu"), defaults.amp)

@@ -57,13 +57,14 @@ def square_drawing(size=512, width=app.BRUSH_WIDTH, mode="RGB") -> Image.Image:
     return im
 
 
-def test_drawing_is_prepared_as_a_query_file_and_blank_is_none():
+def test_drawing_is_prepared_as_a_query_file_and_blank_is_refused():
     im = square_drawing()
     sketch = app.drawing_to_sketch({"background": im, "layers": [], "composite": im})
     assert np.array_equal(np.asarray(sketch), np.asarray(dataset.prepare_sketch(im)))  # retrieve.py's preparation
     assert sketch.size == (261 + 2 * 26,) * 2  # cropped to the square's 261 px plus a 10 % margin each side
-    blank = Image.new("RGB", (512, 512), "white")
-    assert app.drawing_to_sketch({"composite": blank}) is None
+    with pytest.raises(utils.UserError) as refused:
+        app.drawing_to_sketch({"composite": Image.new("RGB", (512, 512), "white")})
+    assert str(refused.value) == gallery.blank_message([("the canvas", "a single colour")])
     assert app.drawing_to_sketch({"composite": None}) is None and app.drawing_to_sketch(None) is None
     # strokes on a transparent layer (an RGBA composite) are the same drawing
     rgba = Image.new("RGBA", (512, 512), (0, 0, 0, 0))
@@ -89,6 +90,28 @@ def test_read_upload_refuses_non_images_and_too_many_pixels(tmp_path):
     size = good.stat().st_size
     with pytest.raises(utils.UserError, match=rf"sketch.png is {size / 1e6:.2f} MB, more than the 0.001 MB"):
         app.read_upload(str(good), 1000)
+
+
+def test_blank_files_get_retrieve_pys_message(tmp_path):
+    """A blank upload or example is refused with the line retrieve.py prints for a blank query file (one check,
+    gallery.blank_reason): the same words after the file's name."""
+    model = save_tiny_checkpoint(str(tmp_path / "model.pth"))
+    white, dot = tmp_path / "white.png", tmp_path / "dot.png"
+    Image.new("RGB", (200, 100), "white").save(white)
+    im = Image.new("L", (512, 512), 255)
+    im.putpixel((100, 100), 0)
+    im.save(dot)
+    for path in (white, dot):
+        reason = gallery.load_query(str(path))[1]
+        assert reason
+        with pytest.raises(utils.UserError) as refused:
+            app.read_upload(str(path), 10**6)
+        assert str(refused.value) == gallery.blank_message([(path.name, reason)])
+        proc = run_main("retrieve.py", "--model", model, "--gallery", str(tmp_path), "--query", str(path))
+        assert_one_line_error(proc, f"query sketch {path}" + str(refused.value).removeprefix(path.name))
+        with pytest.raises(utils.UserError) as example:
+            app.read_sketch_file(str(path))  # an example sketch
+        assert str(example.value) == str(refused.value)
 
 
 def test_paths_classes_and_the_index_location(tmp_path):
@@ -131,15 +154,16 @@ def test_searcher_ranks_as_retrieve_does(tmp_path):
                                              "--device", "cpu", "--topk", "5"])
     ckpt = utils.load_checkpoint(model_path)
     model = utils.build_model(ckpt, model_path, trained=True).eval()
-    files, others = gallery.scan_gallery(root, exclude="")
     index_path = app.default_index_path(root)
-    searcher = app.Searcher(model, utils.checkpoint_model(ckpt), torch.device("cpu"), args, root, index_path,
-                            files, others, None, gallery.model_identity(ckpt))
+    source = gallery.GallerySource(root, root, index_path, *gallery.scan_gallery(root, exclude=""), None)
+    settings = gallery.EmbedSettings(32, args.batch_size, 0, torch.device("cpu"), args.amp)
+    searcher = app.Searcher(model, args, source, gallery.model_identity(ckpt), settings)
     assert "0 of 18 photos" in searcher.status()
     searcher.build()
     assert searcher.ready and searcher.layout and os.path.isfile(index_path)
     assert (searcher.done, searcher.total) == (18, 18)  # the progress the page shows while it builds
-    assert searcher.status().startswith("Gallery: 18 photos")
+    assert searcher.status() == f"Gallery: 18 photos of {root} (index {index_path}), searched with the model " \
+                                f"{model_path}."
     sketch = dataset.load_sketch(os.path.join(data, "sketches", "star", "star_0.png"))
     hits, seconds = searcher.search(sketch)
     q = gallery.embed_sketches(model.sketch_encoder, [sketch], 32, 1, torch.device("cpu"), False)
@@ -319,7 +343,7 @@ def test_page_draw_upload_examples_and_bad_input(served, browser, tmp_path):
     assert all(os.path.isfile(os.path.join(served["photos"], cls, name)) for _, _, cls, name in captions)
     assert all(a[1] >= b[1] for a, b in zip(captions, captions[1:]))  # by descending score
 
-    page.locator("#sketch button[aria-label='Clear canvas']").click()
+    page.locator("#sketch button[aria-label='Clear canvas']").click()  # the sketchpad then sends no drawing at all
     wait_message(page, "The canvas is empty")
     page.click("#search")  # an empty canvas sent: a message, no results, no trace
     wait_message(page, "the canvas is empty")
@@ -334,6 +358,13 @@ def test_page_draw_upload_examples_and_bad_input(served, browser, tmp_path):
 
     page.locator("#examples img").first.click()  # circle_0.png: test_labels.txt's first class
     wait_message(page, "for the example circle_0.png")
+    page.reload()
+    blank = tmp_path / "blank.png"
+    Image.new("RGBA", (300, 300), (0, 0, 0, 0)).save(blank)  # a transparent page with no strokes
+    page.wait_for_selector("#upload input[type=file]", state="attached")
+    page.set_input_files("#upload input[type=file]", str(blank))
+    assert wait_message(page, "blank.png is blank") == gallery.blank_message([("blank.png", "a single colour")])
+    assert "refused (upload): blank.png is blank (a single colour)" in log_text(served)
 
     page.reload()
     (tmp_path / "notes.png").write_text("not an image")

@@ -63,9 +63,8 @@ def test_evaluate_retrieve_and_validation_embed_an_image_identically(tmp_path, m
 
     retrieve_args = retrieve.get_args_parser().parse_args(["--model", path, "--gallery", data, "--query", "x.png",
                                                            "--batch_size", "4", "--workers", "0", "--device", device])
-    g_retrieve, readable, _ = gallery.embed_files(model.photo_encoder, flat["photos"][0], SIZE,
-                                                  retrieve_args.batch_size, retrieve_args.workers, dev,
-                                                  retrieve_args.amp, path)
+    settings = gallery.EmbedSettings(SIZE, retrieve_args.batch_size, retrieve_args.workers, dev, retrieve_args.amp)
+    g_retrieve, readable, _ = gallery.embed_files(model.photo_encoder, flat["photos"][0], settings, path)
 
     assert eval_args.amp and val_args.amp and retrieve_args.amp  # the same default everywhere
     assert readable.all() and q_eval.shape == (6, DIM) and g_eval.shape == (6, DIM)

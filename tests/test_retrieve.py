@@ -202,6 +202,88 @@ def test_prepare_sketch_cleans_a_photo_of_paper():
     assert ((out[..., 0] < 128) == strokes).mean() > 0.97
 
 
+def span_reason(im: Image.Image) -> str:
+    """The reason blank_reason gives an opaque image whose grey levels span less than BLANK_CONTRAST, from the
+    span numpy measures."""
+    span = int(np.ptp(np.asarray(im.convert("L"), dtype=np.int64)))
+    assert span < gallery.BLANK_CONTRAST
+    return "a single colour" if span == 0 else \
+        f"nearly one colour: its grey levels span {span} of 255, fewer than {gallery.BLANK_CONTRAST}"
+
+
+def dot(side: int) -> Image.Image:
+    """A black square dot ``side`` pixels wide on a white 512 px canvas."""
+    im = Image.new("L", (512, 512), 255)
+    ImageDraw.Draw(im).rectangle((100, 100, 99 + side, 99 + side), fill=0)
+    return im
+
+
+def blank_and_not_blank(tmp_path) -> tuple[dict, dict]:
+    """Query images that must be refused, with their reason, and images with strokes that must not be."""
+    jpeg = tmp_path / "white.jpg"
+    Image.new("RGB", (300, 200), "white").save(jpeg, quality=70)
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(np.clip(200 + rng.normal(0, 3, (120, 160)), 0, 255).astype(np.uint8))
+    faint = Image.new("L", (512, 512), 255)
+    ImageDraw.Draw(faint).line((100, 100, 400, 300), fill=200, width=1)  # 301 px of a 262,144 px page
+    single = "a single colour"
+    blank = {"white": (Image.new("RGB", (200, 100), "white"), single),
+             "black": (Image.new("L", (64, 64), 0), single),
+             "uniform grey": (Image.new("RGB", (64, 64), (128, 128, 128)), single),
+             "uniform red": (Image.new("RGB", (64, 64), (200, 30, 30)), single),
+             "transparent, no strokes": (Image.new("RGBA", (64, 64), (0, 0, 0, 0)), single),
+             "transparent white, no strokes": (Image.new("RGBA", (64, 64), (255, 255, 255, 0)), single),
+             "noise on grey paper": (noisy, span_reason(noisy)),
+             "white page as a JPEG": (Image.open(jpeg), span_reason(Image.open(jpeg))),
+             "one-pixel dot": (dot(1), "only a dot: cropped to its strokes, it is one black square"),
+             "five-pixel dot": (dot(5), "only a dot: cropped to its strokes, it is one black square"),
+             "faint line": (faint, "its lines are too faint: none is darker than mid-grey once the background is "
+                                   "evened out")}
+    thin = Image.new("L", (512, 512), 255)
+    ImageDraw.Draw(thin).line((100, 100, 130, 100), fill=0, width=1)  # one pixel wide, 31 long
+    strokes = {"thin line": thin, "six-pixel dot": dot(6), "drawing": drawing(),
+               "white on black": drawing(ink=255, paper=0),
+               "white on transparent": transparent(drawing(), (255, 255, 255)),  # blank once composited on white
+               "photo of paper": Image.fromarray(np.clip(np.asarray(drawing(), dtype=np.float64) * 0.6 + 60, 0, 255)
+                                                 .astype(np.uint8))}
+    return blank, strokes
+
+
+def test_blank_queries_are_told_apart_from_thin_strokes(setup, tmp_path):
+    blank, strokes = blank_and_not_blank(tmp_path)
+    for name, (im, reason) in blank.items():
+        sketch, why = gallery.prepare_query(im)
+        assert why == reason, name
+        assert np.array_equal(np.asarray(sketch), np.asarray(dataset.prepare_sketch(im))), name  # what the model sees
+    for name, im in strokes.items():
+        assert gallery.prepare_query(im)[1] == "", name
+    assert gallery.load_query(setup["sketch"])[1] == ""  # a 32 px dataset sketch, 2 px strokes
+    assert gallery.blank_message([("a.png", "a single colour")]) == (
+        "a.png is blank (a single colour); use a sketch with dark strokes on a light background (or light strokes "
+        "on a dark one)")
+
+
+def test_cli_refuses_blank_queries_naming_each(setup, photos, tmp_path):
+    blank, _ = blank_and_not_blank(tmp_path)
+    paths = {}
+    for name in ("white", "transparent, no strokes", "one-pixel dot"):
+        paths[name] = str(tmp_path / (name.replace(" ", "_").replace(",", "") + ".png"))
+        blank[name][0].save(paths[name])
+    out = tmp_path / "out"
+    common = ["--model", setup["model"], "--gallery", photos, "--output_dir", str(out), "--workers", "0",
+              "--device", "cpu"]
+    alone, several = run_cli_cases(
+        [*common, "--query", paths["white"]],
+        [*common, "--query", setup["sketch"], paths["transparent, no strokes"], paths["one-pixel dot"]])
+    assert_one_line_error(alone, f"error: query sketch {paths['white']} is blank (a single colour); use a sketch "
+                                 "with dark strokes on a light background")
+    assert_one_line_error(several, f"error: 2 of the 3 query sketches are blank: {paths['transparent, no strokes']} "
+                                   f"(a single colour), {paths['one-pixel dot']} (only a dot: ",
+                          "or leave them out")
+    assert setup["sketch"] not in several.stderr
+    assert not out.exists()  # refused before anything is written
+
+
 def test_phone_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: the camera was turned; show the stored image rotated 90 degrees clockwise
@@ -319,13 +401,14 @@ def test_interrupted_build_keeps_what_was_embedded(tmp_path):
 
     path = str(tmp_path / "index.pt")
     with pytest.raises(KeyboardInterrupt):
-        gallery.update_index(None, path, str(tmp_path), files, "model-a", embed_two_then_stop)
+        gallery.update_index(None, path, str(tmp_path), files, "model-a", "float32", embed_two_then_stop)
     saved = index_of(path)
     assert saved["paths"] == ["0.png"] and saved["skipped"] == {"1.png": [10, 1]}
     def embed_all(paths):
         return torch.zeros(len(paths), 4), torch.ones(len(paths), dtype=torch.bool), False
 
-    index, counts = gallery.update_index(gallery.load_index(path), path, str(tmp_path), files, "model-a", embed_all)
+    index, counts = gallery.update_index(gallery.load_index(path), path, str(tmp_path), files, "model-a", "float32",
+                                         embed_all)
     assert counts == {"images": 4, "embedded": 3, "unchanged": 1, "deleted": 0, "unreadable": 1}
     assert index["paths"] == ["0.png", "2.png", "3.png", "4.png"] and index["embeddings"][0].tolist() == [1.0] * 4
     assert calls == [5]
@@ -357,6 +440,91 @@ def test_non_images_are_skipped_counted_and_remembered(setup, photos, tmp_path, 
     Image.new("RGB", (32, 32), "white").save(broken, format="JPEG")
     doc = retrieve_json(capsys, setup["model"], photos, [setup["sketch"]], in_gallery, "--index", index)
     assert doc["index_counts"] == {"images": 19, "embedded": 1, "unchanged": 18, "deleted": 0, "unreadable": 0}
+
+
+# ----------------------------------------------------------------------------------- one run's results, one model's
+
+def test_a_new_run_replaces_the_grids_and_results_of_the_last_one(setup, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    two = [setup["sketch"], os.path.join(setup["data"], "sketches", "circle", "circle_1.png")]
+    retrieve_json(capsys, setup["model"], photos, two, str(out), grids=True)
+    assert sorted(os.listdir(out)) == ["gallery_index.pt", "grid_01_star_0.png", "grid_02_circle_1.png",
+                                       "results.json"]
+    Image.new("RGB", (8, 8)).save(out / "grid_03_interrupted.png")  # a grid of a run stopped before results.json
+    (out / "notes.txt").write_text("mine")
+    (out / "grid.png").write_bytes(b"not one of retrieve.py's names")
+    doc = retrieve_json(capsys, setup["other_model"], photos, [setup["sketch"]], str(out))  # --no-grids
+    assert f"removed an earlier run's results.json and 3 grid(s) from {out}" in doc["stderr"]
+    assert sorted(os.listdir(out)) == ["gallery_index.pt", "grid.png", "notes.txt", "results.json"]
+    with open(out / "results.json") as f:
+        saved = json.load(f)
+    assert saved["model"] == setup["other_model"] and [q["query"] for q in saved["queries"]] == [setup["sketch"]]
+    doc = retrieve_json(capsys, setup["model"], photos, [setup["sketch"]], str(out), grids=True)
+    assert "removed an earlier run's results.json and 0 grid(s)" in doc["stderr"]
+    assert doc["queries"][0]["grid"] == str(out / "grid_01_star_0.png") and (out / "grid_01_star_0.png").is_file()
+
+
+def test_results_name_the_model_by_its_weights(setup, photos, tmp_path, capsys):
+    docs = {name: retrieve_json(capsys, setup[name], photos, [setup["sketch"]], str(tmp_path / name))
+            for name in ("model", "other_model")}
+    for name, doc in docs.items():
+        ckpt = utils.load_checkpoint(setup[name])
+        fingerprint = utils.model_fingerprint(ckpt)
+        assert doc["format"] == gallery.RESULTS_FORMAT and doc["model"] == setup[name]
+        assert (doc["model_fingerprint"], doc["model_epoch"], doc["model_step"]) == (fingerprint, 0, 0)
+        assert doc["precision"] == "float32"  # the CPU computes in float32, --amp or not
+        assert f"model {setup[name]}: resnet18, 16-d, 32px, trained 0 epoch(s), fingerprint {fingerprint[:12]}; " \
+               "embeddings in float32" in doc["stderr"]
+    assert docs["model"]["model_fingerprint"] != docs["other_model"]["model_fingerprint"]  # seeds 0 and 1
+
+
+def test_an_index_of_another_precision_is_rebuilt_not_extended(tmp_path, monkeypatch, capsys):
+    assert gallery.EmbedSettings(32, 8, 0, torch.device("cpu"), True).precision == "float32"
+    monkeypatch.setattr(utils, "amp_dtype", lambda device, amp: torch.bfloat16 if amp else None)
+    assert gallery.EmbedSettings(32, 8, 0, torch.device("cpu"), True).precision == "bfloat16"
+    files = [(f"{i}.png", 10, 1) for i in range(3)]
+    path, root = str(tmp_path / "index.pt"), str(tmp_path)
+
+    def embed(paths):
+        return torch.ones(len(paths), 4), torch.ones(len(paths), dtype=torch.bool), False
+
+    gallery.update_index(None, path, root, files, "model-a", "bfloat16", embed)
+    more = files + [("3.png", 10, 1)]
+    capsys.readouterr()
+    index, counts = gallery.update_index(gallery.load_index(path), path, root, more, "model-a", "float32", embed)
+    assert f"index {path} holds bfloat16 embeddings and this run computes in float32 (--amp on a GPU or not); " \
+           "rebuilding" in capsys.readouterr().out
+    assert (counts["embedded"], counts["unchanged"]) == (4, 0) and index_of(path)["precision"] == "float32"
+    index, counts = gallery.update_index(gallery.load_index(path), path, root, more, "model-a", "float32", embed)
+    assert (counts["embedded"], counts["unchanged"]) == (0, 4)
+    older = index_of(path)
+    del older["precision"]  # an index written before the precision was recorded
+    torch.save(older, path)
+    index, counts = gallery.update_index(gallery.load_index(path), path, root, more, "model-a", "float32", embed)
+    assert "does not record the precision of its embeddings" in capsys.readouterr().out and counts["embedded"] == 4
+
+
+def test_earlier_results_inside_the_gallery_are_not_searched(setup, photos, tmp_path, capsys):
+    index = str(tmp_path / "index.pt")
+    retrieve_json(capsys, setup["model"], photos, [setup["sketch"]], os.path.join(photos, "run_a"), "--index", index,
+                  grids=True)
+    legacy = os.path.join(photos, "cat", "old_run")  # results.json as retrieve.py wrote it before it had "format"
+    os.makedirs(legacy)
+    Image.new("RGB", (32, 32), "white").save(os.path.join(legacy, "grid_01_x.png"))
+    with open(os.path.join(legacy, "results.json"), "w") as f:
+        json.dump({"model": "m.pth", "gallery": photos, "index": index, "queries": []}, f)
+    own = os.path.join(photos, "cat", "scores")  # someone else's results.json: a folder of photos like any other
+    os.makedirs(own)
+    Image.new("RGB", (32, 32), "white").save(os.path.join(own, "photo.png"))
+    with open(os.path.join(own, "results.json"), "w") as f:
+        json.dump({"accuracy": 0.5}, f)
+    doc = retrieve_json(capsys, setup["model"], photos, [setup["sketch"]], os.path.join(photos, "run_b"),
+                        "--index", index, "--topk", "30", grids=True)
+    assert "left out 2 folder(s) of retrieve.py results inside the gallery (their grids are not photos): " \
+           f"{os.path.join('cat', 'old_run')}, run_a" in doc["stderr"]
+    assert doc["skipped_folders"] == [os.path.join("cat", "old_run"), "run_a"]
+    assert doc["index_counts"]["images"] == 19  # 18 photos and scores/photo.png
+    assert not any("run_" in hit["path"] or "old_run" in hit["path"] for hit in doc["queries"][0]["results"])
 
 
 # ----------------------------------------------------------------------------------- faiss
