@@ -10,16 +10,16 @@ from conftest import make_tiny_dataset, run_main
 
 # The recipes as train.py wrote them in Python before they became configs/*.yaml (commit a003a0a): the files
 # must keep these values, or runs of a recipe stop matching the figures measured with it.
-SCRATCH = dict(backbone="resnet18", pretrained=False, image_size=32, batch_size=64, lr=2e-3, weight_decay=5e-4, warmup=0.3,
-               shared_trunk=True, domain_bn=False, edge_maps=True, sampling="pairs", triplet_loss_ratio=0.0,
+SCRATCH = dict(backbone="resnet18", pretrained=False, image_size=32, batch_size=64, lr=2e-3, weight_decay=5e-4,
+               warmup=0.3, shared_trunk=True, domain_bn=False, edge_maps=True, sampling="pairs", triplet_loss_ratio=0.0,
                class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0, crop_scale=0.5)
 RECIPES = {
     "scratch": SCRATCH,
     "finetune": {**SCRATCH, "backbone": "resnet50", "pretrained": True, "image_size": 224, "lr": 1e-4, "warmup": 0.1},
-    "original": dict(backbone="vgg16", pretrained=True, image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4, warmup=0.5 / 30,
-                     shared_trunk=False, domain_bn=False, edge_maps=False, sampling="triplets", triplet_loss_ratio=1.0,
-                     class_loss_ratio=0.0, domain_loss_ratio=0.5, grl_threshold_epoch=5, proxy_lr_mult=1.0,
-                     crop_scale=0.7),
+    "original": dict(backbone="vgg16", pretrained=True, image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4,
+                     warmup=0.5 / 30, shared_trunk=False, domain_bn=False, edge_maps=False, sampling="triplets",
+                     triplet_loss_ratio=1.0, class_loss_ratio=0.0, domain_loss_ratio=0.5, grl_threshold_epoch=5,
+                     proxy_lr_mult=1.0, crop_scale=0.7),
 }
 
 
