@@ -575,7 +575,7 @@ def resume_from(ckpt: dict, path: str, model, optimizer, scaler) -> None:
                               f"{str(e)[:120]}); the checkpoint is damaged or from another version") from None
     inside = f" and {ckpt['epoch_step']} step(s) of the next" if ckpt.get("epoch_step") else ""
     print(f"resumed from {path}: {ckpt['epoch']} epoch(s){inside} done, step {ckpt['step']}, "
-          f"best {utils.validation_text(ckpt['best'])}")
+          f"{utils.validation_text(ckpt['best'])}")
 
 
 def nothing_left(ckpt: dict, args) -> bool:
@@ -979,7 +979,7 @@ def fit(t: Trainer, loader, val: dict, classes: list, state: TrainState, stop: S
         if any_process(stop.signal is not None) and (args.epochs is None or state.epoch < args.epochs):
             print(f"stopped after epoch {state.epoch}; continue with --resume {last_path}")
             return
-    print(f"done: {state.work.describe(state.schedule.seconds())}; best {utils.validation_text(state.best)} -> "
+    print(f"done: {state.work.describe(state.schedule.seconds())}; {utils.validation_text(state.best)} -> "
           f"{os.path.join(args.checkpoint_dir, 'best.pth')}")
 
 

@@ -368,7 +368,7 @@ def validation_text(best) -> str:
     """A checkpoint's "best" as words: its seen-class validation mAP@all, or that it has none (-1: no epoch was
     validated, or trained with --val_fraction 0; NaN in checkpoints written before that was -1)."""
     if is_number(best) and best >= 0:
-        return f"seen-class val mAP@all {best:.4f}"
+        return f"best seen-class val mAP@all {best:.4f}"
     return "no seen-class validation (none held out, or no epoch validated yet)"
 
 
