@@ -164,13 +164,17 @@ def test_cli_needs_a_model_or_embeddings(tmp_path):
     assert_one_line_error(proc, "none.pt not found")
 
 
-def test_class_split_selects_a_named_split_and_split_means_which_images(run, tmp_path):
-    folder = os.path.join(run["data"], "splits", "alt")
+def write_split(data: str, name: str, train: list, test: list) -> None:
+    """DATA/splits/NAME with these training and test classes."""
+    folder = os.path.join(data, "splits", name)
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "train_labels.txt"), "w") as f:
-        f.write("tri\nsquare\npent\nhexa\ncircle\n")
-    with open(os.path.join(folder, "test_labels.txt"), "w") as f:
-        f.write("star\n")
+    for file, classes in (("train_labels.txt", train), ("test_labels.txt", test)):
+        with open(os.path.join(folder, file), "w") as f:
+            f.write("\n".join(classes) + "\n")
+
+
+def test_class_split_selects_a_named_split_and_split_means_which_images(run, tmp_path):
+    write_split(run["data"], "alt", ["tri", "square", "pent", "hexa", "circle"], ["star"])
     evaluate.main(evaluate.get_args_parser().parse_args([
         "--model", run["model"], "--data", run["data"], "--class_split", "alt", "--workers", "0", "--device", "cpu",
         "--protocol", "standard", "--num_sketches", "0", "--output_dir", str(tmp_path)]))
@@ -184,12 +188,7 @@ def test_class_split_selects_a_named_split_and_split_means_which_images(run, tmp
 def test_a_class_split_whose_test_classes_the_model_trained_on_is_refused(run, tmp_path):
     """Zero-shot leakage: a named split (or edited label files) whose test classes are among the checkpoint's
     training classes would be scored as unseen classes without a word."""
-    folder = os.path.join(run["data"], "splits", "leaky")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "train_labels.txt"), "w") as f:
-        f.write("pent\nhexa\ncircle\nstar\n")
-    with open(os.path.join(folder, "test_labels.txt"), "w") as f:
-        f.write("tri\nsquare\n")
+    write_split(run["data"], "leaky", ["pent", "hexa", "circle", "star"], ["tri", "square"])
     for task in ("zs", "gzs", "fg"):
         proc = run_main("evaluate.py", "--model", run["model"], "--data", run["data"], "--class_split", "leaky",
                         "--task", task, "--device", "cpu", "--output_dir", str(tmp_path / task))
