@@ -12,7 +12,8 @@ domain classifier reads the embeddings through a gradient reversal layer (Ganin 
 "Domain-Adversarial Training of Neural Networks", JMLR 2016): it learns to tell sketches from
 photos while the reversed gradient pushes the encoders towards embeddings it cannot tell apart.
 Seen-class proxies give the normalised-softmax class loss. Each encoder normalises its images with the
-statistics its trunk's weights expect. ModelConfig describes a network and holds the rules it must follow.
+statistics its trunk's weights expect; CLIP's encoders have QuickGELU in their MLPs, as OpenAI trained them.
+ModelConfig describes a network and holds the rules it must follow.
 This module does no I/O and chooses no device.
 """
 import copy
@@ -47,6 +48,11 @@ BACKBONES = {
     "clip_vit_b_16": ("ViT-B-16", "openai", 512),
 }
 CLIP_BACKBONES = {"clip_vit_b_32", "clip_vit_b_16"}
+# The activation in the MLP of CLIP's transformer blocks -> the suffix of open_clip's model name that builds it.
+# OpenAI trained CLIP with QuickGELU, x * sigmoid(1.702 x) (their clip/model.py), which open_clip builds under the
+# "-quickgelu" names; "gelu" (torch's exact GELU, open_clip's plain names) is what this project built before, kept so
+# that the checkpoints trained with it load as they were trained.
+CLIP_ACTIVATIONS = {"quick_gelu": "-quickgelu", "gelu": ""}
 # Vision transformers cut the image into patches: their input side is fixed when they are built and must be
 # a multiple of the patch size.
 PATCH_SIZE = {"vit_b_16": 16, "vit_b_32": 32, "clip_vit_b_16": 16, "clip_vit_b_32": 32}
@@ -54,7 +60,11 @@ PATCH_SIZE = {"vit_b_16": 16, "vit_b_32": 32, "clip_vit_b_16": 16, "clip_vit_b_3
 WITHOUT_BATCH_NORM = {"convnext_tiny", "swin_t", "vit_b_16", "vit_b_32", "clip_vit_b_16", "clip_vit_b_32"}
 
 
-MODEL_FORMAT = 1  # of a checkpoint's "model" entry; checkpoints without one (format 0) describe it in their args
+# The newest format of a checkpoint's "model" entry; this code reads every older one too. 0: no entry (the args
+# describe the model); 1: ModelConfig's fields but activation, whose absence means GELU for CLIP; 2: format 1 plus
+# activation. to_dict writes format 2 only where activation says something format 1 cannot (QuickGELU), so every
+# entry format 1 can describe keeps its bytes and its fingerprint (utils.model_fingerprint).
+MODEL_FORMAT = 2
 DOMAIN_INPUTS = ("embedding", "features")  # what the domain classifier reads: unit embeddings or trunk features
 WEIGHTS = ("imagenet", "openai", "file", "none")  # where a trunk starts: ImageNet's or CLIP's weights, a file, random
 
@@ -79,6 +89,16 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def is_clip(backbone) -> bool:
+    return isinstance(backbone, str) and backbone in CLIP_BACKBONES
+
+
+def format1_activation(backbone) -> str | None:
+    """What a format 1 entry, which has no activation field, was built with: GELU for CLIP, the backbone's own
+    (None) for the others."""
+    return "gelu" if is_clip(backbone) else None
+
+
 def is_channel_stats(v) -> bool:
     """Three per-channel numbers (R, G, B)."""
     return isinstance(v, tuple) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -88,10 +108,13 @@ def is_channel_stats(v) -> bool:
 @dataclass(frozen=True)
 class ModelConfig:
     """The network a checkpoint holds, in its own terms, not in any script's flags; a checkpoint stores it
-    as ``{"format": MODEL_FORMAT, **fields}`` under "model". ``weights`` is where the trunk started (WEIGHTS):
-    "imagenet" (torchvision's default weights for the backbone), "openai" (CLIP's), "file" (a user's,
-    train.py --weights) or "none" (random). ``mean`` and ``std`` are the channel statistics the trunk's
-    weights expect (backbone_stats), with which the encoder normalises its [0, 1] images.
+    as to_dict gives it, ``{"format": 1 or 2, **fields}``, under "model". ``weights`` is where the trunk
+    started (WEIGHTS): "imagenet" (torchvision's default weights for the backbone), "openai" (CLIP's), "file" (a
+    user's, train.py --weights) or "none" (random). ``mean`` and ``std`` are the channel statistics the trunk's
+    weights expect (backbone_stats), with which the encoder normalises its [0, 1] images. ``activation`` is
+    CLIP's MLP activation (CLIP_ACTIVATIONS): "quick_gelu", OpenAI's, which None (left out) becomes, or "gelu",
+    that of the CLIP models this project trained before (their entries, format 1, have no activation). The
+    other backbones have their own: None.
 
     The one place the rules of a network's description live: a config that breaks one raises
     ModelConfigError when it is made, whether by the model, by train.py's flags or from a checkpoint."""
@@ -104,9 +127,12 @@ class ModelConfig:
     weights: str = "imagenet"
     mean: tuple = ()  # () when built by hand: backbone_stats(backbone); checkpoints always hold the numbers
     std: tuple = ()
+    activation: str | None = None  # None when built by hand: "quick_gelu" for CLIP; checkpoints hold the choice
 
     def __post_init__(self):
         self._check_sizes()
+        if self.activation is None and is_clip(self.backbone):
+            object.__setattr__(self, "activation", "quick_gelu")  # frozen: set once, before anyone reads it
         self._check_choices()
         unset = [isinstance(v, tuple) and not v for v in (self.mean, self.std)]  # () and (): backbone_stats
         if not (all(unset) or (is_channel_stats(self.mean) and is_channel_stats(self.std))):
@@ -146,22 +172,47 @@ class ModelConfig:
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise ModelConfigError(name, f"{{{name}}} must be one of {', '.join(allowed)}, "
                                              f"got {getattr(self, name)!r}")
+        if is_clip(self.backbone) and (not isinstance(self.activation, str) or self.activation not in CLIP_ACTIVATIONS):
+            raise ModelConfigError("activation", f"{{activation}} must be one of {', '.join(CLIP_ACTIVATIONS)}, "
+                                                 f"got {self.activation!r}")
+        if not is_clip(self.backbone) and self.activation is not None:
+            raise ModelConfigError("activation", f"{{activation}} chooses CLIP's MLP activation; {{backbone}} "
+                                                 f"{self.backbone} has its own: leave it out (None), "
+                                                 f"got {self.activation!r}")
 
     def to_dict(self) -> dict:
-        return {"format": MODEL_FORMAT, **asdict(self)}
+        """{"format": 1 or 2, **fields}: format 1, without activation, where that describes the network (every
+        backbone but a QuickGELU CLIP), so that an entry written before activation existed reads back to itself."""
+        d = asdict(self)
+        if self.activation == format1_activation(self.backbone):
+            del d["activation"]
+            return {"format": 1, **d}
+        return {"format": MODEL_FORMAT, **d}
+
+    def note(self) -> str:
+        """One line for a person where the network departs from its published one, else "": a CLIP model with
+        GELU (trained by this project before QuickGELU) is built as it was trained."""
+        if self.activation != "gelu":
+            return ""
+        return (f"note: this {self.backbone} model uses GELU in its MLPs, as it was trained; OpenAI's CLIP uses "
+                "QuickGELU, which models trained since use (docs/backbones.md)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """The inverse of to_dict; ValueError for another format or a field this version does not know,
-        ModelConfigError for a value that breaks a rule, TypeError for a missing field."""
-        if d.get("format") != MODEL_FORMAT:
-            raise ValueError(f"model format {d.get('format')!r}; this version reads format {MODEL_FORMAT}")
-        known = {f.name for f in fields(cls)}
+        """The inverse of to_dict, for formats 1 and 2 (an entry without activation: format1_activation);
+        ValueError for another format or a field its format does not have, ModelConfigError for a value that
+        breaks a rule, TypeError for a missing field."""
+        fmt = d.get("format")
+        if not is_int(fmt) or not 1 <= fmt <= MODEL_FORMAT:
+            raise ValueError(f"model format {fmt!r}; this version reads formats 1 to {MODEL_FORMAT}")
+        known = {f.name for f in fields(cls)} - ({"activation"} if fmt == 1 else set())
         unknown = sorted(set(d) - known - {"format"})
         if unknown:
-            raise ValueError(f"unknown model field(s) {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if k in ("mean", "std") and isinstance(v, (list, tuple)) else v
-                      for k, v in d.items() if k != "format"})
+            raise ValueError(f"unknown model field(s) {', '.join(unknown)} (format {fmt})")
+        values = {k: tuple(v) if k in ("mean", "std") and isinstance(v, (list, tuple)) else v
+                  for k, v in d.items() if k != "format"}
+        values.setdefault("activation", format1_activation(d.get("backbone")))
+        return cls(**values)
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -175,16 +226,17 @@ def backbone_weights(name: str):
     return getattr(torchvision.models, weights_name).DEFAULT
 
 
-def build_trunk(name: str, pretrained: bool, image_size: int = 224,
-                start_state: dict | None = None) -> tuple[nn.Module, int]:
+def build_trunk(name: str, pretrained: bool, image_size: int = 224, start_state: dict | None = None,
+                activation: str | None = None) -> tuple[nn.Module, int]:
     """A backbone without its classifier: images (B, 3, H, W) -> pooled features (B, F). It starts from
     torchvision's ImageNet weights (``pretrained``), from ``start_state`` (a state dict of the whole
     torchvision network, e.g. a weights file a user already has; ValueError when it does not fit), or at
     random. A vision transformer is built for ``image_size``: weights trained at another size (224 for
     ImageNet's) get their position embeddings interpolated. The CNNs and Swin take any size. ModelConfig
-    holds the rules for ``name`` and ``image_size`` (a known backbone; a transformer's side a multiple of its patch)."""
+    holds the rules for ``name``, ``image_size`` (a known backbone; a transformer's side a multiple of its patch) and
+    ``activation`` (CLIP's MLP activation, CLIP_ACTIVATIONS; None: QuickGELU, as OpenAI's weights were trained)."""
     if name in CLIP_BACKBONES:
-        return build_clip_trunk(name, pretrained, image_size, start_state)
+        return build_clip_trunk(name, pretrained, image_size, start_state, activation or "quick_gelu")
     builder, _, width = BACKBONES[name]
     weights = backbone_weights(name) if pretrained else None
     random_vit = name in PATCH_SIZE and weights is None and start_state is None
@@ -258,14 +310,24 @@ class Normalize(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
-def build_clip_trunk(name: str, pretrained: bool, image_size: int, start_state: dict | None) -> tuple[nn.Module, int]:
+def build_clip_trunk(name: str, pretrained: bool, image_size: int, start_state: dict | None,
+                     activation: str = "quick_gelu") -> tuple[nn.Module, int]:
     """CLIP's image encoder through open_clip (an optional package), built for ``image_size`` (OpenAI's
-    weights, trained at 224, get their position embeddings resized). Its weights are cached in
+    weights, trained at 224, get their position embeddings resized) with ``activation`` in its MLPs
+    (CLIP_ACTIVATIONS: open_clip's "-quickgelu" model for OpenAI's QuickGELU). Its weights are cached in
     <torch hub dir>/open_clip. The text tower is dropped."""
     open_clip = import_open_clip(name)
-    model_name, tag, width = BACKBONES[name]
+    base_name, tag, width = BACKBONES[name]
+    model_name = base_name + CLIP_ACTIVATIONS[activation]
     cache = os.path.join(torch.hub.get_dir(), "open_clip")
-    logging.disable(logging.WARNING)  # open_clip logs a warning for every randomly initialised model
+    # open_clip logs (on the root logger) a warning for every model it initialises at random, as ours are before
+    # their weights load: that one message is dropped, while the call lasts; every other warning shows.
+    random_init = f"No pretrained weights loaded for model '{model_name}'. Model initialized randomly."
+    root = logging.getLogger()
+
+    def not_random_init(record: logging.LogRecord) -> bool:
+        return record.getMessage() != random_init
+    root.addFilter(not_random_init)
     try:
         clip = open_clip.create_model(model_name, pretrained=tag if pretrained and start_state is None else None,
                                       force_image_size=image_size, cache_dir=cache)
@@ -274,7 +336,7 @@ def build_clip_trunk(name: str, pretrained: bool, image_size: int, start_state: 
             f"could not load CLIP weights {model_name} ({tag}) ({type(e).__name__}: {str(e)[:120]}); they are "
             f"downloaded into {cache}; or pass --no-pretrained") from None
     finally:
-        logging.disable(logging.NOTSET)
+        root.removeFilter(not_random_init)
     if start_state is not None:
         from open_clip.model import resize_pos_embed
 
@@ -320,11 +382,11 @@ class Encoder(nn.Module):
     batch norms are split into one per domain (0 sketch, 1 photo) and ``forward`` takes the domain of its batch."""
 
     def __init__(self, backbone: str, embedding_dim: int, pretrained: bool | dict, domain_bn: bool = False,
-                 image_size: int = 224):
+                 image_size: int = 224, activation: str | None = None):
         super().__init__()
         start_state = pretrained if isinstance(pretrained, dict) else None
         published = start_state is None and bool(pretrained)
-        self.trunk, self.width = build_trunk(backbone, published, image_size, start_state)
+        self.trunk, self.width = build_trunk(backbone, published, image_size, start_state, activation)
         self.normalize = Normalize(*backbone_stats(backbone))
         self.domain_bn = domain_bn
         if domain_bn:
@@ -418,22 +480,28 @@ class ZSSBIRModel(nn.Module):
     the class loss; they are created last, so the encoders' initialisation does not depend on them.
     ``image_size`` is the input side a vision transformer is built for (the other backbones take any).
     ``pretrained`` (Encoder): True, False, or a state dict of the whole network to start the trunk(s) from.
-    The arguments must make a valid ModelConfig, whose rules they meet first (ModelConfigError otherwise).
+    ``activation``: CLIP's MLP activation (ModelConfig; None: QuickGELU for CLIP, the backbone's own otherwise).
+    These, after num_classes, are given by name (``network``): with backbone and embedding_dim they must make a
+    valid ModelConfig, whose rules they meet first (ModelConfigError otherwise; TypeError for an unknown name).
     """
 
     def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool | dict = True,
-                 num_classes: int = 0, shared_trunk: bool = False, domain_bn: bool = False,
-                 domain_input: str = "embedding", image_size: int = 224):
+                 num_classes: int = 0, **network):
         super().__init__()
-        ModelConfig(backbone, embedding_dim, image_size, shared_trunk, domain_bn, domain_input)  # its rules, or raise
+        # network: the rest of the ModelConfig (shared_trunk, domain_bn, domain_input, image_size, activation), by name
+        cfg = ModelConfig(backbone, embedding_dim, **{"image_size": 224, **network})  # its rules, or raise
+        shared_trunk, domain_bn, domain_input = cfg.shared_trunk, cfg.domain_bn, cfg.domain_input
+        image_size, activation = cfg.image_size, cfg.activation
         if shared_trunk:
-            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size)
+            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size, activation)
             width = self.encoder.width
             object.__setattr__(self, "sketch_encoder", DomainView(self.encoder, 0))  # not registered: no
             object.__setattr__(self, "photo_encoder", DomainView(self.encoder, 1))   # second copy in state_dict
         else:
-            self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size)
-            self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size)
+            self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size,
+                                          activation=activation)
+            self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size,
+                                         activation=activation)
             width = self.sketch_encoder.width
         self.domain_input = domain_input
         self.domain_classifier = DomainClassifier(embedding_dim if domain_input == "embedding" else width)
@@ -451,8 +519,9 @@ class ZSSBIRModel(nn.Module):
             start = False
         else:
             start = start_state if config.weights == "file" else True
-        model = cls(config.backbone, config.embedding_dim, start, num_classes, config.shared_trunk, config.domain_bn,
-                    config.domain_input, config.image_size)
+        model = cls(config.backbone, config.embedding_dim, start, num_classes, shared_trunk=config.shared_trunk,
+                    domain_bn=config.domain_bn, domain_input=config.domain_input, image_size=config.image_size,
+                    activation=config.activation)
         if config.mean:
             for encoder in [m for m in model.modules() if isinstance(m, Encoder)]:
                 encoder.normalize = Normalize(config.mean, config.std)

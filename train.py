@@ -222,8 +222,9 @@ def add_model_args(g) -> None:
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from the backbone's published weights (torchvision's ImageNet ones; OpenAI's for CLIP)")
     g.add_argument("--weights", type=str, default="",
-                   help="start the trunk from this file instead of downloading: a state dict of the whole "
-                        "torchvision --backbone network (e.g. the .pth behind its ImageNet weights' URL)")
+                   help="start the trunk from this file instead of downloading: the whole --backbone network's "
+                        "weights as torchvision's .pth, open_clip's .bin or .safetensors, or OpenAI's CLIP .pt "
+                        "(read without running code from the file)")
     g.add_argument("--shared_trunk", action=argparse.BooleanOptionalAction, default=True,
                    help="one trunk for both domains instead of two branches")
     g.add_argument("--domain_bn", action=argparse.BooleanOptionalAction, default=False,
@@ -290,15 +291,11 @@ def add_speed_args(g) -> None:
 
 
 def start_weights(path: str) -> dict:
-    """The state dict in a --weights file (bare, or under "state_dict" or "model" as training scripts save it)."""
-    hint = "pass a .pth state dict of the --backbone network (torchvision's format)"
-    state = utils.load_user_file(path, "weights file", hint)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not utils.is_state_dict(state):
-        raise utils.UserError(f"{path} holds no state dict (names -> tensors); {hint}")
-    return state
+    """The state dict in a --weights file: torchvision's .pth, open_clip's .bin or .safetensors, OpenAI's CLIP .pt
+    (TorchScript), bare or under "state_dict" or "model" as training scripts save it (utils.load_weights_file:
+    nothing in the file runs)."""
+    return utils.load_weights_file(path, "pass a state dict of the whole --backbone network: torchvision's .pth, "
+                                         "open_clip's .bin or .safetensors, or OpenAI's CLIP .pt")
 
 
 def apply_recipe(args) -> None:
@@ -544,6 +541,9 @@ def load_resume_checkpoint(path: str, args, world: int) -> dict:
     resume_args(args, ckpt, path)
     check_args(args)
     saved = utils.checkpoint_model(ckpt)
+    if saved.activation != model_config(args).activation:  # a CLIP run from before QuickGELU: it goes on as trained
+        args.clip_activation = saved.activation
+        print(saved.note())
     for key in ("backbone", "embedding_dim"):
         if getattr(saved, key) != getattr(args, key):
             raise utils.UserError(f"{path} was trained with --{key} {getattr(saved, key)} but this run uses "
@@ -783,7 +783,8 @@ def model_config(args) -> ModelConfig:
     published = "openai" if args.backbone in CLIP_BACKBONES else "imagenet"
     weights = "file" if args.weights else (published if args.pretrained else "none")
     return ModelConfig(args.backbone, args.embedding_dim, args.image_size, args.shared_trunk, args.domain_bn,
-                       args.domain_input, weights, *backbone_stats(args.backbone))
+                       args.domain_input, weights, *backbone_stats(args.backbone),
+                       activation=getattr(args, "clip_activation", None))  # a resumed older CLIP run's: GELU
 
 
 def build_model_and_optimizer(args, num_classes: int, device: torch.device, world: int = 1):
@@ -795,8 +796,8 @@ def build_model_and_optimizer(args, num_classes: int, device: torch.device, worl
         model = ZSSBIRModel.from_config(model_config(args), num_classes=num_classes if uses_proxies else 0,
                                         start_state=start)
     except ValueError as e:  # a --weights file of another network
-        raise utils.UserError(f"--weights {args.weights}: {e}; pass a state dict of torchvision's {args.backbone}, "
-                              "or another --backbone") from None
+        raise utils.UserError(f"--weights {args.weights}: {e}; pass the weights of the whole {args.backbone} network "
+                              "(torchvision's, or open_clip's / OpenAI's for CLIP), or another --backbone") from None
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)

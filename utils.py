@@ -5,16 +5,21 @@
     ckpt = utils.load_checkpoint("ckpt/last.pth")    # map_location="cpu", clear errors
 """
 import argparse
+import ast
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import random
+import re
 import subprocess
 import sys
 import tempfile
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -236,23 +241,303 @@ def save_checkpoint(ckpt: dict, path: str) -> None:
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
-def load_user_file(path: str, what: str, hint: str, mmap: bool = False):
+def check_user_path(path: str, what: str, hint: str) -> None:
+    """A file the user named must be a file: a missing one or a folder is one UserError ending in ``hint``."""
+    if not os.path.isfile(path):
+        where = "is a folder" if os.path.isdir(path) else "not found"
+        raise UserError(f"{what} {path} {where}; {hint}")
+
+
+def load_user_file(path: str, what: str, hint: str, mmap: bool = False, objects_hint: str = ""):
     """torch.load a file the user named (a checkpoint, an embeddings file, a gallery index) onto the CPU.
 
     The one reader of such files. torch's weights-only unpickler builds tensors, numbers, strings and
     containers of them and refuses everything else, so nothing in the file ever runs. Whatever the
     file holds (random bytes, an empty file, a zip of junk, a hostile pickle), a failure is one
     UserError saying what was expected and ``hint``; the caller then checks the structure it got.
+    With ``objects_hint``, a file refused for a pickled object (a whole model, a hostile payload) says
+    which one, then ``objects_hint`` instead of ``hint``.
     """
-    if not os.path.isfile(path):
-        where = "is a folder" if os.path.isdir(path) else "not found"
-        raise UserError(f"{what} {path} {where}; {hint}")
+    check_user_path(path, what, hint)
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error line says enough
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - arbitrary bytes can raise almost anything (KeyError, struct.error, ...)
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e)) if objects_hint else None  # torch names the refused global
+        if refused:
+            raise UserError(f"{path} holds a pickled {refused.group(1)}, which only running code from the file "
+                            f"would build (refused: nothing in it ran); {objects_hint}") from None
         raise UserError(f"{path} is not a readable {what} ({type(e).__name__}); {hint}") from None
+
+
+# ----------------------------------------------------------------------------------- weights files
+
+# What a user who trusts a file this reader refuses runs once, where they trust it: a state dict in a .pth file.
+# torch.load(weights_only=False) runs the file's code; given a TorchScript archive it calls torch.jit.load.
+WEIGHTS_CONVERT = ("python -c \"import sys, torch; torch.save(torch.load(sys.argv[1], map_location='cpu', "
+                   "weights_only=False).state_dict(), sys.argv[2])\" FILE weights.pth")
+WEIGHTS_OBJECTS_HINT = ("if you trust the file, convert it to a state dict once (this runs its code): "
+                        f"{WEIGHTS_CONVERT}, then pass weights.pth")
+
+
+def load_weights_file(path: str, hint: str) -> dict:
+    """The state dict (names -> tensors, on the CPU) in a file of weights, read without running anything in it.
+
+    The content, not the name, tells the format:
+    - a TorchScript archive (OpenAI's CLIP ``ViT-B-32.pt``, what ``clip.load`` downloads): a zip holding
+      FOLDER/data.pkl beside FOLDER/code/. torch.jit.load would run that code; read_torchscript_state reads
+      the weights alone, named as ``torch.jit.load(path).state_dict()`` names them (``visual.conv1.weight``);
+    - safetensors (open_clip's ``open_clip_model.safetensors``): the header's length in 8 bytes, then its JSON;
+    - anything else through torch's weights-only unpickler (load_user_file): open_clip's ``.bin`` and
+      torchvision's ``.pth``, bare or under "state_dict" or "model" as training scripts save them.
+    A file this cannot read is one UserError ending in ``hint``; one that holds more than weights (a whole
+    pickled model, a TorchScript archive of parts this does not read) also names WEIGHTS_CONVERT, the one
+    command that turns it into a state dict where the user trusts it. Names are the file's own: mapping
+    them onto a network is the caller's work.
+    """
+    check_user_path(path, "weights file", hint)
+    folder = torchscript_folder(path)
+    if folder is not None:
+        try:
+            state = read_torchscript_state(path, folder)
+        except _RefusedGlobal as e:
+            raise UserError(f"{path} is a TorchScript archive whose data.pkl asks for {e}, which weights never "
+                            f"need (refused: nothing in it ran); {WEIGHTS_OBJECTS_HINT}") from None
+        except Exception as e:  # noqa: BLE001 - a damaged archive can raise almost anything
+            raise UserError(f"{path} is a TorchScript archive this reader cannot read ({_first_line(e)}); {hint}; "
+                            f"or {WEIGHTS_OBJECTS_HINT}") from None
+    elif looks_like_safetensors(path):
+        state = _read_safetensors(path, hint)
+    else:
+        state = load_user_file(path, "weights file", hint, objects_hint=WEIGHTS_OBJECTS_HINT)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if not is_state_dict(state) or not state:
+        raise UserError(f"{path} holds no state dict (names -> tensors); {hint}")
+    return state
+
+
+def _first_line(e: Exception) -> str:
+    """An exception as a short phrase for an error line: its type and the start of its message's first line."""
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def looks_like_safetensors(path: str) -> bool:
+    """A .safetensors name, or safetensors' layout: the JSON header's length (8 bytes, little-endian), then "{".
+    (torch.load itself hands a .safetensors name to safetensors, so the name decides for such files.)"""
+    if path.endswith(".safetensors"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= os.path.getsize(path)
+
+
+def _read_safetensors(path: str, hint: str) -> dict:
+    """A safetensors file's tensors: its format is a JSON header and raw bytes, which hold no code to run."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"{path} is a safetensors file; reading it needs the safetensors package: pip install "
+                        "safetensors (requirements.txt lists it)") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001 - a damaged header or a truncated file
+        raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)}); {hint}") from None
+
+
+def torchscript_folder(path: str) -> str | None:
+    """The folder ("name/") of a TorchScript archive, a zip holding name/data.pkl beside name/code/; None for
+    any other file (torch.save's zips have no code/)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except Exception:  # noqa: BLE001 - bytes that only look like a zip: the next reader says what is wrong
+        return None
+    with_code = {n.split("/")[0] for n in names if n.count("/") >= 2 and n.split("/")[1] == "code"}
+    pickles = sorted(n[:-len("data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1)
+    return next((f for f in pickles if f[:-1] in with_code), None)
+
+
+def _read_entry(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """An archive entry's bytes, when it unpacks to at most ``limit`` bytes (the archive's size: torch stores its
+    entries uncompressed), so that a zip bomb fills no memory."""
+    size = archive.getinfo(name).file_size
+    if size > limit:
+        raise ValueError(f"{name} would unpack to {size} bytes, more than the whole file holds")
+    return archive.read(name)
+
+
+class _RefusedGlobal(Exception):
+    """data.pkl asked for a function or class that weights never need (a hostile file, or an unusual one)."""
+
+
+class _ScriptObject:
+    """An object of a TorchScript class in data.pkl (a module, mostly): its class's name and the state pickle
+    gives it, nothing more. Unpickling makes one subclass per class name."""
+    qualname = ""
+    state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _Storage:
+    """One storage of the archive (FOLDER/data/KEY) as a flat tensor of its dtype."""
+    __slots__ = ("flat",)
+
+    def __init__(self, flat: torch.Tensor):
+        self.flat = flat
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError("data.pkl gives a storage a state")
+
+
+class _TensorRef:
+    """A tensor as data.pkl describes it (torch._utils._rebuild_tensor_v2's arguments: a storage, an offset, a
+    size and strides; requires_grad, hooks and metadata are not weights); tensor() checks it, then views it."""
+    __slots__ = ("storage", "offset", "size", "stride")
+
+    def __init__(self, storage, offset, size, stride, *_):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError("data.pkl gives a tensor a state")
+
+    def tensor(self) -> torch.Tensor:
+        size, stride, offset = self.size, self.stride, self.offset
+        ok = isinstance(self.storage, _Storage) and is_int(offset) and offset >= 0 and isinstance(size, tuple) \
+            and isinstance(stride, tuple) and len(size) == len(stride) and all(is_int(n) and n >= 0
+                                                                               for n in size + stride)
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if ok and all(size) else -1
+        if not ok or last >= self.storage.flat.numel():
+            raise ValueError(f"a tensor outside its storage (size {size}, stride {stride}, offset {offset})")
+        return self.storage.flat.as_strided(size, stride, offset)
+
+
+_STORAGE_DTYPES = {f"{name}Storage": dtype for name, dtype in (
+    ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16), ("BFloat16", torch.bfloat16),
+    ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8),
+    ("Byte", torch.uint8), ("Bool", torch.bool), ("ComplexFloat", torch.complex64),
+    ("ComplexDouble", torch.complex128))}
+
+
+def _same(value, *_):
+    """torch.jit._pickle's list builders and type tags, which only return their first argument."""
+    return value
+
+
+# The globals a TorchScript data.pkl may ask for besides its __torch__ classes, each answered by a harmless stand-in:
+# tensors and storages (torch.FloatStorage etc.: their dtype), typed lists, empty hook dicts, devices (as strings).
+_SCRIPT_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): _TensorRef, ("collections", "OrderedDict"): dict,
+                   ("torch", "device"): str, ("torch.jit._pickle", "restore_type_tag"): _same,
+                   **{("torch.jit._pickle", f"build_{kind}list"): _same
+                      for kind in ("int", "tensor", "double", "bool")},
+                   **{("torch", name): dtype for name, dtype in _STORAGE_DTYPES.items()}}
+
+
+class _ScriptUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript archive's data.pkl without running anything from it: find_class answers only
+    _SCRIPT_GLOBALS and __torch__.* classes (as _ScriptObject subclasses that record their state), and
+    persistent_load reads storages from FOLDER/data/ into tensors after checking their sizes."""
+
+    def __init__(self, archive: zipfile.ZipFile, folder: str, limit: int):
+        super().__init__(io.BytesIO(_read_entry(archive, folder + "data.pkl", limit)))
+        self.archive, self.folder, self.limit = archive, folder, limit
+        self.classes, self.storages = {}, {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualname = f"{module}.{name}"
+            if qualname not in self.classes:
+                self.classes[qualname] = type("ScriptObject", (_ScriptObject,), {"qualname": qualname})
+            return self.classes[qualname]
+        if (module, name) not in _SCRIPT_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}"[:120])
+        return _SCRIPT_GLOBALS[module, name]
+
+    def persistent_load(self, pid):
+        # ("storage", the storage's type (here its dtype), its key under FOLDER/data/, its device, its elements)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+                and isinstance(pid[2], str) and is_int(pid[4]) and pid[4] >= 0):
+            raise pickle.UnpicklingError(f"an unknown persistent id {str(pid)[:80]}")
+        _, dtype, key, _, numel = pid
+        if (key, dtype) not in self.storages:
+            info = self.archive.getinfo(f"{self.folder}data/{key}")
+            if info.file_size != numel * dtype.itemsize or info.file_size > self.limit:
+                raise pickle.UnpicklingError(f"storage {key} holds {info.file_size} bytes, not {numel} {dtype}")
+            flat = torch.empty(numel, dtype=dtype)
+            with self.archive.open(info) as f:  # its CRC is checked once read to the end
+                if f.readinto(flat.view(torch.uint8).numpy()) != info.file_size:
+                    raise pickle.UnpicklingError(f"storage {key} is shorter than its {info.file_size} bytes")
+            self.storages[key, dtype] = _Storage(flat)
+        return self.storages[key, dtype]
+
+
+def read_torchscript_state(path: str, folder: str) -> dict:
+    """The state dict of a TorchScript archive's module tree, as torch.jit.load(path).state_dict() gives it, read
+    without running the archive's code: data.pkl through _ScriptUnpickler, and the names of each module class's
+    parameters and buffers from the class declarations in code/ (read as text). Each module gives its
+    parameters, then its buffers (None ones skipped), then its submodules', under their attribute names."""
+    with zipfile.ZipFile(path) as archive:
+        limit = os.path.getsize(path)
+        order = folder + "byteorder"  # older archives have none: little-endian
+        if order in archive.namelist() and _read_entry(archive, order, limit) != b"little":
+            raise ValueError("its tensors are big-endian")
+        declared = _script_module_tensors(archive, folder, limit)
+        root = _ScriptUnpickler(archive, folder, limit).load()
+    state = {}
+
+    def visit(module: _ScriptObject, prefix: str, ancestors: frozenset) -> None:
+        if not isinstance(module.state, dict):
+            raise ValueError(f"{module.qualname} keeps its state as {type(module.state).__name__}, not attributes")
+        if id(module) in ancestors:
+            raise ValueError(f"{module.qualname} contains itself")
+        for name in declared[module.qualname]:
+            value = module.state.get(name)
+            if value is not None and not isinstance(value, _TensorRef):
+                raise ValueError(f"{prefix}{name} is declared a tensor but holds {type(value).__name__}")
+            if value is not None:
+                state[prefix + name] = value.tensor()
+        for name, value in module.state.items():
+            if isinstance(value, _ScriptObject) and value.qualname in declared:  # a submodule, not a script object
+                visit(value, f"{prefix}{name}.", ancestors | {id(module)})
+
+    if not isinstance(root, _ScriptObject) or root.qualname not in declared:
+        raise ValueError("its data.pkl holds no module")
+    visit(root, "", frozenset())
+    return state
+
+
+_CLASS_LINE = re.compile(r"class (\w+)\(Module\):")
+_TENSORS_LINE = re.compile(r"  (__parameters__|__buffers__) = (\[.*\])")
+
+
+def _script_module_tensors(archive: zipfile.ZipFile, folder: str, limit: int) -> dict:
+    """qualified class name (as data.pkl names it) -> its parameters' names, then its buffers', for each module
+    class in the archive's code/, read as text: FOLDER/code/__torch__/a/b.py declares ``class C(Module):``, the
+    class __torch__.a.b.C, then ``__parameters__ = ["weight", "bias", ]`` and ``__buffers__ = [...]``."""
+    declared = {}
+    code = folder + "code/"
+    for file in archive.namelist():
+        if not (file.startswith(code) and file.endswith(".py")):
+            continue
+        module, kinds = file[len(code):-len(".py")].replace("/", "."), None
+        for line in _read_entry(archive, file, limit).decode("utf-8").splitlines():
+            if match := _CLASS_LINE.fullmatch(line):
+                kinds = declared.setdefault(f"{module}.{match[1]}", {"__parameters__": [], "__buffers__": []})
+            elif line[:1] not in ("", " "):  # another top-level statement ends the class
+                kinds = None
+            elif (match := _TENSORS_LINE.fullmatch(line.rstrip())) and kinds is not None:
+                names = ast.literal_eval(match[2])  # a literal list of names; literal_eval evaluates nothing else
+                if not is_str_list(names):
+                    raise ValueError(f"{file} declares {match[1]} that are not names")
+                kinds[match[1]] = names
+    return {qualname: kinds["__parameters__"] + kinds["__buffers__"] for qualname, kinds in declared.items()}
 
 
 # Predicates for checking what load_user_file returned, field by field (and model.is_int).
@@ -398,7 +683,10 @@ def build_model(ckpt: dict, path: str, trained: bool) -> ZSSBIRModel:
     """The checkpoint's network (checkpoint_model): with its trained weights, or as initialised under its
     training seed."""
     seed_everything(ckpt["args"]["seed"])
-    model = ZSSBIRModel.from_config(checkpoint_model(ckpt), start_weights=not trained)
+    config = checkpoint_model(ckpt)
+    if trained and config.note():  # e.g. a CLIP model trained with GELU, before QuickGELU: built as it was trained
+        print(config.note())
+    model = ZSSBIRModel.from_config(config, start_weights=not trained)
     if trained:
         load_model_state(model, ckpt, path)
     return model

@@ -1,9 +1,10 @@
 """The backbones beyond the paper's CNNs (EfficientNet-B0, ConvNeXt-T, Swin-T, ViT-B/16, ViT-B/32, and CLIP's
 ViT-B/32 and ViT-B/16 image encoders), with random weights: shapes, unit embeddings, a training step, save and
-load; two training steps that evaluate.py then scores; the input sizes and normalisations they cannot take; and
-starting weights from a file. The full networks give the feature widths model.BACKBONES lists; everything else runs
-on tiny networks of the same classes (one block per stage, a few channels: tiny_networks), through the project's
-own wrapping."""
+load; two training steps that evaluate.py then scores; the input sizes and normalisations they cannot take;
+starting weights from a file; CLIP's MLP activation (QuickGELU; GELU for the models trained before it;
+tests/test_clip.py compares CLIP's encoder with OpenAI's own definition). The full networks give the feature
+widths model.BACKBONES lists; everything else runs on tiny networks of the same classes (one block per stage, a few
+channels: tiny_networks), through the project's own wrapping."""
 import os
 
 import pytest
@@ -77,7 +78,8 @@ def tiny_networks(monkeypatch):
 
         def create_model(model_name, pretrained=None, force_image_size=224, **kwargs):
             assert pretrained is None, "the tiny networks have no published weights"
-            backbone = {"ViT-B-32": "clip_vit_b_32", "ViT-B-16": "clip_vit_b_16"}[model_name]
+            # the "-quickgelu" names build the same network with QuickGELU in its MLPs
+            backbone = {"ViT-B-32": "clip_vit_b_32", "ViT-B-16": "clip_vit_b_16"}[model_name.removesuffix("-quickgelu")]
             return real_create_model(model_name, pretrained=None, force_image_size=force_image_size,
                                      embed_dim=TINY_WIDTH[backbone],
                                      vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=PATCH_SIZE[backbone],
@@ -152,6 +154,8 @@ def test_a_backbone_trains_two_steps_and_evaluates_on_the_demo(backbone, demo, t
     assert proc.returncode == 0, proc.stderr
     assert f"model {os.path.join(ckpt, 'best.pth')}: {backbone}, 16-d, {SIZE}px" in proc.stdout
     assert "standard" in proc.stdout
+    entry = utils.load_checkpoint(os.path.join(ckpt, "best.pth"))["model"]  # CLIP's activation is recorded
+    assert entry.get("activation") == ("quick_gelu" if backbone in M.CLIP_BACKBONES else None)
 
 
 def test_sizes_and_norms_a_backbone_cannot_take(tiny_data, tmp_path):
@@ -226,3 +230,45 @@ def test_a_missing_open_clip_is_one_line(tiny_data, tmp_path, monkeypatch):
                     "--backbone", "clip_vit_b_32", "--image_size", "64", "--batch_size", "8", "--device", "cpu")
     assert_one_line_error(proc, "needs the open_clip package", "pip install open_clip_torch")
     assert not os.path.exists(tmp_path / "c")
+
+
+@NEEDS_OPEN_CLIP
+def test_a_clip_model_from_before_quickgelu_is_built_with_gelu(tiny_networks):
+    """A CLIP config made today builds QuickGELU into the encoder's MLPs (open_clip's -quickgelu model); one read from
+    a checkpoint written before (format 1, no activation) builds torch's GELU, as it was trained, from the same
+    weights, and embeds otherwise."""
+    from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+
+    new = M.ModelConfig("clip_vit_b_32", 8, SIZE, shared_trunk=True, weights="none")
+    old = M.ModelConfig.from_dict({k: v for k, v in new.to_dict().items() if k != "activation"} | {"format": 1})
+    models = [ZSSBIRModel.from_config(c, start_weights=False).eval() for c in (new, old)]
+    for model, activation in zip(models, (QuickGELU, torch.nn.GELU)):
+        mlps = [m.mlp.gelu for m in model.modules() if isinstance(m, ResidualAttentionBlock)]
+        assert len(mlps) == 1 and all(type(a) is activation for a in mlps)
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(models[0].sketch_encoder(x), models[1].sketch_encoder(x))
+
+
+def test_a_clip_run_from_before_quickgelu_resumes_and_evaluates_as_it_was_trained(tiny_data, tmp_path, tiny_networks):
+    """--resume of a CLIP checkpoint written before QuickGELU (its model entry without activation) goes on with
+    GELU, says so, and writes GELU into its checkpoints; evaluate.py builds it with GELU and says so."""
+    ckpt = str(tmp_path / "ckpt")
+    common = ["--data_dir", tiny_data, "--recipe", "scratch", "--backbone", "clip_vit_b_32", "--image_size", str(SIZE),
+              "--embedding_dim", "8", "--batch_size", "4", "--workers", "0", "--device", "cpu"]
+    proc = run_main("train.py", *common, "--checkpoint_dir", ckpt, "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr
+    last = os.path.join(ckpt, "last.pth")
+    old = utils.load_checkpoint(last)
+    old["model"] = {k: v for k, v in old["model"].items() if k != "activation"} | {"format": 1}
+    utils.save_checkpoint(old, last)
+    proc = run_main("train.py", *common, "--resume", last, "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: this clip_vit_b_32 model uses GELU in its MLPs, as it was trained" in proc.stdout
+    resumed = utils.load_checkpoint(last)
+    assert resumed["epoch"] == 2 and "activation" not in resumed["model"] and resumed["model"]["format"] == 1
+    proc = run_main("evaluate.py", "--model", last, "--data", tiny_data, "--workers", "0", "--device", "cpu",
+                    "--num_sketches", "0", "--output_dir", str(tmp_path / "e"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("uses GELU in its MLPs, as it was trained") == 1

@@ -1,6 +1,7 @@
 """A network's description (ModelConfig): its rules, checked once, as the model, train.py's flags and a
-checkpoint meet them; what train.py writes (format 1), what it wrote before (format 0, a committed fixture),
-and what a newer or damaged description gives."""
+checkpoint meet them; what train.py writes (format 1, or 2 for a CLIP model with QuickGELU), what it wrote before
+(format 0, a committed fixture; format 1 for CLIP, which meant GELU), and what a newer or damaged description
+gives."""
 import json
 import os
 
@@ -33,6 +34,9 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
     ({"weights": "hub"}, "weights", "weights must be one of imagenet, openai, file, none, got 'hub'"),
     ({"mean": (0.5, 0.5)}, "mean", "mean and std must be 3 channel values each"),
     ({"mean": (0.5, 0.5, 0.5), "std": (0.2, 0.0, 0.2)}, "std", "std must be positive"),
+    ({"activation": "gelu"}, "activation", "activation chooses CLIP's MLP activation; backbone resnet18 has its own"),
+    ({"backbone": "clip_vit_b_32", "activation": "relu"}, "activation",
+     "activation must be one of quick_gelu, gelu, got 'relu'"),
 ])
 def test_each_rule_of_a_model_config_names_its_field(fields, field, message):
     with pytest.raises(M.ModelConfigError) as err:
@@ -132,9 +136,40 @@ def test_a_new_checkpoint_describes_its_model_in_its_own_terms(tiny_data, tmp_pa
     a, b = (json.load(open(str(tmp_path / d / "results.json")))["protocols"] for d in ("a", "b"))
     assert a == b
     # A newer format, and a damaged entry: one line each.
-    ckpt["model"]["format"] = 2
+    ckpt["model"]["format"] = M.MODEL_FORMAT + 1
     utils.save_checkpoint(ckpt, renamed)
-    assert_one_line_error(evaluate(renamed, tiny_data, str(tmp_path / "c")), "format 2", "newer than this code")
+    assert_one_line_error(evaluate(renamed, tiny_data, str(tmp_path / "c")), f"format {M.MODEL_FORMAT + 1}",
+                          "newer than this code")
     ckpt["model"] = {**ckpt["model"], "format": 1, "backbone": "resnet999"}
     utils.save_checkpoint(ckpt, renamed)
     assert_one_line_error(evaluate(renamed, tiny_data, str(tmp_path / "d")), "wrong model.backbone")
+
+
+# A CLIP model's "model" entry as this code wrote it before the activation field (format 1; its MLPs used GELU).
+CLIP_FORMAT1 = {"format": 1, "backbone": "clip_vit_b_32", "embedding_dim": 16, "image_size": 64, "shared_trunk": True,
+                "domain_bn": False, "domain_input": "embedding", "weights": "openai",
+                "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
+
+
+def test_clips_activation_is_quick_gelu_and_an_older_clip_entry_reads_as_gelu():
+    """A CLIP config made today has QuickGELU and is written in format 2 with its activation; an entry written
+    before (format 1) means GELU, reads back to itself (so its checkpoint's fingerprint, utils.model_fingerprint, a
+    hash of to_dict and the weights, is the one it had) and says so in one line. The other backbones stay format 1
+    without activation."""
+    new = M.ModelConfig(**{k: v for k, v in CLIP_FORMAT1.items() if k != "format"})
+    assert new.activation == "quick_gelu" and new.note() == ""
+    assert new.to_dict() == {**CLIP_FORMAT1, "format": 2, "activation": "quick_gelu"}
+    assert M.ModelConfig.from_dict(new.to_dict()) == new
+    old = M.ModelConfig.from_dict(CLIP_FORMAT1)
+    assert old.activation == "gelu" and old.to_dict() == CLIP_FORMAT1
+    assert "\n" not in old.note() and "uses GELU in its MLPs, as it was trained" in old.note()
+    spelt_out = {**CLIP_FORMAT1, "format": 2, "activation": "gelu"}  # the same network: the same description
+    assert M.ModelConfig.from_dict(spelt_out) == old
+    assert utils.model_fingerprint({"model": spelt_out, "models": {}}) == \
+        utils.model_fingerprint({"model": CLIP_FORMAT1, "models": {}})
+    resnet = M.ModelConfig("resnet18", 16, 32)
+    assert resnet.activation is None and resnet.to_dict()["format"] == 1 and "activation" not in resnet.to_dict()
+    with pytest.raises(ValueError, match=r"unknown model field\(s\) activation \(format 1\)"):
+        M.ModelConfig.from_dict({**CLIP_FORMAT1, "activation": "quick_gelu"})  # format 1 had no such field
+    with pytest.raises(ValueError, match="this version reads formats 1 to 2"):
+        M.ModelConfig.from_dict({**CLIP_FORMAT1, "format": 3})
