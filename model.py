@@ -340,7 +340,9 @@ def build_clip_trunk(name: str, pretrained: bool, image_size: int, start_state: 
     if start_state is not None:
         from open_clip.model import resize_pos_embed
 
-        state = dict(start_state)
+        # OpenAI's TorchScript archive (utils.load_weights_file) also holds three int buffers that its own model
+        # keeps and open_clip's does not: they describe the network, which the names and shapes already do
+        state = {k: v for k, v in start_state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
         resize_pos_embed(state, clip)  # weights trained at another size: positions resized in place
         try:
             clip.load_state_dict(state)

@@ -216,7 +216,9 @@ def test_clip_sees_clips_normalisation_and_starts_from_a_file_of_another_size(ti
     assert not any(".normalize." in k for k in model.state_dict())  # the config holds the statistics
     torch.manual_seed(3)
     full = open_clip.create_model("ViT-B-32", pretrained=None)  # 224 px (the tiny one: 7 x 7 patches)
-    started = ZSSBIRModel("clip_vit_b_32", 8, pretrained=full.state_dict(), shared_trunk=True, image_size=SIZE)
+    openai = {**full.state_dict(), "input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+              "vocab_size": torch.tensor(49408)}  # the int buffers OpenAI's TorchScript archive also holds
+    started = ZSSBIRModel("clip_vit_b_32", 8, pretrained=openai, shared_trunk=True, image_size=SIZE)
     assert torch.equal(started.encoder.trunk.conv1.weight, full.visual.conv1.weight)
     assert full.visual.positional_embedding.shape == (1 + 7 ** 2, 32)  # 32: the tiny encoder's width
     assert started.encoder.trunk.positional_embedding.shape == (1 + (SIZE // 32) ** 2, 32)
