@@ -542,6 +542,76 @@ class ZSSBIRModel(nn.Module):
         return s, p, fs, fp
 
 
+# ----------------------------------------------------------------------------------- Sketch_LVM
+
+class PromptedCLIP(nn.Module):
+    """Sketch_LVM's encoder (Sain et al., CVPR 2023), as their code at ca33be9 builds it (src/clip/model.py
+    VisionTransformer.forward, src/model_LN_prompt.py; docs/sketch_lvm.md): CLIP's image tower ``visual``
+    (open_clip's VisionTransformer of a -quickgelu model) with ``num_prompts`` learnt tokens per domain (0
+    sketch, 1 photo; randn, as theirs) appended after the class and patch tokens once the positions are added,
+    and before ln_pre. The embedding is ln_post(class token) @ proj, with no head and no normalisation.
+
+        x = conv1(image) -> (B, g*g, W);  x = [class; x] + positions;  x = [x; prompts(domain)]   (B, 1+g*g+P, W)
+        embedding = ln_post(transformer(ln_pre(x))[:, 0]) @ proj                                   (B, E)
+
+    Input: images normalised as the method's data code does (ImageNet's statistics, after padding to a square).
+    """
+
+    def __init__(self, visual: nn.Module, num_prompts: int = 3, domains: int = 2):
+        super().__init__()
+        plain = (isinstance(getattr(visual, "patch_dropout", None), nn.Identity) and visual.attn_pool is None
+                 and not visual.final_ln_after_pool and visual.pool_type == "tok")
+        if not plain:  # forward below follows open_clip's ViT only where these are off, as in CLIP's own models
+            raise ValueError("PromptedCLIP follows a CLIP ViT without patch dropout, attention pooling or a pooled "
+                             "ln_post; this tower has one of them")
+        self.visual = visual
+        width = visual.conv1.out_channels
+        # theirs: sk_prompt, then img_prompt, each torch.randn(n_prompts, prompt_dim) on the global generator
+        self.prompts = nn.Parameter(torch.stack([torch.randn(num_prompts, width) for _ in range(domains)]))
+
+    def forward(self, x: torch.Tensor, domain: int) -> torch.Tensor:
+        v = self.visual
+        x = v.conv1(x)  # (B, W, g, g)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, g*g, W)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (B, 1 + g*g, W)
+        x = torch.cat([x, self.prompts[domain].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)  # (B, 1+g*g+P, W)
+        x = v.transformer(v.ln_pre(x))  # open_clip's transformer takes (B, L, W) either way it runs inside
+        return v.ln_post(x[:, 0]) @ v.proj  # (B, E)
+
+
+def freeze_as_sketch_lvm(module: nn.Module) -> None:
+    """Sketch_LVM's freeze_all_but_bn (src/model_LN_prompt.py), applied to every submodule: the ``weight`` and
+    ``bias`` of each module that is not a LayerNorm stop training. Parameters under other names train on:
+    attention's in_proj_weight / in_proj_bias, and the class embedding, positions and proj of the tower itself
+    (21,733,632 of ViT-B/32's image tower, against 39,936 in its LayerNorms; docs/sketch_lvm.md)."""
+    for m in module.modules():
+        if isinstance(m, nn.LayerNorm):
+            continue
+        for name in ("weight", "bias"):
+            p = getattr(m, name, None)
+            if isinstance(p, torch.Tensor):
+                p.requires_grad_(False)
+
+
+def freeze_all_but_layer_norms(module: nn.Module) -> None:
+    """The paper's wording of what trains in CLIP (its LayerNorms, and the prompts outside it): every parameter
+    of ``module`` outside a LayerNorm stops training. Apply it to CLIP's tower (PromptedCLIP.visual): the prompts
+    sit outside it and keep training."""
+    norms = {id(p) for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    for p in module.parameters():
+        p.requires_grad_(id(p) in norms)
+
+
+def cosine_triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                        margin: float = 0.2) -> torch.Tensor:
+    """Sketch_LVM's loss, nn.TripletMarginWithDistanceLoss with d(x, y) = 1 - cos(x, y) on the raw embeddings
+    (B, E): mean over the batch of max(0, d(a, p) - d(a, n) + margin)."""
+    d_pos = 1.0 - F.cosine_similarity(anchor, positive)  # (B,)
+    d_neg = 1.0 - F.cosine_similarity(anchor, negative)
+    return torch.clamp(margin + d_pos - d_neg, min=0.0).mean()  # torch's order of the sum: the same rounding
+
+
 def grl_lambda(step: int, total_steps: int, start_step: int) -> float:
     """Reversal strength at a training step (Ganin et al. 2016, section 5.2.2).
 

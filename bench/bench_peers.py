@@ -1,7 +1,9 @@
-"""Agreement of metrics.py with the peers' own code, run on the same embeddings (issue 22).
+"""Agreement of metrics.py (issue 22) and of model.py's Sketch_LVM (issue 31) with the peers' own code, run on the
+same embeddings / the same random weights.
 
     python bench/bench_peers.py --sem_pcyc /tmp/sem-pcyc --sketch_lvm /tmp/sketch_lvm   # synthetic, 64-d
     python bench/bench_peers.py --sem_pcyc /tmp/sem-pcyc --embeddings emb.pt            # evaluate.py --save_embeddings
+    python bench/bench_peers.py --sketch_lvm_ca33be9 /tmp/slvm_ca                       # the model table only
 
 --sem_pcyc is a checkout of AnjanDutta/sem-pcyc (e.g. `git archive HEAD | tar -x`); its src/itq.py and
 src/utils.py are imported from there at run time, never copied here. --sketch_lvm is a checkout of
@@ -27,6 +29,20 @@ torchmetrics.functional, src.clip (clip.load returns an nn.Identity: no CLIP wei
 each of SEM-PCYC's src/test.py main() (sim = np.exp(-cdist(...))), transcribed here and labelled so.
 Embeddings are unit-normalised in float64 for both sides, so that exp(-euclidean) and the cosine rank alike
 (a float32 unit vector's norm is 1 only to about 1e-7, enough to reorder near-ties).
+
+--sketch_lvm_ca33be9 is a checkout of aneeshan95/Sketch_LVM at ca33be9 (`git archive ca33be9 src experiments`;
+its src/clip/model.py must append the prompts, as from 0244c16 on). Their src/clip/model.py is imported by path;
+their src/model_LN_prompt.py with the stubs above, except that clip.load builds their CLIP of ViT-B/32's shapes
+with seeded random weights through their build_model and `.float()` (as clip.load on the CPU; no download), and
+opts holds experiments/options.py's values at ca33be9. Their Model() is built (it freezes with
+freeze_all_but_bn); model.PromptedCLIP gets the same weights (their clip.visual state, loaded strictly into
+open_clip's ViT-B-32-quickgelu tower; sk_prompt / img_prompt as prompts[0] / prompts[1]) and
+model.freeze_as_sketch_lvm. The model table compares: what trains (names and counts), the embeddings of a
+sketch and a photo batch (float32 in training and eval mode, float64), the training loss on one batch
+(their training_step against model.cosine_triplet_loss), the gradients after its backward, the optimizer groups
+(their configure_optimizers against our_optimizer below, what ours should be) and one Adam step. Float32
+differences come from kernels, not arithmetic: the float64 row agrees to rounding, and the train-mode row locates
+the first difference (open_clip's batch_first attention sees another memory layout than theirs).
 """
 import argparse
 import contextlib
@@ -42,6 +58,7 @@ from scipy.spatial.distance import cdist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics  # noqa: E402
+import model as M  # noqa: E402
 from bench_metrics import make_problem  # noqa: E402  (bench/, this script's folder, is on sys.path)
 
 KS = (100, 200)
@@ -50,9 +67,14 @@ KS = (100, 200)
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sem_pcyc", type=str, required=True, help="checkout of AnjanDutta/sem-pcyc (holds src/itq.py)")
+    p.add_argument("--sem_pcyc", type=str, default="",
+                   help="checkout of AnjanDutta/sem-pcyc (holds src/itq.py); '' skips the metrics table")
     p.add_argument("--sketch_lvm", type=str, default="",
                    help="checkout of aneeshan95/Sketch_LVM at 432c504 (holds src/model_LN_prompt.py); '' skips fg")
+    p.add_argument("--sketch_lvm_ca33be9", type=str, default="",
+                   help="checkout of aneeshan95/Sketch_LVM at ca33be9 (src/clip/model.py appends the prompts): "
+                        "their model beside model.PromptedCLIP; '' skips the model table")
+    p.add_argument("--lvm_images", type=int, default=4, help="images per batch in the model table (224 px)")
     p.add_argument("--embeddings", type=str, default="", help="evaluate.py --save_embeddings file instead of synthetic")
     p.add_argument("--queries", type=int, default=500, help="synthetic query sketches")
     p.add_argument("--gallery", type=int, default=2000, help="synthetic gallery photos")
@@ -60,7 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=64, help="synthetic embedding size (= ITQ bits: theirs has none)")
     p.add_argument("--structure", type=float, default=0.3, help="synthetic class-centre strength")
     p.add_argument("--fg_photos", type=int, default=300, help="synthetic fine-grained photos (1-3 sketches each)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic embeddings")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic embeddings, and of the model table's weights and images")
     return p
 
 
@@ -221,36 +244,54 @@ def stability_rows(rows, sp_itq, q, g, their64) -> None:
                          f"{theirs_changed:.6f} of {total}; metrics.ITQ_UNSTABLE = {metrics.ITQ_UNSTABLE}"))
 
 
+def import_with_stubs(name: str, path: str, stubs: dict):
+    """Import the file at path as module `name` with `stubs` in sys.modules while it runs its imports; whatever
+    those names were before is put back afterwards (a stub `src` would shadow any other package of that name)."""
+    saved = {key: sys.modules.get(key) for key in stubs}
+    sys.modules.update(stubs)
+    try:
+        return load_module(name, path)
+    finally:
+        for key, module in saved.items():
+            if module is None:
+                sys.modules.pop(key)
+            else:
+                sys.modules[key] = module
+
+
+def lightning_stub(logged: dict):
+    """pytorch_lightning with the three members Sketch_LVM's Model reads: LightningModule's device (cpu, as in its
+    __init__ before Lightning moves it), log (recorded into `logged`) and global_step."""
+    class LightningModule(torch.nn.Module):
+        device = torch.device("cpu")
+        global_step = 0
+
+        def log(self, name, value, *args, **kwargs):
+            logged[name] = float(value.detach() if torch.is_tensor(value) else value)
+
+    return types.SimpleNamespace(LightningModule=LightningModule)
+
+
+def lvm_stubs(logged: dict, load, opts: dict) -> dict:
+    """sys.modules entries for the imports at the top of Sketch_LVM's src/model_LN_prompt.py: Lightning,
+    torchmetrics.functional (only validation_epoch_end calls it), src.clip with `load` as clip.load, and
+    experiments.options (which parses sys.argv at import) holding `opts`."""
+    return {"pytorch_lightning": lightning_stub(logged),
+            "torchmetrics": types.ModuleType("torchmetrics"),
+            "torchmetrics.functional": types.SimpleNamespace(retrieval_average_precision=None),
+            "src": types.ModuleType("src"),
+            "src.clip": types.SimpleNamespace(clip=types.SimpleNamespace(load=load)),
+            "experiments": types.ModuleType("experiments"),
+            "experiments.options": types.SimpleNamespace(opts=types.SimpleNamespace(**opts))}
+
+
 def fine_grained_rows(rows, lvm_dir: str, sketches: torch.Tensor, gallery_all: torch.Tensor) -> None:
     """Sketch_LVM's instance-level rank, by calling their Model.validation_epoch_end on stubs of its imports."""
     path = os.path.join(lvm_dir, "src", "model_LN_prompt.py")
     logged = {}
-
-    class LightningModule(torch.nn.Module):
-        device = torch.device("cpu")
-
-        def log(self, name, value):
-            logged[name] = float(value)
-
-    stubs = {"pytorch_lightning": types.SimpleNamespace(LightningModule=LightningModule),
-             "torchmetrics": types.ModuleType("torchmetrics"),
-             "torchmetrics.functional": types.SimpleNamespace(retrieval_average_precision=None),
-             "src": types.ModuleType("src"),
-             "src.clip": types.SimpleNamespace(clip=types.SimpleNamespace(
-                 load=lambda name, device=None: (torch.nn.Identity(), None))),
-             "experiments": types.ModuleType("experiments"),
-             "experiments.options": types.SimpleNamespace(opts=types.SimpleNamespace(
-                 instance_level=True, n_prompts=3, prompt_dim=768))}
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    try:
-        model = load_module("sketch_lvm_model_LN_prompt", path).Model()
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name)
-            else:
-                sys.modules[name] = module
+    stubs = lvm_stubs(logged, lambda name, device=None: (torch.nn.Identity(), None),
+                      dict(instance_level=True, n_prompts=3, prompt_dim=768))
+    model = import_with_stubs("sketch_lvm_model_LN_prompt", path, stubs).Model()
     batch = 32  # their DataLoader's default batch size; the method concatenates the batches
     outputs = [(sketches[s:s + batch], gallery_all[s:s + batch], ["c"] * len(sketches[s:s + batch]))
                for s in range(0, len(sketches), batch)]
@@ -268,7 +309,322 @@ def fine_grained_rows(rows, lvm_dir: str, sketches: torch.Tensor, gallery_all: t
                      "paired photo per sketch (duplicates as theirs)"))
 
 
-def main(args) -> None:
+# Sketch_LVM at ca33be9, category level. Their CLIP(...) arguments for ViT-B/32 (OpenAI's shapes, which their
+# build_model reads off the weights) and their experiments/options.py values at ca33be9 (lines 22, 23, 31, 32).
+VIT_B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+               context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+LVM_OPTS = dict(clip_LN_lr=1e-6, prompt_lr=1e-4, prompt_dim=768, n_prompts=3)
+APPENDED = "torch.cat([x, prompt], dim=1)"  # src/clip/model.py:231 from 0244c16 on; before it, [prompt, x]
+U32, U64 = 2.0 ** -24, 2.0 ** -53  # unit roundoffs
+GRADS = ("prompts[0]", "prompts[1]", "visual.transformer.resblocks.0.ln_1.weight", "visual.proj",
+         "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.transformer.resblocks.11.attn.in_proj_weight")
+
+
+def their_clip_load(clip_module, seed: int):
+    """clip.load as their Model calls it, without the download: their CLIP of ViT-B/32's shapes with seeded random
+    weights, noise on every image-tower weight (the init leaves layer norms at 1 and 0 and attention biases at 0,
+    where a weight loaded into the wrong place would go unseen), through their build_model (half precision for the
+    linear maps and proj, as OpenAI's archive holds them) and clip.py:140-141's `.float()` on the CPU."""
+    def load(name, device="cpu"):
+        assert name == "ViT-B/32", name
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            ref = clip_module.CLIP(**VIT_B32)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in ref.visual.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        model = clip_module.build_model(ref.state_dict()).to(device)
+        if str(device) == "cpu":
+            model.float()
+        return model, None
+    return load
+
+
+def sketch_lvm_pair(lvm_dir: str, seed: int):
+    """Their Model() (ca33be9, on stubs of its imports) and ours with its weights: their clip.visual's state,
+    loaded strictly into open_clip's ViT-B-32-quickgelu tower (model.build_clip_trunk), their sk_prompt /
+    img_prompt as prompts[0] / prompts[1], frozen by model.freeze_as_sketch_lvm (theirs froze itself in
+    __init__). Returns (their model module, their clip/model.py, their Model, ours, what they logged)."""
+    clip_path = os.path.join(lvm_dir, "src", "clip", "model.py")
+    clip_module = load_module("sketch_lvm_ca33be9_clip_model", clip_path)
+    with open(clip_path, encoding="utf-8") as f:
+        if APPENDED not in f.read():
+            sys.exit(f"error: {clip_path} does not append the prompts ({APPENDED}): it is Sketch_LVM before "
+                     "0244c16; pass a checkout at ca33be9")
+    logged = {}
+    stubs = lvm_stubs(logged, their_clip_load(clip_module, seed), LVM_OPTS)
+    lvm = import_with_stubs("sketch_lvm_ca33be9_model_LN_prompt",
+                            os.path.join(lvm_dir, "src", "model_LN_prompt.py"), stubs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        theirs = lvm.Model()  # its prompts: torch.randn on the global generator
+    visual, _ = M.build_clip_trunk("clip_vit_b_32", pretrained=False, image_size=224, start_state=None)
+    visual.load_state_dict(theirs.clip.visual.state_dict())  # strict: the same names and shapes
+    ours = M.PromptedCLIP(visual, num_prompts=LVM_OPTS["n_prompts"])
+    with torch.no_grad():
+        ours.prompts[0].copy_(theirs.sk_prompt)
+        ours.prompts[1].copy_(theirs.img_prompt)
+    M.freeze_as_sketch_lvm(ours)
+    return lvm, clip_module, theirs, ours, logged
+
+
+def their_named(theirs) -> dict:
+    """Their image tower's parameters and prompts, under our names."""
+    named = {f"visual.{n}": p for n, p in theirs.clip.visual.named_parameters()}
+    named.update({"prompts[0]": theirs.sk_prompt, "prompts[1]": theirs.img_prompt})
+    return named
+
+
+def our_named(ours) -> dict:
+    """Our parameters, the (domains, P, W) prompts split into one (P, W) view per domain."""
+    named = {n: p for n, p in ours.named_parameters() if n != "prompts"}
+    named.update({f"prompts[{d}]": ours.prompts[d] for d in range(len(ours.prompts))})
+    return named
+
+
+def trainable(named: dict) -> dict:
+    return {n: p.numel() for n, p in named.items() if p.requires_grad}
+
+
+def trainable_rows(rows, lvm, theirs, ours) -> None:
+    """What trains on either side; their freeze function on our tower; the paper's wording's count."""
+    t, o = trainable(their_named(theirs)), trainable(our_named(ours))
+    text = sum(p.numel() for n, p in theirs.clip.named_parameters() if p.requires_grad and not n.startswith("visual"))
+    rows.append(("trainable parameters", "freeze_as_sketch_lvm(PromptedCLIP)", "model_LN_prompt.py:27 + prompts",
+                 len(set(t) ^ set(o)), f"names in one set only: {sorted(set(t) ^ set(o))[:4]}; tensors {len(o)} vs "
+                 f"{len(t)}; values {sum(o.values()):,} vs {sum(t.values()):,} (expected 21,733,632 + 4,608 = "
+                 f"21,738,240); their text tower keeps requires_grad on {text:,} more, which no loss reaches"))
+    flags = [(p, p.requires_grad) for p in ours.parameters()]
+    ours.requires_grad_(True)
+    ours.visual.apply(lvm.freeze_all_but_bn)  # theirs: self.clip.apply(freeze_all_but_bn)
+    their_rule = trainable(our_named(ours))
+    ours.requires_grad_(True)
+    M.freeze_all_but_layer_norms(ours.visual)
+    norms = trainable(our_named(ours))
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    rows.append(("freeze rule, one tower", "freeze_as_sketch_lvm(PromptedCLIP)", "model_LN_prompt.py:14-19",
+                 len(set(their_rule) ^ set(o)), f"their freeze_all_but_bn applied to our open_clip tower: "
+                 f"{sum(their_rule.values()):,} vs ours {sum(o.values()):,}"))
+    prompts = sum(v for n, v in norms.items() if n.startswith("prompts"))
+    rows.append(("LayerNorm-only (paper's wording)", "freeze_all_but_layer_norms(visual)", "-", float("nan"),
+                 f"{sum(norms.values()):,} = {sum(norms.values()) - prompts:,} in "
+                 f"{sum(n.endswith('.weight') for n in norms)} layer norms + {prompts:,} prompts; their code trains "
+                 f"{sum(t.values()):,}"))
+
+
+def reordering_atol(h: torch.Tensor, proj: torch.Tensor, u: float, layers: int = 12, width: int = 768,
+                    patch: int = 32, tokens: int = 53) -> float:
+    """The largest difference between two computations of one ViT embedding h @ proj that sum in other orders
+    (tests/test_clip.py's bound, for unit roundoff u): a sum of K terms in any order is within (K - 1) u of the
+    exact one relative to the sum of its terms' magnitudes (Higham 2002, section 4.2), carried through layer norm,
+    residuals and linear maps to first order, so 2 S K u max_j sum_i |h_i| |proj_ij|: K the longest sum (a patch's
+    3 p^2 pixels, the MLP's 4 W units, the tokens), S the sums on a value's path (4 before the blocks, 13 in each,
+    3 after)."""
+    sums = 4 + 13 * layers + 3
+    return 2 * sums * max(3 * patch ** 2, 4 * width, tokens) * u * (h.abs() @ proj.abs()).max().item()
+
+
+def embeddings(theirs, ours, sk: torch.Tensor, img: torch.Tensor) -> dict:
+    """Ours and theirs, (2B, E): the sketches with the sketch prompts, the photos with the photo prompts; their
+    ln_post output h (2B, W), for the bound; and how often torch's fused attention kernel ran."""
+    out, fused, native = {}, [0], torch._native_multi_head_attention
+
+    def counted(*args, **kwargs):
+        fused[0] += 1
+        return native(*args, **kwargs)
+    hook = theirs.clip.visual.ln_post.register_forward_hook(lambda m, i, o: out.setdefault("h", []).append(o))
+    torch._native_multi_head_attention = counted
+    try:
+        with torch.no_grad():
+            out["ours"] = torch.cat([ours(sk, 0), ours(img, 1)])
+            out["fused_ours"], fused[0] = fused[0], 0
+            out["theirs"] = torch.cat([theirs(sk, dtype="sketch"), theirs(img, dtype="image")])
+            out["fused_theirs"] = fused[0]
+    finally:
+        torch._native_multi_head_attention = native
+        hook.remove()
+    out["h"] = torch.cat(out["h"])
+    return out
+
+
+def embedding_row(rows, setting: str, e: dict, proj: torch.Tensor, note: str) -> None:
+    o, t = e["ours"], e["theirs"]
+    diff, largest = (o - t).abs().max().item(), t.abs().max().item()
+    u = U64 if o.dtype == torch.float64 else U32
+    atol = reordering_atol(e["h"], proj.to(o.dtype), u)
+    rows.append((setting, "PromptedCLIP(x, 0 | 1)", "Model.forward(x, 'sketch' | 'image')", diff,
+                 f"{tuple(o.shape)} {o.dtype}; relative to the largest |value| {largest:.3g}: {diff / largest:.3g} "
+                 f"= {diff / largest / u:.3g} u; within the reordering bound {atol:.3g}: "
+                 f"{'yes' if diff <= atol else 'NO'}; fused attention calls {e['fused_ours']} vs "
+                 f"{e['fused_theirs']}; {note}"))
+
+
+def first_difference(theirs, ours, sk: torch.Tensor) -> str:
+    """Where the two float32 forwards part, block 0 taken apart: ln_pre, ln_1, then attention on equal inputs."""
+    seen = {}
+
+    def keep(key, to_bld):
+        return lambda m, i, o: seen.__setitem__(key, (o[0] if isinstance(o, tuple) else o).transpose(0, to_bld))
+    hooks = []
+    for side, v, to_bld in (("t", theirs.clip.visual, 1), ("o", ours.visual, 0)):  # theirs runs (L, B, D)
+        for name, m in (("ln_pre", v.ln_pre), ("ln_1", v.transformer.resblocks[0].ln_1),
+                        ("attn", v.transformer.resblocks[0].attn)):
+            hooks.append(m.register_forward_hook(keep(side + name, to_bld if name != "ln_pre" else 0)))
+    with torch.no_grad():
+        ours(sk, 0), theirs(sk, dtype="sketch")
+        for h in hooks:
+            h.remove()
+        x = seen["tln_1"].transpose(0, 1)  # their block-0 attention input, contiguous (L, B, D)
+        moved = ours.visual.transformer.resblocks[0].attn(*(x.transpose(0, 1),) * 3, need_weights=False)[0]
+    d = {k: (seen["o" + k] - seen["t" + k]).abs().max().item() for k in ("ln_pre", "ln_1", "attn")}
+    return (f"block 0, ours - theirs: ln_pre {d['ln_pre']:.3g}, ln_1 {d['ln_1']:.3g}, attention {d['attn']:.3g}; our "
+            f"attention module given their input's memory layout (contiguous (L, B, D)) instead of a (L, B, D) view "
+            f"of (B, L, D) as open_clip's batch_first MHA makes: {(moved - seen['tattn']).abs().max().item():.3g}")
+
+
+def embedding_rows(rows, clip_module, theirs, ours, sk: torch.Tensor, img: torch.Tensor) -> None:
+    """Both in training mode (as Lightning's fit runs them; no dropout anywhere), then eval mode (evaluation),
+    then float64. Their LayerNorm subclass computes in float32 for fp16 weights: in float64 its modules run as
+    torch's LayerNorm, its base class, which is what it computes."""
+    proj = theirs.clip.visual.proj.detach()
+    theirs.train(), ours.train()
+    embedding_row(rows, "embeddings, float32", embeddings(theirs, ours, sk, img), proj,
+                  "train mode (as their fit); " + first_difference(theirs, ours, sk))
+    theirs.eval(), ours.eval()
+    embedding_row(rows, "embeddings, float32, eval", embeddings(theirs, ours, sk, img), proj,
+                  "eval mode, no_grad: open_clip's batch_first attention takes torch's fused kernel, theirs "
+                  "(not batch_first) cannot")
+    swapped = [m for m in theirs.modules() if isinstance(m, clip_module.LayerNorm)]
+    for m in swapped:
+        m.__class__ = torch.nn.LayerNorm
+    theirs.train().double(), ours.train().double()
+    try:
+        embedding_row(rows, "embeddings, float64", embeddings(theirs, ours, sk.double(), img.double()), proj,
+                      "train mode: the same arithmetic, to float64's rounding")
+    finally:  # float32 -> float64 -> float32 gives the same numbers back
+        theirs.float(), ours.float()
+        for m in swapped:
+            m.__class__ = clip_module.LayerNorm
+
+
+def our_optimizer(ours) -> torch.optim.Optimizer:
+    """What ours should be, as their configure_optimizers: Adam with torch's defaults (no weight decay), CLIP's
+    trainable parameters at clip_LN_lr, the prompts at prompt_lr."""
+    return torch.optim.Adam([
+        {"params": [p for p in ours.visual.parameters() if p.requires_grad], "lr": LVM_OPTS["clip_LN_lr"]},
+        {"params": [ours.prompts], "lr": LVM_OPTS["prompt_lr"]}])
+
+
+def grads(theirs, ours) -> tuple[dict, dict]:
+    t = {n: p.grad for n, p in their_named(theirs).items() if p.grad is not None}
+    o = {n: p.grad for n, p in ours.named_parameters() if n != "prompts" and p.grad is not None}
+    o.update({f"prompts[{d}]": ours.prompts.grad[d] for d in range(len(ours.prompts))})
+    return o, t
+
+
+def training_rows(rows, theirs, ours, batch: tuple, logged: dict) -> None:
+    """One training step of each: the loss, its gradients, the optimizer groups and one Adam step."""
+    sk, img, neg = batch
+    theirs.train(), ours.train()
+    loss_t = theirs.training_step((sk, img, neg, ["c"] * len(sk)), 0)
+    a, p, n = ours(sk, 0), ours(img, 1), ours(neg, 1)
+    loss_o = M.cosine_triplet_loss(a, p, n)
+    active = int(((torch.cosine_similarity(a, n) - torch.cosine_similarity(a, p) + 0.2) > 0).sum())
+    rows.append(("training loss", "cosine_triplet_loss(ours(sk, 0), ours(img, 1), ours(neg, 1))",
+                 "Model.training_step", abs(loss_o.item() - loss_t.item()),
+                 f"{loss_o.item():.9g} vs {loss_t.item():.9g} (logged train_loss {logged['train_loss']:.9g}); "
+                 f"{active} of {len(sk)} triplets inside the margin"))
+    same = theirs.loss_fn(a.detach(), p.detach(), n.detach()) - M.cosine_triplet_loss(a.detach(), p.detach(),
+                                                                                       n.detach())
+    rows.append(("loss function, same input", "cosine_triplet_loss(a, p, n)", "Model.loss_fn(a, p, n)",
+                 abs(same.item()), f"on our embeddings above; in ulps of the float32 loss "
+                 f"{abs(same.item()) / np.spacing(np.float32(loss_o.item())):.3g} (theirs adds margin + d_pos - "
+                 "d_neg, ours d_pos - d_neg + margin)"))
+    loss_t.backward()
+    loss_o.backward()
+    o, t = grads(theirs, ours)
+    for name in GRADS:
+        diff = (o[name] - t[name]).abs().max().item()
+        rows.append((f"gradient {name}", "loss.backward()", "loss.backward()", diff,
+                     f"relative to the largest |grad| {t[name].abs().max().item():.3g}: "
+                     f"{diff / t[name].abs().max().item():.3g}"))
+    common = [k for k in t if k in o]
+    largest = max((o[k] - t[k]).abs().max().item() for k in common)
+    worst = max((o[k] - t[k]).abs().max().item() / t[k].abs().max().item() for k in common)
+    rows.append(("gradients, every tensor", "loss.backward()", "loss.backward()", largest,
+                 f"tensors with a gradient {len(o)} vs {len(t)}, the same names: {set(o) == set(t)}; largest "
+                 f"|diff| relative to the tensor's largest |grad|: {worst:.3g}"))
+    optimizer_rows(rows, theirs, ours)
+
+
+def optimizer_rows(rows, theirs, ours) -> None:
+    """Their configure_optimizers() against our_optimizer: each group's lr, its tensors, those that received a
+    gradient, the other settings; then one step of each, compared parameter by parameter."""
+    opt_t, opt_o = theirs.configure_optimizers(), our_optimizer(ours)
+    for i, (gt, go) in enumerate(zip(opt_t.param_groups, opt_o.param_groups)):
+        settings_t, settings_o = ({k: v for k, v in g.items() if k != "params"} for g in (gt, go))
+        got_t, got_o = ([q for q in g["params"] if q.grad is not None] for g in (gt, go))
+        rows.append((f"optimizer group {i} ({'CLIP' if i == 0 else 'prompts'})", f"Adam lr {go['lr']:g}",
+                     f"configure_optimizers lr {gt['lr']:g}", abs(go["lr"] - gt["lr"]),
+                     f"tensors {len(go['params'])} vs {len(gt['params'])}, of which with a gradient {len(got_o)} "
+                     f"({sum(q.numel() for q in got_o):,} values) vs {len(got_t)} "
+                     f"({sum(q.numel() for q in got_t):,}); {type(opt_o).__name__} vs {type(opt_t).__name__}, other "
+                     f"settings the same: {settings_t == settings_o} (weight_decay {gt['weight_decay']}, betas "
+                     f"{gt['betas']}, eps {gt['eps']})"))
+    g_o, g_t = grads(theirs, ours)
+    before = {k: v.detach().clone() for k, v in our_named(ours).items()}
+    opt_t.step()
+    opt_o.step()
+    o, t = our_named(ours), their_named(theirs)
+    frozen_moved = sum(not torch.equal(x[k], before[k]) for x in (o, t) for k in before if k not in g_o)
+    diff, worst = 0.0, 0.0
+    for k in g_o:  # the trainable tensors: each value's two steps against what their two gradients allow
+        lr = LVM_OPTS["prompt_lr"] if k.startswith("prompts") else LVM_OPTS["clip_LN_lr"]
+        d = (o[k] - t[k]).abs()
+        bound = adam_first_step_bound(g_o[k], g_t[k], lr, opt_o.defaults["eps"]) + U32 * (2 * before[k].abs() + 18 * lr)
+        diff, worst = max(diff, d.max().item()), max(worst, (d / bound).max().item())
+    rows.append(("after one Adam step", "our_optimizer(ours).step()", "configure_optimizers().step()", diff,
+                 f"{len(g_o)} trained tensors; {diff / LVM_OPTS['clip_LN_lr']:.3g} CLIP lr; largest share of what "
+                 f"their gradient differences allow (adam_first_step_bound): {worst:.3g} "
+                 f"({'within' if worst <= 1 else 'OUTSIDE'}); frozen tensors that moved: {frozen_moved}"))
+
+
+def adam_first_step_bound(g1: torch.Tensor, g2: torch.Tensor, lr: float, eps: float) -> torch.Tensor:
+    """How far apart Adam's first steps from two gradients of one parameter can be. The first step is
+    -lr g / (|g| + eps) (bias-corrected m = g, sqrt(v) = |g|), and g / (|g| + eps) has slope eps / (|g| + eps)^2:
+    two gradients of one sign step within lr eps |g1 - g2| / (min |g| + eps)^2, of opposite signs (or zero)
+    within 2 lr. Where |g| is near eps (1e-8), float32's differences in the gradients move the step by a good part
+    of lr. The caller adds float32's rounding: about 8 roundings in each side's step (a share u of lr each) and one
+    in each update (u |p|)."""
+    same = (g1 * g2) > 0
+    smooth = lr * eps * (g1 - g2).abs() / (torch.minimum(g1.abs(), g2.abs()) + eps) ** 2
+    return torch.where(same, torch.minimum(smooth, torch.full_like(smooth, 2 * lr)), torch.full_like(smooth, 2 * lr))
+
+
+def sketch_lvm_rows(lvm_dir: str, seed: int, images: int) -> list:
+    lvm, clip_module, theirs, ours, logged = sketch_lvm_pair(lvm_dir, seed)
+    g = torch.Generator().manual_seed(seed)
+    sk, img, neg = torch.randn(3, images, 3, 224, 224, generator=g)  # already "normalised" images
+    rows = []
+    trainable_rows(rows, lvm, theirs, ours)
+    embedding_rows(rows, clip_module, theirs, ours, sk, img)
+    training_rows(rows, theirs, ours, (sk, img, neg), logged)
+    return rows
+
+
+def print_rows(rows, ours_header: str) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+    print(f"{'setting':<{widths[0]}} | {ours_header:<{widths[1]}} | {'theirs (file:function)':<{widths[2]}}"
+          " | largest |diff| | note")
+    for setting, ours, theirs, diff, note in rows:
+        shown = "-" if np.isnan(diff) else f"{diff:.3g}"
+        print(f"{setting:<{widths[0]}} | {ours:<{widths[1]}} | {theirs:<{widths[2]}} | {shown:>14} | {note}")
+
+
+def metric_rows(args) -> list:
+    """The --sem_pcyc table: hashing, float and (with --sketch_lvm) fine-grained rows."""
     if not hasattr(np, "float"):
         np.float = float  # shim: their apsak allocates with np.float, removed in numpy 1.24
     sp_itq = load_module("sem_pcyc_itq", os.path.join(args.sem_pcyc, "src", "itq.py"))
@@ -279,8 +635,7 @@ def main(args) -> None:
     else:
         q, ql, g, gl, fg_q, fg_g = synthetic(args)
         source = f"synthetic, seed {args.seed}"
-    print(f"numpy {np.__version__}, torch {torch.__version__}; {source}: {len(q)} queries x {len(g)} gallery, "
-          f"{q.shape[1]}-d, {len(np.unique(ql))} query classes")
+    print(f"{source}: {len(q)} queries x {len(g)} gallery, {q.shape[1]}-d, {len(np.unique(ql))} query classes")
     rows = []
     hashing_rows(rows, sp_itq, sp_utils, q, ql, g, gl)
     sim = np.exp(-cdist(q, g, metric="euclidean"))  # src/test.py main(), transcribed
@@ -294,12 +649,21 @@ def main(args) -> None:
     else:
         rows.append(("fine-grained", "fine_grained_accuracy", "src/model_LN_prompt.py", float("nan"),
                      "skipped: " + ("no --sketch_lvm" if not args.sketch_lvm else "the file has no query_targets")))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
-    print(f"{'setting':<{widths[0]}} | {'ours (metrics.py)':<{widths[1]}} | {'theirs (file:function)':<{widths[2]}}"
-          " | largest |diff| | note")
-    for setting, ours, theirs, diff, note in rows:
-        shown = "-" if np.isnan(diff) else f"{diff:.3g}"
-        print(f"{setting:<{widths[0]}} | {ours:<{widths[1]}} | {theirs:<{widths[2]}} | {shown:>14} | {note}")
+    return rows
+
+
+def main(args) -> None:
+    if args.sketch_lvm and not args.sem_pcyc:
+        sys.exit("error: --sketch_lvm adds the fine-grained row to the --sem_pcyc table; pass --sem_pcyc DIR too")
+    if not (args.sem_pcyc or args.sketch_lvm_ca33be9):
+        sys.exit("error: nothing to compare; pass --sem_pcyc DIR (metrics) and/or --sketch_lvm_ca33be9 DIR (model)")
+    print(f"numpy {np.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    if args.sem_pcyc:
+        print_rows(metric_rows(args), "ours (metrics.py)")
+    if args.sketch_lvm_ca33be9:
+        print(f"Sketch_LVM ca33be9 ({args.sketch_lvm_ca33be9}) beside model.py: ViT-B/32 with the same random "
+              f"weights (seed {args.seed}), float32 on the CPU, batches of {args.lvm_images} random 224 px images")
+        print_rows(sketch_lvm_rows(args.sketch_lvm_ca33be9, args.seed, args.lvm_images), "ours (model.py)")
 
 
 if __name__ == "__main__":
