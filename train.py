@@ -514,8 +514,13 @@ def resume_args(args, ckpt: dict, path: str) -> None:
     for name, value in saved.items():
         if name in NOT_RESTORED | RESUME_FREE or (not hasattr(args, name) and name != "run_id"):
             continue  # a flag this version no longer has is left out
-        if name not in given:
-            if getattr(args, name, None) != value and name not in ("run_id", "config", "recipe"):
+        if name in ("config", "recipe"):  # the run's every flag is restored or checked: its config names them
+            if name in given and getattr(args, name) != value:
+                print(f"note: {flag_text(name, getattr(args, name))} is not used: a resumed run keeps its own "
+                      f"flags, set from {flag_text(name, value)} and its command line")
+            setattr(args, name, value)
+        elif name not in given:
+            if getattr(args, name, None) != value and name != "run_id":
                 restored.append(name)
             setattr(args, name, value)
         elif getattr(args, name) != value and name not in RESUME_LENGTH:

@@ -375,6 +375,10 @@ def test_resume_continues_with_the_runs_own_flags_and_refuses_other_values(train
     b = utils.load_checkpoint(last)
     assert (b["epoch"], b["step"]) == (3, 15) and b["args"]["lr"] == 1e-3 and b["args"]["batch_size"] == 4
     assert b["args"]["run_id"] == utils.load_checkpoint(os.path.join(ckpt, "last.pth"))["args"]["run_id"]
+    # the recipe's flags are the run's own: another --recipe (or the same file under another path) changes nothing
+    proc = run_main("train.py", "--data_dir", data, "--resume", last, "--device", "cpu", "--workers", "0",
+                    "--epochs", "3", "--recipe", "scratch")
+    assert proc.returncode == 0 and "note: --recipe scratch is not used" in proc.stdout, proc.stderr
     for flag, value, saved in (("--lr", "0.01", "--lr 0.001"), ("--batch_size", "8", "--batch_size 4"),
                                ("--seed", "1", "--seed 0"), ("--pretrained", None, "--no-pretrained")):
         proc = run_main("train.py", "--data_dir", data, "--resume", last, "--device", "cpu", "--epochs", "4",
