@@ -22,6 +22,7 @@ by Hamming distance, instead of on the float embeddings (docs/metrics.md, "Hashe
 import argparse
 import glob
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 
@@ -513,15 +514,35 @@ def plot_per_class_ap(per_class: dict, chance: float, out_path: str) -> None:
     utils.save_figure(fig, out_path)
 
 
+OUTPUT_FILES = ("results.json", "pr_curve.png", "per_class_ap.png")
+
+
+def clear_earlier_outputs(out_dir: str) -> None:
+    """Remove what an earlier evaluate.py run wrote into out_dir (OUTPUT_FILES, retrieval grids, and the setting
+    sub-folders of a run of several settings), so that the folder holds one evaluation's outputs: an earlier
+    one's grids or sub-folders beside new results would read as this run's. Nothing else is touched (saved
+    embeddings stay); called just before the first new file is written."""
+    def outputs(folder: str) -> list:
+        return [os.path.join(folder, n) for n in OUTPUT_FILES if os.path.isfile(os.path.join(folder, n))] + \
+            glob.glob(os.path.join(glob.escape(folder), "grid_[0-9][0-9]_*.png"))
+    setting = re.compile(r"(zs|gzs|fg)(_\d+bit)?")  # setting_name's names
+    folders = [os.path.join(out_dir, d) for d in sorted(os.listdir(out_dir))
+               if setting.fullmatch(d) and os.path.isfile(os.path.join(out_dir, d, "results.json"))]
+    files = outputs(out_dir) + [f for d in folders for f in outputs(d)]
+    for path in files:
+        os.remove(path)
+    for folder in folders:
+        if not os.listdir(folder):
+            os.rmdir(folder)
+    if files:
+        print(f"removed an earlier evaluation's {len(files)} output file(s) from {out_dir}"
+              + (f" (setting folders {', '.join(os.path.basename(d) for d in folders)})" if folders else ""))
+
+
 def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, args, out_dir,
                 score: str = "cosine") -> list:
     """Grids for --num_sketches seeded random queries, ranked as the metrics rank them (score "hamming": packed
     codes, the smallest Hamming distance first, ties in gallery order); returns the PNG paths."""
-    earlier = glob.glob(os.path.join(glob.escape(out_dir), "grid_[0-9][0-9]_*.png"))
-    for path in earlier:  # an earlier evaluation's grids would sit beside these, as if this one had drawn them
-        os.remove(path)
-    if earlier:
-        print(f"removed {len(earlier)} retrieval grid(s) of an earlier evaluation from {out_dir}")
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(sketches[0]), size=min(args.num_sketches, len(sketches[0])), replace=False)
     k = min(args.num_images, len(photos[0]))
@@ -698,7 +719,7 @@ def run_evaluation(args, rank: int, device: torch.device) -> None:
     if args.embeddings and rank != 0:  # nothing to embed: the other processes have no work
         return
     several = len(args.task) * len(args.hash_bits) > 1
-    settings = {}
+    settings, cleared = {}, False
     for task in args.task:
         task_args = argparse.Namespace(**{**vars(args), "task": task, "hash_bits": 0,
                                           "save_embeddings": task_file(args.save_embeddings, task, len(args.task))})
@@ -710,6 +731,9 @@ def run_evaluation(args, rank: int, device: torch.device) -> None:
             emb = embeddings_from_model(task_args, ckpt, rank, device)
             if emb is None:
                 continue
+        if not cleared:  # every input of the first setting checked: only now is anything removed or written
+            clear_earlier_outputs(out_dir)
+            cleared = True
         for bits in args.hash_bits:
             name = setting_name(task, bits)
             where = os.path.join(out_dir, name) if several else out_dir

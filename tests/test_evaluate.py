@@ -222,8 +222,17 @@ def test_an_earlier_evaluations_grids_do_not_stay_beside_a_new_one(run, tmp_path
     assert len(results(out)["grids"]) == 2
     proc = run_main("evaluate.py", "--embeddings", run["emb"], "--output_dir", out)
     assert proc.returncode == 0, proc.stderr
-    assert "removed 2 retrieval grid(s) of an earlier evaluation" in proc.stdout
+    assert f"removed an earlier evaluation's 5 output file(s) from {out}" in proc.stdout  # 3 files and 2 grids
     assert results(out)["grids"] == [] and not [f for f in os.listdir(out) if f.startswith("grid_")]
+    # several settings, then one: the first run's setting folders do not stay beside the second's results
+    proc = run_main("evaluate.py", "--embeddings", run["emb"], "--hash_bits", "0", "16", "--output_dir", out)
+    assert proc.returncode == 0 and os.path.isfile(os.path.join(out, "zs_16bit", "results.json")), proc.stderr
+    proc = run_main("evaluate.py", "--embeddings", run["emb"], "--output_dir", out)
+    assert proc.returncode == 0 and "(setting folders zs, zs_16bit)" in proc.stdout, proc.stderr
+    assert sorted(os.listdir(out)) == ["per_class_ap.png", "pr_curve.png", "results.json"]
+    # a run refused before it writes leaves the earlier outputs alone
+    proc = run_main("evaluate.py", "--embeddings", run["emb"], "--output_dir", out, "--split", "val")
+    assert proc.returncode == 2 and sorted(os.listdir(out)) == ["per_class_ap.png", "pr_curve.png", "results.json"]
 
 
 def test_data_dir_and_its_older_name_data_are_one_flag():
