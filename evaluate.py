@@ -20,7 +20,6 @@ on N-bit ITQ binary codes of the embeddings (fitted at evaluation time, --itq pi
 by Hamming distance, instead of on the float embeddings (docs/metrics.md, "Hashed retrieval").
 """
 import argparse
-import glob
 import os
 import re
 import time
@@ -253,13 +252,7 @@ def trained_classes(ckpt: dict, model_path: str, data_dir: str, trained_labels: 
     home = a.get("data_dir") or ""
     if home and os.path.realpath(home) == os.path.realpath(data_dir):
         return None
-    path = os.path.join(split_folder(home, a.get("class_split", "")), "train_labels.txt")
-    if utils.is_str_list(ckpt.get("classes")):
-        trained = ckpt["classes"]
-    elif home and os.path.isfile(path):
-        trained = dataset.read_labels(path)
-    else:
-        trained = None
+    trained, path = recorded_training_classes(ckpt)
     if trained is not None:
         # The same dataset under another path (moved, copied, or a relative path read from another folder)
         # trains on the same classes: an ordinary run.
@@ -274,19 +267,28 @@ def trained_classes(ckpt: dict, model_path: str, data_dir: str, trained_labels: 
     return None
 
 
-def check_unseen(data: dataset.SBIRData, class_split: str, ckpt: dict, model_path: str) -> None:
-    """The test split's "unseen" classes must be classes the model did not train on (the checkpoint's own list, or
-    for older checkpoints its training split's train_labels.txt where readable): a --class_split other than the
-    model's, or label files edited since, would score seen classes as zero-shot without a word."""
+def recorded_training_classes(ckpt: dict) -> tuple[list | None, str]:
+    """The seen classes the checkpoint's model trained on: its own "classes" entry, or for older checkpoints its
+    training data's label file (train_labels.txt under its args' data_dir / class_split) where readable, else
+    None; and that file's path."""
     a = ckpt["args"]
-    own = os.path.join(split_folder(a.get("data_dir") or "", a.get("class_split", "")), "train_labels.txt")
-    trained = ckpt.get("classes") if utils.is_str_list(ckpt.get("classes")) else (
-        dataset.read_labels(own) if a.get("data_dir") and os.path.isfile(own) else None)
+    home = a.get("data_dir") or ""
+    path = os.path.join(split_folder(home, a.get("class_split", "")), "train_labels.txt")
+    if utils.is_str_list(ckpt.get("classes")):
+        return ckpt["classes"], path
+    return (dataset.read_labels(path) if home and os.path.isfile(path) else None), path
+
+
+def check_unseen(data: dataset.SBIRData, class_split: str, ckpt: dict, model_path: str) -> None:
+    """The test split's "unseen" classes must be classes the model did not train on (recorded_training_classes):
+    a --class_split other than the model's, or label files edited since, would score seen classes as zero-shot
+    without a word."""
+    trained, _ = recorded_training_classes(ckpt)
     if trained is None:
         return
-    known = {dataset.normalise_class_name(c) for c in trained}
-    leaked = [c for c in data.unseen if dataset.normalise_class_name(c) in known]
+    leaked = [c for c in cross_dataset_classes(data, trained)[1] if c in data.unseen]  # by normalised name
     if leaked:
+        a = ckpt["args"]
         split = f"--class_split {class_split}" if class_split else f"{data.root}'s test_labels.txt"
         theirs = f"--class_split {a['class_split']}" if a.get("class_split") else "no --class_split"
         raise utils.UserError(
@@ -522,16 +524,12 @@ def clear_earlier_outputs(out_dir: str) -> None:
     sub-folders of a run of several settings), so that the folder holds one evaluation's outputs: an earlier
     one's grids or sub-folders beside new results would read as this run's. Nothing else is touched (saved
     embeddings stay); called just before the first new file is written."""
-    def outputs(folder: str) -> list:
-        return [os.path.join(folder, n) for n in OUTPUT_FILES if os.path.isfile(os.path.join(folder, n))] + \
-            glob.glob(os.path.join(glob.escape(folder), "grid_[0-9][0-9]_*.png"))
     setting = re.compile(r"(zs|gzs|fg)(_\d+bit)?")  # setting_name's names
     folders = [os.path.join(out_dir, d) for d in sorted(os.listdir(out_dir))
                if setting.fullmatch(d) and os.path.isfile(os.path.join(out_dir, d, "results.json"))]
-    files = outputs(out_dir) + [f for d in folders for f in outputs(d)]
-    for path in files:
-        os.remove(path)
+    files = utils.remove_outputs(out_dir, OUTPUT_FILES)
     for folder in folders:
+        files += utils.remove_outputs(folder, OUTPUT_FILES)
         if not os.listdir(folder):
             os.rmdir(folder)
     if files:
@@ -821,9 +819,10 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> dict:
     label = f"{head} mAP@all {top:.3f}" + (f", {args.hash_bits}-bit ITQ ({args.itq})" if hashing else "")
     plot_pr_curve(results["pr_curve"], label, os.path.join(out_dir, "pr_curve.png"))
     plot_per_class_ap(results["protocols"][head]["per_class_ap"], chance, os.path.join(out_dir, "per_class_ap.png"))
-    results["grids"] = write_grids(emb.q, emb.g, emb.sketches or ([], []), emb.photos or ([], []), emb.classes, args,
-                                   out_dir, measure)
-    if not emb.sketches:
+    if emb.sketches:
+        results["grids"] = write_grids(emb.q, emb.g, emb.sketches, emb.photos, emb.classes, args, out_dir, measure)
+    else:
+        results["grids"] = []
         print("no retrieval grids from --embeddings (they need the images)")
     utils.write_json(os.path.join(out_dir, "results.json"), results)
     worst = sorted(results["protocols"][head]["per_class_ap"].items(), key=lambda kv: kv[1])

@@ -125,9 +125,7 @@ def model_identity(ckpt: dict) -> str:
     cfg = utils.checkpoint_model(ckpt)
     h = hashlib.sha256(f"{INDEX_FORMAT}|{cfg.backbone}|{cfg.embedding_dim}|{cfg.image_size}".encode())
     photo = "photo_encoder" if "photo_encoder" in ckpt["models"] else "encoder"  # two branches or one shared trunk
-    for name, t in sorted(ckpt["models"][photo].items()):
-        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    utils.hash_tensors(h, ckpt["models"][photo])
     return h.hexdigest()
 
 

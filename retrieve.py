@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 import time
 
@@ -99,9 +98,6 @@ def gallery_files(folder: str, root: str, out_dir: str) -> tuple[list, list, lis
 
 # ----------------------------------------------------------------------------------- output
 
-GRID_FILE = re.compile(r"grid_\d{2,}_.*\.png")  # grid_name's names
-
-
 def grid_name(i: int, query_path: str) -> str:
     stem = os.path.splitext(os.path.basename(query_path))[0]
     return f"grid_{i + 1:02d}_{''.join(c if c.isalnum() or c in '-_' else '_' for c in stem)[:40]}.png"
@@ -110,14 +106,10 @@ def grid_name(i: int, query_path: str) -> str:
 def clear_previous_results(out_dir: str) -> None:
     """Delete what an earlier run wrote in the output folder: its results.json first, then its grids
     (grid_NN_*.png, those of an interrupted run too), so the folder never holds two runs' results at once."""
-    results = os.path.join(out_dir, gallery.RESULTS_NAME)
-    grids = [name for name in sorted(os.listdir(out_dir)) if GRID_FILE.fullmatch(name)]
-    had_results = os.path.isfile(results)
-    if had_results:
-        os.remove(results)
-    for name in grids:
-        os.remove(os.path.join(out_dir, name))
-    if had_results or grids:
+    removed = utils.remove_outputs(out_dir, (gallery.RESULTS_NAME,))
+    had_results = os.path.join(out_dir, gallery.RESULTS_NAME) in removed
+    grids = removed[1:] if had_results else removed
+    if removed:
         print(f"removed an earlier run's {'results.json and ' if had_results else ''}{len(grids)} grid(s) from "
               f"{out_dir}")
 

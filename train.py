@@ -495,7 +495,7 @@ class StopRequest:
 RESUME_FREE = {"data_dir", "checkpoint_dir", "resume", "overwrite", "workers", "device", "amp", "cache_gb",
                "disk_cache", "cache_dir", "channels_last", "compile", "print_every", "val_every"}
 RESUME_LENGTH = ("epochs", "budget_minutes")
-NOT_RESTORED = {"given", "resume", "overwrite", "checkpoint_dir", "data_dir", "recipe_source"}
+NOT_RESTORED = {"given", "recipe_source"}  # what the parser makes, not flags
 
 
 def flag_text(name: str, value) -> str:

@@ -662,10 +662,15 @@ def model_fingerprint(ckpt: dict) -> str:
     every network in it. Two checkpoints of one run at different steps differ; a copy or a rename does not."""
     h = hashlib.sha256(json.dumps(checkpoint_model(ckpt).to_dict(), sort_keys=True).encode())
     for net, state in sorted(ckpt["models"].items()):
-        for name, t in sorted(state.items()):
-            h.update(f"|{net}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        hash_tensors(h, state, prefix=net + ".")
     return h.hexdigest()
+
+
+def hash_tensors(h, state: dict, prefix: str = "") -> None:
+    """Feed a state dict to the hash ``h`` (hashlib), in name order: each tensor's name, dtype, shape and bytes."""
+    for name, t in sorted(state.items()):
+        h.update(f"|{prefix}{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:
@@ -702,15 +707,19 @@ def _finite_or_none(v):
 def append_jsonl(path: str, record: dict) -> None:
     """Append one JSON object as a line (the machine-readable training log). Strict JSON: a non-finite number
     is written as null (json.dumps would write NaN, which strict parsers reject)."""
-    line = json.dumps({k: _finite_or_none(v) for k, v in record.items()}, allow_nan=False)
+    line = _json_line(record)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
+        f.write(line)
+
+
+def _json_line(record: dict) -> str:
+    """One flat record as a strict JSON line (non-finite numbers as null)."""
+    return json.dumps({k: _finite_or_none(v) for k, v in record.items()}, allow_nan=False) + "\n"
 
 
 def rewrite_jsonl(path: str, records: list) -> None:
     """Replace a JSON-lines file by ``records``, atomically."""
-    text = "".join(json.dumps({k: _finite_or_none(v) for k, v in r.items()}, allow_nan=False) + "\n"
-                   for r in records)
+    text = "".join(map(_json_line, records))
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
@@ -719,6 +728,19 @@ def read_jsonl(path: str) -> list:
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+GRID_FILE = re.compile(r"grid_\d{2,}_.*\.png")  # the retrieval grids evaluate.py and retrieve.py write
+
+
+def remove_outputs(folder: str, names: tuple) -> list:
+    """Delete what an earlier run of a script wrote in ``folder``: the files ``names`` first (its results), then
+    its retrieval grids (GRID_FILE); returns the paths removed. Nothing else in the folder is touched."""
+    removed = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    removed += [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if GRID_FILE.fullmatch(n)]
+    for path in removed:
+        os.remove(path)
+    return removed
 
 
 def read_json(path: str):

@@ -28,6 +28,7 @@ open_clip = pytest.importorskip("open_clip", reason="open_clip is not installed 
 SMALL = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8)
 TEXT = dict(context_length=8, vocab_size=64, transformer_width=64, transformer_heads=1, transformer_layers=1)
 MISMATCH = "QuickGELU mismatch"  # open_clip's warning for a GELU model given weights trained with QuickGELU
+PUBLISHED = True  # build_trunk from the published ("openai") weights, which the small_clip fixture serves
 
 
 def openai_clip_module():
@@ -129,7 +130,7 @@ def test_clip_embeds_as_openais_clip_with_openais_weights(small_clip):
     from open_clip that the weights and the network disagree."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trunk, width = M.build_trunk("clip_vit_b_32", pretrained=True, image_size=SMALL["image_resolution"])
+        trunk, width = M.build_trunk("clip_vit_b_32", PUBLISHED, image_size=SMALL["image_resolution"])
     diff, atol = compare(trunk, small_clip(), SMALL["image_resolution"])
     assert diff <= atol, f"the embeddings differ by {diff:.3g}, more than float64's {atol:.3g}"
     assert not [w for w in caught if MISMATCH in str(w.message)]
@@ -139,7 +140,7 @@ def test_a_clip_model_trained_with_gelu_is_built_as_it_was_trained(small_clip):
     """activation "gelu" (checkpoints written before QuickGELU) builds torch's GELU: OpenAI's network with GELU
     in its MLPs, and not OpenAI's own. open_clip's warning that the "openai" weights expect QuickGELU shows."""
     with pytest.warns(UserWarning, match=MISMATCH):
-        trunk, _ = M.build_trunk("clip_vit_b_32", pretrained=True, image_size=SMALL["image_resolution"],
+        trunk, _ = M.build_trunk("clip_vit_b_32", PUBLISHED, image_size=SMALL["image_resolution"],
                                  activation="gelu")
     diff, atol = compare(trunk, small_clip(gelu=True), SMALL["image_resolution"])
     assert diff <= atol, f"the embeddings differ by {diff:.3g}, more than float64's {atol:.3g}"

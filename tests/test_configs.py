@@ -16,7 +16,7 @@ SCRATCH = dict(backbone="resnet18", pretrained=False, image_size=32, batch_size=
 RECIPES = {
     "scratch": SCRATCH,
     "finetune": {**SCRATCH, "backbone": "resnet50", "pretrained": True, "image_size": 224, "lr": 1e-4, "warmup": 0.1},
-    "original": dict(backbone="vgg16", pretrained=True, image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4,
+    "original": {"pretrained": True} | dict(backbone="vgg16", image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4,
                      warmup=0.5 / 30, shared_trunk=False, domain_bn=False, edge_maps=False, sampling="triplets",
                      triplet_loss_ratio=1.0, class_loss_ratio=0.0, domain_loss_ratio=0.5, grl_threshold_epoch=5,
                      proxy_lr_mult=1.0, crop_scale=0.7),
