@@ -627,7 +627,7 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
     """Embed the split's images with the checkpoint's network (under torchrun each process its share; only
     rank 0 gets the result, the others None); --save_embeddings keeps them."""
     a, cfg = ckpt["args"], utils.checkpoint_model(ckpt)  # how it was trained; the network it holds
-    print(f"model {args.model}: {cfg.backbone}, {cfg.embedding_dim}-d, {cfg.image_size}px, trained "
+    print(f"model {args.model}: {utils.network_text(cfg)}, {cfg.embedding_dim}-d, {cfg.image_size}px, trained "
           f"{ckpt['epoch']} epoch(s)" + (f" ({ckpt['work']['steps']:,} steps, {ckpt['work']['images']:,} images, "
                                          f"{utils.flops_text(ckpt['work']['flops'])})" if "work" in ckpt else "")
           + f", {utils.validation_text(ckpt['best'])}")

@@ -124,6 +124,11 @@ def model_identity(ckpt: dict) -> str:
     the embedding size, the input size and the index format (the file's name and date do not count)."""
     cfg = utils.checkpoint_model(ckpt)
     h = hashlib.sha256(f"{INDEX_FORMAT}|{cfg.backbone}|{cfg.embedding_dim}|{cfg.image_size}".encode())
+    if cfg.method != "sbir":  # another method's network: all of it (Sketch_LVM's photos pass its one tower)
+        h.update(f"|{cfg.method}|{cfg.mean}|{cfg.std}|".encode())
+        for net, state in sorted(ckpt["models"].items()):
+            utils.hash_tensors(h, state, prefix=net + ".")
+        return h.hexdigest()
     photo = "photo_encoder" if "photo_encoder" in ckpt["models"] else "encoder"  # two branches or one shared trunk
     utils.hash_tensors(h, ckpt["models"][photo])
     return h.hexdigest()
@@ -349,8 +354,8 @@ def describe_model(path: str, ckpt: dict, settings: EmbedSettings, fingerprint: 
     """The line naming the model a run searches with: its file, network, training and fingerprint
     (utils.model_fingerprint), and the precision it embeds in."""
     cfg = utils.checkpoint_model(ckpt)
-    return (f"model {path}: {cfg.backbone}, {cfg.embedding_dim}-d, {cfg.image_size}px, trained {ckpt['epoch']} "
-            f"epoch(s), fingerprint {fingerprint[:12]}; embeddings in {settings.precision}")
+    return (f"model {path}: {utils.network_text(cfg)}, {cfg.embedding_dim}-d, {cfg.image_size}px, trained "
+            f"{ckpt['epoch']} epoch(s), fingerprint {fingerprint[:12]}; embeddings in {settings.precision}")
 
 
 def build_index(source: GallerySource, identity: str, settings: EmbedSettings, encoder, model_path: str,

@@ -55,16 +55,20 @@ CLIP_BACKBONES = {"clip_vit_b_32", "clip_vit_b_16"}
 CLIP_ACTIVATIONS = {"quick_gelu": "-quickgelu", "gelu": ""}
 # Vision transformers cut the image into patches: their input side is fixed when they are built and must be
 # a multiple of the patch size.
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's; Sketch_LVM's data code uses them
+CLIP_EMBEDDING_DIM = 512  # the width of CLIP ViT-B/32's and ViT-B/16's image embedding (visual.proj's output)
 PATCH_SIZE = {"vit_b_16": 16, "vit_b_32": 32, "clip_vit_b_16": 16, "clip_vit_b_32": 32}
 # Backbones normalised by layer norm only: nothing for --domain_bn to split.
 WITHOUT_BATCH_NORM = {"convnext_tiny", "swin_t", "vit_b_16", "vit_b_32", "clip_vit_b_16", "clip_vit_b_32"}
 
 
 # The newest format of a checkpoint's "model" entry; this code reads every older one too. 0: no entry (the args
-# describe the model); 1: ModelConfig's fields but activation, whose absence means GELU for CLIP; 2: format 1 plus
-# activation. to_dict writes format 2 only where activation says something format 1 cannot (QuickGELU), so every
-# entry format 1 can describe keeps its bytes and its fingerprint (utils.model_fingerprint).
-MODEL_FORMAT = 2
+# describe the model); 1: ModelConfig's fields but activation and method, whose absence means GELU for CLIP and
+# today's SBIR model; 2: format 1 plus activation; 3: format 2 plus method. to_dict writes the oldest format that
+# describes the network (2 only for QuickGELU, 3 only for a method other than "sbir"), so every entry an older
+# format can describe keeps its bytes and its fingerprint (utils.model_fingerprint).
+MODEL_FORMAT = 3
+METHODS = ("sbir", "sketch_lvm")  # the networks methods.py builds (methods.METHODS holds the methods themselves)
 DOMAIN_INPUTS = ("embedding", "features")  # what the domain classifier reads: unit embeddings or trunk features
 WEIGHTS = ("imagenet", "openai", "file", "none")  # where a trunk starts: ImageNet's or CLIP's weights, a file, random
 
@@ -114,7 +118,9 @@ class ModelConfig:
     weights expect (backbone_stats), with which the encoder normalises its [0, 1] images. ``activation`` is
     CLIP's MLP activation (CLIP_ACTIVATIONS): "quick_gelu", OpenAI's, which None (left out) becomes, or "gelu",
     that of the CLIP models this project trained before (their entries, format 1, have no activation). The
-    other backbones have their own: None.
+    other backbones have their own: None. ``method`` is the method whose network it is (METHODS): "sbir" (the
+    sketch and photo encoders of ZSSBIRModel, what every entry before format 3 holds) or "sketch_lvm"
+    (SketchLVMNet: CLIP's image tower with learnt prompts; a CLIP backbone, its embedding size CLIP's own).
 
     The one place the rules of a network's description live: a config that breaks one raises
     ModelConfigError when it is made, whether by the model, by train.py's flags or from a checkpoint."""
@@ -128,6 +134,7 @@ class ModelConfig:
     mean: tuple = ()  # () when built by hand: backbone_stats(backbone); checkpoints always hold the numbers
     std: tuple = ()
     activation: str | None = None  # None when built by hand: "quick_gelu" for CLIP; checkpoints hold the choice
+    method: str = "sbir"
 
     def __post_init__(self):
         self._check_sizes()
@@ -179,15 +186,38 @@ class ModelConfig:
             raise ModelConfigError("activation", f"{{activation}} chooses CLIP's MLP activation; {{backbone}} "
                                                  f"{self.backbone} has its own: leave it out (None), "
                                                  f"got {self.activation!r}")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        """A known method, and the network it builds: Sketch_LVM's is one CLIP tower, its embedding CLIP's own."""
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ModelConfigError("method", f"{{method}} must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != "sketch_lvm":
+            return
+        if not is_clip(self.backbone):
+            clips = ", ".join(sorted(CLIP_BACKBONES))
+            raise ModelConfigError("backbone", f"{{method}} sketch_lvm prompts CLIP's image tower; choose a CLIP "
+                                               f"{{backbone}} ({clips}), not {self.backbone}")
+        if self.embedding_dim != CLIP_EMBEDDING_DIM:
+            raise ModelConfigError("embedding_dim", f"{{method}} sketch_lvm embeds with CLIP's own projection: "
+                                                    f"{{embedding_dim}} must be {CLIP_EMBEDDING_DIM}, "
+                                                    f"got {self.embedding_dim}")
+        if not self.shared_trunk or self.domain_bn:
+            raise ModelConfigError("shared_trunk", "{method} sketch_lvm has one CLIP tower for both domains: "
+                                                   "give {shared_trunk} and no {domain_bn}")
 
     def to_dict(self) -> dict:
-        """{"format": 1 or 2, **fields}: format 1, without activation, where that describes the network (every
-        backbone but a QuickGELU CLIP), so that an entry written before activation existed reads back to itself."""
+        """{"format": 1, 2 or 3, **fields}: the oldest format that describes the network (MODEL_FORMAT), so that an
+        entry written before activation or method existed reads back to itself: format 1 without either (every
+        backbone but a QuickGELU CLIP, in the SBIR model), 2 with activation, 3 with method too."""
         d = asdict(self)
+        if self.method != "sbir":
+            return {"format": 3, **d}
+        del d["method"]
         if self.activation == format1_activation(self.backbone):
             del d["activation"]
             return {"format": 1, **d}
-        return {"format": MODEL_FORMAT, **d}
+        return {"format": 2, **d}
 
     def note(self) -> str:
         """One line for a person where the network departs from its published one, else "": a CLIP model with
@@ -199,13 +229,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """The inverse of to_dict, for formats 1 and 2 (an entry without activation: format1_activation);
+        """The inverse of to_dict, for formats 1 to 3 (an entry without activation: format1_activation; without
+        method: "sbir");
         ValueError for another format or a field its format does not have, ModelConfigError for a value that
         breaks a rule, TypeError for a missing field."""
         fmt = d.get("format")
         if not is_int(fmt) or not 1 <= fmt <= MODEL_FORMAT:
             raise ValueError(f"model format {fmt!r}; this version reads formats 1 to {MODEL_FORMAT}")
-        known = {f.name for f in fields(cls)} - ({"activation"} if fmt == 1 else set())
+        known = {f.name for f in fields(cls)} - ({"activation"} if fmt == 1 else set()) - (
+            {"method"} if fmt < 3 else set())
         unknown = sorted(set(d) - known - {"format"})
         if unknown:
             raise ValueError(f"unknown model field(s) {', '.join(unknown)} (format {fmt})")
@@ -578,6 +610,38 @@ class PromptedCLIP(nn.Module):
         x = torch.cat([x, self.prompts[domain].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)  # (B, 1+g*g+P, W)
         x = v.transformer(v.ln_pre(x))  # open_clip's transformer takes (B, L, W) either way it runs inside
         return v.ln_post(x[:, 0]) @ v.proj  # (B, E)
+
+
+class SketchLVMNet(nn.Module):
+    """Sketch_LVM's network: images (B, 3, S, S) in [0, 1], normalised with ``mean`` and ``std`` (ImageNet's, as
+    their data code does), through PromptedCLIP with the domain's prompts. ``embed`` gives the raw embedding (B, E)
+    their loss reads; ``sketch_encoder`` and ``photo_encoder`` give it L2-normalised (B, E) for retrieval, which
+    ranks by cosine as their evaluation does. ``config``: a ModelConfig of method "sketch_lvm"; ``start``: the
+    trunk's start (Encoder's ``pretrained``: True, False or a state dict of the whole CLIP model)."""
+
+    def __init__(self, config: "ModelConfig", start: bool | dict = False, num_prompts: int = 3):
+        super().__init__()
+        start_state = start if isinstance(start, dict) else None
+        visual, _ = build_trunk(config.backbone, start_state is None and bool(start), config.image_size, start_state,
+                                config.activation)
+        self.normalize = Normalize(*(config.mean and (config.mean, config.std) or IMAGENET_STATS))
+        self.prompted = PromptedCLIP(visual, num_prompts)
+        object.__setattr__(self, "sketch_encoder", PromptedView(self, 0))  # views, outside the state dict
+        object.__setattr__(self, "photo_encoder", PromptedView(self, 1))
+
+    def embed(self, x: torch.Tensor, domain: int) -> torch.Tensor:
+        return self.prompted(self.normalize(x), domain)  # (B, E)
+
+
+class PromptedView(nn.Module):
+    """SketchLVMNet as one domain sees it: images (B, 3, S, S) in [0, 1] -> unit embeddings (B, E)."""
+
+    def __init__(self, net: SketchLVMNet, domain: int):
+        super().__init__()
+        self.net, self.domain = net, domain  # the net is not saved through its views (they are not its modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(at_least_float32(self.net.embed(x, self.domain)), dim=1)
 
 
 def freeze_as_sketch_lvm(module: nn.Module) -> None:

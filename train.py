@@ -40,10 +40,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import dataset
+import methods
 import metrics
 import utils
-from model import (BACKBONES, CLIP_BACKBONES, DOMAIN_INPUTS, ModelConfig, ModelConfigError, Pairs,
-                   PretrainedWeightsUnavailable, Triplets, ZSSBIRModel, backbone_stats, grl_lambda, sbir_losses)
+from model import (BACKBONES, CLIP_BACKBONES, DOMAIN_INPUTS, METHODS, ModelConfig, ModelConfigError, Pairs,
+                   PretrainedWeightsUnavailable, Triplets, grl_lambda)
 
 
 # ----------------------------------------------------------------------------------- configs
@@ -217,6 +218,9 @@ def add_run_args(g) -> None:
 
 
 def add_model_args(g) -> None:
+    g.add_argument("--method", type=str, default="sbir", choices=METHODS,
+                   help="what trains and how (methods.py): sbir, this project's model (the recipes scratch, finetune "
+                        "and original); sketch_lvm, Sain et al. CVPR 2023 (configs/sketch_lvm_clip_vit_b32.yaml)")
     g.add_argument("--backbone", type=str, default="resnet50", choices=sorted(BACKBONES),
                    help="image encoder: a torchvision CNN or ViT, or a CLIP image encoder")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
@@ -263,7 +267,8 @@ def add_loss_args(g) -> None:
 
 
 def add_optimizer_args(g) -> None:
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    g.add_argument("--lr", type=float, default=1e-4,
+                   help="learning rate (--method sbir: AdamW's; sketch_lvm: Adam's for CLIP, its clip_LN_lr)")
     g.add_argument("--proxy_lr_mult", type=float, default=10.0, help="learning rate multiplier of the class proxies")
     g.add_argument("--weight_decay", type=float, default=5e-4, help="AdamW weight decay")
     g.add_argument("--warmup", type=float, default=0.1,
@@ -271,6 +276,11 @@ def add_optimizer_args(g) -> None:
     g.add_argument("--warmup_epochs", type=float, default=None,
                    help="the warm-up in epochs instead (not with --budget_minutes)")
     g.add_argument("--grad_clip", type=float, default=10.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--prompt_lr", type=float, default=1e-4,
+                   help="--method sketch_lvm: the prompts' learning rate (--lr is CLIP's)")
+    g.add_argument("--sketch_lvm_trains", type=str, default="code", choices=sorted(methods.SKETCH_LVM_TRAINS),
+                   help="--method sketch_lvm: what trains in CLIP besides the prompts: code, what their code's "
+                        "freeze_all_but_bn leaves (21.7M of ViT-B/32); paper, the LayerNorms only (docs/sketch_lvm.md)")
 
 
 def add_speed_args(g) -> None:
@@ -347,26 +357,14 @@ def check_args(args) -> None:
         model_config(args)
     except ModelConfigError as e:
         raise utils.UserError(e.phrase("--")) from None
+    refused = methods.get(args.method).check(args)
+    if refused:
+        raise utils.UserError(refused)
     if args.sampling == "triplets" and (args.edge_maps or args.thicken):
         raise utils.UserError("--edge_maps and --thicken need --sampling pairs")
     if args.sampling == "pairs" and args.class_loss_ratio == 0 and args.triplet_loss_ratio == 0:
         raise utils.UserError("--sampling pairs with --class_loss_ratio 0 and --triplet_loss_ratio 0 learns nothing; "
                               "give one of them a weight")
-
-
-def lr_at(progress: float, warmup: float, base_lr: float) -> float:
-    """The learning rate at a point of the schedule, progress in [0, 1] (steps done / all steps, or seconds
-    spent / the budget): a linear warm-up from 1% of base_lr over the first ``warmup`` of the schedule,
-    then a cosine decay to 1% of it at the end (the shape of a one-cycle schedule).
-
-        lr = base (0.01 + 0.99 p / w)                          p < w
-        lr = base (0.01 + 0.99 (1 + cos(pi (p - w) / (1 - w))) / 2)    p >= w
-    """
-    p = min(max(progress, 0.0), 1.0)
-    if p < warmup:
-        return base_lr * (0.01 + 0.99 * p / warmup)
-    t = (p - warmup) / (1 - warmup) if warmup < 1 else 1.0
-    return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def validate(model, val: dict, classes: list, args, device) -> float | None:
@@ -384,16 +382,16 @@ def validate(model, val: dict, classes: list, args, device) -> float | None:
 
 
 class TrainingLosses(nn.Module):
-    """The model with its losses as forward: model.sbir_losses of a named batch (model.Pairs or
+    """The model with its method's losses as forward (methods.Method.losses of a named batch, model.Pairs or
     model.Triplets). DistributedDataParallel synchronises gradients only for work done inside its wrapped
     module's forward, so it wraps this, not the bare model."""
 
-    def __init__(self, model: ZSSBIRModel, smoothing: float = 0.0):
+    def __init__(self, model: nn.Module, method: str = "sbir"):
         super().__init__()
-        self.model, self.smoothing = model, smoothing
+        self.model, self.method = model, methods.get(method)
 
-    def forward(self, batch: Pairs | Triplets, lambd: float, margin: float) -> dict:
-        return sbir_losses(self.model, batch, lambd, margin, self.smoothing)
+    def forward(self, batch: Pairs | Triplets, lambd: float, args) -> dict:
+        return self.method.losses(self.model, batch, lambd, args)
 
 
 def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr: float, args,
@@ -406,10 +404,8 @@ def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
     with torch.autocast(batch[0].device.type, dtype=dtype, enabled=dtype is not None):
-        out = net((Pairs if args.sampling == "pairs" else Triplets)(*batch), lambd=lambd, margin=args.margin)
-    loss = args.triplet_loss_ratio * out["triplet"] + args.domain_loss_ratio * out["domain"]
-    if "class" in out and args.class_loss_ratio:
-        loss = loss + args.class_loss_ratio * out["class"]
+        out = net((Pairs if args.sampling == "pairs" else Triplets)(*batch), lambd=lambd, args=args)
+    loss = out["loss"]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if args.grad_clip > 0:
@@ -417,7 +413,7 @@ def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr
         torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return {**{k: v.detach() for k, v in out.items()}, "loss": loss.detach()}
+    return {k: v.detach() for k, v in out.items()}
 
 
 def global_mean(values: dict, count: int = 1) -> dict:
@@ -562,12 +558,12 @@ def load_resume_checkpoint(path: str, args, world: int) -> dict:
     return ckpt
 
 
-def resume_from(ckpt: dict, path: str, model, optimizer, scaler) -> None:
+def resume_from(ckpt: dict, path: str, model, optimizer, scaler, args) -> None:
     """Restore the weights and the optimizer and scaler states of a checkpoint (load_resume_checkpoint); the
     rest of it, where training stood, becomes the TrainState (TrainState.start)."""
     utils.load_model_state(model, ckpt, path)
     try:
-        optimizer.load_state_dict(ckpt["optimizers"]["adamw"])
+        optimizer.load_state_dict(ckpt["optimizers"][methods.get(args.method).optimizer_name])
         if ckpt["scaler"]:  # empty when saved without a float16 GradScaler (CPU, bfloat16): keep the fresh one
             scaler.load_state_dict(ckpt["scaler"])
         for group in optimizer.param_groups:  # a moment of another shape would only fail at the first step
@@ -707,18 +703,18 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     model, optimizer = build_model_and_optimizer(args, len(data.seen), device, world)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if resume is not None:
-        resume_from(resume, args.resume, model, optimizer, scaler)
+        resume_from(resume, args.resume, model, optimizer, scaler, args)
         if nothing_left(resume, args):
             return
     if rank == 0:  # every input was read and fits: only now is anything written
         utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
         clear_run_folder(args, resume, stale)
         utils.write_json(os.path.join(args.checkpoint_dir, "args.json"), info)
+    method = methods.get(args.method)
     if args.compile:  # in place: the state dict keeps its names
-        # a shared trunk is called directly (embed_pair) and through both domain views: compile it, not the views
-        for encoder in [model.encoder] if args.shared_trunk else [model.sketch_encoder, model.photo_encoder]:
-            encoder.compile()
-    net = TrainingLosses(model, args.domain_label_smoothing)
+        for part in method.compiled_parts(model, args):
+            part.compile()
+    net = TrainingLosses(model, args.method)
     if world > 1:  # after loading: DDP copies rank 0's weights to every process
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     trainer = Trainer(args, model, net, optimizer, scaler, device, dtype, info["config"], data_record)
@@ -738,12 +734,7 @@ def print_setup(args, world: int, saved_config: dict | None = None) -> dict:
         info["config"] = {"path": args.config, "text": text}
     print(f"config {args.config} ({args.recipe_source}):\n" + "".join(f"  {line}\n" for line in text.splitlines()),
           end="")
-    print(f"recipe: {args.recipe}: "
-          f"{'one shared trunk' if args.shared_trunk else 'two branches'}"
-          f"{' with domain batch norm' if args.domain_bn else ''}, "
-          f"{args.sampling}{' + photo edge maps' if args.edge_maps else ''}, losses "
-          + ", ".join(f"{k} {getattr(args, k + '_loss_ratio')}" for k in ("class", "triplet", "domain"))
-          + f", lr {args.lr}, "
+    print(f"recipe: {args.recipe}: {methods.get(args.method).describe(args)}, "
           + (f"budget {args.budget_minutes} min" if args.budget_minutes else f"{args.epochs} epochs"))
     if world > 1:
         print(f"distributed: {world} processes ({dist.get_backend()}), "
@@ -787,30 +778,29 @@ def model_config(args) -> ModelConfig:
     """The network the flags describe, as checkpoints store it."""
     published = "openai" if args.backbone in CLIP_BACKBONES else "imagenet"
     weights = "file" if args.weights else (published if args.pretrained else "none")
+    method = methods.get(args.method)
     return ModelConfig(args.backbone, args.embedding_dim, args.image_size, args.shared_trunk, args.domain_bn,
-                       args.domain_input, weights, *backbone_stats(args.backbone),
-                       activation=getattr(args, "clip_activation", None))  # a resumed older CLIP run's: GELU
+                       args.domain_input, weights, *method.input_stats(args.backbone),
+                       activation=getattr(args, "clip_activation", None),  # a resumed older CLIP run's: GELU
+                       method=args.method)
 
 
 def build_model_and_optimizer(args, num_classes: int, device: torch.device, world: int = 1):
-    """The model the flags describe, on the device in --channels_last's layout, and its AdamW (the class
-    proxies in their own group, at --proxy_lr_mult times the learning rate)."""
+    """The model the flags describe (its method's network), on the device in --channels_last's layout, and its
+    method's optimizer (methods.Method.optimizer: which parameters train in which groups at which rates)."""
+    method = methods.get(args.method)
     uses_proxies = args.sampling == "pairs" or args.class_loss_ratio > 0
-    start = start_weights(args.weights) if args.weights else None
+    config = model_config(args)
+    start = start_weights(args.weights) if args.weights else config.weights != "none"
     try:
-        model = ZSSBIRModel.from_config(model_config(args), num_classes=num_classes if uses_proxies else 0,
-                                        start_state=start)
+        model = method.network(config, num_classes if uses_proxies else 0, start)
     except ValueError as e:  # a --weights file of another network
         raise utils.UserError(f"--weights {args.weights}: {e}; pass the weights of the whole {args.backbone} network "
                               "(torchvision's, or open_clip's / OpenAI's for CLIP), or another --backbone") from None
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    proxies = list(model.class_proxies.parameters()) if uses_proxies else []
-    others = [p for p in model.parameters() if all(p is not q for q in proxies)]
-    optimizer = torch.optim.AdamW([{"params": others}, {"params": proxies, "lr_mult": args.proxy_lr_mult}],
-                                  lr=args.lr, weight_decay=args.weight_decay)
-    return model, optimizer
+    return model, method.optimizer(model, args)
 
 
 def open_image_store(source, args, rank: int, world: int, device: torch.device) -> dataset.BatchLoader:
@@ -950,7 +940,7 @@ class Trainer:
     torchrun), the optimizer and the gradient scaler, the device, autocast's dtype (None: full precision),
     and the config file behind the arguments ({"path", "text"})."""
     args: argparse.Namespace
-    model: ZSSBIRModel
+    model: nn.Module  # its method's network (methods.Method.network)
     net: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -958,6 +948,10 @@ class Trainer:
     dtype: torch.dtype | None
     config: dict
     data: dict  # what it trains and validates on (training_data_record), which --resume checks
+
+    @property
+    def method(self) -> methods.Method:
+        return methods.get(self.args.method)
 
 
 def fit(t: Trainer, loader, val: dict, classes: list, state: TrainState, stop: StopRequest) -> None:
@@ -1013,7 +1007,7 @@ def train_one_epoch(t: Trainer, loader, state: TrainState, stop: StopRequest) ->
     for i, batch in enumerate(bar, start=skip + 1):
         batch = to_device_batch(batch, args, t.device, state.step, memory_format)
         lambd = schedule.lambd(state.step, state.seconds)
-        lr = lr_at(schedule.progress(state.step, state.seconds), args.warmup, args.lr)
+        lr = t.method.lr_at(schedule.progress(state.step, state.seconds), args)
         vals = state.work.step(lambda: train_step(t.net, t.optimizer, t.scaler, batch, lambd, lr, args, t.dtype), batch)
         stopping, state.seconds = agree(stop.signal is not None, schedule.seconds())
         state.step, state.epoch_step = state.step + 1, i
@@ -1037,6 +1031,11 @@ def epoch_label(epoch: int, epochs: int | None) -> str:
     return f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
 
 
+def lambda_text(args, lambd: float) -> str:
+    """The reversal strength as the progress lines print it, for a method that has a gradient reversal layer."""
+    return f"  lambda {lambd:.3f}" if methods.get(args.method).reverses_gradient else ""
+
+
 def log_steps(args, state: TrainState, means: dict, bar, lambd: float, lr: float) -> None:
     """The mean losses of the steps since the last read on the progress bar and, every --print_every steps,
     printed and appended to log.jsonl (rank 0)."""
@@ -1044,7 +1043,7 @@ def log_steps(args, state: TrainState, means: dict, bar, lambd: float, lr: float
     if state.step % args.print_every:
         return
     print(f"epoch {state.epoch + 1} step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
-          + f"  lambda {lambd:.3f}  lr {lr:.2e}")
+          + lambda_text(args, lambd) + f"  lr {lr:.2e}")
     if utils.rank_and_world()[0] == 0:
         utils.append_jsonl(os.path.join(args.checkpoint_dir, "log.jsonl"), {
             "kind": "step", "epoch": state.epoch + 1, "step": state.step, "lambda": lambd, "lr": lr,
@@ -1067,7 +1066,7 @@ def end_epoch(t: Trainer, val: dict, classes: list, state: TrainState, stats: di
     seconds = state.schedule.seconds()
     print(f"{epoch_label(state.epoch - 1, args.epochs)}: "
           + "  ".join(f"{k} {v:.4f}" for k, v in stats["losses"].items())
-          + f"  lambda {stats['lambda']:.3f}  {val_text}  [{stats['train_seconds']:.0f}s, {stats['rate']:.1f} "
+          + lambda_text(args, stats['lambda']) + f"  {val_text}  [{stats['train_seconds']:.0f}s, {stats['rate']:.1f} "
           f"{args.sampling}/s" + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "")
           + f"; so far {state.work.describe(seconds)}]")
     if utils.rank_and_world()[0] == 0:
@@ -1089,7 +1088,7 @@ def make_checkpoint(t: Trainer, state: TrainState, seconds: float, classes: list
     names, so that a cross-dataset evaluation knows them after the data has moved), and the state; epoch counts
     completed epochs, and epoch_step > 0 marks a stop inside the next one, with its loss sums and RNG states."""
     ckpt = {"models": {name: m.state_dict() for name, m in t.model.named_children()},
-            "optimizers": {"adamw": t.optimizer.state_dict()}, "scaler": t.scaler.state_dict(),
+            "optimizers": {t.method.optimizer_name: t.optimizer.state_dict()}, "scaler": t.scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "args": vars(t.args), "model": model_config(t.args).to_dict(),
             "config": t.config, "classes": list(classes), "best": state.best, "epoch_step": state.epoch_step,
             "world_size": utils.rank_and_world()[1], "seconds": seconds,
@@ -1107,6 +1106,9 @@ def to_device_batch(batch, args, device, step: int, memory_format) -> list:
     rank, world = utils.rank_and_world()
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * world + rank)
     n_images = 2 if args.sampling == "pairs" else 3
+    if not methods.get(args.method).augments:  # the images as they are, in [0, 1]
+        return ([(x.to(device, non_blocking=True).float() / 255.0).contiguous(memory_format=memory_format)
+                 for x in batch[:n_images]] + [x.to(device, non_blocking=True) for x in batch[n_images:]])
     images = [dataset.augment(x.to(device, non_blocking=True), g, (args.crop_scale, 1.0),
                               thicken=args.thicken if i == 0 else 0.0).contiguous(memory_format=memory_format)
               for i, x in enumerate(batch[:n_images])]  # the sketch-domain images first

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torchvision
 
-from model import MODEL_FORMAT, ModelConfig, ModelConfigError, ZSSBIRModel, backbone_stats, is_int
+import methods
+from model import MODEL_FORMAT, ModelConfig, ModelConfigError, backbone_stats, is_int
 
 
 class UserError(Exception):
@@ -649,6 +650,11 @@ def checkpoint_model(ckpt: dict) -> ModelConfig:
     return dataclasses.replace(config, mean=mean, std=std)
 
 
+def network_text(cfg: ModelConfig) -> str:
+    """A checkpoint's network in a few words: its backbone, with its method when that is not today's model."""
+    return cfg.backbone if cfg.method == "sbir" else f"{cfg.method} ({cfg.backbone})"
+
+
 def validation_text(best) -> str:
     """A checkpoint's "best" as words: its seen-class validation mAP@all, or that it has none (-1: no epoch was
     validated, or trained with --val_fraction 0; NaN in checkpoints written before that was -1)."""
@@ -684,14 +690,14 @@ def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:
                         f"({first}); the checkpoint may be corrupt or from another version") from None
 
 
-def build_model(ckpt: dict, path: str, trained: bool) -> ZSSBIRModel:
+def build_model(ckpt: dict, path: str, trained: bool) -> torch.nn.Module:
     """The checkpoint's network (checkpoint_model): with its trained weights, or as initialised under its
     training seed."""
     seed_everything(ckpt["args"]["seed"])
     config = checkpoint_model(ckpt)
     if trained and config.note():  # e.g. a CLIP model trained with GELU, before QuickGELU: built as it was trained
         print(config.note())
-    model = ZSSBIRModel.from_config(config, start_weights=not trained)
+    model = methods.get(config.method).network(config, start=not trained)
     if trained:
         load_model_state(model, ckpt, path)
     return model

@@ -94,11 +94,12 @@ def test_help_shows_real_defaults_in_groups():
     text = " ".join(out.stdout.split())
     assert "(default: None)" not in text
     finetune = os.path.relpath(os.path.join(train.CONFIG_DIR, "finetune.yaml"))
-    assert "--lr LR AdamW learning rate (default: 0.0001)" in text and f"(default: {finetune})" in text
+    lr_help = "--lr LR learning rate (--method sbir: AdamW's; sketch_lvm: Adam's for CLIP, its clip_LN_lr)"
+    assert f"{lr_help} (default: 0.0001)" in text and f"(default: {finetune})" in text
     for group in ("data, outputs and schedule:", "model:", "sampling and losses:", "optimiser:", "speed"):
         assert group in text
     scratch = " ".join(run_main("train.py", "--no-pretrained", "--help").stdout.split())
-    assert "--lr LR AdamW learning rate (default: 0.002)" in scratch and "(default: resnet18)" in scratch
+    assert f"{lr_help} (default: 0.002)" in scratch and "(default: resnet18)" in scratch
     original = " ".join(run_main("train.py", "--recipe", "original", "--help").stdout.split())
     assert "(default: vgg16)" in original and "(default: triplets)" in original
 

@@ -12,6 +12,7 @@ import gallery
 import retrieve
 import train
 import utils
+from model import ZSSBIRModel
 from conftest import make_tiny_dataset, reordering_rtol
 from test_retrieve import save_tiny_checkpoint
 from test_train import train_args, train_with_sigterm_in_step_3
@@ -27,9 +28,9 @@ def batch_on(device: str, dtype: torch.dtype = torch.float32, n: int = 4, seed: 
     return images + [torch.arange(n).to(device), torch.arange(1, n + 1).remainder(n).to(device)]
 
 
-def tiny_model(device: str, dtype: torch.dtype = torch.float32, num_classes: int = 4) -> train.ZSSBIRModel:
+def tiny_model(device: str, dtype: torch.dtype = torch.float32, num_classes: int = 4) -> ZSSBIRModel:
     torch.manual_seed(0)
-    return train.ZSSBIRModel("resnet18", DIM, pretrained=False, num_classes=num_classes).to(device, dtype)
+    return ZSSBIRModel("resnet18", DIM, pretrained=False, num_classes=num_classes).to(device, dtype)
 
 
 # ----------------------------------------------------------------------------------- one embedding policy

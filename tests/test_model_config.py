@@ -171,5 +171,24 @@ def test_clips_activation_is_quick_gelu_and_an_older_clip_entry_reads_as_gelu():
     assert resnet.activation is None and resnet.to_dict()["format"] == 1 and "activation" not in resnet.to_dict()
     with pytest.raises(ValueError, match=r"unknown model field\(s\) activation \(format 1\)"):
         M.ModelConfig.from_dict({**CLIP_FORMAT1, "activation": "quick_gelu"})  # format 1 had no such field
-    with pytest.raises(ValueError, match="this version reads formats 1 to 2"):
-        M.ModelConfig.from_dict({**CLIP_FORMAT1, "format": 3})
+    with pytest.raises(ValueError, match="this version reads formats 1 to 3"):
+        M.ModelConfig.from_dict({**CLIP_FORMAT1, "format": 4})
+
+
+def test_a_method_other_than_sbir_is_written_as_format_3_and_older_entries_keep_their_bytes():
+    """method (format 3) is written only for another method than today's model; format 1 and 2 entries have
+    none and read as "sbir"; Sketch_LVM's rules (a CLIP tower, CLIP's embedding size, one tower) hold."""
+    lvm = M.ModelConfig("clip_vit_b_32", 512, 64, shared_trunk=True, method="sketch_lvm")
+    d = lvm.to_dict()
+    assert d["format"] == 3 and d["method"] == "sketch_lvm" and d["activation"] == "quick_gelu"
+    assert M.ModelConfig.from_dict(d) == lvm
+    assert M.ModelConfig.from_dict(CLIP_FORMAT1).method == "sbir" and "method" not in M.ModelConfig(
+        "clip_vit_b_32", 512, 64).to_dict()
+    with pytest.raises(ValueError, match=r"unknown model field\(s\) method \(format 2\)"):
+        M.ModelConfig.from_dict({**CLIP_FORMAT1, "format": 2, "activation": "gelu", "method": "sbir"})
+    for kwargs, field in (({"backbone": "resnet18"}, "backbone"), ({"embedding_dim": 256}, "embedding_dim"),
+                          ({"shared_trunk": False}, "shared_trunk"), ({"method": "zse"}, "method")):
+        with pytest.raises(M.ModelConfigError) as e:
+            M.ModelConfig(**{**dict(backbone="clip_vit_b_32", embedding_dim=512, image_size=64, shared_trunk=True,
+                                    method="sketch_lvm"), **kwargs})
+        assert e.value.field == field

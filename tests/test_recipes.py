@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import evaluate
+import methods
 import train
 import utils
 from conftest import make_tiny_dataset, run_main
@@ -50,17 +51,17 @@ def test_recipe_follows_pretrained_and_explicit_flags_win():
 
 def test_lr_schedule_is_warm_up_then_cosine_to_one_percent():
     base, w = 2e-3, 0.3
-    assert train.lr_at(0.0, w, base) == pytest.approx(0.01 * base)
-    assert train.lr_at(w / 2, w, base) == pytest.approx(base * (0.01 + 0.99 * 0.5))
-    assert train.lr_at(w, w, base) == pytest.approx(base)
-    assert train.lr_at(w + (1 - w) / 2, w, base) == pytest.approx(base * (0.01 + 0.99 * 0.5))
-    assert train.lr_at(1.0, w, base) == pytest.approx(0.01 * base)
-    assert train.lr_at(7.0, w, base) == train.lr_at(1.0, w, base)  # progress clipped
-    values = [train.lr_at(p / 100, w, base) for p in range(101)]
+    assert methods.one_cycle_lr(0.0, w, base) == pytest.approx(0.01 * base)
+    assert methods.one_cycle_lr(w / 2, w, base) == pytest.approx(base * (0.01 + 0.99 * 0.5))
+    assert methods.one_cycle_lr(w, w, base) == pytest.approx(base)
+    assert methods.one_cycle_lr(w + (1 - w) / 2, w, base) == pytest.approx(base * (0.01 + 0.99 * 0.5))
+    assert methods.one_cycle_lr(1.0, w, base) == pytest.approx(0.01 * base)
+    assert methods.one_cycle_lr(7.0, w, base) == methods.one_cycle_lr(1.0, w, base)  # progress clipped
+    values = [methods.one_cycle_lr(p / 100, w, base) for p in range(101)]
     peak = values.index(max(values))
     assert peak == 30 and values[:peak + 1] == sorted(values[:peak + 1])
     assert values[peak:] == sorted(values[peak:])[::-1]
-    assert train.lr_at(0.5, 0.0, base) == pytest.approx(base * (0.01 + 0.99 * 0.5))  # no warm-up
+    assert methods.one_cycle_lr(0.5, 0.0, base) == pytest.approx(base * (0.01 + 0.99 * 0.5))  # no warm-up
 
 
 def test_scratch_recipe_trains_one_shared_trunk_and_evaluates(tiny, tmp_path):

@@ -6,12 +6,17 @@ VisionTransformer.forward at ca33be9 (prompts appended after the positions are a
 embedding is ln_post of the class token times proj); the transformer blocks are open_clip's own, called as
 open_clip calls them. The trainable parameters are counted on the full ViT-B/32 image tower, built on the meta
 device (shapes only). Their code itself runs beside ours in bench/bench_peers.py --sketch_lvm_ca33be9."""
+import json
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model as M
-from conftest import U64
+import train
+import utils
+from conftest import U64, make_tiny_dataset, run_main
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip is not installed (requirements.txt installs it)")
 
@@ -187,3 +192,74 @@ def test_cosine_triplet_loss_is_torchs_triplet_loss_with_cosine_distance(margin)
     assert abs(got.item() - want.item()) <= atol, f"{got.item()!r} vs {want.item()!r}, more than {atol:.3g} apart"
     for x, y in zip(got_grads, want_grads):
         assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------------- the method through train.py
+
+def lvm_args(data: str, ckpt: str, *extra: str):
+    """configs/sketch_lvm_clip_vit_b32.yaml on random weights, resolved as train.main resolves it."""
+    args = train.get_args_parser().parse_args(
+        ["--data_dir", data, "--checkpoint_dir", ckpt, "--recipe", "sketch_lvm_clip_vit_b32", "--no-pretrained",
+         "--workers", "0", "--device", "cpu", "--print_every", "2", *extra])
+    train.apply_recipe(args)
+    return args
+
+
+@pytest.mark.parametrize("trains, clip_count", [("code", 21_733_632), ("paper", 39_936)])
+def test_train_builds_their_optimizer_groups(trains, clip_count):
+    """What train.py builds for the config (methods.SketchLVM) is their configure_optimizers: Adam without weight
+    decay, CLIP's trainable parameters at clip_LN_lr 1e-6 and the two domains' prompts (2 x 3 x 768) at prompt_lr
+    1e-4; nothing else trains. bench_peers.py compares the same groups with their code's."""
+    args = lvm_args("x", "y", "--sketch_lvm_trains", trains)
+    model, optimizer = train.build_model_and_optimizer(args, 4, torch.device("cpu"))
+    assert type(optimizer) is torch.optim.Adam
+    groups = [(g["name"], sum(p.numel() for p in g["params"]), g["lr"] * g["lr_mult"], g["weight_decay"])
+              for g in optimizer.param_groups]
+    assert groups == [("clip", clip_count, 1e-6, 0.0), ("prompts", 4_608, pytest.approx(1e-4, rel=1e-12), 0.0)]
+    in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert all(p.requires_grad == (id(p) in in_groups) for p in model.parameters())
+
+
+def test_sketch_lvm_trains_resumes_evaluates_and_retrieves_end_to_end(tmp_path):
+    """A few steps of the method on tiny data at 32 px: what their code freezes does not move, what it trains
+    does; the checkpoint names the method (model format 3) and Adam's state, resumes, and evaluate.py and
+    retrieve.py embed with its prompts."""
+    data, ckpt = make_tiny_dataset(str(tmp_path / "data")), str(tmp_path / "run")
+    train.main(lvm_args(data, ckpt, "--image_size", "32", "--batch_size", "4", "--epochs", "1"))
+    last = utils.load_checkpoint(os.path.join(ckpt, "last.pth"))
+    assert last["model"]["format"] == 3 and last["model"]["method"] == "sketch_lvm"
+    assert list(last["optimizers"]) == ["adam"] and tuple(last["model"]["mean"]) == M.IMAGENET_STATS[0]
+    start, trained = utils.build_model(last, "last.pth", trained=False), utils.build_model(last, "last.pth", True)
+    s, t = start.state_dict(), trained.state_dict()
+    block = "prompted.visual.transformer.resblocks.0."
+    for frozen in ("prompted.visual.conv1.weight", block + "mlp.c_fc.weight", block + "attn.out_proj.weight"):
+        assert torch.equal(s[frozen], t[frozen]), frozen
+    for trains in ("prompted.prompts", block + "attn.in_proj_weight", "prompted.visual.proj"):
+        assert not torch.equal(s[trains], t[trains]), trains
+    steps = last["step"]
+    train.main(lvm_args(data, ckpt, "--image_size", "32", "--batch_size", "4", "--epochs", "2", "--resume",
+                        os.path.join(ckpt, "last.pth")))
+    assert utils.load_checkpoint(os.path.join(ckpt, "last.pth"))["step"] == 2 * steps
+    out = run_main("evaluate.py", "--model", os.path.join(ckpt, "best.pth"), "--data_dir", data, "--workers", "0",
+                   "--device", "cpu", "--output_dir", str(tmp_path / "eval"))
+    assert out.returncode == 0, out.stderr
+    assert "sketch_lvm (clip_vit_b_32), 512-d, 32px" in out.stdout
+    with open(tmp_path / "eval" / "results.json") as f:
+        assert 0 < json.load(f)["protocols"]["standard"]["map_all"] <= 1
+    query = os.path.join(data, "sketches", "circle", "circle_0.png")
+    out = run_main("retrieve.py", "--model", os.path.join(ckpt, "best.pth"), "--gallery", os.path.join(data, "photos"),
+                   "--query", query, "--output_dir", str(tmp_path / "found"), "--device", "cpu", "--workers", "0")
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--sampling", "pairs"], "--method sketch_lvm trains on triplets: give --sampling triplets"),
+    (["--class_loss_ratio", "1"], "--method sketch_lvm's one loss is its triplet loss"),
+    (["--backbone", "resnet18"], "--method sketch_lvm prompts CLIP's image tower; choose a CLIP --backbone"),
+    (["--embedding_dim", "256"], "--embedding_dim must be 512, got 256"),
+])
+def test_what_the_method_cannot_take_is_one_line(tmp_path, extra, fragment):
+    out = run_main("train.py", "--data_dir", str(tmp_path), "--recipe", "sketch_lvm_clip_vit_b32", "--no-pretrained",
+                   *extra)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert fragment in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import evaluate
+import methods
 import train
 import utils
 from conftest import make_tiny_dataset, run_main
@@ -159,7 +160,7 @@ def test_resume_continues_at_the_right_epoch_with_the_optimizer_state(trained, t
 
 def train_with_sigterm_in_step_3(monkeypatch, data: str, ckpt: str, *extra: str, args_of=None) -> None:
     """train.main with SIGTERM arriving while step 2 (0-based) is being prepared (its learning rate looked up)."""
-    real = train.lr_at
+    real = methods.SBIR.lr_at
     calls = [0]
 
     def lr_at_then_sigterm(*a):
@@ -167,11 +168,11 @@ def train_with_sigterm_in_step_3(monkeypatch, data: str, ckpt: str, *extra: str,
         if calls[0] == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a)
-    monkeypatch.setattr(train, "lr_at", lr_at_then_sigterm)
+    monkeypatch.setattr(methods.SBIR, "lr_at", lr_at_then_sigterm)
     try:
         train.main((args_of or train_args)(data, ckpt, *extra))
     finally:
-        monkeypatch.setattr(train, "lr_at", real)
+        monkeypatch.setattr(methods.SBIR, "lr_at", real)
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
