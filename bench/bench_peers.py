@@ -35,12 +35,14 @@ its src/clip/model.py must append the prompts, as from 0244c16 on). Their src/cl
 their src/model_LN_prompt.py with the stubs above, except that clip.load builds their CLIP of ViT-B/32's shapes
 with seeded random weights through their build_model and `.float()` (as clip.load on the CPU; no download), and
 opts holds experiments/options.py's values at ca33be9. Their Model() is built (it freezes with
-freeze_all_but_bn); model.PromptedCLIP gets the same weights (their clip.visual state, loaded strictly into
-open_clip's ViT-B-32-quickgelu tower; sk_prompt / img_prompt as prompts[0] / prompts[1]) and
-model.freeze_as_sketch_lvm. The model table compares: what trains (names and counts), the embeddings of a
+freeze_all_but_bn); ours is what train.py builds for configs/sketch_lvm_clip_vit_b32.yaml
+(train.build_model_and_optimizer: model.SketchLVMNet frozen and grouped by methods.SketchLVM) with the same weights
+(their clip.visual state, loaded strictly into open_clip's ViT-B-32-quickgelu tower; sk_prompt / img_prompt as
+prompts[0] / prompts[1]). The model table compares: what trains (names and counts), the embeddings of a
 sketch and a photo batch (float32 in training and eval mode, float64), the training loss on one batch
-(their training_step against model.cosine_triplet_loss), the gradients after its backward, the optimizer groups
-(their configure_optimizers against our_optimizer below, what ours should be) and one Adam step. Float32
+(their training_step against methods.SketchLVM.losses, as train.py's step calls it), the gradients after its
+backward, the optimizer groups (their configure_optimizers against the optimizer train.py builds) and one Adam
+step. Float32
 differences come from kernels, not arithmetic: the float64 row agrees to rounding, and the train-mode row locates
 the first difference (open_clip's batch_first attention sees another memory layout than theirs).
 """
@@ -57,8 +59,10 @@ import torch
 from scipy.spatial.distance import cdist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import methods  # noqa: E402
 import metrics  # noqa: E402
 import model as M  # noqa: E402
+import train  # noqa: E402
 from bench_metrics import make_problem  # noqa: E402  (bench/, this script's folder, is on sys.path)
 
 KS = (100, 200)
@@ -359,14 +363,28 @@ def sketch_lvm_pair(lvm_dir: str, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         theirs = lvm.Model()  # its prompts: torch.randn on the global generator
-    visual, _ = M.build_clip_trunk("clip_vit_b_32", pretrained=False, image_size=224, start_state=None)
-    visual.load_state_dict(theirs.clip.visual.state_dict())  # strict: the same names and shapes
-    ours = M.PromptedCLIP(visual, num_prompts=LVM_OPTS["n_prompts"])
+    net, optimizer, args = ours_as_train_builds_it()
+    net.prompted.visual.load_state_dict(theirs.clip.visual.state_dict())  # strict: the same names and shapes
     with torch.no_grad():
-        ours.prompts[0].copy_(theirs.sk_prompt)
-        ours.prompts[1].copy_(theirs.img_prompt)
-    M.freeze_as_sketch_lvm(ours)
-    return lvm, clip_module, theirs, ours, logged
+        net.prompted.prompts[0].copy_(theirs.sk_prompt)
+        net.prompted.prompts[1].copy_(theirs.img_prompt)
+    net.normalize = torch.nn.Identity()  # the images here are random, already "normalised", for both
+    return lvm, clip_module, theirs, Ours(net=net, optimizer=optimizer, args=args), logged
+
+
+class Ours(types.SimpleNamespace):
+    """Our side, as train.py builds it: the network (model.SketchLVMNet), its optimizer and the arguments."""
+
+
+def ours_as_train_builds_it():
+    """train.py's network and optimizer for configs/sketch_lvm_clip_vit_b32.yaml on random weights
+    (train.build_model_and_optimizer: methods.SketchLVM freezes what their code freezes and builds the Adam groups)."""
+    args = train.get_args_parser().parse_args(["--data_dir", "-", "--recipe", "sketch_lvm_clip_vit_b32",
+                                               "--no-pretrained", "--device", "cpu"])
+    train.check_args(args)
+    assert args.lr == LVM_OPTS["clip_LN_lr"] and args.prompt_lr == LVM_OPTS["prompt_lr"], "the config's rates"
+    net, optimizer = train.build_model_and_optimizer(args, 0, torch.device("cpu"))
+    return net, optimizer, args
 
 
 def their_named(theirs) -> dict:
@@ -389,9 +407,10 @@ def trainable(named: dict) -> dict:
 
 def trainable_rows(rows, lvm, theirs, ours) -> None:
     """What trains on either side; their freeze function on our tower; the paper's wording's count."""
+    ours = ours.net.prompted
     t, o = trainable(their_named(theirs)), trainable(our_named(ours))
     text = sum(p.numel() for n, p in theirs.clip.named_parameters() if p.requires_grad and not n.startswith("visual"))
-    rows.append(("trainable parameters", "freeze_as_sketch_lvm(PromptedCLIP)", "model_LN_prompt.py:27 + prompts",
+    rows.append(("trainable parameters", "train.py's SketchLVM", "model_LN_prompt.py:27 + prompts",
                  len(set(t) ^ set(o)), f"names in one set only: {sorted(set(t) ^ set(o))[:4]}; tensors {len(o)} vs "
                  f"{len(t)}; values {sum(o.values()):,} vs {sum(t.values()):,} (expected 21,733,632 + 4,608 = "
                  f"21,738,240); their text tower keeps requires_grad on {text:,} more, which no loss reaches"))
@@ -509,14 +528,6 @@ def embedding_rows(rows, clip_module, theirs, ours, sk: torch.Tensor, img: torch
             m.__class__ = clip_module.LayerNorm
 
 
-def our_optimizer(ours) -> torch.optim.Optimizer:
-    """What ours should be, as their configure_optimizers: Adam with torch's defaults (no weight decay), CLIP's
-    trainable parameters at clip_LN_lr, the prompts at prompt_lr."""
-    return torch.optim.Adam([
-        {"params": [p for p in ours.visual.parameters() if p.requires_grad], "lr": LVM_OPTS["clip_LN_lr"]},
-        {"params": [ours.prompts], "lr": LVM_OPTS["prompt_lr"]}])
-
-
 def grads(theirs, ours) -> tuple[dict, dict]:
     t = {n: p.grad for n, p in their_named(theirs).items() if p.grad is not None}
     o = {n: p.grad for n, p in ours.named_parameters() if n != "prompts" and p.grad is not None}
@@ -524,15 +535,18 @@ def grads(theirs, ours) -> tuple[dict, dict]:
     return o, t
 
 
-def training_rows(rows, theirs, ours, batch: tuple, logged: dict) -> None:
-    """One training step of each: the loss, its gradients, the optimizer groups and one Adam step."""
+def training_rows(rows, theirs, our_side: Ours, batch: tuple, logged: dict) -> None:
+    """One training step of each: the loss (ours: methods.SketchLVM.losses, as train.py's step calls it), its
+    gradients, the optimizer groups and one Adam step."""
     sk, img, neg = batch
-    theirs.train(), ours.train()
+    ours = our_side.net.prompted
+    theirs.train(), our_side.net.train()
     loss_t = theirs.training_step((sk, img, neg, ["c"] * len(sk)), 0)
-    a, p, n = ours(sk, 0), ours(img, 1), ours(neg, 1)
-    loss_o = M.cosine_triplet_loss(a, p, n)
+    loss_o = methods.get("sketch_lvm").losses(our_side.net, M.Triplets(sk, img, neg), 0.0, our_side.args)["loss"]
+    with torch.no_grad():
+        a, p, n = ours(sk, 0), ours(img, 1), ours(neg, 1)
     active = int(((torch.cosine_similarity(a, n) - torch.cosine_similarity(a, p) + 0.2) > 0).sum())
-    rows.append(("training loss", "cosine_triplet_loss(ours(sk, 0), ours(img, 1), ours(neg, 1))",
+    rows.append(("training loss", "methods.SketchLVM.losses (train.py's step)",
                  "Model.training_step", abs(loss_o.item() - loss_t.item()),
                  f"{loss_o.item():.9g} vs {loss_t.item():.9g} (logged train_loss {logged['train_loss']:.9g}); "
                  f"{active} of {len(sk)} triplets inside the margin"))
@@ -556,17 +570,22 @@ def training_rows(rows, theirs, ours, batch: tuple, logged: dict) -> None:
     rows.append(("gradients, every tensor", "loss.backward()", "loss.backward()", largest,
                  f"tensors with a gradient {len(o)} vs {len(t)}, the same names: {set(o) == set(t)}; largest "
                  f"|diff| relative to the tensor's largest |grad|: {worst:.3g}"))
-    optimizer_rows(rows, theirs, ours)
+    optimizer_rows(rows, theirs, our_side)
 
 
-def optimizer_rows(rows, theirs, ours) -> None:
-    """Their configure_optimizers() against our_optimizer: each group's lr, its tensors, those that received a
-    gradient, the other settings; then one step of each, compared parameter by parameter."""
-    opt_t, opt_o = theirs.configure_optimizers(), our_optimizer(ours)
+def optimizer_rows(rows, theirs, our_side: Ours) -> None:
+    """Their configure_optimizers() against the optimizer train.py builds (methods.SketchLVM.optimizer): each
+    group's lr, its tensors, those that received a gradient, the other settings; then one step of each (ours at
+    the rates train.py's step sets: lr_at times lr_mult), compared parameter by parameter."""
+    ours, opt_o = our_side.net.prompted, our_side.optimizer
+    for group in opt_o.param_groups:  # as train.train_step sets them
+        group["lr"] = methods.get("sketch_lvm").lr_at(0.0, our_side.args) * group["lr_mult"]
+    opt_t = theirs.configure_optimizers()
     for i, (gt, go) in enumerate(zip(opt_t.param_groups, opt_o.param_groups)):
-        settings_t, settings_o = ({k: v for k, v in g.items() if k != "params"} for g in (gt, go))
+        settings_t, settings_o = ({k: v for k, v in g.items() if k not in ("params", "name", "lr_mult")}
+                                  for g in (gt, go))
         got_t, got_o = ([q for q in g["params"] if q.grad is not None] for g in (gt, go))
-        rows.append((f"optimizer group {i} ({'CLIP' if i == 0 else 'prompts'})", f"Adam lr {go['lr']:g}",
+        rows.append((f"optimizer group {i} ({go['name']})", f"{type(opt_o).__name__} lr {go['lr']:g}",
                      f"configure_optimizers lr {gt['lr']:g}", abs(go["lr"] - gt["lr"]),
                      f"tensors {len(go['params'])} vs {len(gt['params'])}, of which with a gradient {len(got_o)} "
                      f"({sum(q.numel() for q in got_o):,} values) vs {len(got_t)} "
@@ -585,7 +604,7 @@ def optimizer_rows(rows, theirs, ours) -> None:
         d = (o[k] - t[k]).abs()
         bound = adam_first_step_bound(g_o[k], g_t[k], lr, opt_o.defaults["eps"]) + U32 * (2 * before[k].abs() + 18 * lr)
         diff, worst = max(diff, d.max().item()), max(worst, (d / bound).max().item())
-    rows.append(("after one Adam step", "our_optimizer(ours).step()", "configure_optimizers().step()", diff,
+    rows.append(("after one Adam step", "train.py's optimizer .step()", "configure_optimizers().step()", diff,
                  f"{len(g_o)} trained tensors; {diff / LVM_OPTS['clip_LN_lr']:.3g} CLIP lr; largest share of what "
                  f"their gradient differences allow (adam_first_step_bound): {worst:.3g} "
                  f"({'within' if worst <= 1 else 'OUTSIDE'}); frozen tensors that moved: {frozen_moved}"))
@@ -609,7 +628,7 @@ def sketch_lvm_rows(lvm_dir: str, seed: int, images: int) -> list:
     sk, img, neg = torch.randn(3, images, 3, 224, 224, generator=g)  # already "normalised" images
     rows = []
     trainable_rows(rows, lvm, theirs, ours)
-    embedding_rows(rows, clip_module, theirs, ours, sk, img)
+    embedding_rows(rows, clip_module, theirs, ours.net.prompted, sk, img)
     training_rows(rows, theirs, ours, (sk, img, neg), logged)
     return rows
 
@@ -663,7 +682,7 @@ def main(args) -> None:
     if args.sketch_lvm_ca33be9:
         print(f"Sketch_LVM ca33be9 ({args.sketch_lvm_ca33be9}) beside model.py: ViT-B/32 with the same random "
               f"weights (seed {args.seed}), float32 on the CPU, batches of {args.lvm_images} random 224 px images")
-        print_rows(sketch_lvm_rows(args.sketch_lvm_ca33be9, args.seed, args.lvm_images), "ours (model.py)")
+        print_rows(sketch_lvm_rows(args.sketch_lvm_ca33be9, args.seed, args.lvm_images), "ours (train.py's model.SketchLVMNet)")
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def loop_rate(args, targs, device) -> float:
     with tempfile.TemporaryDirectory() as ckpt:
         targs.checkpoint_dir = ckpt
         with contextlib.redirect_stdout(io.StringIO()):  # its log lines; the figure comes from log.jsonl
-            trainer = train.Trainer(targs, model, net, optimizer, scaler, device, dtype, {})
+            trainer = train.Trainer(targs, model, net, optimizer, scaler, device, dtype, {}, {})
             train.fit(trainer, loader, no_val, list("abcd"), train.TrainState.start(targs, len(loader)),
                       SimpleNamespace(signal=None))
         epochs = [r for r in utils.read_jsonl(os.path.join(ckpt, "log.jsonl")) if r["kind"] == "epoch"]

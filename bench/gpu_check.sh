@@ -12,6 +12,9 @@
 #   bench data   demo_data.py: 47 classes x 40 sketches (PNG) + 40 photos (JPEG) at 256 px, in a temporary folder
 #   bench X      bench/bench_train.py --recipe original --backbone X --image_size 224 --batch_size 64 (triplets),
 #                20 timed batches, 50-step loop epochs; X = vgg16, resnet50
+#   sketch_lvm   train.py --recipe sketch_lvm_clip_vit_b32 (Sketch_LVM's method, methods.SketchLVM) on random CLIP
+#                weights, the bench data at 224 px in batches of 192 triplets, 1 epoch; then evaluate.py on it (needs
+#                open_clip: setup). Random weights learn next to nothing: this checks that the method runs on a GPU
 #   emoji train  train.py on emoji-dev at 128 px, --no-pretrained, --budget_minutes 3 (less if time runs short)
 #   emoji eval   evaluate.py on its best.pth: unseen-class mAP@all
 # Writes to --out (default $OUT if set, else runs/gpu_check): gpu_check.log, summary.txt, emoji_eval.json,
@@ -149,6 +152,21 @@ bench() {  # bench BACKBONE
   return $rc
 }
 
+sketch_lvm() {  # Sketch_LVM's method on random CLIP weights: one epoch of the bench data, then evaluated
+  local size=224 batch=192
+  $DRY && size=32 batch=4
+  [ -f "$WORK/bench_data/.demo_data" ] || { FIG="no bench data"; return 1; }
+  "$PY" -c 'import open_clip' 2>/dev/null || { FIG="open_clip is not importable (see setup)"; return $SKIP; }
+  logged "$WORK/lvm_train.txt" 100 "$PY" train.py --data_dir "$WORK/bench_data" --recipe sketch_lvm_clip_vit_b32 \
+    --no-pretrained --image_size "$size" --batch_size "$batch" --epochs 1 --print_every 2 \
+    --checkpoint_dir "$WORK/lvm" --workers "$WORKERS" --device "$DEVICE" || return
+  logged "$WORK/lvm_eval.txt" 60 "$PY" evaluate.py --model "$WORK/lvm/best.pth" --data "$WORK/bench_data" \
+    --num_sketches 0 --output_dir "$WORK/lvm_eval" --workers "$WORKERS" --device "$DEVICE" || return
+  FIG="$(grep -o '^done: [^;]*' "$WORK/lvm_train.txt" | sed 's/^done: //') at ${size}px, batch $batch; $("$PY" -c '
+import json, sys; r = json.load(open(sys.argv[1]))
+print("unseen mAP@all {:.4f} (chance {:.4f})".format(r["map_all"], r["chance_map_all"]))' "$WORK/lvm_eval/results.json")"
+}
+
 emoji_train() {
   local budget rc
   EMOJI_DATA=$EMOJI
@@ -207,6 +225,7 @@ main() {
   step "bench data" bench_data
   step "bench vgg16" bench vgg16
   step "bench resnet50" bench resnet50
+  step "sketch_lvm" sketch_lvm
   step "emoji train" emoji_train
   step "emoji eval" emoji_eval
   for i in "${RESULTS[@]}"; do case $i in FAIL|TIMEOUT) bad=$((bad + 1)) ;; esac; done
