@@ -291,10 +291,19 @@ def negative_class_probs(num_classes: int, class_embeddings: np.ndarray | None, 
 
 # ----------------------------------------------------------------------------------- loading for training
 
-def read_resized(path: str, size: int, upright: bool = False) -> Image.Image:
+def pad_to_square(im: Image.Image, size: int) -> Image.Image:
+    """An RGB image scaled (bicubic, aspect kept) to fit size x size and centred on black, as Sketch_LVM's data
+    code prepares its images (PIL's ImageOps.pad with its defaults, docs/sketch_lvm.md section 5.3)."""
+    return ImageOps.pad(im, (size, size), method=Image.BICUBIC, color=(0, 0, 0))
+
+
+def read_resized(path: str, size: int, upright: bool = False, pad: bool = False) -> Image.Image:
     """An image file as 8-bit RGB of exactly size x size (open_image, with a reduced JPEG decode and with
-    ``upright`` its EXIF orientation; any mode, as load_image reads it), resized bilinearly."""
+    ``upright`` its EXIF orientation; any mode, as load_image reads it), resized bilinearly; with ``pad``,
+    pad_to_square instead (its aspect ratio kept)."""
     im = open_image(path, upright, draft=size)
+    if pad:
+        return pad_to_square(to_rgb(im), size)
     if im.mode in ("L", "RGB") and "transparency" not in im.info and im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)  # grey sketches: a third of the work of resizing RGB
     im = to_rgb(im)
@@ -317,16 +326,16 @@ def edge_map(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(255 * (1 - ink)).astype(np.uint8), "L").convert("RGB")
 
 
-def load_resized(path: str, image_size: int, edges: bool = False) -> torch.Tensor:
-    """An image file as uint8 (3, S, S), read by read_resized (as evaluation reads it); with ``edges`` its
-    edge_map, drawn at twice the size (at most the image's own, never below S) and then resized. Channels
+def load_resized(path: str, image_size: int, edges: bool = False, pad: bool = False) -> torch.Tensor:
+    """An image file as uint8 (3, S, S), read by read_resized (as evaluation reads it, ``pad`` too); with ``edges``
+    its edge_map, drawn at twice the size (at most the image's own, never below S) and then resized. Channels
     last in memory, as Pillow holds it: a view, not a transposed copy (the device makes the layout it wants)."""
     if edges:
         with Image.open(path) as f:  # the header only
             side = max(image_size, min(2 * image_size, *f.size))
         im = edge_map(read_resized(path, side)).resize((image_size, image_size), Image.BILINEAR)
     else:
-        im = read_resized(path, image_size)
+        im = read_resized(path, image_size, pad=pad)
     return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (3, S, S), memory (S, S, 3)
 
 
@@ -337,9 +346,10 @@ def cache_paths(cache_dir: str, image_size: int) -> tuple[str, str]:
     return os.path.join(cache_dir, f"{image_size}px.npy"), os.path.join(cache_dir, f"{image_size}px.json")
 
 
-def cache_key(root: str, path: str, edges: bool) -> str:
-    """How the disk cache names an item: its path inside the dataset folder, '#edges' for its edge map."""
-    return os.path.relpath(path, root).replace(os.sep, "/") + ("#edges" if edges else "")
+def cache_key(root: str, path: str, edges: bool, pad: bool = False) -> str:
+    """How the disk cache names an item: its path inside the dataset folder, '#edges' for its edge map, '#pad'
+    padded to a square (pad_to_square)."""
+    return os.path.relpath(path, root).replace(os.sep, "/") + ("#edges" if edges else "") + ("#pad" if pad else "")
 
 
 def file_stamp(path: str) -> list:
@@ -362,14 +372,15 @@ def read_cache_index(cache_dir: str, image_size: int) -> dict:
     return {k: (i, s) for i, (k, s) in enumerate(zip(meta["keys"], meta["stamps"]))}
 
 
-def write_disk_cache(root: str, items: list, image_size: int, cache_dir: str, workers: int = 0) -> tuple[int, int]:
-    """Make the disk cache at ``image_size`` hold every (path, edges) item: rows already there and still
-    current are kept, the others are decoded (by ``workers`` processes) and added. The new .npy and .json
-    replace the old ones atomically, so a stopped write leaves the previous cache intact.
+def write_disk_cache(root: str, items: list, image_size: int, cache_dir: str, workers: int = 0,
+                     pad: bool = False) -> tuple[int, int]:
+    """Make the disk cache at ``image_size`` hold every (path, edges) item (with ``pad``, padded to a square):
+    rows already there and still current are kept, the others are decoded (by ``workers`` processes) and added.
+    The new .npy and .json replace the old ones atomically, so a stopped write leaves the previous cache intact.
     Returns (rows decoded now, rows kept)."""
     old = read_cache_index(cache_dir, image_size)
-    keys = list(dict.fromkeys(cache_key(root, p, e) for p, e in items))
-    by_key = {cache_key(root, p, e): (p, e) for p, e in items}
+    keys = list(dict.fromkeys(cache_key(root, p, e, pad) for p, e in items))
+    by_key = {cache_key(root, p, e, pad): (p, e) for p, e in items}
     stamps = {k: file_stamp(by_key[k][0]) for k in keys}
     keep = [k for k, (_, s) in old.items() if k in by_key and s == stamps[k]]
     todo = [k for k in keys if k not in set(keep)]
@@ -386,7 +397,7 @@ def write_disk_cache(root: str, items: list, image_size: int, cache_dir: str, wo
             out[j] = previous[old[k][0]]
         del previous
     # A store of the new items only, with no cache: it decodes their files, giving rows (n, S, S, 3) as stored.
-    loader = torch.utils.data.DataLoader(ImageStore([by_key[k] for k in todo], image_size), batch_size=64,
+    loader = torch.utils.data.DataLoader(ImageStore([by_key[k] for k in todo], image_size, pad=pad), batch_size=64,
                                          num_workers=workers)
     from tqdm import tqdm
     row = len(keep)
@@ -407,10 +418,12 @@ class ImageStore:
     """The uint8 (3, S, S) images of a fixed list of (path, edges) items, by item number. Each image comes
     from the first of: memory (load_memory), the disk cache (open_disk_cache: rows of a memory-mapped .npy,
     copied, never decoded), its file (decoded and resized by load_resized). Images are held channels last,
-    (S, S, 3) as decoded: batches are (n, 3, S, S) views of (n, S, S, 3) memory, never transposed here."""
+    (S, S, 3) as decoded: batches are (n, 3, S, S) views of (n, S, S, 3) memory, never transposed here.
+    ``pad``: every image padded to a square (pad_to_square), as a method's encoders may want them; a training
+    source (StepBatches) makes its store without, and its user sets ``store.pad`` before any image is read."""
 
-    def __init__(self, items: list, image_size: int, root: str = ""):
-        self.items, self.image_size, self.root = items, image_size, root
+    def __init__(self, items: list, image_size: int, root: str = "", pad: bool = False):
+        self.items, self.image_size, self.root, self.pad = items, image_size, root, pad
         self.rows = np.full(len(items), -1, dtype=np.int64)   # row in the disk cache, -1: not there
         self.cache_file, self._mm, self.memory = "", None, None
 
@@ -425,7 +438,7 @@ class ImageStore:
         index = read_cache_index(cache_dir, self.image_size)
         self.rows[:] = -1
         for i, (path, edges) in enumerate(self.items):
-            hit = index.get(cache_key(self.root, path, edges))
+            hit = index.get(cache_key(self.root, path, edges, self.pad))
             if hit is not None and hit[1] == file_stamp(path):
                 self.rows[i] = hit[0]
         self.cache_file, self._mm = (cache_paths(cache_dir, self.image_size)[0] if index else ""), None
@@ -464,7 +477,7 @@ class ImageStore:
             out[torch.from_numpy(hit)] = torch.from_numpy(self._mm[rows[hit]])
         for j in np.nonzero(rows < 0)[0]:
             path, edges = self.items[idx[j]]
-            out[j] = load_resized(path, self.image_size, edges).permute(1, 2, 0)
+            out[j] = load_resized(path, self.image_size, edges, self.pad).permute(1, 2, 0)
         return out
 
 
@@ -733,10 +746,11 @@ class ImageFilesDataset(Dataset):
     With ``upright`` (a user's photos) each image is first turned by its EXIF orientation. With
     ``tolerant`` a file Pillow cannot read gives a zero image and readable=False instead of an error,
     so one bad file does not stop a large collection; a benchmark's files were checked by scan_dataset.
+    With ``pad`` each image is padded to a square (pad_to_square), for an encoder that asks it (utils.pads).
     """
 
-    def __init__(self, paths: list, image_size: int, upright: bool = True, tolerant: bool = True):
-        self.paths, self.image_size, self.upright, self.tolerant = paths, image_size, upright, tolerant
+    def __init__(self, paths: list, image_size: int, upright: bool = True, tolerant: bool = True, pad: bool = False):
+        self.paths, self.image_size, self.upright, self.tolerant, self.pad = paths, image_size, upright, tolerant, pad
         self.transform = build_transform(image_size)
 
     def __len__(self) -> int:
@@ -744,7 +758,7 @@ class ImageFilesDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(read_resized(self.paths[index], self.image_size, upright=self.upright)), True
+            return self.transform(read_resized(self.paths[index], self.image_size, self.upright, self.pad)), True
         except IMAGE_ERRORS:
             if not self.tolerant:
                 raise

@@ -165,9 +165,9 @@ def embed_files(encoder, paths: list, settings: EmbedSettings, model_path: str,
     keeps them). ``progress(done, total)``, when given, is called after each batch (app.py's page shows it;
     the terminal gets tqdm's bar either way)."""
     s = settings
-    loader = torch.utils.data.DataLoader(dataset.ImageFilesDataset(paths, s.image_size), batch_size=s.batch_size,
-                                         num_workers=s.workers, pin_memory=s.device.type == "cuda",
-                                         worker_init_fn=utils.seed_worker)
+    files = dataset.ImageFilesDataset(paths, s.image_size, pad=utils.pads(encoder))
+    loader = torch.utils.data.DataLoader(files, batch_size=s.batch_size, num_workers=s.workers,
+                                         pin_memory=s.device.type == "cuda", worker_init_fn=utils.seed_worker)
     out, readable, interrupted = [], [], False
     try:
         for emb, ok in utils.embed_batches(encoder, loader, s.device, s.amp, desc="embed gallery"):
@@ -455,7 +455,11 @@ def blank_message(blanks: list, total: int = 1) -> str:
 def embed_sketches(encoder, sketches: list, image_size: int, batch_size: int, device, amp: bool,
                    show: bool = True) -> torch.Tensor:
     """Prepared query sketches (PIL) -> unit embeddings (Q, D) on the CPU; ``show``: tqdm's bar in a terminal."""
-    transform = dataset.build_transform(image_size)
+    resize = dataset.build_transform(image_size)
+    pad = utils.pads(encoder)
+
+    def transform(sketch):  # a prepared sketch is square (prepare_sketch): padding only resamples it as training did
+        return resize(dataset.pad_to_square(sketch, image_size) if pad else sketch)
     batches = ((torch.stack([transform(s) for s in sketches[i:i + batch_size]]),)  # (B, 3, S, S)
                for i in range(0, len(sketches), batch_size))
     return torch.cat([emb for emb, in utils.embed_batches(encoder, batches, device, amp, desc="embed queries",

@@ -22,8 +22,8 @@ import math
 import torch
 import torch.nn as nn
 
-from model import (IMAGENET_STATS, ModelConfig, Pairs, SketchLVMNet, Triplets, ZSSBIRModel, backbone_stats,
-                   cosine_triplet_loss, freeze_all_but_layer_norms, freeze_as_sketch_lvm, sbir_losses)
+from model import (IMAGENET_STATS, ModelConfig, Pairs, PromptedView, SketchLVMNet, Triplets, ZSSBIRModel,
+                   backbone_stats, cosine_triplet_loss, freeze_all_but_layer_norms, freeze_as_sketch_lvm, sbir_losses)
 
 
 def one_cycle_lr(progress: float, warmup: float, base_lr: float) -> float:
@@ -44,11 +44,14 @@ def one_cycle_lr(progress: float, warmup: float, base_lr: float) -> float:
 class Method:
     """What a method defines; train.py calls nothing else of it. ``optimizer_name`` names its optimizer's state
     in checkpoints; ``augments``: whether training crops and flips its images (dataset.augment);
-    ``reverses_gradient``: whether it has a gradient reversal layer, whose lambda the loop schedules and prints."""
+    ``reverses_gradient``: whether it has a gradient reversal layer, whose lambda the loop schedules and prints;
+    ``pads_to_square``: whether its images are padded to a square (dataset.pad_to_square), not resized to one, as
+    its encoders say (their ``pad_to_square``)."""
     name = ""
     optimizer_name = "adamw"
     augments = True
     reverses_gradient = False
+    pads_to_square = False
 
     def check(self, args) -> str | None:
         """What in the flags this method cannot take, as one line naming the flags (None: nothing)."""
@@ -139,6 +142,7 @@ class SketchLVM(Method):
     name = "sketch_lvm"
     optimizer_name = "adam"
     augments = False
+    pads_to_square = PromptedView.pad_to_square
 
     def check(self, args) -> str | None:
         if args.sampling != "triplets" or args.edge_maps or args.thicken:

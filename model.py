@@ -634,7 +634,10 @@ class SketchLVMNet(nn.Module):
 
 
 class PromptedView(nn.Module):
-    """SketchLVMNet as one domain sees it: images (B, 3, S, S) in [0, 1] -> unit embeddings (B, E)."""
+    """SketchLVMNet as one domain sees it: images (B, 3, S, S) in [0, 1] -> unit embeddings (B, E). Its images are
+    padded to a square, not resized to one (``pad_to_square``, which the code that reads images for an encoder
+    asks of it: dataset.pad_to_square), as Sketch_LVM's data code prepares them."""
+    pad_to_square = True
 
     def __init__(self, net: SketchLVMNet, domain: int):
         super().__init__()

@@ -771,6 +771,7 @@ def read_training_data(args, rank: int, world: int) -> tuple:
         if len(source) < 1:
             raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[0]} training "
                                   "sketches; lower it")
+    source.store.pad = methods.get(args.method).pads_to_square  # before any image is read (dataset.ImageStore)
     return data, val, source, training_data_record(args.data_dir, data, train, val)
 
 
@@ -810,7 +811,8 @@ def open_image_store(source, args, rank: int, world: int, device: torch.device) 
     cache_dir = args.cache_dir or os.path.join(args.data_dir, "cache")
     if args.disk_cache and rank == 0:
         try:
-            added, kept = dataset.write_disk_cache(args.data_dir, store.items, args.image_size, cache_dir, args.workers)
+            added, kept = dataset.write_disk_cache(args.data_dir, store.items, args.image_size, cache_dir, args.workers,
+                                                   store.pad)
         except OSError as e:
             raise utils.UserError(f"cannot write the disk cache in {cache_dir} ({e.strerror or e}); pass --cache_dir "
                                   "with a writable folder, or --no-disk_cache") from None

@@ -682,7 +682,8 @@ def main(args) -> None:
     if args.sketch_lvm_ca33be9:
         print(f"Sketch_LVM ca33be9 ({args.sketch_lvm_ca33be9}) beside model.py: ViT-B/32 with the same random "
               f"weights (seed {args.seed}), float32 on the CPU, batches of {args.lvm_images} random 224 px images")
-        print_rows(sketch_lvm_rows(args.sketch_lvm_ca33be9, args.seed, args.lvm_images), "ours (train.py's model.SketchLVMNet)")
+        rows = sketch_lvm_rows(args.sketch_lvm_ca33be9, args.seed, args.lvm_images)
+        print_rows(rows, "ours (train.py's model.SketchLVMNet)")
 
 
 if __name__ == "__main__":

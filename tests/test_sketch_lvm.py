@@ -9,10 +9,14 @@ device (shapes only). Their code itself runs beside ours in bench/bench_peers.py
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 
+import dataset
+import methods
 import model as M
 import train
 import utils
@@ -263,3 +267,39 @@ def test_what_the_method_cannot_take_is_one_line(tmp_path, extra, fragment):
                    *extra)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert fragment in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_images_are_padded_to_a_square_as_their_data_code_pads_them(tmp_path):
+    """Sketch_LVM's images (src/dataset_retrieval.py:78-84): ImageOps.pad(Image.open(p).convert('RGB'), size),
+    black bars around the aspect-kept image. The project reads them the same way, bit for bit, wherever its
+    encoders ask for it: evaluation and galleries (ImageFilesDataset), training's store and its disk cache."""
+    path = str(tmp_path / "wide.png")
+    g = np.random.default_rng(0)
+    Image.fromarray(g.integers(0, 256, (20, 48, 3), dtype=np.uint8)).save(path)  # 48 wide, 20 high
+    theirs = np.array(ImageOps.pad(Image.open(path).convert("RGB"), size=(32, 32)))
+    ours = np.asarray(dataset.read_resized(path, 32, pad=True))
+    assert np.array_equal(ours, theirs) and not theirs[:4].any() and theirs[16].any()  # black bars top and bottom
+    files = dataset.ImageFilesDataset([path], 32, pad=True)
+    assert torch.equal(files[0][0], torch.from_numpy(theirs).permute(2, 0, 1).float() / 255)
+    store = dataset.ImageStore([(path, False)], 32, str(tmp_path), pad=True)
+    assert torch.equal(store.get(np.array([0]))[0], torch.from_numpy(theirs).permute(2, 0, 1))
+    assert dataset.write_disk_cache(str(tmp_path), store.items, 32, str(tmp_path / "cache"), pad=True) == (1, 0)
+    assert store.open_disk_cache(str(tmp_path / "cache")) == 1  # the padded row, under its own key
+    assert torch.equal(store.get(np.array([0]))[0], torch.from_numpy(theirs).permute(2, 0, 1))
+    unpadded = dataset.ImageStore([(path, False)], 32, str(tmp_path))
+    assert unpadded.open_disk_cache(str(tmp_path / "cache")) == 0  # a resized image is another row
+
+
+def test_the_method_decides_who_pads(tmp_path):
+    """Sketch_LVM's encoders ask for padded images (utils.pads), and train.py's training store pads for it; the
+    SBIR model's encoders and store resize, as before."""
+    data = make_tiny_dataset(str(tmp_path / "data"))
+    lvm = lvm_args(data, str(tmp_path / "a"), "--image_size", "32", "--batch_size", "4")
+    sbir = train.get_args_parser().parse_args(["--data_dir", data, "--no-pretrained", "--image_size", "32",
+                                               "--batch_size", "4"])
+    train.apply_recipe(sbir)
+    assert train.read_training_data(lvm, 0, 1)[2].store.pad and not train.read_training_data(sbir, 0, 1)[2].store.pad
+    net = methods.get("sketch_lvm").network(train.model_config(lvm), start=False)
+    assert utils.pads(net.sketch_encoder) and utils.pads(net.photo_encoder)
+    plain = methods.get("sbir").network(train.model_config(sbir), start=False)
+    assert not utils.pads(plain.sketch_encoder) and not utils.pads(plain.photo_encoder)
