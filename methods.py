@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from model import (IMAGENET_STATS, ModelConfig, Pairs, PromptedView, SketchLVMNet, Triplets, ZSSBIRModel,
-                   backbone_stats, cosine_triplet_loss, freeze_all_but_layer_norms, freeze_as_sketch_lvm, sbir_losses)
+                   at_least_float32, backbone_stats, cosine_triplet_loss, freeze_all_but_layer_norms,
+                   freeze_as_sketch_lvm, sbir_losses)
 
 
 def one_cycle_lr(progress: float, warmup: float, base_lr: float) -> float:
@@ -174,8 +175,8 @@ class SketchLVM(Method):
         return args.lr
 
     def losses(self, model: nn.Module, batch: Pairs | Triplets, lambd: float, args) -> dict:
-        s = model.embed(batch.sketch, 0)  # (B, E) raw, as their loss reads them
-        p = model.embed(torch.cat([batch.positive, batch.negative]), 1)  # (2B, E)
+        s = at_least_float32(model.embed(batch.sketch, 0))  # (B, E) raw, as their loss reads them (theirs: float32)
+        p = at_least_float32(model.embed(torch.cat([batch.positive, batch.negative]), 1))  # (2B, E)
         b = s.shape[0]
         loss = cosine_triplet_loss(s, p[:b], p[b:], args.margin)
         return {"triplet": loss, "loss": loss}
