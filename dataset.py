@@ -581,6 +581,42 @@ class PairedBatches(StepBatches):
                 [c.reshape(steps, -1)])
 
 
+class QuadrupletBatches(StepBatches):
+    """ZSE-SBIR's batches (their data_utils/dataset.py TrainSet): B of (sketch, another sketch of its class, photo of
+    its class, photo of another class, class, other class). Each draws its class and the other class uniformly
+    (3 distinct classes drawn, the first and the last used, as theirs), then each image uniformly within its class.
+    An epoch is ``per_epoch`` of them (theirs: --datasetLen 10,000), the last partial batch dropped; seeded by
+    (seed, epoch) as every StepBatches. ``root`` and ``shard`` as in StepBatches."""
+
+    def __init__(self, split: dict, classes: list, image_size: int, batch_size: int, per_epoch: int, seed: int,
+                 root: str = "", shard: tuple = (0, 1)):
+        self.sketches, sketch_labels = flatten(split["sketches"], classes)
+        self.photos, photo_labels = flatten(split["photos"], classes)
+        self.per_epoch, self.classes = per_epoch, len(classes)
+        self.sketch_start = np.searchsorted(np.array(sketch_labels), np.arange(len(classes) + 1))  # (C + 1,)
+        self.photo_start = np.searchsorted(np.array(photo_labels), np.arange(len(classes) + 1))
+        items = [(p, False) for p in self.sketches + self.photos]
+        super().__init__(ImageStore(items, image_size, root), batch_size, seed, *shard)
+
+    def __len__(self) -> int:
+        return self.per_epoch // self.batch_size
+
+    def plan(self, epoch: int) -> tuple[list, list]:
+        rng = np.random.default_rng((self.seed, epoch))
+        steps = len(self)
+        n = steps * self.batch_size
+        drawn = np.argsort(rng.random((n, self.classes)), axis=1)[:, :3]  # 3 distinct classes, uniformly
+        c, other = drawn[:, 0], drawn[:, 2]
+        u = rng.random((n, 4))
+
+        def pick(start, cls, col):  # an index within the class, uniformly
+            return start[cls] + (u[:, col] * (start[cls + 1] - start[cls])).astype(np.int64)
+        off = len(self.sketches)  # photos follow the sketches in the store
+        groups = [pick(self.sketch_start, c, 0), pick(self.sketch_start, c, 1), off + pick(self.photo_start, c, 2),
+                  off + pick(self.photo_start, other, 3)]
+        return [g.reshape(steps, -1) for g in groups], [c.reshape(steps, -1), other.reshape(steps, -1)]
+
+
 class _StepSampler(torch.utils.data.Sampler):
     """The keys (epoch, step) of one epoch from a given step on; it runs in the main process, so persistent
     workers follow it from epoch to epoch."""

@@ -16,13 +16,17 @@ keeps its hyperparameters in train.py's flags and its configs/*.yaml.
   reversal layer, class proxies). The recipes scratch, finetune and original are configs of it.
 - "sketch_lvm": Sain et al., CVPR 2023, as their code at ca33be9 trains it (docs/sketch_lvm.md): learnt prompts
   on CLIP's image tower, Adam in two groups, a triplet loss on 1 - cosine, a constant learning rate.
+- "zse_sbir": Lin et al., CVPR 2023, as their code at 88f87f7 trains it (docs/zse_sbir.md): a ViT-B/16 with
+  cross-attention between a sketch and a photo and a relation network scoring the pair.
 """
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from model import (IMAGENET_STATS, ModelConfig, Pairs, PromptedView, SketchLVMNet, Triplets, ZSSBIRModel,
+from model import (IMAGENET_STATS, ModelConfig, Pairs, PromptedView, Quadruplets, SketchLVMNet, Triplets,
+                   ZSESBIRNet, ZSSBIRModel,
                    at_least_float32, backbone_stats, cosine_triplet_loss, freeze_all_but_layer_norms,
                    freeze_as_sketch_lvm, sbir_losses)
 
@@ -99,6 +103,11 @@ class SBIR(Method):
     --triplet_loss_ratio, --domain_loss_ratio and --class_loss_ratio (model.sbir_losses)."""
     name = "sbir"
     reverses_gradient = True
+
+    def check(self, args) -> str | None:
+        if args.sampling == "quadruplets":
+            return "--sampling quadruplets is ZSE-SBIR's (--method zse_sbir); give pairs or triplets"
+        return None
 
     def network(self, config: ModelConfig, num_classes: int = 0, start: bool | dict = True) -> nn.Module:
         return ZSSBIRModel.from_config(config, num_classes, start_weights=start is not False,
@@ -189,7 +198,61 @@ class SketchLVM(Method):
                 f"prompt lr {args.prompt_lr}, triplets, cosine triplet loss margin {args.margin}, constant lr")
 
 
-METHODS = {m.name: m for m in (SBIR(), SketchLVM())}
+class ZSESBIR(Method):
+    """ZSE-SBIR (Lin et al., CVPR 2023) as its code at 88f87f7 trains it (docs/zse_sbir.md): model.ZSESBIRNet on
+    Quadruplets; 2 x a triplet loss (margin --margin 1.0, Euclidean, on the raw 768-d class tokens after cross-
+    attention: the sketch, its photo, the other pair's photo) + 4 x the mean squared error of the relation scores
+    against 0.99 (matching pair) and 0.01; AdamW over every parameter at a constant --lr; no augmentation; images
+    normalised with mean = std = 0.5."""
+    name = "zse_sbir"
+    augments = False
+
+    def check(self, args) -> str | None:
+        if args.sampling != "quadruplets":
+            return "--method zse_sbir trains on quadruplets: give --sampling quadruplets"
+        if args.pretrained and not args.weights:
+            return ("--method zse_sbir starts from the SAM-trained ViT-B/16 its authors use, not torchvision's "
+                    "weights: pass it with --weights sam_ViT-B_16.pth (docs/zse_sbir.md), or --no-pretrained")
+        if args.class_loss_ratio or args.domain_loss_ratio or args.triplet_loss_ratio != 2.0:
+            return ("--method zse_sbir's losses are 2 x its triplet loss + 4 x its relation loss: give "
+                    "--triplet_loss_ratio 2 --class_loss_ratio 0 --domain_loss_ratio 0 (configs/zse_sbir_vit_b16.yaml)")
+        return None
+
+    def input_stats(self, backbone: str) -> tuple:
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+    def network(self, config: ModelConfig, num_classes: int = 0, start: bool | dict = True) -> nn.Module:
+        return ZSESBIRNet(config, start if isinstance(start, dict) else False)
+
+    def param_groups(self, model: nn.Module, args) -> list:
+        return [{"name": "network", "params": list(model.parameters()), "lr_mult": 1.0}]
+
+    def lr_at(self, progress: float, args) -> float:
+        return args.lr
+
+    def losses(self, model: nn.Module, batch: Quadruplets, lambd: float, args) -> dict:
+        b = batch.sketch.shape[0]
+        tokens = model.tokens(torch.cat([batch.sketch, batch.other_sketch, batch.positive, batch.negative]))
+        s, p, score = model.pair(tokens[:2 * b], tokens[2 * b:])  # (2B, 768), (2B, 768), (2B,)
+        s, p, score = at_least_float32(s), at_least_float32(p), at_least_float32(score)
+        triplet = F.triplet_margin_loss(s[:b], p[:b], p[b:], margin=args.margin)
+        target = torch.cat([torch.full((b,), 0.99), torch.full((b,), 0.01)]).to(score.device)
+        relation = F.mse_loss(score, target)
+        return {"triplet": triplet, "relation": relation,
+                "loss": args.triplet_loss_ratio * triplet + RELATION_LOSS_WEIGHT * relation}
+
+    def compiled_parts(self, model: nn.Module, args) -> list:
+        return [model.vit]
+
+    def describe(self, args) -> str:
+        return (f"ZSE-SBIR: ViT-B/16 + cross-attention + relation network, quadruplets, {args.triplet_loss_ratio} x "
+                f"triplet (margin {args.margin}) + {RELATION_LOSS_WEIGHT} x relation MSE, AdamW lr {args.lr} "
+                f"constant, weight decay {args.weight_decay}")
+
+
+RELATION_LOSS_WEIGHT = 4.0  # ZSE-SBIR's train.py:56: lossrn = rn_loss(rn_scores, target_rn) * 4
+
+METHODS = {m.name: m for m in (SBIR(), SketchLVM(), ZSESBIR())}
 
 
 def get(name: str) -> Method:

@@ -58,7 +58,8 @@ PROTOCOLS = ("standard", "sake", "sem-pcyc", "doodle2search", "zse-sbir")
 _VOC = {"sake", "zse-sbir"}  # VOC-interpolated AP
 _RANK_ROWS = 64  # queries ranked at once inside a chunk
 CHUNK_SIZE = 512  # queries retrieval_metrics scores at once: peak memory about 4 * CHUNK_SIZE * N bytes
-SCORES = ("cosine", "hamming")  # how a query scores a gallery item: cosine of embeddings, -Hamming of codes
+SCORES = ("cosine", "hamming", "given")  # how a query scores a gallery item: cosine of embeddings, -Hamming of
+# codes, or scores given as a (Q, N) matrix (score_matrix_metrics: e.g. a relation network's)
 ITQ_VARIANTS = ("textbook", "sem-pcyc")
 # itq_stability above this: the codes depend on rounding. A stable fit changes only bits whose projection lies
 # within about 1e-7 of its scale of 0 (0 changed in every stable case measured); a fraction f moves a query-photo
@@ -344,16 +345,42 @@ def retrieval_metrics(query_emb: Tensor, query_labels: Tensor, gallery_emb: Tens
         excluded queries), "per_class_ap": {label: mean AP of its queries}}},
         and with pr_points "pr_curve": {"recall": (P,), "precision": (P,)} float64}.
     """
-    _check_inputs(query_emb, query_labels, gallery_emb, gallery_labels, ks, protocols, pr_points)
+    if score == "given":
+        raise ValueError("score='given' is score_matrix_metrics'; pass the (Q, N) scores there")
+    return _metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks, protocols, pr_points, score)
+
+
+def score_matrix_metrics(scores: Tensor, query_labels: Tensor, gallery_labels: Tensor,
+                         ks: Sequence[int] = (100, 200), protocols: Sequence[str] = ("standard",),
+                         pr_points: int = 0) -> dict:
+    """retrieval_metrics of given scores (Q, N), higher = more similar (e.g. ZSE-SBIR's relation network scoring
+    every query-gallery pair): the same ranks, tie rules, protocols and output; the scores are ranked as given,
+    in at least float32, chunk by chunk on their device."""
+    if scores.ndim != 2 or scores.shape[1] != len(gallery_labels):
+        raise ValueError(f"expected (Q, N) scores for {len(gallery_labels)} gallery items, got {tuple(scores.shape)}")
+    placeholder = scores.new_zeros(len(gallery_labels), scores.shape[1])[:, :0]  # (N, 0): no memory
+    return _metrics(scores, query_labels, placeholder, gallery_labels, ks, protocols, pr_points, "given")
+
+
+def _metrics(query_emb: Tensor, query_labels: Tensor, gallery_emb: Tensor, gallery_labels: Tensor,
+             ks: Sequence[int], protocols: Sequence[str], pr_points: int, score: str) -> dict:
+    """retrieval_metrics and score_matrix_metrics (score "given": query_emb is the (Q, N) scores, gallery_emb an
+    (N, 0) placeholder)."""
+    _check_inputs(query_emb if score != "given" else query_emb[:, :0], query_labels, gallery_emb, gallery_labels,
+                  ks, protocols, pr_points)
+    if score == "given" and not torch.isfinite(query_emb).all():
+        raise ValueError("scores contain NaN or inf")
     _check_score(score, query_emb, gallery_emb)
     device = query_emb.device
     query_labels = query_labels.to(device=device, dtype=torch.long)
     gallery_labels = gallery_labels.to(device=device, dtype=torch.long)
     # Gallery sorted by class: every class's photos are one contiguous block of columns.
     gallery_labels, g_order = gallery_labels.sort(stable=True)
-    gallery = gallery_emb.to(device)[g_order]  # (N, D), or (N, C) codes
+    gallery = gallery_emb.to(device)[g_order]  # (N, D), or (N, C) codes, or (N, 0)
     if score == "cosine":
         gallery = _unit(gallery)
+    if score == "given":  # the columns follow the gallery's new order
+        query_emb = query_emb[:, g_order.to(query_emb.device)]
 
     num_rel = _count_relevant(query_labels.cpu(), gallery_labels.cpu())  # (Q,)
     valid = num_rel > 0
@@ -389,6 +416,8 @@ def _check_score(score: str, query_emb: Tensor, gallery_emb: Tensor) -> None:
     if score == "hamming" and not codes:
         raise ValueError("score='hamming' needs packed uint8 codes (from itq_codes), got "
                          f"{query_emb.dtype} and {gallery_emb.dtype}")
+    if score == "given" and not query_emb.is_floating_point():
+        raise ValueError(f"scores must be floating point, got {query_emb.dtype}")
     if score == "cosine" and torch.uint8 in (query_emb.dtype, gallery_emb.dtype):
         raise ValueError("got uint8 tensors, which look like packed codes: pass score='hamming' to rank them by "
                          "Hamming distance")
@@ -418,6 +447,8 @@ def _per_query_values(query_emb: Tensor, q_labels_cpu: Tensor, gallery: Tensor, 
             q = query_emb[rows.to(query_emb.device)]
             if score == "hamming":  # (B, N) int32 distances, ranked from their histograms
                 scores = hamming_distance(q, gallery)
+            elif score == "given":
+                scores = q if q.dtype == torch.float64 else q.float()  # (B, N) as given, at least float32
             else:
                 scores = _unit(q) @ gallery.T  # (B, N)
             for t in range(0, rows.numel(), _RANK_ROWS):  # small blocks keep the counting in cache

@@ -68,7 +68,7 @@ WITHOUT_BATCH_NORM = {"convnext_tiny", "swin_t", "vit_b_16", "vit_b_32", "clip_v
 # describes the network (2 only for QuickGELU, 3 only for a method other than "sbir"), so every entry an older
 # format can describe keeps its bytes and its fingerprint (utils.model_fingerprint).
 MODEL_FORMAT = 3
-METHODS = ("sbir", "sketch_lvm")  # the networks methods.py builds (methods.METHODS holds the methods themselves)
+METHODS = ("sbir", "sketch_lvm", "zse_sbir")  # the networks methods.py builds (methods.METHODS: the methods)
 DOMAIN_INPUTS = ("embedding", "features")  # what the domain classifier reads: unit embeddings or trunk features
 WEIGHTS = ("imagenet", "openai", "file", "none")  # where a trunk starts: ImageNet's or CLIP's weights, a file, random
 
@@ -120,7 +120,8 @@ class ModelConfig:
     that of the CLIP models this project trained before (their entries, format 1, have no activation). The
     other backbones have their own: None. ``method`` is the method whose network it is (METHODS): "sbir" (the
     sketch and photo encoders of ZSSBIRModel, what every entry before format 3 holds) or "sketch_lvm"
-    (SketchLVMNet: CLIP's image tower with learnt prompts; a CLIP backbone, its embedding size CLIP's own).
+    (SketchLVMNet: CLIP's image tower with learnt prompts; a CLIP backbone, its embedding size CLIP's own) or
+    "zse_sbir" (ZSESBIRNet: vit_b_16 with cross-attention and a relation network; 768-d, a side divisible by 32).
 
     The one place the rules of a network's description live: a config that breaks one raises
     ModelConfigError when it is made, whether by the model, by train.py's flags or from a checkpoint."""
@@ -192,6 +193,8 @@ class ModelConfig:
         """A known method, and the network it builds: Sketch_LVM's is one CLIP tower, its embedding CLIP's own."""
         if not isinstance(self.method, str) or self.method not in METHODS:
             raise ModelConfigError("method", f"{{method}} must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "zse_sbir":
+            self._check_zse_sbir()
         if self.method != "sketch_lvm":
             return
         if not is_clip(self.backbone):
@@ -205,6 +208,22 @@ class ModelConfig:
         if not self.shared_trunk or self.domain_bn:
             raise ModelConfigError("shared_trunk", "{method} sketch_lvm has one CLIP tower for both domains: "
                                                    "give {shared_trunk} and no {domain_bn}")
+
+    def _check_zse_sbir(self) -> None:
+        """ZSE-SBIR's network: torchvision's vit_b_16 with its 768-d class token as the embedding, one network for
+        both domains, and a patch grid of even side (its relation head halves it)."""
+        if self.backbone != "vit_b_16":
+            raise ModelConfigError("backbone", f"{{method}} zse_sbir is a ViT-B/16: give {{backbone}} vit_b_16, "
+                                               f"not {self.backbone}")
+        if self.embedding_dim != 768:
+            raise ModelConfigError("embedding_dim", "{method} zse_sbir embeds with its 768-d class token: "
+                                                    f"{{embedding_dim}} must be 768, got {self.embedding_dim}")
+        if self.image_size % 32:
+            raise ModelConfigError("image_size", "{method} zse_sbir's relation head halves the 16 px patch grid: "
+                                                 f"give an {{image_size}} divisible by 32 (224), not {self.image_size}")
+        if not self.shared_trunk or self.domain_bn:
+            raise ModelConfigError("shared_trunk", "{method} zse_sbir has one network for both domains: give "
+                                                   "{shared_trunk} and no {domain_bn}")
 
     def to_dict(self) -> dict:
         """{"format": 1, 2 or 3, **fields}: the oldest format that describes the network (MODEL_FORMAT), so that an
@@ -679,6 +698,228 @@ def cosine_triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: 
     return torch.clamp(margin + d_pos - d_neg, min=0.0).mean()  # torch's order of the sum: the same rounding
 
 
+# ----------------------------------------------------------------------------------- ZSE-SBIR
+
+class ScaleStem(nn.Module):
+    """ZSE-SBIR's second patch embedding (their model/rn.py Scale_Embedding): four stride-2 convolutions without
+    bias, ReLU between them: images (B, 3, S, S) -> (B, 768, S/16, S/16), averaged with the 16 px patch
+    convolution's output."""
+
+    def __init__(self, width: int = 768):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.ReLU(inplace=True),
+                                   nn.Conv2d(64, 128, 3, 2, 1, bias=False), nn.ReLU(inplace=True),
+                                   nn.Conv2d(128, 256, 3, 2, 1, bias=False), nn.ReLU(inplace=True),
+                                   nn.Conv2d(256, width, 3, 2, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+
+class UnbiasedLayerNorm(nn.Module):
+    """ZSE-SBIR's LayerNorm (model/ca.py), not nn.LayerNorm: the standard deviation is the unbiased one (n - 1)
+    and eps is added to it, not to the variance: a (x - mean) / (std + eps) + b, over the last dimension."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(width)), nn.Parameter(torch.zeros(width)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
+        return self.weight * (x - mean) / (std + self.eps) + self.bias
+
+
+class CrossAttentionLayer(nn.Module):
+    """One post-norm layer of ZSE-SBIR's cross-attention (model/ca.py EncoderLayer): the attention's queries and
+    values come from its own image's tokens, its keys from the paired image's, and the residual is its own:
+
+        x = norm1(own + dropout(attention(q=own, k=other, v=own)));  out = norm2(x + dropout(ffn(x)))
+
+    with 8 heads, dropout 0.1 on the attention weights and after each sublayer, ffn = Linear(768, 1024), ReLU,
+    dropout, Linear(1024, 768), and UnbiasedLayerNorm."""
+
+    def __init__(self, width: int = 768, heads: int = 8, ffn: int = 1024, dropout: float = 0.1):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, width))
+        self.norm1, self.norm2 = UnbiasedLayerNorm(width), UnbiasedLayerNorm(width)
+        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        a = self.attention(own, other, own, need_weights=False)[0]  # (B, L, W)
+        x = self.norm1(own + self.dropout1(a))
+        return self.norm2(x + self.dropout2(self.ffn(x)))
+
+
+class RelationHead(nn.Module):
+    """ZSE-SBIR's relation scoring (model/model.py and model/rn.py) of a sketch's and a photo's tokens after
+    cross-attention, (B, 1 + g*g, W) each: the g*g patch tokens are read as a (W, g, g) map by reinterpreting
+    their memory, as their token_fea.view(batch, 768, 14, 14) does (not a transpose of (g*g, W)), a 2x2 stride-2
+    convolution makes a = (g/2)^2 tokens of width 512, their a x a cosine matrix goes through an MLP
+    a^2 -> a sqrt(a) -> a -> 1 (2401 -> 343 -> 49 -> 1 at 224 px) with ReLU and dropout, and a sigmoid: (B,)."""
+
+    def __init__(self, grid: int, width: int = 768, dropout: float = 0.1):
+        super().__init__()
+        a = (grid // 2) ** 2
+        self.grid, self.conv = grid, nn.Conv2d(width, 512, 2, 2)
+        self.mlp = nn.Sequential(nn.Linear(a * a, a * math.isqrt(a)), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(a * math.isqrt(a), a), nn.ReLU(), nn.Dropout(dropout), nn.Linear(a, 1))
+
+    def anchors(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, w = tokens.shape[0], tokens.shape[2]
+        x = self.conv(tokens[:, 1:].reshape(b, w, self.grid, self.grid))  # (B, 512, g/2, g/2): memory read as (W, g, g)
+        return x.flatten(2).transpose(1, 2)  # (B, a, 512)
+
+    def forward(self, sketch: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
+        s, p = self.anchors(sketch), self.anchors(photo)  # (B, a, 512) each
+        cos = s @ p.transpose(1, 2) / s.norm(dim=-1)[:, :, None] / p.norm(dim=-1)[:, None, :]  # (B, a, a)
+        cos = torch.where(torch.isnan(cos), torch.zeros_like(cos), cos)  # theirs: a 0 / 0 is 0
+        return torch.sigmoid(self.mlp(cos.flatten(1))).squeeze(1)  # (B,)
+
+
+class ZSESBIRNet(nn.Module):
+    """ZSE-SBIR (Lin et al., CVPR 2023) as its code at 88f87f7 builds it (docs/zse_sbir.md): a ViT-B/16 (torchvision's,
+    nn.LayerNorm's default eps 1e-5 as theirs) whose patch embedding is averaged with ScaleStem's, one layer of
+    cross-attention per direction (CrossAttentionLayer: sketch_side for the sketch, photo_side for the photo) and a
+    RelationHead. ``tokens`` gives an image's self-attention output (B, 1 + g*g, 768); ``pair`` the class tokens
+    after cross-attention (what their triplet loss reads) and the relation score of index-paired sketches and
+    photos; ``sketch_encoder`` / ``photo_encoder`` the retrieval token, the self-attention class token alone
+    (their -r sa), L2-normalised (B, 768). Images in [0, 1], normalised with mean = std = 0.5 as theirs."""
+
+    def __init__(self, config: "ModelConfig", start: bool | dict = False):
+        super().__init__()
+        from functools import partial
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        size = config.image_size
+        self.normalize = Normalize(*(config.mean and (config.mean, config.std) or ((0.5,) * 3, (0.5,) * 3)))
+        self.vit = VisionTransformer(size, 16, 12, 12, 768, 3072, dropout=0.1, num_classes=1,
+                                     norm_layer=partial(nn.LayerNorm, eps=1e-5))
+        self.vit.heads = nn.Identity()
+        self.stem = ScaleStem()
+        self.sketch_side, self.photo_side = CrossAttentionLayer(), CrossAttentionLayer()
+        self.relation = RelationHead(size // 16)
+        self.start_note = self.load_start(start) if isinstance(start, dict) else ""
+        object.__setattr__(self, "sketch_encoder", RetrievalToken(self))
+        object.__setattr__(self, "photo_encoder", RetrievalToken(self))
+
+    def load_start(self, state: dict) -> str:
+        """Start from a state dict under this network's names or their code's (a whole Model, or sam_ViT-B_16.pth's
+        ViT alone: zse_sbir_state); ValueError when a tensor does not fit or none is given. Returns a line for a
+        person: what came from it, what stays random, what of it had no place here."""
+        ours = self.state_dict()
+        given, unused = (state, []) if set(state) <= set(ours) else zse_sbir_state(state)
+        wrong = [k for k, v in given.items() if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
+        if wrong:
+            raise ValueError(f"{wrong[0]} has shape {tuple(given[wrong[0]].shape)}, this network's "
+                             f"{tuple(ours[wrong[0]].shape)} (at --image_size {self.relation.grid * 16})")
+        if not given:
+            raise ValueError(f"none of its {len(state)} tensors is a ZSE-SBIR weight (e.g. {next(iter(state), '-')})")
+        self.load_state_dict(given, strict=False)
+        random = sorted({k.split(".")[0] if not k.startswith("vit.") else "vit" for k in set(ours) - set(given)})
+        return (f"weights: {len(given)} of this network's {len(ours)} tensors from the file"
+                + (f"; at random: {', '.join(random)}" if random else "")
+                + (f"; {len(unused)} of the file's tensors have no place here (e.g. {unused[0]})" if unused else ""))
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        v, x = self.vit, self.normalize(x)
+        t = (v.conv_proj(x) + self.stem(x)) / 2  # (B, 768, g, g)
+        t = t.flatten(2).transpose(1, 2)  # (B, g*g, 768)
+        t = torch.cat([v.class_token.expand(t.shape[0], -1, -1), t], dim=1)  # (B, 1 + g*g, 768)
+        return v.encoder(t)  # positions, dropout, 12 pre-norm blocks, final LayerNorm
+
+    def pair(self, sketch_tokens: torch.Tensor, photo_tokens: torch.Tensor) -> tuple:
+        """(sketch class tokens (B, 768), photo class tokens (B, 768), relation scores (B,)) of index-paired
+        sketches and photos, from their tokens (B, 1 + g*g, 768)."""
+        s = self.sketch_side(sketch_tokens, photo_tokens)
+        p = self.photo_side(photo_tokens, sketch_tokens)
+        return s[:, 0], p[:, 0], self.relation(s, p)
+
+    def relation_scores(self, sketch_tokens: torch.Tensor, photo_tokens: torch.Tensor,
+                        pairs: int = 256) -> torch.Tensor:
+        """The relation score of every sketch with every photo, (Q, N), from tokens computed once per image
+        (Q, L, W) and (N, L, W) (their valid.py recomputes the photos' for every batch of 20 sketches): the pairs
+        go through cross-attention and the relation head ``pairs`` at a time, which bounds the memory (their
+        activations: bench/bench_relation.py measures it), a block of sketch rows against a block of photos."""
+        q, n = sketch_tokens.shape[0], photo_tokens.shape[0]
+        dtype = torch.promote_types(photo_tokens.dtype, torch.float32)  # at least float32: no false ties
+        out = torch.empty(q, n, device=photo_tokens.device, dtype=dtype)
+        cols = max(1, min(n, pairs))
+        rows = max(1, pairs // cols)
+        for i in range(0, q, rows):
+            s = sketch_tokens[i:i + rows]  # (r, L, W)
+            for j in range(0, n, cols):
+                p = photo_tokens[j:j + cols]  # (c, L, W)
+                r, c = s.shape[0], p.shape[0]
+                tiled_s = s[:, None].expand(r, c, *s.shape[1:]).reshape(r * c, *s.shape[1:])
+                tiled_p = p[None].expand(r, c, *p.shape[1:]).reshape(r * c, *p.shape[1:])
+                out[i:i + r, j:j + c] = self.pair(tiled_s, tiled_p)[2].view(r, c)
+        return out
+
+
+class RetrievalToken(nn.Module):
+    """ZSESBIRNet's retrieval embedding of images (B, 3, S, S): the self-attention class token, unit length."""
+
+    def __init__(self, net: ZSESBIRNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(at_least_float32(self.net.tokens(x)[:, 0]), dim=1)
+
+
+# Their parameter names (model/*.py at 88f87f7: a whole Model's "sa.model.*", "ca.*", "rn.*", "conv2d.*", or
+# sam_ViT-B_16.pth's ViTPatch names without "sa.model.") -> ours, as (pattern, replacement) regular expressions.
+ZSE_SBIR_KEYS = (
+    (r"^(sa\.model\.)?embedding\.", "vit.conv_proj."), (r"^(sa\.model\.)?scale\.seq\.", "stem.convs."),
+    (r"^(sa\.model\.)?pos_embedding$", "vit.encoder.pos_embedding"), (r"^(sa\.model\.)?cls$", "vit.class_token"),
+    (r"^(sa\.model\.)?transformer\.encoder_norm\.", "vit.encoder.ln."),
+    (r"^(sa\.model\.)?transformer\.layers\.(\d+)\.0\.layer_norm_input\.", r"vit.encoder.layers.encoder_layer_\2.ln_1."),
+    (r"^(sa\.model\.)?transformer\.layers\.(\d+)\.0\.layer_norm_out\.", r"vit.encoder.layers.encoder_layer_\2.ln_2."),
+    (r"^(sa\.model\.)?transformer\.layers\.(\d+)\.0\.attention\.to_qkv\.(weight|bias)$",
+     r"vit.encoder.layers.encoder_layer_\2.self_attention.in_proj_\3"),
+    (r"^(sa\.model\.)?transformer\.layers\.(\d+)\.0\.attention\.to_out\.0\.",
+     r"vit.encoder.layers.encoder_layer_\2.self_attention.out_proj."),
+    (r"^(sa\.model\.)?transformer\.layers\.(\d+)\.0\.mlp\.net\.", r"vit.encoder.layers.encoder_layer_\2.mlp."),
+    (r"^ca\.encoder\.layer1\.0\.", "sketch_side."), (r"^ca\.encoder\.layer2\.0\.", "photo_side."),
+    (r"^rn\.rn\.", "relation.mlp."), (r"^conv2d\.", "relation.conv."))
+# Within a cross-attention layer: their 4 linear maps (q, k, v, out), feed-forward w_1 / w_2 and AddAndNorm norms.
+ZSE_SBIR_SIDE_KEYS = ((r"self_attn\.linears\.3\.", "attention.out_proj."), (r"feed_forward\.w_1\.", "ffn.0."),
+                      (r"feed_forward\.w_2\.", "ffn.3."), (r"sublayer\.0\.norm\.a$", "norm1.weight"),
+                      (r"sublayer\.0\.norm\.b$", "norm1.bias"), (r"sublayer\.1\.norm\.a$", "norm2.weight"),
+                      (r"sublayer\.1\.norm\.b$", "norm2.bias"))
+
+
+def zse_sbir_state(theirs: dict) -> tuple[dict, list]:
+    """A state dict of ZSE-SBIR's code (a whole Model, or sam_ViT-B_16.pth's ViT) under ZSESBIRNet's names: their
+    separate query, key and value maps of the cross-attention stacked into one in_proj, as nn.MultiheadAttention
+    holds them. Returns (our state, their keys that have no place here: e.g. ca.encoder.layers.*, a cross-attention
+    layer their forward never calls, or a classifier head)."""
+    import re
+
+    ours, unused, qkv = {}, [], {}
+    for key, value in theirs.items():
+        name = key
+        for pattern, repl in ZSE_SBIR_KEYS:
+            name = re.sub(pattern, repl, name)
+        if name.startswith(("sketch_side.", "photo_side.")):
+            side, rest = name.split(".", 1)
+            m = re.match(r"self_attn\.linears\.([012])\.(weight|bias)$", rest)
+            if m:
+                qkv.setdefault((side, m.group(2)), {})[int(m.group(1))] = value
+                continue
+            for pattern, repl in ZSE_SBIR_SIDE_KEYS:
+                rest = re.sub(pattern, repl, rest)
+            name = f"{side}.{rest}"
+        if name == key:
+            unused.append(key)
+        else:
+            ours[name] = value
+    for (side, kind), parts in qkv.items():
+        ours[f"{side}.attention.in_proj_{kind}"] = torch.cat([parts[i] for i in range(3)])
+    return ours, unused
+
+
 def grl_lambda(step: int, total_steps: int, start_step: int) -> float:
     """Reversal strength at a training step (Ganin et al. 2016, section 5.2.2).
 
@@ -731,6 +972,17 @@ class Pairs(NamedTuple):
 class Triplets(NamedTuple):
     """A batch of B (sketch, positive photo of its class, negative photo of another class), images (B, 3, H, W)."""
     sketch: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+    labels: torch.Tensor | None = None      # (B,) the sketches' (and positives') seen classes
+    neg_labels: torch.Tensor | None = None  # (B,) the negatives' seen classes
+
+
+class Quadruplets(NamedTuple):
+    """ZSE-SBIR's batch of B (sketch, another sketch of its class, photo of its class, photo of another class),
+    images (B, 3, H, W): (sketch, positive) is a matching pair, (other_sketch, negative) a non-matching one."""
+    sketch: torch.Tensor
+    other_sketch: torch.Tensor
     positive: torch.Tensor
     negative: torch.Tensor
     labels: torch.Tensor | None = None      # (B,) the sketches' (and positives') seen classes

@@ -44,7 +44,7 @@ import methods
 import metrics
 import utils
 from model import (BACKBONES, CLIP_BACKBONES, DOMAIN_INPUTS, METHODS, ModelConfig, ModelConfigError, Pairs,
-                   PretrainedWeightsUnavailable, Triplets, grl_lambda)
+                   PretrainedWeightsUnavailable, Quadruplets, Triplets, grl_lambda)
 
 
 # ----------------------------------------------------------------------------------- configs
@@ -240,9 +240,12 @@ def add_model_args(g) -> None:
 
 
 def add_loss_args(g) -> None:
-    g.add_argument("--sampling", type=str, default="pairs", choices=["pairs", "triplets"],
+    g.add_argument("--sampling", type=str, default="pairs", choices=["pairs", "triplets", "quadruplets"],
                    help="pairs: one pass over the photos per epoch, each with a sketch-domain partner of its "
-                        "class; triplets: one (sketch, positive, negative) per training sketch")
+                        "class; triplets: one (sketch, positive, negative) per training sketch; quadruplets "
+                        "(--method zse_sbir): (sketch, sketch, photo of their class, photo of another)")
+    g.add_argument("--quadruplets_per_epoch", type=int, default=10000,
+                   help="--sampling quadruplets: how many make an epoch (ZSE-SBIR's --datasetLen)")
     g.add_argument("--edge_maps", action=argparse.BooleanOptionalAction, default=True,
                    help="edge maps of the training photos as extra sketch-domain samples (pairs only)")
     g.add_argument("--thicken", type=float, default=0.0,
@@ -337,7 +340,7 @@ def measured_against(recipe: str, work: "Work") -> str:
 
 def check_args(args) -> None:
     apply_recipe(args)
-    for name in ("epochs", "batch_size", "print_every", "val_every"):
+    for name in ("epochs", "batch_size", "print_every", "val_every", "quadruplets_per_epoch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("lr", "margin"):
@@ -394,6 +397,10 @@ class TrainingLosses(nn.Module):
         return self.method.losses(self.model, batch, lambd, args)
 
 
+BATCH_TYPES = {"pairs": Pairs, "triplets": Triplets, "quadruplets": Quadruplets}  # --sampling -> its named batch
+IMAGES_PER_ITEM = {"pairs": 2, "triplets": 3, "quadruplets": 4}  # the images of one item of each, sketches first
+
+
 def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr: float, args,
                dtype: torch.dtype | None) -> dict:
     """One optimisation step on this process's share of the global batch (images already on the device).
@@ -404,7 +411,7 @@ def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
     with torch.autocast(batch[0].device.type, dtype=dtype, enabled=dtype is not None):
-        out = net((Pairs if args.sampling == "pairs" else Triplets)(*batch), lambd=lambd, args=args)
+        out = net(BATCH_TYPES[args.sampling](*batch), lambd=lambd, args=args)
     loss = out["loss"]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -753,26 +760,40 @@ def read_training_data(args, rank: int, world: int) -> tuple:
     n_val = [sum(map(len, val[d].values())) for d in ("sketches", "photos")]
     print(f"data {args.data_dir}: {len(data.seen)} seen / {len(data.unseen)} unseen classes; "
           f"train {n_train[0]} sketches + {n_train[1]} photos; val {n_val[0]} sketches + {n_val[1]} photos")
+    source = training_source(args, data, train, n_train, (rank, world))
+    source.store.pad = methods.get(args.method).pads_to_square  # before any image is read (dataset.ImageStore)
+    return data, val, source, training_data_record(args.data_dir, data, train, val)
+
+
+def training_source(args, data: dataset.SBIRData, train: dict, n_train: list, shard: tuple) -> dataset.StepBatches:
+    """The batches --sampling draws from the training split (this process's share: shard = (rank, world))."""
     if args.sampling == "pairs":
         source = dataset.PairedBatches(train, data.seen, args.image_size, args.batch_size, args.edge_maps, args.seed,
-                                       root=args.data_dir, shard=(rank, world))
+                                       root=args.data_dir, shard=shard)
         print(f"pairs: {len(source)} steps of {args.batch_size} photos + {args.batch_size} sketch-domain images "
               "per epoch")
         if len(source) < 1:
             raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[1]} training photos; "
                                   "lower it")
+    elif args.sampling == "quadruplets":
+        source = dataset.QuadrupletBatches(train, data.seen, args.image_size, args.batch_size,
+                                           args.quadruplets_per_epoch, args.seed, root=args.data_dir, shard=shard)
+        print(f"quadruplets: {len(source)} steps of {args.batch_size} per epoch "
+              f"(--quadruplets_per_epoch {args.quadruplets_per_epoch}), classes drawn uniformly")
+        if len(source) < 1:
+            raise utils.UserError(f"--batch_size {args.batch_size} is larger than --quadruplets_per_epoch "
+                                  f"{args.quadruplets_per_epoch}; lower it or raise that")
     else:
         semantic = data.train_embeddings if args.semantic_negatives else None
         print("negatives: " + ("by class-name similarity (train_embeddings.npy)" if semantic is not None
                                else "uniform over the other seen classes"))
         negatives = dataset.negative_class_probs(len(data.seen), semantic, args.semantic_temperature)
         source = dataset.TripletBatches(train, data.seen, args.image_size, args.batch_size, negatives, args.seed,
-                                        root=args.data_dir, shard=(rank, world))
+                                        root=args.data_dir, shard=shard)
         if len(source) < 1:
             raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {n_train[0]} training "
                                   "sketches; lower it")
-    source.store.pad = methods.get(args.method).pads_to_square  # before any image is read (dataset.ImageStore)
-    return data, val, source, training_data_record(args.data_dir, data, train, val)
+    return source
 
 
 def model_config(args) -> ModelConfig:
@@ -797,7 +818,10 @@ def build_model_and_optimizer(args, num_classes: int, device: torch.device, worl
         model = method.network(config, num_classes if uses_proxies else 0, start)
     except ValueError as e:  # a --weights file of another network
         raise utils.UserError(f"--weights {args.weights}: {e}; pass the weights of the whole {args.backbone} network "
-                              "(torchvision's, or open_clip's / OpenAI's for CLIP), or another --backbone") from None
+                              "(torchvision's, open_clip's / OpenAI's for CLIP, ZSE-SBIR's own for --method zse_sbir), "
+                              "or another --backbone") from None
+    if getattr(model, "start_note", ""):  # what a method's network made of a --weights file
+        print(model.start_note)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
@@ -1107,7 +1131,7 @@ def to_device_batch(batch, args, device, step: int, memory_format) -> list:
     draws the same ones."""
     rank, world = utils.rank_and_world()
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * world + rank)
-    n_images = 2 if args.sampling == "pairs" else 3
+    n_images = IMAGES_PER_ITEM[args.sampling]
     if not methods.get(args.method).augments:  # the images as they are, in [0, 1]
         return ([(x.to(device, non_blocking=True).float() / 255.0).contiguous(memory_format=memory_format)
                  for x in batch[:n_images]] + [x.to(device, non_blocking=True) for x in batch[n_images:]])

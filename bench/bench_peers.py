@@ -48,6 +48,7 @@ the first difference (open_clip's batch_first attention sees another memory layo
 """
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import os
 import sys
@@ -79,6 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="checkout of aneeshan95/Sketch_LVM at ca33be9 (src/clip/model.py appends the prompts): "
                         "their model beside model.PromptedCLIP; '' skips the model table")
     p.add_argument("--lvm_images", type=int, default=4, help="images per batch in the model table (224 px)")
+    p.add_argument("--zse_sbir_88f87f7", type=str, default="",
+                   help="checkout of buptLinfy/ZSE-SBIR at 88f87f7 (holds model/*.py, utils/loss.py): their model "
+                        "beside model.ZSESBIRNet as train.py builds it; '' skips that table")
+    p.add_argument("--zse_items", type=int, default=2, help="quadruplets (4 images each, 224 px) in the ZSE-SBIR table")
     p.add_argument("--embeddings", type=str, default="", help="evaluate.py --save_embeddings file instead of synthetic")
     p.add_argument("--queries", type=int, default=500, help="synthetic query sketches")
     p.add_argument("--gallery", type=int, default=2000, help="synthetic gallery photos")
@@ -633,6 +638,136 @@ def sketch_lvm_rows(lvm_dir: str, seed: int, images: int) -> list:
     return rows
 
 
+ZSE_ARGS = dict(d_model=768, cls_number=100, pretrained=False, head=8, number=1, d_ff=1024, anchor_number=49)
+ZSE_GRADS = ("vit.class_token", "stem.convs.0.weight", "vit.encoder.layers.encoder_layer_0.ln_1.weight",
+             "sketch_side.attention.in_proj_weight", "photo_side.norm1.weight", "relation.conv.weight",
+             "relation.mlp.0.weight")
+
+
+def zse_sbir_pair(zse_dir: str, seed: int, items: int):
+    """Their Model (88f87f7: model/*.py imported as a package under another name, options.py stubbed: model.py
+    imports it and never uses it) with seeded random weights and noise on every parameter, their utils/loss.py, and
+    ours as train.py builds it for configs/zse_sbir_vit_b16.yaml, given their weights (model.zse_sbir_state)."""
+    pkg_dir = os.path.join(zse_dir, "model")
+    if not os.path.isfile(os.path.join(pkg_dir, "model.py")):
+        sys.exit(f"error: {pkg_dir}/model.py not found; pass a checkout of buptLinfy/ZSE-SBIR at 88f87f7")
+    spec = importlib.util.spec_from_file_location("zse_sbir_model", os.path.join(pkg_dir, "__init__.py"),
+                                                  submodule_search_locations=[pkg_dir])
+    sys.modules["zse_sbir_model"] = importlib.util.module_from_spec(spec)
+    options = types.ModuleType("options")
+    options.Option = object
+    saved = sys.modules.get("options")
+    sys.modules["options"] = options
+    try:
+        their_model = importlib.import_module("zse_sbir_model.model")
+    finally:
+        sys.modules.pop("options") if saved is None else sys.modules.__setitem__("options", saved)
+    loss = load_module("zse_sbir_loss", os.path.join(zse_dir, "utils", "loss.py"))
+    zargs = types.SimpleNamespace(**ZSE_ARGS, batch=items)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        theirs = their_model.Model(zargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    args = train.get_args_parser().parse_args(["--data_dir", "-", "--recipe", "zse_sbir_vit_b16", "--device", "cpu"])
+    train.check_args(args)
+    net, optimizer = train.build_model_and_optimizer(args, 0, torch.device("cpu"))
+    state, unused = M.zse_sbir_state(theirs.state_dict())
+    net.load_state_dict(state)  # strict: every one of ours is given
+    net.normalize = torch.nn.Identity()  # the images here are random, already "normalised", for both
+    return theirs, loss, zargs, Ours(net=net, optimizer=optimizer, args=args), unused
+
+
+def zse_sbir_forward(theirs, ours: "Ours", images: list) -> dict:
+    """Both forwards of a quadruplet batch [sketch, other sketch, photo, other photo], as their train.py:42-52 and
+    ours (methods.ZSESBIR.losses) run it: class tokens after cross-attention (4B, 768) and relation scores (2B,)."""
+    sk, sk_neg, im, im_neg = images
+    cls_t, rn_t = theirs(torch.cat([sk, sk_neg]), torch.cat([im, im_neg]))
+    b = len(sk)
+    tokens = ours.net.tokens(torch.cat([sk, sk_neg, im, im_neg]))
+    s, p, score = ours.net.pair(tokens[:2 * b], tokens[2 * b:])
+    return {"cls_t": cls_t, "rn_t": rn_t.squeeze(1), "cls_o": torch.cat([s, p]), "rn_o": score}
+
+
+def zse_sbir_rows(zse_dir: str, seed: int, items: int) -> list:
+    theirs, loss, zargs, ours, unused = zse_sbir_pair(zse_dir, seed, items)
+    g = torch.Generator().manual_seed(seed + 1)
+    images = list(torch.randn(4, items, 3, 224, 224, generator=g))
+    rows = [("weights", "model.zse_sbir_state", "Model.state_dict()", float("nan"),
+             f"{sum(p.numel() for p in ours.net.parameters()):,} parameters given; theirs not used: "
+             f"{len(unused)} tensors, all under ca.encoder.layers (built, never called): "
+             f"{all(k.startswith('ca.encoder.layers.') for k in unused)}")]
+    theirs.eval(), ours.net.eval()  # dropout off on both sides
+    for dtype in (torch.float32, torch.float64):
+        theirs.to(dtype), ours.net.to(dtype)
+        with torch.no_grad():
+            out = zse_sbir_forward(theirs, ours, [x.to(dtype) for x in images])
+        for key, what in (("cls", "class tokens after cross-attention"), ("rn", "relation scores")):
+            diff = (out[f"{key}_o"] - out[f"{key}_t"]).abs().max().item()
+            top = out[f"{key}_t"].abs().max().item()
+            u = U32 if dtype == torch.float32 else U64
+            spread = f"; from {out[f'{key}_t'].min().item():.6g} to {out[f'{key}_t'].max().item():.6g}"
+            rows.append((f"{what}, {str(dtype)[6:]}", "ZSESBIRNet.tokens + pair", "Model.forward(sk, im, 'train')",
+                         diff, f"{tuple(out[f'{key}_t'].shape)}; relative to the largest |value| {top:.3g}: "
+                               f"{diff / top:.3g} = {diff / top / u:.3g} u" + spread))
+    theirs.float(), ours.net.float()
+    zse_sbir_training_rows(rows, theirs, loss, zargs, ours, images)
+    zse_sbir_metric_rows(rows, zse_dir, seed)
+    return rows
+
+
+def zse_sbir_training_rows(rows, theirs, loss, zargs, ours: "Ours", images: list) -> None:
+    """The loss of one batch (theirs: train.py:47-57 with utils/loss.py; ours: methods.ZSESBIR.losses as train.py's
+    step calls it) and the gradients after its backward, in float32 with dropout off."""
+    sk, sk_neg, im, im_neg = images
+    b = len(sk)
+    cls_t, rn_t = theirs(torch.cat([sk, sk_neg]), torch.cat([im, im_neg]))
+    target = torch.clamp(torch.cat([torch.ones(b), torch.zeros(b)]), 0.01, 0.99).unsqueeze(1)
+    loss_t = loss.triplet_loss(cls_t, zargs) * 2 + loss.rn_loss(rn_t, target) * 4
+    out = methods.get("zse_sbir").losses(ours.net, M.Quadruplets(sk, sk_neg, im, im_neg), 0.0, ours.args)
+    rows.append(("training loss", "methods.ZSESBIR.losses (train.py's step)", "2 triplet_loss + 4 rn_loss",
+                 abs(out["loss"].item() - loss_t.item()), f"{out['loss'].item():.9g} vs {loss_t.item():.9g} (triplet "
+                 f"{out['triplet'].item():.6g}, relation {out['relation'].item():.6g})"))
+    loss_t.backward()
+    out["loss"].backward()
+    theirs_g, _ = M.zse_sbir_state({n: p.grad for n, p in theirs.named_parameters() if p.grad is not None})
+    ours_g = {n: p.grad for n, p in ours.net.named_parameters() if p.grad is not None}
+    for name in ZSE_GRADS:
+        diff = (ours_g[name] - theirs_g[name]).abs().max().item()
+        top = theirs_g[name].abs().max().item()
+        rows.append((f"gradient {name}", "loss.backward()", "loss.backward()", diff,
+                     f"relative to the largest |grad| {top:.3g}: {diff / top:.3g}"))
+    common = [k for k in theirs_g if k in ours_g]
+    worst = max((ours_g[k] - theirs_g[k]).abs().max().item() / max(theirs_g[k].abs().max().item(), 1e-30)
+                for k in common)
+    rows.append(("gradients, every tensor", "loss.backward()", "loss.backward()",
+                 max((ours_g[k] - theirs_g[k]).abs().max().item() for k in common),
+                 f"tensors with a gradient {len(ours_g)} vs {len(theirs_g)}, the same names: "
+                 f"{set(ours_g) == set(theirs_g)}; largest |diff| relative to the tensor's largest |grad|: "
+                 f"{worst:.3g}"))
+
+
+def zse_sbir_metric_rows(rows, zse_dir: str, seed: int) -> None:
+    """Their utils/ap.py calculate (what their valid.py reports: mAP@all, mAP@200, P@100, P@200 of -scores as
+    distances) against metrics.score_matrix_metrics under --protocol zse-sbir, on one matrix of relation-like
+    scores in (0, 1) of 400 sketches x 1,500 photos of 10 classes (float64 draws, so no ties)."""
+    ap = load_module("zse_sbir_ap", os.path.join(zse_dir, "utils", "ap.py"))
+    g = np.random.default_rng(seed)
+    ql, gl = g.integers(0, 10, 400), g.integers(0, 10, 1500)
+    scores = 1 / (1 + np.exp(-(1.5 * (ql[:, None] == gl[None, :]) + g.normal(size=(400, 1500)))))
+    # it prints its time; threads, not processes: loky's workers could not import their module by its name here
+    with contextlib.redirect_stdout(open(os.devnull, "w")), joblib.parallel_backend("threading"):
+        theirs = ap.calculate(-scores, (ql[:, None] == gl[None, :]) * 1, test=True)
+    ours = metrics.score_matrix_metrics(torch.from_numpy(scores), torch.from_numpy(ql), torch.from_numpy(gl),
+                                        ks=KS, protocols=("zse-sbir",))["protocols"]["zse-sbir"]
+    for name, key, t in (("mAP@all", "map_all", theirs[0]), ("mAP@200", "map@200", theirs[1]),
+                         ("P@100", "p@100", theirs[2]), ("P@200", "p@200", theirs[3])):
+        rows.append((f"{name}, relation-like scores", "score_matrix_metrics, zse-sbir", "utils/ap.py calculate",
+                     abs(ours[key] - t), f"{ours[key]:.9f} vs {t:.9f}"))
+
+
 def print_rows(rows, ours_header: str) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
     print(f"{'setting':<{widths[0]}} | {ours_header:<{widths[1]}} | {'theirs (file:function)':<{widths[2]}}"
@@ -674,8 +809,9 @@ def metric_rows(args) -> list:
 def main(args) -> None:
     if args.sketch_lvm and not args.sem_pcyc:
         sys.exit("error: --sketch_lvm adds the fine-grained row to the --sem_pcyc table; pass --sem_pcyc DIR too")
-    if not (args.sem_pcyc or args.sketch_lvm_ca33be9):
-        sys.exit("error: nothing to compare; pass --sem_pcyc DIR (metrics) and/or --sketch_lvm_ca33be9 DIR (model)")
+    if not (args.sem_pcyc or args.sketch_lvm_ca33be9 or args.zse_sbir_88f87f7):
+        sys.exit("error: nothing to compare; pass --sem_pcyc DIR (metrics), --sketch_lvm_ca33be9 DIR and/or "
+                 "--zse_sbir_88f87f7 DIR (models)")
     print(f"numpy {np.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     if args.sem_pcyc:
         print_rows(metric_rows(args), "ours (metrics.py)")
@@ -684,6 +820,10 @@ def main(args) -> None:
               f"weights (seed {args.seed}), float32 on the CPU, batches of {args.lvm_images} random 224 px images")
         rows = sketch_lvm_rows(args.sketch_lvm_ca33be9, args.seed, args.lvm_images)
         print_rows(rows, "ours (train.py's model.SketchLVMNet)")
+    if args.zse_sbir_88f87f7:
+        print(f"ZSE-SBIR 88f87f7 ({args.zse_sbir_88f87f7}) beside model.ZSESBIRNet: the same random weights (seed "
+              f"{args.seed}), dropout off, on the CPU, {args.zse_items} quadruplets of random 224 px images")
+        print_rows(zse_sbir_rows(args.zse_sbir_88f87f7, args.seed, args.zse_items), "ours (train.py's ZSESBIRNet)")
 
 
 if __name__ == "__main__":

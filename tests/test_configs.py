@@ -79,7 +79,7 @@ def test_config_and_recipe_name_the_same_file_and_a_flag_wins(tmp_path):
 def test_published_settings_are_usable_and_say_where_each_value_comes_from(name):
     args = parse("--recipe", name, "--no-pretrained")
     train.check_args(args)
-    assert args.image_size == 224 and args.sampling == "triplets"
+    assert args.image_size == 224 and args.method == name.split("_")[0] + "_" + name.split("_")[1]
     text = open(os.path.join(train.CONFIG_DIR, name + ".yaml")).read()
     assert "CVPR 2023" in text and "github.com/" in text and "at commit" in text
     for key in ("backbone", "image_size", "embedding_dim", "batch_size", "lr", "weight_decay"):
@@ -114,7 +114,7 @@ def test_help_shows_real_defaults_in_groups():
     ("epochs: 2.5\n", "epochs must be an integer, got 2.5"),
     ("lr: true\n", "lr must be a number, got True"),
     ("shared_trunk: 1\n", "shared_trunk must be true or false, got 1"),
-    ("sampling: quads\n", "sampling must be one of pairs, triplets, got 'quads'"),
+    ("sampling: quads\n", "sampling must be one of pairs, triplets, quadruplets, got 'quads'"),
     ("backbone: null\n", "backbone must be a string, got None"),
 ])
 def test_a_bad_config_is_one_line(tmp_path, content, fragment):

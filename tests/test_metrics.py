@@ -823,3 +823,35 @@ def test_cuda_matches_cpu(monkeypatch):
     # (u = 2^-53, Higham 2002, section 4.2).
     n_queries, n_gallery = len(data[1]), len(data[3])
     assert_same_results(cpu, cuda, atol=2 * (n_gallery + n_queries) * 2.0 ** -53)
+
+
+def test_given_scores_rank_as_the_scores_they_are():
+    """score_matrix_metrics (a relation network's scores, say) gives what retrieval_metrics gives for the same
+    scores: -Hamming distances of packed codes, full of ties, given as a float matrix, under every protocol and
+    cut-off, bit for bit; columns in any order; and a NaN, a wrong shape or integer scores are refused."""
+    g = torch.Generator().manual_seed(0)
+    q_codes = torch.randint(0, 256, (40, 2), generator=g, dtype=torch.uint8)
+    g_codes = torch.randint(0, 256, (90, 2), generator=g, dtype=torch.uint8)
+    q_labels, g_labels = torch.randint(0, 4, (40,), generator=g), torch.randint(0, 4, (90,), generator=g)
+    kw = dict(ks=(5, 20), protocols=metrics.PROTOCOLS, pr_points=11)
+    want = metrics.retrieval_metrics(q_codes, q_labels, g_codes, g_labels, score="hamming", **kw)
+    scores = -metrics.hamming_distance(q_codes, g_codes).float()  # (40, 90)
+    got = metrics.score_matrix_metrics(scores, q_labels, g_labels, **kw)
+    perm = torch.randperm(90, generator=g)
+    shuffled = metrics.score_matrix_metrics(scores[:, perm], q_labels, g_labels[perm], **kw)
+    for out in (got, shuffled):
+        for name in metrics.PROTOCOLS:
+            for key, value in want["protocols"][name].items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(out["protocols"][name][key], value), (name, key)
+                elif not isinstance(value, dict):
+                    assert out["protocols"][name][key] == value, (name, key)
+        assert torch.equal(out["pr_curve"]["precision"], want["pr_curve"]["precision"])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metrics.score_matrix_metrics(scores.masked_fill(scores == scores.min(), float("nan")), q_labels, g_labels)
+    with pytest.raises(ValueError, match=r"expected \(Q, N\) scores for 90 gallery items"):
+        metrics.score_matrix_metrics(scores[:, :80], q_labels, g_labels)
+    with pytest.raises(ValueError, match="scores must be floating point"):
+        metrics.score_matrix_metrics(scores.long(), q_labels, g_labels)
+    with pytest.raises(ValueError, match="score_matrix_metrics"):
+        metrics.retrieval_metrics(scores, q_labels, scores.T, g_labels, score="given")
