@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import dataset
 import metrics
@@ -37,6 +38,8 @@ EMBEDDINGS_FORMAT = "zs-sbir-embeddings/1"
 KS = (100, 200)
 TASKS = ("zs", "gzs", "fg")
 FG_KS = (1, 5)
+SCORED_BY = ("embedding", "relation")  # --score: cosine of embeddings, or a relation network over every pair
+RELATION_TOKENS = 256 * 197  # tokens of the sketch-photo pairs scored at once: 256 pairs at 224 px (memory bound)
 ITQ_ITERATIONS, ITQ_SEED = 50, 0  # both papers' code alternates 50 times; the textbook variant's initial rotation
 
 
@@ -81,6 +84,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="--hash_bits' ITQ rotation, both fitted on the query sketches with each side centred on its "
                         "own mean: textbook (the Procrustes optimum) or sem-pcyc (SEM-PCYC's code, to compare with "
                         "its published numbers)")
+    p.add_argument("--score", type=str, default="embedding", choices=SCORED_BY,
+                   help="how a sketch scores a photo: embedding, the cosine of their embeddings (every model); "
+                        "relation, the relation network over every sketch-photo pair (--method zse_sbir models: "
+                        "their -r rn; docs/zse_sbir.md gives its cost)")
     p.add_argument("--trained_labels", type=str, default="",
                    help="label file of the classes the model trained on, for a cross-dataset run (default: the "
                         "checkpoint's training data's train_labels.txt)")
@@ -115,6 +122,9 @@ def check_args(args) -> None:
     if args.split not in ("test", "val"):  # one meaning in every script: which images, never which classes
         raise utils.UserError(f"--split takes test or val, not {args.split!r}; a named class split is chosen "
                               f"with --class_split {args.split}")
+    if args.score == "relation" and (args.embeddings or any(args.hash_bits) or args.compare_untrained):
+        raise utils.UserError("--score relation scores sketch-photo pairs with the model's relation network: pass "
+                              "--model and --data_dir, without --embeddings, --hash_bits or --compare_untrained")
     if args.embeddings:
         if len(args.task) > 1:
             raise utils.UserError(f"an --embeddings file holds the images of one task; pass one --task, not "
@@ -320,6 +330,23 @@ def fine_grained_within_class(q, q_labels, g, g_labels, targets, ks=FG_KS, score
     return {f"acc@{k}": float(h) / max(q.shape[0], 1) for k, h in zip(ks, hits)}
 
 
+def fine_grained_of_scores(scores: torch.Tensor, q_labels, g_labels, targets: torch.Tensor) -> tuple[dict, dict]:
+    """fine_grained_accuracy and fine_grained_within_class of given scores (Q, N) (--score relation), with the
+    same rank: the target counts itself and every photo scoring as high, a tie counting against it."""
+    def acc(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (k,) hits of these rows
+        rank = (s >= s.gather(1, t[:, None])).sum(1)  # (B,)
+        return torch.tensor([float((rank <= k).sum()) for k in FG_KS], dtype=torch.float64)
+    mixed = acc(scores, targets) / scores.shape[0]
+    own = torch.zeros(len(FG_KS), dtype=torch.float64)
+    for c in torch.unique(q_labels).tolist():
+        rows, cols = torch.nonzero(q_labels == c).flatten(), torch.nonzero(g_labels == c).flatten()
+        position = torch.full((scores.shape[1],), -1, dtype=torch.int64)
+        position[cols] = torch.arange(cols.numel())
+        own += acc(scores[rows][:, cols], position[targets[rows]])
+    own /= max(scores.shape[0], 1)
+    return ({f"acc@{k}": float(v) for k, v in zip(FG_KS, mixed)}, {f"acc@{k}": float(v) for k, v in zip(FG_KS, own)})
+
+
 def check_hash_bits(bits: int, dim: int, source: str) -> None:
     """--hash_bits against the embedding size ``dim`` of ``source`` (a model or an embeddings file), before any
     embedding work: ITQ keeps at most one bit per dimension."""
@@ -377,6 +404,35 @@ def embed_split(model, sketches, photos, image_size: int, args, device) -> tuple
     g = utils.embed_images(model.photo_encoder, photos[0], desc="embed photos", **common)      # (N, D)
     seconds = time.perf_counter() - start
     return q, g, (len(sketches[0]) + len(photos[0])) / max(seconds, 1e-9)
+
+
+def relation_tokens(model, sketches, photos, image_size: int, args, device) -> tuple:
+    """embed_split for --score relation: every self-attention token of each image, computed once, flattened
+    ((Q, L W), (N, L W)); also images per second."""
+    model.to(device)
+    common = dict(image_size=image_size, batch_size=args.batch_size, workers=args.workers, device=device,
+                  amp=args.amp)
+    start = time.perf_counter()
+    q = utils.embed_images(model.token_encoder, sketches[0], desc="sketch tokens", **common)  # (Q, L W)
+    g = utils.embed_images(model.token_encoder, photos[0], desc="photo tokens", **common)     # (N, L W)
+    return q, g, (len(sketches[0]) + len(photos[0])) / max(time.perf_counter() - start, 1e-9)
+
+
+def relation_scores(model, q: torch.Tensor, g: torch.Tensor, args, device) -> tuple:
+    """The relation score of every sketch with every photo (Q, N) from their tokens (relation_tokens), printed with
+    its pairs per second; and the retrieval tokens (Q, 768), (N, 768) the tokens also hold (saved with
+    --save_embeddings, as a model's embeddings)."""
+    width = 768
+    s, p = q.view(q.shape[0], -1, width), g.view(g.shape[0], -1, width)  # (Q, L, W), (N, L, W)
+    start = time.perf_counter()
+    with torch.no_grad(), torch.autocast(device.type, dtype=utils.amp_dtype(device, args.amp),
+                                         enabled=utils.amp_dtype(device, args.amp) is not None):
+        pairs = max(1, RELATION_TOKENS // s.shape[1])  # the same memory at any image size
+        scores = model.eval().relation_scores(s.to(device), p.to(device), pairs).float().cpu()
+    seconds = time.perf_counter() - start
+    print(f"relation scores: {scores.numel():,} sketch-photo pairs in {seconds:.1f} s "
+          f"({scores.numel() / max(seconds, 1e-9):.1f} pairs/s)")
+    return F.normalize(s[:, 0], dim=1), F.normalize(p[:, 0], dim=1), scores
 
 
 def save_embeddings(path: str, run: dict) -> None:
@@ -546,7 +602,10 @@ def write_grids(q: torch.Tensor, g: torch.Tensor, sketches, photos, classes, arg
     k = min(args.num_images, len(photos[0]))
     if len(picks) == 0 or k == 0:
         return []
-    if score == "hamming":
+    if score == "given":  # q holds the (Q, N) scores
+        top = torch.topk(q[torch.as_tensor(picks)], k, dim=1)
+        order, captions = top.indices, [[f"relation {s:.3f}" for s in r] for r in top.values.tolist()]
+    elif score == "hamming":
         dist = metrics.hamming_distance(q[torch.as_tensor(picks)], g)  # (n, N)
         order = dist.sort(dim=1, stable=True).indices[:, :k]  # (n, k)
         captions = [[f"{d} of {8 * g.shape[1]} bits differ" for d in r] for r in dist.gather(1, order).tolist()]
@@ -595,6 +654,7 @@ class Embedded:
     untrained: tuple = ()           # (queries, gallery) of the untrained network, with --compare_untrained
     info: dict | None = None        # the setting's facts for results.json (task_images)
     targets: torch.Tensor | None = None  # fg: (Q,) gallery position of each query's own photo
+    scores: torch.Tensor | None = None  # (Q, G) relation scores, with --score relation
 
 
 def embeddings_from_file(args, run: dict, ckpt: dict | None) -> Embedded:
@@ -650,8 +710,12 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
         raise utils.UserError(f"the {args.split} split of {args.data_dir} has {len(sketches[0])} sketches and "
                               f"{len(photos[0])} photos; it needs both (for --split val, train with "
                               "--val_fraction > 0)")
-    q, g, throughput = embed_split(utils.build_model(ckpt, args.model, trained=True), sketches, photos,
-                                   cfg.image_size, args, device)
+    model = utils.build_model(ckpt, args.model, trained=True)
+    if args.score == "relation" and not hasattr(model, "relation_scores"):
+        raise utils.UserError(f"--score relation needs a model with a relation network (--method zse_sbir); "
+                              f"{args.model} is {utils.network_text(cfg)}: leave out --score")
+    split = relation_tokens if args.score == "relation" else embed_split
+    q, g, throughput = split(model, sketches, photos, cfg.image_size, args, device)
     untrained = ()
     if args.compare_untrained:  # embedded here, while every process still takes part
         untrained = embed_split(utils.build_model(ckpt, args.model, trained=False), sketches, photos, cfg.image_size,
@@ -659,26 +723,35 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
     if rank != 0:
         return None
     targets = None if images.targets is None else torch.tensor(images.targets, dtype=torch.int64)
+    scores = None
+    if args.score == "relation":  # q and g hold every token: the relation scores, then the retrieval tokens
+        q, g, scores = relation_scores(model, q, g, args, device)
     emb = Embedded(classes, q, torch.tensor(sketches[1], dtype=torch.int64), g,
                    torch.tensor(photos[1], dtype=torch.int64), throughput, args.model, args.data_dir, class_split,
-                   sketches, photos, untrained, images.info, targets)
+                   sketches, photos, untrained, images.info, targets, scores)
     print(f"embedded {len(sketches[0]) + len(photos[0])} images at {throughput:.1f} images/s")
     if args.save_embeddings:
-        root = os.path.abspath(args.data_dir)
-        save_embeddings(args.save_embeddings, {
-            "queries": q, "query_labels": emb.q_labels, "query_paths": [os.path.relpath(p, root) for p in sketches[0]],
-            "gallery": g, "gallery_labels": emb.g_labels,
-            "gallery_paths": [os.path.relpath(p, root) for p in photos[0]],
-            "classes": list(classes), "split": args.split, "data": root, "throughput": throughput,
-            "class_split": class_split, "task": args.task, "task_info": images.info,
-            **({} if targets is None else {"query_targets": targets}),
+        save_embeddings(args.save_embeddings, embeddings_record(args, emb, ckpt, trained))
+        print(f"saved embeddings to {args.save_embeddings}")
+    return emb
+
+
+def embeddings_record(args, emb: Embedded, ckpt: dict, trained: list | None) -> dict:
+    """What --save_embeddings keeps of a model's embeddings: them, their labels and relative paths, the task, the
+    data and the model's identity (load_embeddings and the checks of --embeddings read it)."""
+    root, cfg = os.path.abspath(args.data_dir), utils.checkpoint_model(ckpt)
+    return {"queries": emb.q, "query_labels": emb.q_labels,
+            "query_paths": [os.path.relpath(p, root) for p in emb.sketches[0]],
+            "gallery": emb.g, "gallery_labels": emb.g_labels,
+            "gallery_paths": [os.path.relpath(p, root) for p in emb.photos[0]],
+            "classes": list(emb.classes), "split": args.split, "data": root, "throughput": emb.throughput,
+            "class_split": emb.class_split, "task": args.task, "task_info": emb.info,
+            **({} if emb.targets is None else {"query_targets": emb.targets}),
             **({} if trained is None else {"trained_classes": list(trained)}),
             "model": {"path": os.path.abspath(args.model), "epoch": ckpt["epoch"], "step": ckpt["step"],
                       "fingerprint": utils.model_fingerprint(ckpt),
                       "backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim, "image_size": cfg.image_size,
-                      "val_fraction": a["val_fraction"]}})
-        print(f"saved embeddings to {args.save_embeddings}")
-    return emb
+                      "val_fraction": ckpt["args"]["val_fraction"]}}
 
 
 def classes_without_photos(emb: Embedded, split: str) -> list:
@@ -792,11 +865,15 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> dict:
     names = list(metrics.PROTOCOLS) if args.protocol == "all" else [args.protocol]
     missing = classes_without_photos(emb, args.split)
     emb, hashing = hash_embeddings(emb, args) if args.hash_bits else (emb, None)
-    measure = "hamming" if hashing else "cosine"
+    measure = "hamming" if hashing else ("given" if emb.scores is not None else "cosine")
     start = time.perf_counter()
     try:
-        res = metrics.retrieval_metrics(emb.q, emb.q_labels, emb.g, emb.g_labels, ks=KS, protocols=names, pr_points=101,
-                                        score=measure)
+        if emb.scores is not None:
+            res = metrics.score_matrix_metrics(emb.scores, emb.q_labels, emb.g_labels, ks=KS, protocols=names,
+                                               pr_points=101)
+        else:
+            res = metrics.retrieval_metrics(emb.q, emb.q_labels, emb.g, emb.g_labels, ks=KS, protocols=names,
+                                            pr_points=101, score=measure)
     except ValueError as e:  # e.g. NaN embeddings from a diverged model
         raise utils.UserError(f"cannot compute the metrics: {e}") from None
     results = retrieval_record(emb, args, commit, res, names, time.perf_counter() - start)
@@ -820,7 +897,8 @@ def score(emb: Embedded, args, commit: str, out_dir: str) -> dict:
     plot_pr_curve(results["pr_curve"], label, os.path.join(out_dir, "pr_curve.png"))
     plot_per_class_ap(results["protocols"][head]["per_class_ap"], chance, os.path.join(out_dir, "per_class_ap.png"))
     if emb.sketches:
-        results["grids"] = write_grids(emb.q, emb.g, emb.sketches, emb.photos, emb.classes, args, out_dir, measure)
+        q = emb.scores if measure == "given" else emb.q  # "given": the rows of the relation scores rank the photos
+        results["grids"] = write_grids(q, emb.g, emb.sketches, emb.photos, emb.classes, args, out_dir, measure)
     else:
         results["grids"] = []
         print("no retrieval grids from --embeddings (they need the images)")
@@ -837,6 +915,7 @@ def retrieval_record(emb: Embedded, args, commit: str, res: dict, names: list, s
     numbers, the standard protocol's also at the top level."""
     results = {"model": emb.model, "data": emb.data, "split": args.split, "class_split": emb.class_split or None,
                "embeddings": args.embeddings or None, "commit": commit, "task": args.task,
+               "scored_by": "relation" if emb.scores is not None else "embedding",
                **{k: v for k, v in (emb.info or {}).items() if k != "task"},
                "num_queries": res["num_queries"], "num_gallery": int(emb.g.shape[0]), "num_classes": len(emb.classes),
                "num_queries_without_relevant": res["num_queries_without_relevant"],
@@ -867,14 +946,18 @@ def score_fine_grained(emb: Embedded, args, commit: str, out_dir: str) -> dict:
     emb, hashing = hash_embeddings(emb, args) if args.hash_bits else (emb, None)
     measure = "hamming" if hashing else "cosine"
     start = time.perf_counter()
-    mixed = fine_grained_accuracy(emb.q, emb.g, emb.targets, FG_KS, score=measure)
-    own = fine_grained_within_class(emb.q, emb.q_labels, emb.g, emb.g_labels, emb.targets, FG_KS, score=measure)
+    if emb.scores is not None:
+        mixed, own = fine_grained_of_scores(emb.scores, emb.q_labels, emb.g_labels, emb.targets)
+    else:
+        mixed = fine_grained_accuracy(emb.q, emb.g, emb.targets, FG_KS, score=measure)
+        own = fine_grained_within_class(emb.q, emb.q_labels, emb.g, emb.g_labels, emb.targets, FG_KS, score=measure)
     metric_seconds = time.perf_counter() - start
     per_class = torch.bincount(emb.g_labels, minlength=len(emb.classes))[emb.q_labels].double()  # (Q,) its photos
     chance = {"all": {f"acc@{k}": min(k / emb.g.shape[0], 1.0) for k in FG_KS},
               "class": {f"acc@{k}": float(torch.clamp(k / per_class, max=1.0).mean()) for k in FG_KS}}
     results = {"model": emb.model, "data": emb.data, "split": args.split, "class_split": emb.class_split or None,
                "embeddings": args.embeddings or None, "commit": commit, "task": "fg",
+               "scored_by": "relation" if emb.scores is not None else "embedding",
                **{k: v for k, v in (emb.info or {}).items() if k != "task"},
                "num_queries": int(emb.q.shape[0]), "num_gallery": int(emb.g.shape[0]), "num_classes": len(emb.classes),
                "throughput_images_per_s": emb.throughput, "metrics_seconds": metric_seconds,

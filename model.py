@@ -802,6 +802,7 @@ class ZSESBIRNet(nn.Module):
         self.start_note = self.load_start(start) if isinstance(start, dict) else ""
         object.__setattr__(self, "sketch_encoder", RetrievalToken(self))
         object.__setattr__(self, "photo_encoder", RetrievalToken(self))
+        object.__setattr__(self, "token_encoder", RetrievalToken(self, tokens=True))
 
     def load_start(self, state: dict) -> str:
         """Start from a state dict under this network's names or their code's (a whole Model, or sam_ViT-B_16.pth's
@@ -858,14 +859,17 @@ class ZSESBIRNet(nn.Module):
 
 
 class RetrievalToken(nn.Module):
-    """ZSESBIRNet's retrieval embedding of images (B, 3, S, S): the self-attention class token, unit length."""
+    """ZSESBIRNet's retrieval embedding of images (B, 3, S, S): the self-attention class token, unit length (B, 768);
+    with ``tokens``, all of an image's self-attention tokens, flattened (B, (1 + g*g) 768), for the relation scores
+    (ZSESBIRNet.relation_scores) of an embedding loop that keeps (B, D) rows."""
 
-    def __init__(self, net: ZSESBIRNet):
+    def __init__(self, net: ZSESBIRNet, tokens: bool = False):
         super().__init__()
-        self.net = net
+        self.net, self.all_tokens = net, tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(at_least_float32(self.net.tokens(x)[:, 0]), dim=1)
+        t = self.net.tokens(x)  # (B, 1 + g*g, 768)
+        return at_least_float32(t).flatten(1) if self.all_tokens else F.normalize(at_least_float32(t[:, 0]), dim=1)
 
 
 # Their parameter names (model/*.py at 88f87f7: a whole Model's "sa.model.*", "ca.*", "rn.*", "conv2d.*", or

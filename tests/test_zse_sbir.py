@@ -2,8 +2,10 @@
 docs/zse_sbir.md, written out here in float64 from their code at 88f87f7 (model/ca.py, model/rn.py,
 model/model.py, utils/loss.py, data_utils/dataset.py). Their code itself runs beside ours in
 bench/bench_peers.py --zse_sbir_88f87f7."""
+import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import dataset
+import evaluate
 import methods
+import metrics
 import model as M
 import train
 import utils
@@ -217,6 +221,46 @@ def test_zse_sbir_trains_and_evaluates_by_its_retrieval_token_end_to_end(tmp_pat
                    "--device", "cpu", "--output_dir", str(tmp_path / "eval"))
     assert out.returncode == 0, out.stderr
     assert "zse_sbir (vit_b_16), 768-d, 32px" in out.stdout
+    out = run_main("evaluate.py", "--model", os.path.join(ckpt, "best.pth"), "--data_dir", data, "--workers", "0",
+                   "--device", "cpu", "--output_dir", str(tmp_path / "rel"), "--score", "relation", "--task", "zs",
+                   "gzs", "--num_sketches", "1")
+    assert out.returncode == 0, out.stderr
+    pairs = re.findall(r"relation scores: ([\d,]+) sketch-photo pairs", out.stdout)
+    assert [int(n.replace(",", "")) for n in pairs] == [12 * 12, 14 * 14]  # zs; gzs with its drawn seen images
+    for task in ("zs", "gzs"):
+        with open(tmp_path / "rel" / task / "results.json") as f:
+            assert json.load(f)["scored_by"] == "relation"
+    assert os.path.exists(tmp_path / "rel" / "zs" / "grid_00_circle.png") or \
+        os.path.exists(tmp_path / "rel" / "zs" / "grid_00_star.png")
+
+
+def test_fine_grained_accuracy_of_given_scores_ranks_as_the_embeddings_do():
+    """--task fg with --score relation: evaluate.fine_grained_of_scores on -Hamming distances given as scores (ties
+    everywhere) equals evaluate's acc@k of the codes themselves, over every photo and within each class."""
+    g = torch.Generator().manual_seed(0)
+    q, p = (torch.randint(0, 256, (n, 1), generator=g, dtype=torch.uint8) for n in (30, 30))
+    q_labels = g_labels = torch.arange(30) % 3
+    targets = torch.randperm(30, generator=g)
+    targets = torch.stack([targets[(targets % 3) == c][0] for c in q_labels.tolist()])  # a photo of its class
+    scores = -metrics.hamming_distance(q, p).double()
+    mixed, own = evaluate.fine_grained_of_scores(scores, q_labels, g_labels, targets)
+    assert mixed == evaluate.fine_grained_accuracy(q, p, targets, score="hamming")
+    assert own == evaluate.fine_grained_within_class(q, q_labels, p, g_labels, targets, score="hamming")
+    assert 0 < mixed["acc@5"] < 1
+
+
+def test_relation_scoring_needs_a_relation_network(tmp_path):
+    """--score relation on a model without one (the SBIR model here) is one line, as are the flags it cannot take."""
+    data = make_tiny_dataset(str(tmp_path / "data"))
+    fake = str(tmp_path / "x.pth")
+    out = run_main("evaluate.py", "--embeddings", fake, "--score", "relation")
+    assert out.returncode == 2 and "--score relation scores sketch-photo pairs" in out.stderr
+    from test_retrieve import save_tiny_checkpoint
+    ckpt = save_tiny_checkpoint(str(tmp_path / "sbir.pth"))
+    out = run_main("evaluate.py", "--model", ckpt, "--data_dir", data, "--score", "relation", "--device", "cpu",
+                   "--workers", "0", "--output_dir", str(tmp_path / "e"))
+    assert out.returncode == 2 and "--score relation needs a model with a relation network" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("extra, fragment", [
