@@ -15,6 +15,8 @@
 #   sketch_lvm   train.py --recipe sketch_lvm_clip_vit_b32 (Sketch_LVM's method, methods.SketchLVM) on random CLIP
 #                weights, the bench data at 224 px in batches of 192 triplets, 1 epoch; then evaluate.py on it (needs
 #                open_clip: setup). Random weights learn next to nothing: this checks that the method runs on a GPU
+#   zse_sbir     train.py --recipe zse_sbir_vit_b16 (ZSE-SBIR's method, methods.ZSESBIR) on random weights, the bench
+#                data at 224 px, 60 quadruplets; then evaluate.py --score relation on it, which prints its pairs/s
 #   emoji train  train.py on emoji-dev at 128 px, --no-pretrained, --budget_minutes 3 (less if time runs short)
 #   emoji eval   evaluate.py on its best.pth: unseen-class mAP@all
 # Writes to --out (default $OUT if set, else runs/gpu_check): gpu_check.log, summary.txt, emoji_eval.json,
@@ -167,6 +169,19 @@ import json, sys; r = json.load(open(sys.argv[1]))
 print("unseen mAP@all {:.4f} (chance {:.4f})".format(r["map_all"], r["chance_map_all"]))' "$WORK/lvm_eval/results.json")"
 }
 
+zse_sbir() {  # ZSE-SBIR's method on random weights: a few steps, then scored by its relation network
+  local size=224 per=60
+  $DRY && size=32 per=30
+  [ -f "$WORK/bench_data/.demo_data" ] || { FIG="no bench data"; return 1; }
+  logged "$WORK/zse_train.txt" 100 "$PY" train.py --data_dir "$WORK/bench_data" --recipe zse_sbir_vit_b16 \
+    --image_size "$size" --quadruplets_per_epoch "$per" --epochs 1 --print_every 2 \
+    --checkpoint_dir "$WORK/zse" --workers "$WORKERS" --device "$DEVICE" || return
+  logged "$WORK/zse_eval.txt" 90 "$PY" evaluate.py --model "$WORK/zse/best.pth" --data "$WORK/bench_data" \
+    --score relation --num_sketches 0 --output_dir "$WORK/zse_eval" --workers "$WORKERS" --device "$DEVICE" || return
+  FIG="$(grep -o '^done: [^;]*' "$WORK/zse_train.txt" | sed 's/^done: //') at ${size}px; $(grep -o 'relation scores: .*' \
+    "$WORK/zse_eval.txt" | head -1)"
+}
+
 emoji_train() {
   local budget rc
   EMOJI_DATA=$EMOJI
@@ -226,6 +241,7 @@ main() {
   step "bench vgg16" bench vgg16
   step "bench resnet50" bench resnet50
   step "sketch_lvm" sketch_lvm
+  step "zse_sbir" zse_sbir
   step "emoji train" emoji_train
   step "emoji eval" emoji_eval
   for i in "${RESULTS[@]}"; do case $i in FAIL|TIMEOUT) bad=$((bad + 1)) ;; esac; done
