@@ -22,6 +22,7 @@ by Hamming distance, instead of on the float embeddings (docs/metrics.md, "Hashe
 import argparse
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass, replace
 
@@ -40,6 +41,7 @@ TASKS = ("zs", "gzs", "fg")
 FG_KS = (1, 5)
 SCORED_BY = ("embedding", "relation")  # --score: cosine of embeddings, or a relation network over every pair
 RELATION_TOKENS = 256 * 197  # tokens of the sketch-photo pairs scored at once: 256 pairs at 224 px (memory bound)
+RELATION_WIDTH = 768  # ZSE-SBIR's token width
 ITQ_ITERATIONS, ITQ_SEED = 50, 0  # both papers' code alternates 50 times; the textbook variant's initial rotation
 
 
@@ -406,33 +408,55 @@ def embed_split(model, sketches, photos, image_size: int, args, device) -> tuple
     return q, g, (len(sketches[0]) + len(photos[0])) / max(seconds, 1e-9)
 
 
-def relation_tokens(model, sketches, photos, image_size: int, args, device) -> tuple:
-    """embed_split for --score relation: every self-attention token of each image, computed once, flattened
-    ((Q, L W), (N, L W)); also images per second."""
-    model.to(device)
-    common = dict(image_size=image_size, batch_size=args.batch_size, workers=args.workers, device=device,
-                  amp=args.amp)
-    start = time.perf_counter()
-    q = utils.embed_images(model.token_encoder, sketches[0], desc="sketch tokens", **common)  # (Q, L W)
-    g = utils.embed_images(model.token_encoder, photos[0], desc="photo tokens", **common)     # (N, L W)
-    return q, g, (len(sketches[0]) + len(photos[0])) / max(time.perf_counter() - start, 1e-9)
+def token_batches(model, paths: list, image_size: int, args, device, desc: str):
+    """(B, L, W) self-attention tokens of the images at ``paths``, batch by batch (ZSESBIRNet.token_encoder)."""
+    files = dataset.ImageFilesDataset(paths, image_size, upright=False, tolerant=False)
+    loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", worker_init_fn=utils.seed_worker)
+    for emb, _ in utils.embed_batches(model.token_encoder, loader, device, args.amp, desc=desc):
+        yield emb.view(emb.shape[0], -1, RELATION_WIDTH)
 
 
-def relation_scores(model, q: torch.Tensor, g: torch.Tensor, args, device) -> tuple:
-    """The relation score of every sketch with every photo (Q, N) from their tokens (relation_tokens), printed with
-    its pairs per second; and the retrieval tokens (Q, 768), (N, 768) the tokens also hold (saved with
-    --save_embeddings, as a model's embeddings)."""
-    width = 768
-    s, p = q.view(q.shape[0], -1, width), g.view(g.shape[0], -1, width)  # (Q, L, W), (N, L, W)
-    start = time.perf_counter()
-    with torch.no_grad(), torch.autocast(device.type, dtype=utils.amp_dtype(device, args.amp),
-                                         enabled=utils.amp_dtype(device, args.amp) is not None):
-        pairs = max(1, RELATION_TOKENS // s.shape[1])  # the same memory at any image size
-        scores = model.eval().relation_scores(s.to(device), p.to(device), pairs).float().cpu()
-    seconds = time.perf_counter() - start
-    print(f"relation scores: {scores.numel():,} sketch-photo pairs in {seconds:.1f} s "
-          f"({scores.numel() / max(seconds, 1e-9):.1f} pairs/s)")
-    return F.normalize(s[:, 0], dim=1), F.normalize(p[:, 0], dim=1), scores
+def relation_split(model, sketches, photos, image_size: int, args, device) -> tuple:
+    """--score relation: every image's self-attention once; the photos' tokens in a file (a memory map of
+    N x L x W float32 in the system's temporary folder: 0.6 MB a photo at 224 px), the sketches' one embedding
+    batch (--batch_size) at a time, each batch scored against every photo by ZSESBIRNet.relation_scores, which reads
+    the photos' tokens block by block. Memory holds a block of each, and the (Q, N) scores. Returns the retrieval
+    tokens (Q, 768) and (N, 768) (what --save_embeddings keeps), the scores, and images per second."""
+    if utils.rank_and_world()[1] > 1:
+        raise utils.UserError("--score relation runs in one process: launch evaluate.py without torchrun")
+    model.to(device).eval()
+    length = model.relation.grid ** 2 + 1
+    start, scoring = time.perf_counter(), 0.0
+    with tempfile.TemporaryDirectory(prefix="relation_tokens_") as tmp:
+        photo_tokens = np.lib.format.open_memmap(os.path.join(tmp, "photos.npy"), mode="w+", dtype=np.float32,
+                                                 shape=(len(photos[0]), length, RELATION_WIDTH))
+        row, g = 0, []
+        for t in token_batches(model, photos[0], image_size, args, device, "photo tokens"):
+            photo_tokens[row:row + len(t)], row = t.numpy(), row + len(t)
+            g.append(F.normalize(t[:, 0], dim=1))
+        p = torch.from_numpy(photo_tokens)  # (N, L, W) on the file: read block by block
+        q, rows = [], []
+        for t in token_batches(model, sketches[0], image_size, args, device, "sketch tokens"):
+            q.append(F.normalize(t[:, 0], dim=1))
+            t0 = time.perf_counter()
+            rows.append(relation_block(model, t, p, args, device))
+            scoring += time.perf_counter() - t0
+        del p, photo_tokens
+    scores = torch.cat(rows)
+    print(f"relation scores: {scores.numel():,} sketch-photo pairs in {scoring:.1f} s "
+          f"({scores.numel() / max(scoring, 1e-9):.1f} pairs/s)")
+    images = len(sketches[0]) + len(photos[0])
+    return torch.cat(q), torch.cat(g), scores, images / max(time.perf_counter() - start - scoring, 1e-9)
+
+
+def relation_block(model, sketch_tokens: torch.Tensor, photo_tokens: torch.Tensor, args, device) -> torch.Tensor:
+    """The relation scores (B, N) of a batch of sketches' tokens against every photo's, under --amp's autocast,
+    RELATION_TOKENS tokens of pairs at a time (the same memory at any image size)."""
+    dtype = utils.amp_dtype(device, args.amp)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        pairs = max(1, RELATION_TOKENS // sketch_tokens.shape[1])
+        return model.relation_scores(sketch_tokens.to(device), photo_tokens, pairs).float().cpu()
 
 
 def save_embeddings(path: str, run: dict) -> None:
@@ -714,8 +738,11 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
     if args.score == "relation" and not hasattr(model, "relation_scores"):
         raise utils.UserError(f"--score relation needs a model with a relation network (--method zse_sbir); "
                               f"{args.model} is {utils.network_text(cfg)}: leave out --score")
-    split = relation_tokens if args.score == "relation" else embed_split
-    q, g, throughput = split(model, sketches, photos, cfg.image_size, args, device)
+    scores = None
+    if args.score == "relation":
+        q, g, scores, throughput = relation_split(model, sketches, photos, cfg.image_size, args, device)
+    else:
+        q, g, throughput = embed_split(model, sketches, photos, cfg.image_size, args, device)
     untrained = ()
     if args.compare_untrained:  # embedded here, while every process still takes part
         untrained = embed_split(utils.build_model(ckpt, args.model, trained=False), sketches, photos, cfg.image_size,
@@ -723,9 +750,6 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
     if rank != 0:
         return None
     targets = None if images.targets is None else torch.tensor(images.targets, dtype=torch.int64)
-    scores = None
-    if args.score == "relation":  # q and g hold every token: the relation scores, then the retrieval tokens
-        q, g, scores = relation_scores(model, q, g, args, device)
     emb = Embedded(classes, q, torch.tensor(sketches[1], dtype=torch.int64), g,
                    torch.tensor(photos[1], dtype=torch.int64), throughput, args.model, args.data_dir, class_split,
                    sketches, photos, untrained, images.info, targets, scores)

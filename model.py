@@ -839,18 +839,19 @@ class ZSESBIRNet(nn.Module):
     def relation_scores(self, sketch_tokens: torch.Tensor, photo_tokens: torch.Tensor,
                         pairs: int = 256) -> torch.Tensor:
         """The relation score of every sketch with every photo, (Q, N), from tokens computed once per image
-        (Q, L, W) and (N, L, W) (their valid.py recomputes the photos' for every batch of 20 sketches): the pairs
+        (Q, L, W) and (N, L, W), the photos' anywhere (e.g. a memory-mapped file; their valid.py recomputes them for
+        every batch of 20 sketches), read a block at a time onto the sketches' device: the pairs
         go through cross-attention and the relation head ``pairs`` at a time, which bounds the memory (their
         activations: bench/bench_relation.py measures it), a block of sketch rows against a block of photos."""
-        q, n = sketch_tokens.shape[0], photo_tokens.shape[0]
+        q, n, device = sketch_tokens.shape[0], photo_tokens.shape[0], sketch_tokens.device
         dtype = torch.promote_types(photo_tokens.dtype, torch.float32)  # at least float32: no false ties
-        out = torch.empty(q, n, device=photo_tokens.device, dtype=dtype)
+        out = torch.empty(q, n, device=device, dtype=dtype)
         cols = max(1, min(n, pairs))
         rows = max(1, pairs // cols)
         for i in range(0, q, rows):
             s = sketch_tokens[i:i + rows]  # (r, L, W)
             for j in range(0, n, cols):
-                p = photo_tokens[j:j + cols]  # (c, L, W)
+                p = photo_tokens[j:j + cols].to(device)  # (c, L, W): a block read where the photos' tokens are
                 r, c = s.shape[0], p.shape[0]
                 tiled_s = s[:, None].expand(r, c, *s.shape[1:]).reshape(r * c, *s.shape[1:])
                 tiled_p = p[None].expand(r, c, *p.shape[1:]).reshape(r * c, *p.shape[1:])
