@@ -297,13 +297,42 @@ def pad_to_square(im: Image.Image, size: int) -> Image.Image:
     return ImageOps.pad(im, (size, size), method=Image.BICUBIC, color=(0, 0, 0))
 
 
-def read_resized(path: str, size: int, upright: bool = False, pad: bool = False) -> Image.Image:
+def crop_to_strokes(im: Image.Image, size: int) -> Image.Image:
+    """ZSE-SBIR's sketch preparation (their data_utils/utils.py:200-289, preprocess for sketches): the box of the
+    pixels whose R + G + B is at most 300, widened by 10 px (ending before max + 10, as their slices end), scaled
+    bilinearly so that its longer side is ``size`` (the other int(size * ratio)), then centred on a square filled
+    with the crop's largest value (white for a sketch on white), the odd row or column on the right or bottom.
+    Their cv2.resize does not antialias; Pillow's bilinear filter does. A blank image is scaled whole."""
+    a = np.asarray(im.convert("RGB"))
+    ys, xs = np.nonzero(a.astype(np.int32).sum(axis=2) <= 300)
+    if len(ys):
+        h, w = a.shape[:2]
+        a = a[max(0, ys.min() - 10):min(h, ys.max() + 10), max(0, xs.min() - 10):min(w, xs.max() + 10)]
+    h, w = a.shape[:2]
+    new = (max(1, int(size / (h / w))), size) if h > w else (size, max(1, int(size * (h / w))))  # (width, height)
+    a = np.asarray(Image.fromarray(a).resize(new, Image.BILINEAR))
+    h, w = a.shape[:2]
+    side, d = max(h, w), abs(h - w) // 2
+    out = np.full((side, side, 3), a.max(), dtype=np.uint8)
+    if h > w:
+        out[:, d:d + w] = a
+    else:
+        out[d:d + h] = a
+    return Image.fromarray(out)
+
+
+FITS = ("resize", "pad", "strokes")  # how an image becomes a square: resized, padded black, cropped to its strokes
+
+
+def read_resized(path: str, size: int, upright: bool = False, fit: str = "resize") -> Image.Image:
     """An image file as 8-bit RGB of exactly size x size (open_image, with a reduced JPEG decode and with
-    ``upright`` its EXIF orientation; any mode, as load_image reads it), resized bilinearly; with ``pad``,
-    pad_to_square instead (its aspect ratio kept)."""
+    ``upright`` its EXIF orientation; any mode, as load_image reads it), resized bilinearly; with ``fit`` "pad",
+    pad_to_square instead (its aspect ratio kept), with "strokes" crop_to_strokes (FITS)."""
     im = open_image(path, upright, draft=size)
-    if pad:
+    if fit == "pad":
         return pad_to_square(to_rgb(im), size)
+    if fit == "strokes":
+        return crop_to_strokes(to_rgb(im), size)
     if im.mode in ("L", "RGB") and "transparency" not in im.info and im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)  # grey sketches: a third of the work of resizing RGB
     im = to_rgb(im)
@@ -326,8 +355,8 @@ def edge_map(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(255 * (1 - ink)).astype(np.uint8), "L").convert("RGB")
 
 
-def load_resized(path: str, image_size: int, edges: bool = False, pad: bool = False) -> torch.Tensor:
-    """An image file as uint8 (3, S, S), read by read_resized (as evaluation reads it, ``pad`` too); with ``edges``
+def load_resized(path: str, image_size: int, edges: bool = False, fit: str = "resize") -> torch.Tensor:
+    """An image file as uint8 (3, S, S), read by read_resized (as evaluation reads it, ``fit`` too); with ``edges``
     its edge_map, drawn at twice the size (at most the image's own, never below S) and then resized. Channels
     last in memory, as Pillow holds it: a view, not a transposed copy (the device makes the layout it wants)."""
     if edges:
@@ -335,7 +364,7 @@ def load_resized(path: str, image_size: int, edges: bool = False, pad: bool = Fa
             side = max(image_size, min(2 * image_size, *f.size))
         im = edge_map(read_resized(path, side)).resize((image_size, image_size), Image.BILINEAR)
     else:
-        im = read_resized(path, image_size, pad=pad)
+        im = read_resized(path, image_size, fit=fit)
     return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (3, S, S), memory (S, S, 3)
 
 
@@ -346,10 +375,11 @@ def cache_paths(cache_dir: str, image_size: int) -> tuple[str, str]:
     return os.path.join(cache_dir, f"{image_size}px.npy"), os.path.join(cache_dir, f"{image_size}px.json")
 
 
-def cache_key(root: str, path: str, edges: bool, pad: bool = False) -> str:
-    """How the disk cache names an item: its path inside the dataset folder, '#edges' for its edge map, '#pad'
-    padded to a square (pad_to_square)."""
-    return os.path.relpath(path, root).replace(os.sep, "/") + ("#edges" if edges else "") + ("#pad" if pad else "")
+def cache_key(root: str, path: str, edges: bool, fit: str = "resize") -> str:
+    """How the disk cache names an item: its path inside the dataset folder, '#edges' for its edge map, '#pad' or
+    '#strokes' for another fit than resizing (FITS)."""
+    suffix = "" if fit == "resize" else f"#{fit}"
+    return os.path.relpath(path, root).replace(os.sep, "/") + ("#edges" if edges else "") + suffix
 
 
 def file_stamp(path: str) -> list:
@@ -373,14 +403,16 @@ def read_cache_index(cache_dir: str, image_size: int) -> dict:
 
 
 def write_disk_cache(root: str, items: list, image_size: int, cache_dir: str, workers: int = 0,
-                     pad: bool = False) -> tuple[int, int]:
-    """Make the disk cache at ``image_size`` hold every (path, edges) item (with ``pad``, padded to a square):
-    rows already there and still current are kept, the others are decoded (by ``workers`` processes) and added.
-    The new .npy and .json replace the old ones atomically, so a stopped write leaves the previous cache intact.
-    Returns (rows decoded now, rows kept)."""
+                     fits: list | None = None) -> tuple[int, int]:
+    """Make the disk cache at ``image_size`` hold every (path, edges) item (made square as ``fits`` says, one per
+    item: FITS; None: resized): rows already there and still current are kept, the others are decoded (by
+    ``workers`` processes) and added. The new .npy and .json replace the old ones atomically, so a stopped write
+    leaves the previous cache intact. Returns (rows decoded now, rows kept)."""
     old = read_cache_index(cache_dir, image_size)
-    keys = list(dict.fromkeys(cache_key(root, p, e, pad) for p, e in items))
-    by_key = {cache_key(root, p, e, pad): (p, e) for p, e in items}
+    fits = fits or ["resize"] * len(items)
+    keyed = [(cache_key(root, p, e, f), (p, e), f) for (p, e), f in zip(items, fits)]
+    keys = list(dict.fromkeys(k for k, _, _ in keyed))
+    by_key, fit_of = {k: item for k, item, _ in keyed}, {k: f for k, _, f in keyed}
     stamps = {k: file_stamp(by_key[k][0]) for k in keys}
     keep = [k for k, (_, s) in old.items() if k in by_key and s == stamps[k]]
     todo = [k for k in keys if k not in set(keep)]
@@ -397,8 +429,8 @@ def write_disk_cache(root: str, items: list, image_size: int, cache_dir: str, wo
             out[j] = previous[old[k][0]]
         del previous
     # A store of the new items only, with no cache: it decodes their files, giving rows (n, S, S, 3) as stored.
-    loader = torch.utils.data.DataLoader(ImageStore([by_key[k] for k in todo], image_size, pad=pad), batch_size=64,
-                                         num_workers=workers)
+    todo_store = ImageStore([by_key[k] for k in todo], image_size, fits=[fit_of[k] for k in todo])
+    loader = torch.utils.data.DataLoader(todo_store, batch_size=64, num_workers=workers)
     from tqdm import tqdm
     row = len(keep)
     for batch in tqdm(loader, desc=f"disk cache {image_size}px", leave=False, disable=None):
@@ -419,13 +451,17 @@ class ImageStore:
     from the first of: memory (load_memory), the disk cache (open_disk_cache: rows of a memory-mapped .npy,
     copied, never decoded), its file (decoded and resized by load_resized). Images are held channels last,
     (S, S, 3) as decoded: batches are (n, 3, S, S) views of (n, S, S, 3) memory, never transposed here.
-    ``pad``: every image padded to a square (pad_to_square), as a method's encoders may want them; a training
-    source (StepBatches) makes its store without, and its user sets ``store.pad`` before any image is read."""
+    ``fits``: how each item is made square (FITS), as a method's encoders want them; None: resized. A training
+    source (StepBatches) makes its store without, and its user sets ``store.fits`` before any image is read."""
 
-    def __init__(self, items: list, image_size: int, root: str = "", pad: bool = False):
-        self.items, self.image_size, self.root, self.pad = items, image_size, root, pad
+    def __init__(self, items: list, image_size: int, root: str = "", fits: list | None = None):
+        self.items, self.image_size, self.root, self.fits = items, image_size, root, fits
         self.rows = np.full(len(items), -1, dtype=np.int64)   # row in the disk cache, -1: not there
         self.cache_file, self._mm, self.memory = "", None, None
+
+    def fit(self, i: int) -> str:
+        """How item ``i`` is made square (FITS)."""
+        return self.fits[i] if self.fits else "resize"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -438,7 +474,7 @@ class ImageStore:
         index = read_cache_index(cache_dir, self.image_size)
         self.rows[:] = -1
         for i, (path, edges) in enumerate(self.items):
-            hit = index.get(cache_key(self.root, path, edges, self.pad))
+            hit = index.get(cache_key(self.root, path, edges, self.fit(i)))
             if hit is not None and hit[1] == file_stamp(path):
                 self.rows[i] = hit[0]
         self.cache_file, self._mm = (cache_paths(cache_dir, self.image_size)[0] if index else ""), None
@@ -477,7 +513,7 @@ class ImageStore:
             out[torch.from_numpy(hit)] = torch.from_numpy(self._mm[rows[hit]])
         for j in np.nonzero(rows < 0)[0]:
             path, edges = self.items[idx[j]]
-            out[j] = load_resized(path, self.image_size, edges, self.pad).permute(1, 2, 0)
+            out[j] = load_resized(path, self.image_size, edges, self.fit(idx[j])).permute(1, 2, 0)
         return out
 
 
@@ -525,6 +561,7 @@ class TripletBatches(StepBatches):
         probs = negative_class_probs(len(classes), None, 1.0) if negatives is None else negatives  # (C, C)
         self.neg_cdf = np.cumsum(probs, axis=1)
         items = [(p, False) for p in self.sketches + self.photos]
+        self.sketch_items = len(self.sketches)  # the store's first items are sketch-domain
         super().__init__(ImageStore(items, image_size, root), batch_size, seed, *shard)
 
     def __len__(self) -> int:
@@ -565,6 +602,7 @@ class PairedBatches(StepBatches):
         self.pool_order = np.argsort(pool_labels, kind="stable")
         self.pool_start = np.searchsorted(pool_labels[self.pool_order], np.arange(len(classes) + 1))  # (C + 1,)
         items = self.pool + [(p, False) for p in self.photos]   # the store: the pool, then the photos
+        self.sketch_items = len(self.pool)
         super().__init__(ImageStore(items, image_size, root), batch_size, seed, *shard)
 
     def __len__(self) -> int:
@@ -596,6 +634,7 @@ class QuadrupletBatches(StepBatches):
         self.sketch_start = np.searchsorted(np.array(sketch_labels), np.arange(len(classes) + 1))  # (C + 1,)
         self.photo_start = np.searchsorted(np.array(photo_labels), np.arange(len(classes) + 1))
         items = [(p, False) for p in self.sketches + self.photos]
+        self.sketch_items = len(self.sketches)
         super().__init__(ImageStore(items, image_size, root), batch_size, seed, *shard)
 
     def __len__(self) -> int:
@@ -782,11 +821,11 @@ class ImageFilesDataset(Dataset):
     With ``upright`` (a user's photos) each image is first turned by its EXIF orientation. With
     ``tolerant`` a file Pillow cannot read gives a zero image and readable=False instead of an error,
     so one bad file does not stop a large collection; a benchmark's files were checked by scan_dataset.
-    With ``pad`` each image is padded to a square (pad_to_square), for an encoder that asks it (utils.pads).
+    ``fit``: how each image is made square (FITS), as its encoder asks (utils.image_fit).
     """
 
-    def __init__(self, paths: list, image_size: int, upright: bool = True, tolerant: bool = True, pad: bool = False):
-        self.paths, self.image_size, self.upright, self.tolerant, self.pad = paths, image_size, upright, tolerant, pad
+    def __init__(self, paths: list, image_size: int, upright: bool = True, tolerant: bool = True, fit: str = "resize"):
+        self.paths, self.image_size, self.upright, self.tolerant, self.fit = paths, image_size, upright, tolerant, fit
         self.transform = build_transform(image_size)
 
     def __len__(self) -> int:
@@ -794,7 +833,7 @@ class ImageFilesDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(read_resized(self.paths[index], self.image_size, self.upright, self.pad)), True
+            return self.transform(read_resized(self.paths[index], self.image_size, self.upright, self.fit)), True
         except IMAGE_ERRORS:
             if not self.tolerant:
                 raise

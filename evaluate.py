@@ -408,12 +408,13 @@ def embed_split(model, sketches, photos, image_size: int, args, device) -> tuple
     return q, g, (len(sketches[0]) + len(photos[0])) / max(seconds, 1e-9)
 
 
-def token_batches(model, paths: list, image_size: int, args, device, desc: str):
-    """(B, L, W) self-attention tokens of the images at ``paths``, batch by batch (ZSESBIRNet.token_encoder)."""
-    files = dataset.ImageFilesDataset(paths, image_size, upright=False, tolerant=False)
+def token_batches(encoder, paths: list, image_size: int, args, device, desc: str):
+    """(B, L, W) self-attention tokens of the images at ``paths``, batch by batch (ZSESBIRNet.sketch_tokens or
+    photo_tokens: each domain's images made square as the encoder says)."""
+    files = dataset.ImageFilesDataset(paths, image_size, upright=False, tolerant=False, fit=utils.image_fit(encoder))
     loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", worker_init_fn=utils.seed_worker)
-    for emb, _ in utils.embed_batches(model.token_encoder, loader, device, args.amp, desc=desc):
+    for emb, _ in utils.embed_batches(encoder, loader, device, args.amp, desc=desc):
         yield emb.view(emb.shape[0], -1, RELATION_WIDTH)
 
 
@@ -432,12 +433,12 @@ def relation_split(model, sketches, photos, image_size: int, args, device) -> tu
         photo_tokens = np.lib.format.open_memmap(os.path.join(tmp, "photos.npy"), mode="w+", dtype=np.float32,
                                                  shape=(len(photos[0]), length, RELATION_WIDTH))
         row, g = 0, []
-        for t in token_batches(model, photos[0], image_size, args, device, "photo tokens"):
+        for t in token_batches(model.photo_tokens, photos[0], image_size, args, device, "photo tokens"):
             photo_tokens[row:row + len(t)], row = t.numpy(), row + len(t)
             g.append(F.normalize(t[:, 0], dim=1))
         p = torch.from_numpy(photo_tokens)  # (N, L, W) on the file: read block by block
         q, rows = [], []
-        for t in token_batches(model, sketches[0], image_size, args, device, "sketch tokens"):
+        for t in token_batches(model.sketch_tokens, sketches[0], image_size, args, device, "sketch tokens"):
             q.append(F.normalize(t[:, 0], dim=1))
             t0 = time.perf_counter()
             rows.append(relation_block(model, t, p, args, device))

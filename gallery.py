@@ -165,7 +165,7 @@ def embed_files(encoder, paths: list, settings: EmbedSettings, model_path: str,
     keeps them). ``progress(done, total)``, when given, is called after each batch (app.py's page shows it;
     the terminal gets tqdm's bar either way)."""
     s = settings
-    files = dataset.ImageFilesDataset(paths, s.image_size, pad=utils.pads(encoder))
+    files = dataset.ImageFilesDataset(paths, s.image_size, fit=utils.image_fit(encoder))
     loader = torch.utils.data.DataLoader(files, batch_size=s.batch_size, num_workers=s.workers,
                                          pin_memory=s.device.type == "cuda", worker_init_fn=utils.seed_worker)
     out, readable, interrupted = [], [], False
@@ -456,10 +456,12 @@ def embed_sketches(encoder, sketches: list, image_size: int, batch_size: int, de
                    show: bool = True) -> torch.Tensor:
     """Prepared query sketches (PIL) -> unit embeddings (Q, D) on the CPU; ``show``: tqdm's bar in a terminal."""
     resize = dataset.build_transform(image_size)
-    pad = utils.pads(encoder)
+    fit = utils.image_fit(encoder)
 
-    def transform(sketch):  # a prepared sketch is square (prepare_sketch): padding only resamples it as training did
-        return resize(dataset.pad_to_square(sketch, image_size) if pad else sketch)
+    def transform(sketch):  # a prepared sketch is square (prepare_sketch): a fit only resamples it as training did
+        if fit == "pad":
+            return resize(dataset.pad_to_square(sketch, image_size))
+        return resize(dataset.crop_to_strokes(sketch, image_size) if fit == "strokes" else sketch)
     batches = ((torch.stack([transform(s) for s in sketches[i:i + batch_size]]),)  # (B, 3, S, S)
                for i in range(0, len(sketches), batch_size))
     return torch.cat([emb for emb, in utils.embed_batches(encoder, batches, device, amp, desc="embed queries",

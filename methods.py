@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (IMAGENET_STATS, ModelConfig, Pairs, PromptedView, Quadruplets, SketchLVMNet, Triplets,
-                   ZSESBIRNet, ZSSBIRModel,
+                   ZSE_SBIR_FITS, ZSESBIRNet, ZSSBIRModel,
                    at_least_float32, backbone_stats, cosine_triplet_loss, freeze_all_but_layer_norms,
                    freeze_as_sketch_lvm, sbir_losses)
 
@@ -50,13 +50,13 @@ class Method:
     """What a method defines; train.py calls nothing else of it. ``optimizer_name`` names its optimizer's state
     in checkpoints; ``augments``: whether training crops and flips its images (dataset.augment);
     ``reverses_gradient``: whether it has a gradient reversal layer, whose lambda the loop schedules and prints;
-    ``pads_to_square``: whether its images are padded to a square (dataset.pad_to_square), not resized to one, as
-    its encoders say (their ``pad_to_square``)."""
+    ``image_fits``: how its (sketch, photo) images are made square (dataset.FITS: resized, padded, cropped to the
+    strokes), as its encoders say (their ``image_fit``); the training store reads them that way."""
     name = ""
     optimizer_name = "adamw"
     augments = True
     reverses_gradient = False
-    pads_to_square = False
+    image_fits = ("resize", "resize")
 
     def check(self, args) -> str | None:
         """What in the flags this method cannot take, as one line naming the flags (None: nothing)."""
@@ -152,7 +152,7 @@ class SketchLVM(Method):
     name = "sketch_lvm"
     optimizer_name = "adam"
     augments = False
-    pads_to_square = PromptedView.pad_to_square
+    image_fits = (PromptedView.image_fit, PromptedView.image_fit)
 
     def check(self, args) -> str | None:
         if args.sampling != "triplets" or args.edge_maps or args.thicken:
@@ -206,6 +206,7 @@ class ZSESBIR(Method):
     normalised with mean = std = 0.5."""
     name = "zse_sbir"
     augments = False
+    image_fits = ZSE_SBIR_FITS
 
     def check(self, args) -> str | None:
         if args.sampling != "quadruplets":

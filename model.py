@@ -654,9 +654,9 @@ class SketchLVMNet(nn.Module):
 
 class PromptedView(nn.Module):
     """SketchLVMNet as one domain sees it: images (B, 3, S, S) in [0, 1] -> unit embeddings (B, E). Its images are
-    padded to a square, not resized to one (``pad_to_square``, which the code that reads images for an encoder
-    asks of it: dataset.pad_to_square), as Sketch_LVM's data code prepares them."""
-    pad_to_square = True
+    padded to a square, not resized to one (``image_fit``, which the code that reads images for an encoder asks
+    of it: dataset.FITS), as Sketch_LVM's data code prepares them."""
+    image_fit = "pad"
 
     def __init__(self, net: SketchLVMNet, domain: int):
         super().__init__()
@@ -699,6 +699,9 @@ def cosine_triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: 
 
 
 # ----------------------------------------------------------------------------------- ZSE-SBIR
+
+ZSE_SBIR_FITS = ("strokes", "resize")  # their sketches cropped to the strokes and padded white, photos resized
+
 
 class ScaleStem(nn.Module):
     """ZSE-SBIR's second patch embedding (their model/rn.py Scale_Embedding): four stride-2 convolutions without
@@ -800,9 +803,11 @@ class ZSESBIRNet(nn.Module):
         self.sketch_side, self.photo_side = CrossAttentionLayer(), CrossAttentionLayer()
         self.relation = RelationHead(size // 16)
         self.start_note = self.load_start(start) if isinstance(start, dict) else ""
-        object.__setattr__(self, "sketch_encoder", RetrievalToken(self))
-        object.__setattr__(self, "photo_encoder", RetrievalToken(self))
-        object.__setattr__(self, "token_encoder", RetrievalToken(self, tokens=True))
+        sketch_fit, photo_fit = ZSE_SBIR_FITS
+        object.__setattr__(self, "sketch_encoder", RetrievalToken(self, fit=sketch_fit))
+        object.__setattr__(self, "photo_encoder", RetrievalToken(self, fit=photo_fit))
+        object.__setattr__(self, "sketch_tokens", RetrievalToken(self, tokens=True, fit=sketch_fit))
+        object.__setattr__(self, "photo_tokens", RetrievalToken(self, tokens=True, fit=photo_fit))
 
     def load_start(self, state: dict) -> str:
         """Start from a state dict under this network's names or their code's (a whole Model, or sam_ViT-B_16.pth's
@@ -862,11 +867,12 @@ class ZSESBIRNet(nn.Module):
 class RetrievalToken(nn.Module):
     """ZSESBIRNet's retrieval embedding of images (B, 3, S, S): the self-attention class token, unit length (B, 768);
     with ``tokens``, all of an image's self-attention tokens, flattened (B, (1 + g*g) 768), for the relation scores
-    (ZSESBIRNet.relation_scores) of an embedding loop that keeps (B, D) rows."""
+    (ZSESBIRNet.relation_scores) of an embedding loop that keeps (B, D) rows. ``fit``: how its images are made
+    square (``image_fit``: dataset.FITS), as their data code prepares the domain's images (ZSE_SBIR_FITS)."""
 
-    def __init__(self, net: ZSESBIRNet, tokens: bool = False):
+    def __init__(self, net: ZSESBIRNet, tokens: bool = False, fit: str = "resize"):
         super().__init__()
-        self.net, self.all_tokens = net, tokens
+        self.net, self.all_tokens, self.image_fit = net, tokens, fit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.net.tokens(x)  # (B, 1 + g*g, 768)

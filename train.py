@@ -761,7 +761,8 @@ def read_training_data(args, rank: int, world: int) -> tuple:
     print(f"data {args.data_dir}: {len(data.seen)} seen / {len(data.unseen)} unseen classes; "
           f"train {n_train[0]} sketches + {n_train[1]} photos; val {n_val[0]} sketches + {n_val[1]} photos")
     source = training_source(args, data, train, n_train, (rank, world))
-    source.store.pad = methods.get(args.method).pads_to_square  # before any image is read (dataset.ImageStore)
+    sketch_fit, photo_fit = methods.get(args.method).image_fits  # set before any image is read (dataset.ImageStore)
+    source.store.fits = [sketch_fit] * source.sketch_items + [photo_fit] * (len(source.store) - source.sketch_items)
     return data, val, source, training_data_record(args.data_dir, data, train, val)
 
 
@@ -836,7 +837,7 @@ def open_image_store(source, args, rank: int, world: int, device: torch.device) 
     if args.disk_cache and rank == 0:
         try:
             added, kept = dataset.write_disk_cache(args.data_dir, store.items, args.image_size, cache_dir, args.workers,
-                                                   store.pad)
+                                                   store.fits)
         except OSError as e:
             raise utils.UserError(f"cannot write the disk cache in {cache_dir} ({e.strerror or e}); pass --cache_dir "
                                   "with a writable folder, or --no-disk_cache") from None

@@ -859,10 +859,10 @@ def embed_batches(encoder: torch.nn.Module, batches, device: torch.device, amp: 
         encoder.train(was_training)
 
 
-def pads(encoder) -> bool:
-    """Whether an encoder takes its images padded to a square (dataset.pad_to_square; model.PromptedView) rather
-    than resized to one, as most do."""
-    return bool(getattr(encoder, "pad_to_square", False))
+def image_fit(encoder) -> str:
+    """How an encoder takes its images made square (dataset.FITS): "resize", as most do, or what its ``image_fit``
+    says (model.PromptedView pads them, ZSE-SBIR's sketch encoder crops them to the strokes)."""
+    return getattr(encoder, "image_fit", "resize")
 
 
 def embed_images(encoder: torch.nn.Module, paths: list, image_size: int, batch_size: int, workers: int,
@@ -874,8 +874,8 @@ def embed_images(encoder: torch.nn.Module, paths: list, image_size: int, batch_s
     rank, world = rank_and_world()
     mine = paths[rank::world]
     loader = torch.utils.data.DataLoader(
-        ImageFilesDataset(mine, image_size, upright=False, tolerant=False, pad=pads(encoder)), batch_size=batch_size,
-        shuffle=False,
+        ImageFilesDataset(mine, image_size, upright=False, tolerant=False, fit=image_fit(encoder)),
+        batch_size=batch_size, shuffle=False,
         num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
     out = [emb for emb, _ in embed_batches(encoder, loader, device, amp, desc, show=rank == 0)]
     emb = torch.cat(out) if out else torch.empty(0, 0)

@@ -277,13 +277,13 @@ def test_images_are_padded_to_a_square_as_their_data_code_pads_them(tmp_path):
     g = np.random.default_rng(0)
     Image.fromarray(g.integers(0, 256, (20, 48, 3), dtype=np.uint8)).save(path)  # 48 wide, 20 high
     theirs = np.array(ImageOps.pad(Image.open(path).convert("RGB"), size=(32, 32)))
-    ours = np.asarray(dataset.read_resized(path, 32, pad=True))
+    ours = np.asarray(dataset.read_resized(path, 32, fit="pad"))
     assert np.array_equal(ours, theirs) and not theirs[:4].any() and theirs[16].any()  # black bars top and bottom
-    files = dataset.ImageFilesDataset([path], 32, pad=True)
+    files = dataset.ImageFilesDataset([path], 32, fit="pad")
     assert torch.equal(files[0][0], torch.from_numpy(theirs).permute(2, 0, 1).float() / 255)
-    store = dataset.ImageStore([(path, False)], 32, str(tmp_path), pad=True)
+    store = dataset.ImageStore([(path, False)], 32, str(tmp_path), fits=["pad"])
     assert torch.equal(store.get(np.array([0]))[0], torch.from_numpy(theirs).permute(2, 0, 1))
-    assert dataset.write_disk_cache(str(tmp_path), store.items, 32, str(tmp_path / "cache"), pad=True) == (1, 0)
+    assert dataset.write_disk_cache(str(tmp_path), store.items, 32, str(tmp_path / "cache"), fits=["pad"]) == (1, 0)
     assert store.open_disk_cache(str(tmp_path / "cache")) == 1  # the padded row, under its own key
     assert torch.equal(store.get(np.array([0]))[0], torch.from_numpy(theirs).permute(2, 0, 1))
     unpadded = dataset.ImageStore([(path, False)], 32, str(tmp_path))
@@ -291,15 +291,16 @@ def test_images_are_padded_to_a_square_as_their_data_code_pads_them(tmp_path):
 
 
 def test_the_method_decides_who_pads(tmp_path):
-    """Sketch_LVM's encoders ask for padded images (utils.pads), and train.py's training store pads for it; the
+    """Sketch_LVM's encoders ask for padded images (utils.image_fit), and train.py's training store pads for it; the
     SBIR model's encoders and store resize, as before."""
     data = make_tiny_dataset(str(tmp_path / "data"))
     lvm = lvm_args(data, str(tmp_path / "a"), "--image_size", "32", "--batch_size", "4")
     sbir = train.get_args_parser().parse_args(["--data_dir", data, "--no-pretrained", "--image_size", "32",
                                                "--batch_size", "4"])
     train.apply_recipe(sbir)
-    assert train.read_training_data(lvm, 0, 1)[2].store.pad and not train.read_training_data(sbir, 0, 1)[2].store.pad
+    assert set(train.read_training_data(lvm, 0, 1)[2].store.fits) == {"pad"}
+    assert set(train.read_training_data(sbir, 0, 1)[2].store.fits) == {"resize"}
     net = methods.get("sketch_lvm").network(train.model_config(lvm), start=False)
-    assert utils.pads(net.sketch_encoder) and utils.pads(net.photo_encoder)
+    assert utils.image_fit(net.sketch_encoder) == utils.image_fit(net.photo_encoder) == "pad"
     plain = methods.get("sbir").network(train.model_config(sbir), start=False)
-    assert not utils.pads(plain.sketch_encoder) and not utils.pads(plain.photo_encoder)
+    assert utils.image_fit(plain.sketch_encoder) == utils.image_fit(plain.photo_encoder) == "resize"

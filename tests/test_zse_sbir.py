@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import dataset
 import evaluate
@@ -293,3 +294,39 @@ def test_relation_scores_of_every_pair_in_bounded_blocks():
     assert got.shape == (3, 5) and got.dtype == torch.float64
     assert (got - want).abs().max().item() <= 2 * 10 * 3072 * U64
     assert want.std().item() > 1e-6  # the scores differ from pair to pair
+
+
+def their_sketch(a: np.ndarray) -> np.ndarray:
+    """data_utils/utils.py:201-205 and 210-289 for an (H, W, 3) uint8 sketch whose cropped box needs no resizing:
+    remove_white_space_image(img, 10) and make_img_square, written out with numpy as their lines do."""
+    h, w, _ = a.shape
+    ys, xs = np.where(np.sum(a, axis=2) <= 300)
+    a = a[max(0, ys.min() - 10):min(h, ys.max() + 10), max(0, xs.min() - 10):min(w, xs.max() + 10), :]
+    h, w, c = a.shape
+    d1 = (h - w) // 2 if h > w else (w - h) // 2
+    d2 = (h - w) - d1 if h > w else (w - h) - d1
+    if h > w:
+        return np.hstack([np.ones((h, d1, c), dtype=a.dtype) * np.max(a), a,
+                          np.ones((h, d2, c), dtype=a.dtype) * np.max(a)])
+    return np.vstack([np.ones((d1, w, c), dtype=a.dtype) * np.max(a), a,
+                      np.ones((d2, w, c), dtype=a.dtype) * np.max(a)])
+
+
+def test_sketches_are_cropped_to_their_strokes_and_padded_white_as_theirs(tmp_path):
+    """dataset.crop_to_strokes: their crop (strokes' box + 10 px, ending before max + 10), long side scaled to the
+    size and centred on white. A box 32 high and 20 wide at size 32 needs no scaling, so it is theirs bit for bit;
+    ZSE-SBIR's sketch encoder asks for it and its photo encoder for plain resizing, and train.py's store reads each
+    domain so."""
+    a = np.full((60, 50, 3), 255, dtype=np.uint8)
+    a[20:33, 15] = 0  # a stroke in rows 20-32 of column 15: the box is rows 10-41 and columns 5-24
+    want = their_sketch(a)
+    got = np.asarray(dataset.crop_to_strokes(Image.fromarray(a), 32))
+    assert want.shape == (32, 32, 3) and np.array_equal(got, want)
+    assert (got[:, :6] == 255).all() and (got[:, -6:] == 255).all() and (got[:, 16] == 0).any()  # 6 white each side
+    config = train.model_config(zse_args("x", "y"))
+    net = methods.get("zse_sbir").network(config, start=False)
+    encoders = (net.sketch_encoder, net.photo_encoder, net.sketch_tokens, net.photo_tokens)
+    assert [utils.image_fit(e) for e in encoders] == ["strokes", "resize", "strokes", "resize"]
+    source = train.read_training_data(zse_args(make_tiny_dataset(str(tmp_path)), "y"), 0, 1)[2]
+    n = len(source.sketches)
+    assert source.store.fits == ["strokes"] * n + ["resize"] * (len(source.store) - n) and n > 0
