@@ -321,32 +321,16 @@ def fine_grained_accuracy(query_emb: torch.Tensor, gallery_emb: torch.Tensor, ta
 
 def fine_grained_within_class(q, q_labels, g, g_labels, targets, ks=FG_KS, score: str = "cosine") -> dict:
     """acc@k when each query's gallery is only its own class's photos: fine_grained_accuracy class by class,
-    pooled over all the queries."""
+    pooled over all the queries (score "given": q holds the (Q, N) scores, g an (N, 0) placeholder)."""
     hits = torch.zeros(len(ks), dtype=torch.float64)
     for c in torch.unique(q_labels).tolist():
         rows, cols = torch.nonzero(q_labels == c).flatten(), torch.nonzero(g_labels == c).flatten()
         position = torch.full((g.shape[0],), -1, dtype=torch.int64)
         position[cols] = torch.arange(cols.numel())
-        acc = fine_grained_accuracy(q[rows], g[cols], position[targets[rows]], ks, score=score)
+        rows_q = q[rows][:, cols] if score == "given" else q[rows]  # given: the scores of the class's photos
+        acc = fine_grained_accuracy(rows_q, g[cols], position[targets[rows]], ks, score=score)
         hits += torch.tensor([acc[f"acc@{k}"] * rows.numel() for k in ks], dtype=torch.float64)
     return {f"acc@{k}": float(h) / max(q.shape[0], 1) for k, h in zip(ks, hits)}
-
-
-def fine_grained_of_scores(scores: torch.Tensor, q_labels, g_labels, targets: torch.Tensor) -> tuple[dict, dict]:
-    """fine_grained_accuracy and fine_grained_within_class of given scores (Q, N) (--score relation), with the
-    same rank: the target counts itself and every photo scoring as high, a tie counting against it."""
-    def acc(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (k,) hits of these rows
-        rank = (s >= s.gather(1, t[:, None])).sum(1)  # (B,)
-        return torch.tensor([float((rank <= k).sum()) for k in FG_KS], dtype=torch.float64)
-    mixed = acc(scores, targets) / scores.shape[0]
-    own = torch.zeros(len(FG_KS), dtype=torch.float64)
-    for c in torch.unique(q_labels).tolist():
-        rows, cols = torch.nonzero(q_labels == c).flatten(), torch.nonzero(g_labels == c).flatten()
-        position = torch.full((scores.shape[1],), -1, dtype=torch.int64)
-        position[cols] = torch.arange(cols.numel())
-        own += acc(scores[rows][:, cols], position[targets[rows]])
-    own /= max(scores.shape[0], 1)
-    return ({f"acc@{k}": float(v) for k, v in zip(FG_KS, mixed)}, {f"acc@{k}": float(v) for k, v in zip(FG_KS, own)})
 
 
 def check_hash_bits(bits: int, dim: int, source: str) -> None:
@@ -969,13 +953,11 @@ def score_fine_grained(emb: Embedded, args, commit: str, out_dir: str) -> dict:
     if emb.q.shape[0] == 0 or emb.targets is None:
         raise utils.UserError("there are no paired query sketches to evaluate")
     emb, hashing = hash_embeddings(emb, args) if args.hash_bits else (emb, None)
-    measure = "hamming" if hashing else "cosine"
+    measure = "hamming" if hashing else ("given" if emb.scores is not None else "cosine")
     start = time.perf_counter()
-    if emb.scores is not None:
-        mixed, own = fine_grained_of_scores(emb.scores, emb.q_labels, emb.g_labels, emb.targets)
-    else:
-        mixed = fine_grained_accuracy(emb.q, emb.g, emb.targets, FG_KS, score=measure)
-        own = fine_grained_within_class(emb.q, emb.q_labels, emb.g, emb.g_labels, emb.targets, FG_KS, score=measure)
+    q, g = (emb.scores, emb.g[:, :0]) if measure == "given" else (emb.q, emb.g)  # given: scores, (N, 0)
+    mixed = fine_grained_accuracy(q, g, emb.targets, FG_KS, score=measure)
+    own = fine_grained_within_class(q, emb.q_labels, g, emb.g_labels, emb.targets, FG_KS, score=measure)
     metric_seconds = time.perf_counter() - start
     per_class = torch.bincount(emb.g_labels, minlength=len(emb.classes))[emb.q_labels].double()  # (Q,) its photos
     chance = {"all": {f"acc@{k}": min(k / emb.g.shape[0], 1.0) for k in FG_KS},

@@ -405,6 +405,8 @@ def _scores(query: Tensor, gallery: Tensor, score: str) -> Tensor:
     every distance is an integer of at most 8 * C)."""
     if score == "hamming":
         return hamming_distance(query, gallery).neg_().float()
+    if score == "given":  # the query rows are the scores
+        return query if query.dtype == torch.float64 else query.float()
     return _unit(query) @ gallery.T  # (B, D) @ (D, N)
 
 
@@ -447,10 +449,8 @@ def _per_query_values(query_emb: Tensor, q_labels_cpu: Tensor, gallery: Tensor, 
             q = query_emb[rows.to(query_emb.device)]
             if score == "hamming":  # (B, N) int32 distances, ranked from their histograms
                 scores = hamming_distance(q, gallery)
-            elif score == "given":
-                scores = q if q.dtype == torch.float64 else q.float()  # (B, N) as given, at least float32
             else:
-                scores = _unit(q) @ gallery.T  # (B, N)
+                scores = _scores(q, gallery, score)  # (B, N): cosine, or as given in at least float32
             for t in range(0, rows.numel(), _RANK_ROWS):  # small blocks keep the counting in cache
                 if score == "hamming":
                     ranked = _ranks_of_relevant_distances(scores[t:t + _RANK_ROWS], start, stop,
@@ -763,7 +763,8 @@ def fine_grained_accuracy(query_emb: Tensor, gallery_emb: Tensor, target_index: 
         gallery_emb: (N, D) float, or (N, C) uint8 codes.
         target_index: (Q,) integer, the gallery row of each query's paired item.
         ks: cut-offs k.
-        score: "cosine" or "hamming" (s = -Hamming distance), as in retrieval_metrics.
+        score: "cosine" or "hamming" (s = -Hamming distance), as in retrieval_metrics, or "given": query_emb
+            is then the (Q, N) scores themselves (e.g. relation scores) and gallery_emb an (N, 0) placeholder.
         chunk_size: queries scored at once (memory about 4 * chunk_size * N bytes).
     Returns:
         {"acc@k": float for each k, "mean_rank": float, "rank": (Q,) int64 on the CPU}.
@@ -788,7 +789,8 @@ def fine_grained_accuracy(query_emb: Tensor, gallery_emb: Tensor, target_index: 
 def _check_fine_grained(query_emb: Tensor, gallery_emb: Tensor, target_index: Tensor, ks: Sequence[int],
                         score: str, chunk_size: int) -> Tensor:
     """fine_grained_accuracy's arguments -> target_index as a tensor, or a ValueError that says what is wrong."""
-    if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
+    width = gallery_emb.shape[0] if score == "given" else gallery_emb.shape[1]  # given: (Q, N) scores, (N, 0)
+    if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != width:
         raise ValueError(f"expected (Q, D) and (N, D) inputs, got {tuple(query_emb.shape)} and "
                          f"{tuple(gallery_emb.shape)}")
     _check_score(score, query_emb, gallery_emb)

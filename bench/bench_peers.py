@@ -654,14 +654,9 @@ def zse_sbir_pair(zse_dir: str, seed: int, items: int):
     spec = importlib.util.spec_from_file_location("zse_sbir_model", os.path.join(pkg_dir, "__init__.py"),
                                                   submodule_search_locations=[pkg_dir])
     sys.modules["zse_sbir_model"] = importlib.util.module_from_spec(spec)
-    options = types.ModuleType("options")
-    options.Option = object
-    saved = sys.modules.get("options")
-    sys.modules["options"] = options
-    try:
-        their_model = importlib.import_module("zse_sbir_model.model")
-    finally:
-        sys.modules.pop("options") if saved is None else sys.modules.__setitem__("options", saved)
+    # model.py's `from .sa import ...` resolves inside the package registered above
+    their_model = import_with_stubs("zse_sbir_model.model", os.path.join(pkg_dir, "model.py"),
+                                    {"options": types.SimpleNamespace(Option=object)})
     loss = load_module("zse_sbir_loss", os.path.join(zse_dir, "utils", "loss.py"))
     zargs = types.SimpleNamespace(**ZSE_ARGS, batch=items)
     with torch.random.fork_rng(devices=[]):

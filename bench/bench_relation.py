@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics  # noqa: E402
-from bench_peers import load_module, zse_sbir_pair  # noqa: E402  (bench/, this script's folder, is on sys.path)
+from bench_peers import import_with_stubs, load_module, zse_sbir_pair  # noqa: E402  (bench/, this script's folder, is on sys.path)
 
 SKETCHY25 = (15229, 17101)  # test sketches and photos of their Sketchy-25 split (data_utils/utils.py:129-142)
 
@@ -47,15 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_their_valid(zse_dir: str):
     """Their utils/valid.py, whose `from utils.ap import calculate` is given their utils/ap.py while it imports;
-    this project's utils module is put back afterwards."""
-    saved = {k: sys.modules.get(k) for k in ("utils", "utils.ap")}
+    this project's utils module is put back afterwards (bench_peers.import_with_stubs)."""
     ap = load_module("zse_sbir_ap", os.path.join(zse_dir, "utils", "ap.py"))
-    sys.modules["utils"], sys.modules["utils.ap"] = types.SimpleNamespace(ap=ap), ap
-    try:
-        return load_module("zse_sbir_valid", os.path.join(zse_dir, "utils", "valid.py"))
-    finally:
-        for k, v in saved.items():
-            sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
+    return import_with_stubs("zse_sbir_valid", os.path.join(zse_dir, "utils", "valid.py"),
+                             {"utils": types.SimpleNamespace(ap=ap), "utils.ap": ap})
 
 
 def theirs_valid(zse_dir: str, model, sketches, photos, labels) -> tuple:

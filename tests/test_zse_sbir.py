@@ -236,15 +236,17 @@ def test_zse_sbir_trains_and_evaluates_by_its_retrieval_token_end_to_end(tmp_pat
 
 
 def test_fine_grained_accuracy_of_given_scores_ranks_as_the_embeddings_do():
-    """--task fg with --score relation: evaluate.fine_grained_of_scores on -Hamming distances given as scores (ties
-    everywhere) equals evaluate's acc@k of the codes themselves, over every photo and within each class."""
+    """--task fg with --score relation: evaluate's acc@k of -Hamming distances given as scores (score "given", ties
+    everywhere) equals its acc@k of the codes themselves, over every photo and within each class."""
     g = torch.Generator().manual_seed(0)
     q, p = (torch.randint(0, 256, (n, 1), generator=g, dtype=torch.uint8) for n in (30, 30))
     q_labels = g_labels = torch.arange(30) % 3
     targets = torch.randperm(30, generator=g)
     targets = torch.stack([targets[(targets % 3) == c][0] for c in q_labels.tolist()])  # a photo of its class
     scores = -metrics.hamming_distance(q, p).double()
-    mixed, own = evaluate.fine_grained_of_scores(scores, q_labels, g_labels, targets)
+    placeholder = scores.new_zeros(scores.shape[1], 0)  # (N, 0)
+    mixed = evaluate.fine_grained_accuracy(scores, placeholder, targets, score="given")
+    own = evaluate.fine_grained_within_class(scores, q_labels, placeholder, g_labels, targets, score="given")
     assert mixed == evaluate.fine_grained_accuracy(q, p, targets, score="hamming")
     assert own == evaluate.fine_grained_within_class(q, q_labels, p, g_labels, targets, score="hamming")
     assert 0 < mixed["acc@5"] < 1
