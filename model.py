@@ -64,10 +64,11 @@ WITHOUT_BATCH_NORM = {"convnext_tiny", "swin_t", "vit_b_16", "vit_b_32", "clip_v
 
 # The newest format of a checkpoint's "model" entry; this code reads every older one too. 0: no entry (the args
 # describe the model); 1: ModelConfig's fields but activation and method, whose absence means GELU for CLIP and
-# today's SBIR model; 2: format 1 plus activation; 3: format 2 plus method. to_dict writes the oldest format that
-# describes the network (2 only for QuickGELU, 3 only for a method other than "sbir"), so every entry an older
-# format can describe keeps its bytes and its fingerprint (utils.model_fingerprint).
-MODEL_FORMAT = 3
+# today's SBIR model; 2: format 1 plus activation; 3: format 2 plus method; 4: format 3 plus test_flip. to_dict
+# writes the oldest format that describes the network (2 only for QuickGELU, 3 only for a method other than "sbir",
+# 4 only with test_flip), so every entry an older format can describe keeps its bytes and its fingerprint
+# (utils.model_fingerprint).
+MODEL_FORMAT = 4
 METHODS = ("sbir", "sketch_lvm", "zse_sbir")  # the networks methods.py builds (methods.METHODS: the methods)
 DOMAIN_INPUTS = ("embedding", "features")  # what the domain classifier reads: unit embeddings or trunk features
 WEIGHTS = ("imagenet", "openai", "file", "none")  # where a trunk starts: ImageNet's or CLIP's weights, a file, random
@@ -122,6 +123,9 @@ class ModelConfig:
     sketch and photo encoders of ZSSBIRModel, what every entry before format 3 holds) or "sketch_lvm"
     (SketchLVMNet: CLIP's image tower with learnt prompts; a CLIP backbone, its embedding size CLIP's own) or
     "zse_sbir" (ZSESBIRNet: vit_b_16 with cross-attention and a relation network; 768-d, a side divisible by 32).
+    ``test_flip``: the SBIR model's encoders embed an image at test time (eval mode) as the normalised sum of the
+    unit embeddings of the image and of its mirror image, wherever the model is used (validation, evaluate.py,
+    retrieve.py, app.py); training sees single images.
 
     The one place the rules of a network's description live: a config that breaks one raises
     ModelConfigError when it is made, whether by the model, by train.py's flags or from a checkpoint."""
@@ -136,6 +140,7 @@ class ModelConfig:
     std: tuple = ()
     activation: str | None = None  # None when built by hand: "quick_gelu" for CLIP; checkpoints hold the choice
     method: str = "sbir"
+    test_flip: bool = False
 
     def __post_init__(self):
         self._check_sizes()
@@ -166,7 +171,7 @@ class ModelConfig:
 
     def _check_choices(self) -> None:
         """One trunk or two, domain batch norm, what the domain classifier reads, where the trunk starts."""
-        for name in ("shared_trunk", "domain_bn"):
+        for name in ("shared_trunk", "domain_bn", "test_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelConfigError(name, f"{{{name}}} must be True or False, got {getattr(self, name)!r}")
         if self.domain_bn and self.backbone in WITHOUT_BATCH_NORM:
@@ -193,6 +198,9 @@ class ModelConfig:
         """A known method, and the network it builds: Sketch_LVM's is one CLIP tower, its embedding CLIP's own."""
         if not isinstance(self.method, str) or self.method not in METHODS:
             raise ModelConfigError("method", f"{{method}} must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.test_flip and self.method != "sbir":
+            raise ModelConfigError("test_flip", f"{{test_flip}} is the SBIR model's (method sbir); {{method}} "
+                                                f"{self.method} embeds as its authors' code does: leave it out")
         if self.method == "zse_sbir":
             self._check_zse_sbir()
         if self.method != "sketch_lvm":
@@ -226,10 +234,14 @@ class ModelConfig:
                                                    "{shared_trunk} and no {domain_bn}")
 
     def to_dict(self) -> dict:
-        """{"format": 1, 2 or 3, **fields}: the oldest format that describes the network (MODEL_FORMAT), so that an
-        entry written before activation or method existed reads back to itself: format 1 without either (every
-        backbone but a QuickGELU CLIP, in the SBIR model), 2 with activation, 3 with method too."""
+        """{"format": 1 to 4, **fields}: the oldest format that describes the network (MODEL_FORMAT), so that an
+        entry written before activation, method or test_flip existed reads back to itself: format 1 without any
+        (every backbone but a QuickGELU CLIP, in the SBIR model), 2 with activation, 3 with method too, 4 with
+        test_flip too."""
         d = asdict(self)
+        if self.test_flip:
+            return {"format": 4, **d}
+        del d["test_flip"]
         if self.method != "sbir":
             return {"format": 3, **d}
         del d["method"]
@@ -248,15 +260,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """The inverse of to_dict, for formats 1 to 3 (an entry without activation: format1_activation; without
-        method: "sbir");
+        """The inverse of to_dict, for formats 1 to 4 (an entry without activation: format1_activation; without
+        method: "sbir"; without test_flip: False);
         ValueError for another format or a field its format does not have, ModelConfigError for a value that
         breaks a rule, TypeError for a missing field."""
         fmt = d.get("format")
         if not is_int(fmt) or not 1 <= fmt <= MODEL_FORMAT:
             raise ValueError(f"model format {fmt!r}; this version reads formats 1 to {MODEL_FORMAT}")
         known = {f.name for f in fields(cls)} - ({"activation"} if fmt == 1 else set()) - (
-            {"method"} if fmt < 3 else set())
+            {"method"} if fmt < 3 else set()) - ({"test_flip"} if fmt < 4 else set())
         unknown = sorted(set(d) - known - {"format"})
         if unknown:
             raise ValueError(f"unknown model field(s) {', '.join(unknown)} (format {fmt})")
@@ -432,11 +444,13 @@ class Encoder(nn.Module):
     ``pretrained``: True starts the trunk from its published weights, False at random, a state dict of the
     whole torchvision (or open_clip) network from those weights (build_trunk's ``start_state``). The images are
     normalised with the statistics the trunk's weights expect (backbone_stats). With ``domain_bn`` the trunk's
-    batch norms are split into one per domain (0 sketch, 1 photo) and ``forward`` takes the domain of its batch."""
+    batch norms are split into one per domain (0 sketch, 1 photo) and ``forward`` takes the domain of its batch.
+    With ``test_flip``, in eval mode an image's embedding is that of the image and its mirror image (ModelConfig)."""
 
     def __init__(self, backbone: str, embedding_dim: int, pretrained: bool | dict, domain_bn: bool = False,
-                 image_size: int = 224, activation: str | None = None):
+                 image_size: int = 224, activation: str | None = None, test_flip: bool = False):
         super().__init__()
+        self.test_flip = test_flip
         start_state = pretrained if isinstance(pretrained, dict) else None
         published = start_state is None and bool(pretrained)
         self.trunk, self.width = build_trunk(backbone, published, image_size, start_state, activation)
@@ -451,8 +465,14 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, domain: int = 0, with_features: bool = False):
         for m in self.domain_norms:
             m.domain = domain
-        feats = self.trunk(self.normalize(x))  # (B, F)
-        emb = F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D)
+        flip = self.test_flip and not self.training
+        if flip:  # one batch of the images and their mirror images
+            x = torch.cat([x, x.flip(3)])
+        feats = self.trunk(self.normalize(x))  # (B, F), or (2B, F)
+        emb = F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D), or (2B, D)
+        if flip:
+            b = emb.shape[0] // 2
+            emb, feats = F.normalize(emb[:b] + emb[b:], dim=1), (feats[:b] + feats[b:]) / 2
         return (emb, feats) if with_features else emb
 
 
@@ -511,15 +531,14 @@ class DomainClassifier(nn.Module):
 
 
 class ClassProxies(nn.Module):
-    """One learnable unit vector per seen class: embeddings (B, D) -> cosine logits (B, C) / T."""
+    """One learnable unit vector per seen class: unit embeddings (B, D) -> cosine logits (B, C) / temperature."""
 
-    def __init__(self, embedding_dim: int, num_classes: int, temperature: float = 0.1):
+    def __init__(self, embedding_dim: int, num_classes: int):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_classes, embedding_dim))
-        self.temperature = temperature
 
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return emb @ F.normalize(self.weight, dim=1).t() / self.temperature  # (B, C)
+    def forward(self, emb: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+        return emb @ F.normalize(self.weight, dim=1).t() / temperature  # (B, C)
 
 
 class ZSSBIRModel(nn.Module):
@@ -541,20 +560,21 @@ class ZSSBIRModel(nn.Module):
     def __init__(self, backbone: str = "vgg16", embedding_dim: int = 512, pretrained: bool | dict = True,
                  num_classes: int = 0, **network):
         super().__init__()
-        # network: the rest of the ModelConfig (shared_trunk, domain_bn, domain_input, image_size, activation), by name
+        # network: the rest of the ModelConfig (shared_trunk, domain_bn, domain_input, image_size, activation,
+        # test_flip), by name
         cfg = ModelConfig(backbone, embedding_dim, **{"image_size": 224, **network})  # its rules, or raise
         shared_trunk, domain_bn, domain_input = cfg.shared_trunk, cfg.domain_bn, cfg.domain_input
-        image_size, activation = cfg.image_size, cfg.activation
+        image_size, activation, flip = cfg.image_size, cfg.activation, cfg.test_flip
         if shared_trunk:
-            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size, activation)
+            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size, activation, flip)
             width = self.encoder.width
             object.__setattr__(self, "sketch_encoder", DomainView(self.encoder, 0))  # not registered: no
             object.__setattr__(self, "photo_encoder", DomainView(self.encoder, 1))   # second copy in state_dict
         else:
             self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size,
-                                          activation=activation)
+                                          activation=activation, test_flip=flip)
             self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size,
-                                         activation=activation)
+                                         activation=activation, test_flip=flip)
             width = self.sketch_encoder.width
         self.domain_input = domain_input
         self.domain_classifier = DomainClassifier(embedding_dim if domain_input == "embedding" else width)
@@ -574,7 +594,7 @@ class ZSSBIRModel(nn.Module):
             start = start_state if config.weights == "file" else True
         model = cls(config.backbone, config.embedding_dim, start, num_classes, shared_trunk=config.shared_trunk,
                     domain_bn=config.domain_bn, domain_input=config.domain_input, image_size=config.image_size,
-                    activation=config.activation)
+                    activation=config.activation, test_flip=config.test_flip)
         if config.mean:
             for encoder in [m for m in model.modules() if isinstance(m, Encoder)]:
                 encoder.normalize = Normalize(config.mean, config.std)
@@ -1001,7 +1021,7 @@ class Quadruplets(NamedTuple):
 
 
 def sbir_losses(model: ZSSBIRModel, batch: Pairs | Triplets, lambd: float, margin: float,
-                smoothing: float = 0.0) -> dict:
+                smoothing: float = 0.0, temperature: float = 0.1, class_smoothing: float = 0.0) -> dict:
     """The losses of a named batch: Pairs (B sketches, B photos) or Triplets (B sketches, 2B photos).
 
     triplet: Pairs: hardest_negative_triplet (sketch i, photo i, the closest photo of another class);
@@ -1009,8 +1029,9 @@ def sbir_losses(model: ZSSBIRModel, batch: Pairs | Triplets, lambd: float, margi
     domain:  domain_loss of the domain classifier through the gradient reversal layer, over the sketches and
              all the photos (the two domains weighted equally), reading what ``model.domain_input`` says: the unit
              embeddings (B, D) or the trunk features (B, F).
-    class:   normalised-softmax loss (cross-entropy of cosine / T logits over one proxy per seen class, shared
-             by the domains), only with class proxies and labels. Pairs: the mean of the sketch and the photo
+    class:   normalised-softmax loss (cross-entropy of cosine / ``temperature`` logits over one proxy per seen
+             class, shared by the domains, targets smoothed by ``class_smoothing``), only with class proxies and
+             labels. Pairs: the mean of the sketch and the photo
              terms; Triplets: over all 3B embeddings.
     Also returns the domain classifier's accuracy and mean |logit|.
     """
@@ -1019,7 +1040,7 @@ def sbir_losses(model: ZSSBIRModel, batch: Pairs | Triplets, lambd: float, margi
     s, p, fs, fp = model.embed_pair(batch.sketch, photos)  # (B, D), (P, D), (B, F), (P, F); P = B or 2B
     out = {}
     if hasattr(model, "class_proxies") and batch.labels is not None:
-        out["class"] = class_loss(model.class_proxies, s, p, batch)
+        out["class"] = class_loss(model.class_proxies, s, p, batch, temperature, class_smoothing)
     if isinstance(batch, Pairs):
         out["triplet"] = hardest_negative_triplet(s, p, batch.labels, margin)
     else:
@@ -1031,10 +1052,11 @@ def sbir_losses(model: ZSSBIRModel, batch: Pairs | Triplets, lambd: float, margi
     return out
 
 
-def class_loss(proxies: ClassProxies, s: torch.Tensor, p: torch.Tensor, batch: Pairs | Triplets) -> torch.Tensor:
+def class_loss(proxies: ClassProxies, s: torch.Tensor, p: torch.Tensor, batch: Pairs | Triplets,
+               temperature: float = 0.1, smoothing: float = 0.0) -> torch.Tensor:
     """sbir_losses' normalised-softmax term of sketch embeddings s (B, D) and photo embeddings p (B or 2B, D)."""
+    def xent(emb, labels):
+        return F.cross_entropy(at_least_float32(proxies(emb, temperature)), labels, label_smoothing=smoothing)
     if isinstance(batch, Pairs):
-        return 0.5 * (F.cross_entropy(at_least_float32(proxies(s)), batch.labels)
-                      + F.cross_entropy(at_least_float32(proxies(p)), batch.labels))
-    logits = at_least_float32(proxies(torch.cat([s, p])))  # (3B, C)
-    return F.cross_entropy(logits, torch.cat([batch.labels, batch.labels, batch.neg_labels]))
+        return 0.5 * (xent(s, batch.labels) + xent(p, batch.labels))
+    return xent(torch.cat([s, p]), torch.cat([batch.labels, batch.labels, batch.neg_labels]))  # (3B, C)

@@ -24,6 +24,7 @@ shuffle, batch norm is synchronised across GPUs, and only rank 0 logs and writes
 Validation embeds its images sharded across the processes.
 """
 import argparse
+import copy
 import hashlib
 import math
 import os
@@ -198,10 +199,13 @@ def add_run_args(g) -> None:
                    help="configs/NAME.yaml as the config; without --config or --recipe: finetune with "
                         "--pretrained, scratch with --no-pretrained; 'original' is the paper's setting")
     g.add_argument("--epochs", type=int, default=None,
-                   help="total number of epochs (if not given: 30; with --budget_minutes, no limit but the budget)")
+                   help="total number of epochs (if not given: 30; with a budget, no limit but the budget)")
     g.add_argument("--budget_minutes", type=float, default=0.0,
                    help="wall-clock budget of the training: the learning rate and lambda schedules span it and "
                         "training stops when it is spent, with a checkpoint (0: the schedules span --epochs)")
+    g.add_argument("--budget_tflops", type=float, default=0.0,
+                   help="training compute budget in TFLOP, as train.py counts it (Work): the schedules span it, "
+                        "planned from the first step's count, and training stops when it is spent (0: off)")
     g.add_argument("--val_fraction", type=float, default=0.1,
                    help="fraction of each seen class's sketches and photos held out for model selection")
     g.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and after the last)")
@@ -235,6 +239,10 @@ def add_model_args(g) -> None:
                    help="domain-specific batch norm in a shared trunk")
     g.add_argument("--image_size", type=int, default=224, help="input side in pixels")
     g.add_argument("--embedding_dim", type=int, default=512, help="size of the shared embedding")
+    g.add_argument("--test_flip", action=argparse.BooleanOptionalAction, default=False,
+                   help="embed each image at test time as it and its mirror image (the sum of the two unit "
+                        "embeddings, normalised); the model keeps it, so validation, evaluate.py, retrieve.py and "
+                        "app.py all embed so (2x the test-time compute)")
     g.add_argument("--domain_input", type=str, default="embedding", choices=DOMAIN_INPUTS,
                    help="what the domain classifier reads: the unit embedding or the trunk's pooled features")
 
@@ -261,6 +269,10 @@ def add_loss_args(g) -> None:
     g.add_argument("--margin", type=float, default=0.2, help="triplet margin on unit-norm embeddings")
     g.add_argument("--class_loss_ratio", type=float, default=1.0,
                    help="weight of the normalised-softmax loss on seen-class proxies shared by both domains")
+    g.add_argument("--class_temperature", type=float, default=0.1,
+                   help="the class loss's softmax temperature: logits are cosines to the proxies divided by it")
+    g.add_argument("--class_label_smoothing", type=float, default=0.0,
+                   help="the class loss's label smoothing: the true class gets 1 - s + s/C, the others s/C")
     g.add_argument("--domain_loss_ratio", type=float, default=0.0, help="weight of the domain loss (0 disables it)")
     g.add_argument("--grl_threshold_epoch", type=int, default=0,
                    help="epoch (0-based) from which the gradient reversal lambda ramps up from 0")
@@ -278,6 +290,9 @@ def add_optimizer_args(g) -> None:
                    help="fraction of the schedule with a linear LR warm-up, then cosine decay to 1%%")
     g.add_argument("--warmup_epochs", type=float, default=None,
                    help="the warm-up in epochs instead (not with --budget_minutes)")
+    g.add_argument("--ema", type=float, default=0.0,
+                   help="decay of an exponential moving average of the weights, updated every step, which is "
+                        "validated and saved as the model (0: off; e.g. 0.999)")
     g.add_argument("--grad_clip", type=float, default=10.0, help="clip the gradient norm (0: off)")
     g.add_argument("--prompt_lr", type=float, default=1e-4,
                    help="--method sketch_lvm: the prompts' learning rate (--lr is CLIP's)")
@@ -315,12 +330,13 @@ def apply_recipe(args) -> None:
     """Resolve what follows from other flags once the config and the command line are read (in place; a second
     call changes nothing): a warm-up given in epochs as a fraction of the schedule, and 30 epochs when neither
     --epochs nor --budget_minutes ends training."""
+    budget = budget_flag(args)
     if args.warmup_epochs is not None:
-        if args.budget_minutes > 0:
-            raise utils.UserError("--warmup_epochs needs an epoch schedule; with --budget_minutes give --warmup "
+        if budget:
+            raise utils.UserError(f"--warmup_epochs needs an epoch schedule; with {budget} give --warmup "
                                   "as a fraction of the budget")
         args.warmup = args.warmup_epochs / (args.epochs or 30)
-    if args.epochs is None and not args.budget_minutes > 0:
+    if args.epochs is None and not budget:
         args.epochs = 30
 
 
@@ -338,22 +354,39 @@ def measured_against(recipe: str, work: "Work") -> str:
         f"{n:,} steps on {where} (this run did {work.steps / n:.0%} of that)" for where, n in measured.items()))
 
 
+def budget_flag(args) -> str:
+    """The budget that ends training, as its flag ('--budget_tflops', '--budget_minutes'), or '' for none."""
+    if args.budget_minutes > 0 and args.budget_tflops > 0:
+        raise utils.UserError("give one budget: --budget_minutes (wall clock, this machine's) or --budget_tflops "
+                              "(training compute, the same on any machine), not both")
+    return "--budget_tflops" if args.budget_tflops > 0 else "--budget_minutes" if args.budget_minutes > 0 else ""
+
+
+def budget_text(args) -> str:
+    """What ends training, in words: 'budget 73 TFLOP', 'budget 10 min' or '30 epochs'."""
+    if args.budget_tflops:
+        return f"budget {args.budget_tflops:g} TFLOP"
+    return f"budget {args.budget_minutes} min" if args.budget_minutes else f"{args.epochs} epochs"
+
+
 def check_args(args) -> None:
     apply_recipe(args)
     for name in ("epochs", "batch_size", "print_every", "val_every", "quadruplets_per_epoch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "margin"):
+    for name in ("lr", "margin", "class_temperature"):
         if not getattr(args, name) > 0:
             raise utils.UserError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("triplet_loss_ratio", "domain_loss_ratio", "class_loss_ratio", "weight_decay", "grad_clip", "warmup",
-                 "grl_threshold_epoch", "budget_minutes", "thicken", "domain_label_smoothing",
+                 "grl_threshold_epoch", "budget_minutes", "budget_tflops", "thicken", "domain_label_smoothing",
                  "grl_max_lambda", "cache_gb"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if not 0 <= args.ema < 1:
+        raise utils.UserError(f"--ema must be in [0, 1) (a decay per step, e.g. 0.999; 0: off), got {args.ema}")
     if not 0 <= args.val_fraction < 1:
         raise utils.UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
-    for name in ("warmup", "thicken", "domain_label_smoothing", "crop_scale"):
+    for name in ("warmup", "thicken", "domain_label_smoothing", "class_label_smoothing", "crop_scale"):
         if not 0 <= getattr(args, name) <= 1:
             raise utils.UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     try:  # the model's own rules, checked where they live (ModelConfig), said in flags
@@ -421,6 +454,27 @@ def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr
     scaler.step(optimizer)
     scaler.update()
     return {k: v.detach() for k, v in out.items()}
+
+
+class WeightAverage:
+    """--ema: an exponential moving average of the model's weights and buffers, updated after every step. It is
+    the model that validation scores and that best.pth and last.pth hold as "models" (what evaluate.py,
+    retrieve.py and app.py read); last.pth keeps the trained weights too, as "trained_models", for --resume. Its
+    decay at step t is min(--ema, (1 + t) / (10 + t)), so the random start fades from the average early."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # the live tensors
+        self.floats = [list(x) for x in zip(*[(a, b) for a, b in pairs if a.is_floating_point()])]
+        self.others = [(a, b) for a, b in pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Move the average towards the trained weights after step ``step`` (1-based)."""
+        torch._foreach_lerp_(self.floats[0], self.floats[1], 1.0 - min(self.decay, (1 + step) / (10 + step)))
+        for a, b in self.others:  # counters (batch norm's num_batches_tracked) are copied
+            a.copy_(b)
 
 
 def global_mean(values: dict, count: int = 1) -> dict:
@@ -497,7 +551,7 @@ class StopRequest:
 # other flag given with another value is refused; one left out takes the run's own value (docs/errors.md).
 RESUME_FREE = {"data_dir", "checkpoint_dir", "resume", "overwrite", "workers", "device", "amp", "cache_gb",
                "disk_cache", "cache_dir", "channels_last", "compile", "print_every", "val_every"}
-RESUME_LENGTH = ("epochs", "budget_minutes")
+RESUME_LENGTH = ("epochs", "budget_minutes", "budget_tflops")
 NOT_RESTORED = {"given", "recipe_source"}  # what the parser makes, not flags
 
 
@@ -568,7 +622,7 @@ def load_resume_checkpoint(path: str, args, world: int) -> dict:
 def resume_from(ckpt: dict, path: str, model, optimizer, scaler, args) -> None:
     """Restore the weights and the optimizer and scaler states of a checkpoint (load_resume_checkpoint); the
     rest of it, where training stood, becomes the TrainState (TrainState.start)."""
-    utils.load_model_state(model, ckpt, path)
+    utils.load_model_state(model, ckpt, path, "trained_models" if args.ema else "models")
     try:
         optimizer.load_state_dict(ckpt["optimizers"][methods.get(args.method).optimizer_name])
         if ckpt["scaler"]:  # empty when saved without a float16 GradScaler (CPU, bfloat16): keep the fresh one
@@ -591,6 +645,11 @@ def nothing_left(ckpt: dict, args) -> bool:
     spent = ckpt.get("seconds", 0.0)
     if args.budget_minutes > 0 and spent >= args.budget_minutes * 60:
         print(f"nothing to do: {args.resume} already spent {spent / 60:.1f} of --budget_minutes {args.budget_minutes}")
+        return True
+    done = ckpt.get("work", {}).get("flops", 0)
+    if args.budget_tflops > 0 and done >= args.budget_tflops * 1e12:
+        print(f"nothing to do: {args.resume} already did {utils.flops_text(done)} of --budget_tflops "
+              f"{args.budget_tflops:g}")
         return True
     if args.epochs is not None and ckpt["epoch"] >= args.epochs:
         print(f"nothing to do: {args.resume} already has {ckpt['epoch']} of --epochs {args.epochs}")
@@ -713,6 +772,9 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
         resume_from(resume, args.resume, model, optimizer, scaler, args)
         if nothing_left(resume, args):
             return
+    average = WeightAverage(model, args.ema) if args.ema else None
+    if average and resume is not None:
+        utils.load_model_state(average.model, resume, args.resume)
     if rank == 0:  # every input was read and fits: only now is anything written
         utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
         clear_run_folder(args, resume, stale)
@@ -724,7 +786,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     net = TrainingLosses(model, args.method)
     if world > 1:  # after loading: DDP copies rank 0's weights to every process
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    trainer = Trainer(args, model, net, optimizer, scaler, device, dtype, info["config"], data_record)
+    trainer = Trainer(args, model, net, optimizer, scaler, device, dtype, info["config"], data_record, average)
     with StopRequest() as stop:
         fit(trainer, loader, val, data.seen, TrainState.start(args, len(loader), resume), stop)
 
@@ -742,7 +804,7 @@ def print_setup(args, world: int, saved_config: dict | None = None) -> dict:
     print(f"config {args.config} ({args.recipe_source}):\n" + "".join(f"  {line}\n" for line in text.splitlines()),
           end="")
     print(f"recipe: {args.recipe}: {methods.get(args.method).describe(args)}, "
-          + (f"budget {args.budget_minutes} min" if args.budget_minutes else f"{args.epochs} epochs"))
+          + budget_text(args))
     if world > 1:
         print(f"distributed: {world} processes ({dist.get_backend()}), "
               f"{args.batch_size // world} {args.sampling} each per step")
@@ -805,7 +867,7 @@ def model_config(args) -> ModelConfig:
     return ModelConfig(args.backbone, args.embedding_dim, args.image_size, args.shared_trunk, args.domain_bn,
                        args.domain_input, weights, *method.input_stats(args.backbone),
                        activation=getattr(args, "clip_activation", None),  # a resumed older CLIP run's: GELU
-                       method=args.method)
+                       method=args.method, test_flip=args.test_flip)
 
 
 def build_model_and_optimizer(args, num_classes: int, device: torch.device, world: int = 1):
@@ -854,40 +916,51 @@ def open_image_store(source, args, rank: int, world: int, device: torch.device) 
 # ----------------------------------------------------------------------------------- the loop
 
 class Schedule:
-    """The learning rate's and the lambda ramp's clock. Progress p = position / length in [0, 1]: with --epochs,
-    steps done out of all steps; with --budget_minutes, seconds of training (a resumed run adds the seconds it
-    had spent) out of the budget, which also ends training. The lambda ramp starts at --grl_threshold_epoch's
-    first step, or with a budget at the second that epoch began, and ends with the schedule."""
+    """The learning rate's and the lambda ramp's clock. Progress p = position / length in [0, 1], the position
+    in the schedule's unit: with --epochs, steps done out of all steps; with --budget_minutes, seconds of training
+    (a resumed run adds the seconds it had spent) out of the budget; with --budget_tflops, training FLOPs done
+    (Work) out of the budget, which at a fixed batch shape is steps out of the budget over the first step's
+    count. A budget also ends training. The lambda ramp starts at --grl_threshold_epoch's first step (with a
+    budget, at the position that epoch began: the first epoch at or past the threshold that has no start yet)
+    and ends with the schedule."""
 
-    def __init__(self, args, steps_per_epoch: int, spent: float = 0.0, grl_start_seconds: float = -1.0):
-        self.budget = args.budget_minutes * 60.0
+    def __init__(self, args, steps_per_epoch: int, spent: float = 0.0, grl_start: float = -1.0):
+        self.unit = "flops" if args.budget_tflops else "seconds" if args.budget_minutes else "steps"
+        self.budget = args.budget_tflops * 1e12 if self.unit == "flops" else args.budget_minutes * 60.0
         self.length = self.budget or args.epochs * steps_per_epoch
-        self.grl_epoch, self.grl_start_step = args.grl_threshold_epoch, args.grl_threshold_epoch * steps_per_epoch
-        self.grl_start_seconds, self.max_lambda = grl_start_seconds, args.grl_max_lambda
-        self.spent, self.t0 = spent, time.time()
+        self.grl_epoch, self.max_lambda = args.grl_threshold_epoch, args.grl_max_lambda
+        self.grl_start = args.grl_threshold_epoch * steps_per_epoch if self.unit == "steps" else grl_start
+        self.spent, self.t0, self.planned = spent, time.time(), False
 
     def seconds(self) -> float:
         """Seconds of training so far on this process's clock, a resumed run's earlier ones included."""
         return self.spent + time.time() - self.t0
 
-    def start_epoch(self, epoch: int, seconds: float) -> None:
-        if epoch == self.grl_epoch and self.grl_start_seconds < 0:
-            self.grl_start_seconds = seconds
+    def position(self, state: "TrainState") -> float:
+        return {"steps": state.step, "seconds": state.seconds, "flops": state.work.flops}[self.unit]
 
-    def position(self, step: int, seconds: float) -> float:
-        return seconds if self.budget else step
+    def start_epoch(self, state: "TrainState") -> None:
+        if state.epoch >= self.grl_epoch and self.grl_start < 0:
+            self.grl_start = self.position(state)
 
-    def progress(self, step: int, seconds: float) -> float:
-        return min(1.0, self.position(step, seconds) / self.length)
+    def progress(self, state: "TrainState") -> float:
+        return min(1.0, self.position(state) / self.length)
 
-    def lambd(self, step: int, seconds: float) -> float:
-        start = self.grl_start_seconds if self.budget else self.grl_start_step
-        if start < 0:
+    def lambd(self, state: "TrainState") -> float:
+        if self.grl_start < 0:
             return 0.0
-        return self.max_lambda * grl_lambda(self.position(step, seconds), self.length, start)
+        return self.max_lambda * grl_lambda(self.position(state), self.length, self.grl_start)
 
-    def over(self, seconds: float) -> bool:
-        return self.budget > 0 and seconds >= self.budget
+    def over(self, state: "TrainState") -> bool:
+        return self.budget > 0 and self.position(state) >= self.budget
+
+    def plan(self, work: "Work", steps_per_epoch: int) -> str:
+        """The budget in steps at the FLOPs of a step as counted so far (--budget_tflops), said once known."""
+        per_step = work.flops / max(work.steps, 1)
+        steps = math.ceil(self.budget / per_step)
+        return (f"budget {utils.flops_text(self.budget)}: {steps:,} steps of {per_step / 1e9:.2f} GFLOP "
+                f"({steps / steps_per_epoch:.1f} epochs of {steps_per_epoch} steps); the learning rate's warm-up and "
+                f"decay span them")
 
 
 class Work:
@@ -949,7 +1022,10 @@ class TrainState:
         """A new run's state, or a --resume checkpoint's (load_resume_checkpoint). Checkpoints written before the
         work was counted give steps only; before torchrun support, one process's RNG states under "rng"."""
         ckpt = ckpt or {}
-        schedule = Schedule(args, steps_per_epoch, ckpt.get("seconds", 0.0), ckpt.get("grl_start_seconds", -1.0))
+        grl_start = ckpt.get("grl_start", ckpt.get("grl_start_seconds", -1.0))  # the latter: before --budget_tflops
+        schedule = Schedule(args, steps_per_epoch, ckpt.get("seconds", 0.0), grl_start)
+        if ckpt.get("schedule_unit", "seconds" if "grl_start_seconds" in ckpt else None) != schedule.unit:
+            schedule.grl_start = schedule.grl_start if schedule.unit == "steps" else -1.0  # anew in the new unit
         return cls(schedule, Work(**ckpt.get("work", {"steps": ckpt.get("step", 0)})), ckpt.get("epoch", 0),
                    ckpt.get("step", 0), ckpt.get("best", -1.0), epoch_step=ckpt.get("epoch_step", 0),
                    epoch_sums=ckpt.get("epoch_sums", {}),
@@ -975,6 +1051,12 @@ class Trainer:
     dtype: torch.dtype | None
     config: dict
     data: dict  # what it trains and validates on (training_data_record), which --resume checks
+    average: WeightAverage | None = None  # --ema
+
+    @property
+    def used_model(self) -> nn.Module:
+        """The model validated and saved as "models": the weight average with --ema, else the trained one."""
+        return self.average.model if self.average else self.model
 
     @property
     def method(self) -> methods.Method:
@@ -1000,7 +1082,7 @@ def fit(t: Trainer, loader, val: dict, classes: list, state: TrainState, stop: S
         state.next_epoch()
         end_epoch(t, val, classes, state, stats)
         if state.finished:
-            print(f"budget of {args.budget_minutes} min spent after {state.step} steps ({state.epoch} epoch(s), the "
+            print(f"{budget_text(args)} spent after {state.step} steps ({state.epoch} epoch(s), the "
                   f"last one {stats['steps']}/{len(loader)} steps); {measured_against(args.recipe, state.work)}")
             break
         if any_process(stop.signal is not None) and (args.epochs is None or state.epoch < args.epochs):
@@ -1023,7 +1105,7 @@ def train_one_epoch(t: Trainer, loader, state: TrainState, stop: StopRequest) ->
     # (seed, epoch, step) alone.
     utils.seed_everything(args.seed * 1000 + epoch + 1_000_003 * rank)
     losses = LossSums(t.device, state.epoch_sums if skip else {}, skip, epoch)
-    schedule.start_epoch(epoch, state.seconds)
+    schedule.start_epoch(state)
     t0 = time.time()
     batches = loader.epoch(epoch, skip)
     if skip:
@@ -1033,13 +1115,18 @@ def train_one_epoch(t: Trainer, loader, state: TrainState, stop: StopRequest) ->
     lambd = 0.0
     for i, batch in enumerate(bar, start=skip + 1):
         batch = to_device_batch(batch, args, t.device, state.step, memory_format)
-        lambd = schedule.lambd(state.step, state.seconds)
-        lr = t.method.lr_at(schedule.progress(state.step, state.seconds), args)
+        lambd = schedule.lambd(state)
+        lr = t.method.lr_at(schedule.progress(state), args)
         vals = state.work.step(lambda: train_step(t.net, t.optimizer, t.scaler, batch, lambd, lr, args, t.dtype), batch)
         stopping, state.seconds = agree(stop.signal is not None, schedule.seconds())
         state.step, state.epoch_step = state.step + 1, i
+        if t.average:
+            t.average.update(state.step)
         losses.add(vals)
-        state.finished = schedule.over(state.seconds)
+        state.finished = schedule.over(state)
+        if schedule.unit == "flops" and not schedule.planned:  # the first step's count is known
+            schedule.planned = True
+            print(schedule.plan(state.work, steps))
         stop_inside = stopping and i < steps
         if state.step % args.print_every == 0 or state.finished or stop_inside:
             log_steps(args, state, losses.window(i), bar, lambd, lr)  # the one wait for the device
@@ -1084,7 +1171,7 @@ def end_epoch(t: Trainer, val: dict, classes: list, state: TrainState, stats: di
     val_map, val_s, improved, val_text = None, 0.0, False, f"(validation every {args.val_every} epochs)"
     if state.finished or state.epoch == args.epochs or state.epoch % args.val_every == 0:
         t1 = time.time()
-        val_map = validate(t.model, val, classes, args, t.device)
+        val_map = validate(t.used_model, val, classes, args, t.device)
         val_s = time.time() - t1
         improved = val_map is None or val_map > state.best  # without a validation set, the last epoch is best
         state.best = state.best if val_map is None else max(val_map, state.best)  # -1: nothing validated
@@ -1095,6 +1182,7 @@ def end_epoch(t: Trainer, val: dict, classes: list, state: TrainState, stats: di
           + "  ".join(f"{k} {v:.4f}" for k, v in stats["losses"].items())
           + lambda_text(args, stats['lambda']) + f"  {val_text}  [{stats['train_seconds']:.0f}s, {stats['rate']:.1f} "
           f"{args.sampling}/s" + (f", {seconds / 60:.1f} of {args.budget_minutes} min" if args.budget_minutes else "")
+          + (f", {state.work.flops / 1e12:.1f} of {args.budget_tflops:g} TFLOP" if args.budget_tflops else "")
           + f"; so far {state.work.describe(seconds)}]")
     if utils.rank_and_world()[0] == 0:
         log_path = os.path.join(args.checkpoint_dir, "log.jsonl")
@@ -1114,13 +1202,16 @@ def make_checkpoint(t: Trainer, state: TrainState, seconds: float, classes: list
     scaler states, the arguments, the model's description, the config, the seen ``classes`` it trains on (their
     names, so that a cross-dataset evaluation knows them after the data has moved), and the state; epoch counts
     completed epochs, and epoch_step > 0 marks a stop inside the next one, with its loss sums and RNG states."""
-    ckpt = {"models": {name: m.state_dict() for name, m in t.model.named_children()},
+    ckpt = {"models": {name: m.state_dict() for name, m in t.used_model.named_children()},
             "optimizers": {t.method.optimizer_name: t.optimizer.state_dict()}, "scaler": t.scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "args": vars(t.args), "model": model_config(t.args).to_dict(),
             "config": t.config, "classes": list(classes), "best": state.best, "epoch_step": state.epoch_step,
             "world_size": utils.rank_and_world()[1], "seconds": seconds,
-            "grl_start_seconds": state.schedule.grl_start_seconds, "finished": state.schedule.over(seconds),
+            "grl_start": state.schedule.grl_start, "schedule_unit": state.schedule.unit,
+            "finished": state.finished,
             "work": state.work.to_dict(), "data": t.data}
+    if t.average:  # what --resume trains on from (the average goes on from "models")
+        ckpt["trained_models"] = {name: m.state_dict() for name, m in t.model.named_children()}
     if state.epoch_step:
         ckpt["epoch_sums"], ckpt["rng_by_rank"] = dict(state.epoch_sums), state.rng_by_rank
     return ckpt

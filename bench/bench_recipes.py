@@ -1,14 +1,15 @@
 """The recipe ablation: train each variant for N seeds with a fixed amount of work, print one table.
 
     python bench/bench_recipes.py --data_dir data/demo --epochs 9
-    python bench/bench_recipes.py --data_dir /tmp/emoji-dev --epochs 25 --variants default domain_loss
+    python bench/bench_recipes.py --data_dir /tmp/emoji-dev --budget_tflops 73 --variants default domain_loss
     python bench/bench_recipes.py --data_dir /tmp/emoji-dev --budget_minutes 4 --variants default no_edge_maps:1
 
 A variant written NAME:N runs N seeds instead of --seeds.
 
-Each run is `train.py --epochs E --seed S <variant flags>` (or --budget_minutes M: a wall-clock budget, whose
-figures hold only on the machine that ran them) then `evaluate.py` on the unseen classes (standard convention);
-its results are kept under --output_dir/<dataset>/<e{E} or m{M}>/<variant>/seed<S>/ and reused by later calls
+Each run is `train.py --epochs E --seed S <variant flags>` (or --budget_tflops T: the same training compute for
+every variant, the fair comparison; or --budget_minutes M: a wall-clock budget, whose figures hold only on the
+machine that ran them) then `evaluate.py` on the unseen classes (standard convention); its results are kept
+under --output_dir/<dataset>/<e{E}, t{T} or m{M}>/<variant>/seed<S>/ and reused by later calls
 (delete them, or pass --rerun, to train again), so a long ablation can be built up in pieces. The table gives
 mean +/- standard deviation over the seeds (sample std, n - 1) of unseen mAP@all, P@100 and P@200, beside
 chance, the untrained network (the first variant's seed 0 at its initialisation) and a training-free
@@ -40,6 +41,21 @@ VARIANTS = {
     "domain_bn": ["--domain_bn"],
     "triplet": ["--triplet_loss_ratio", "1"],
     "thicken": ["--thicken", "0.5"],
+    "lr_0.004": ["--lr", "0.004"],
+    "lr_0.001": ["--lr", "0.001"],
+    "batch_32": ["--batch_size", "32"],
+    "batch_128": ["--batch_size", "128"],
+    "batch_16": ["--batch_size", "16"],
+    "batch_32_temperature_0.05": ["--batch_size", "32", "--class_temperature", "0.05"],
+    "warmup_0.15": ["--warmup", "0.15"],
+    "test_flip": ["--test_flip"],
+    "ema": ["--ema", "0.999"],
+    "ema_0.998": ["--ema", "0.998"],
+    "ema_0.99": ["--ema", "0.99"],
+    "temperature_0.05": ["--class_temperature", "0.05"],
+    "temperature_0.03": ["--class_temperature", "0.03"],
+    "temperature_0.07": ["--class_temperature", "0.07"],
+    "label_smoothing": ["--class_label_smoothing", "0.1"],
     # the paper's preset with what this machine forces: no ImageNet weights, so resnet18 at the scratch recipe's size
     "original": ["--recipe", "original", "--backbone", "resnet18", "--image_size", "32"],
 }
@@ -53,6 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="variants to train, NAME or NAME:SEEDS (names: " + ", ".join(VARIANTS) + ")")
     p.add_argument("--seeds", type=int, default=3, help="runs per variant, seeds 0 .. N-1")
     p.add_argument("--epochs", type=int, default=0, help="train.py --epochs of every run")
+    p.add_argument("--budget_tflops", type=float, default=0.0,
+                   help="train.py --budget_tflops of every run instead of --epochs (equal compute for every variant)")
     p.add_argument("--budget_minutes", type=float, default=0.0,
                    help="train.py --budget_minutes of every run instead of --epochs (a figure of this machine only)")
     p.add_argument("--output_dir", "--out_dir", type=str, default="runs/bench_recipes",
@@ -64,6 +82,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def amount(args) -> list:
+    """The train.py flag and value of every run's work: --epochs, --budget_tflops or --budget_minutes."""
+    for name in ("epochs", "budget_tflops", "budget_minutes"):
+        if getattr(args, name):
+            return [f"--{name}", f"{getattr(args, name):g}"]
+    return []
+
+
 def run(cmd: list, log: str) -> None:
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -72,8 +98,10 @@ def run(cmd: list, log: str) -> None:
 
 
 def results_dir(args) -> str:
-    """Where the runs of one dataset and one amount of work live: OUTPUT_DIR/<dataset>/e<epochs> or m<minutes>."""
-    work = f"e{args.epochs}" if args.epochs else f"m{args.budget_minutes:g}"
+    """Where the runs of one dataset and one amount of work live: OUTPUT_DIR/<dataset>/e<epochs>, t<TFLOP> or
+    m<minutes>."""
+    flag, value = amount(args)
+    work = {"--epochs": "e", "--budget_tflops": "t", "--budget_minutes": "m"}[flag] + value
     return os.path.join(args.output_dir, os.path.basename(os.path.normpath(args.data_dir)), work)
 
 
@@ -86,9 +114,8 @@ def train_and_evaluate(args, variant: str, seed: int, untrained: bool) -> dict:
     os.makedirs(folder, exist_ok=True)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     common = ["--workers", str(args.workers), "--device", args.device]
-    amount = ["--epochs", str(args.epochs)] if args.epochs else ["--budget_minutes", str(args.budget_minutes)]
     run([sys.executable, os.path.join(here, "train.py"), "--data_dir", args.data_dir, "--checkpoint_dir", folder,
-         "--no-pretrained", *amount, "--seed", str(seed), "--print_every", "50",
+         "--no-pretrained", *amount(args), "--seed", str(seed), "--print_every", "50",
          *common, *VARIANTS[variant], *args.train_args.split()], os.path.join(folder, "train.log"))
     run([sys.executable, os.path.join(here, "evaluate.py"), "--model", os.path.join(folder, "best.pth"),
          "--data_dir", args.data_dir, "--output_dir", os.path.join(folder, "eval"), "--num_sketches", "0",
@@ -134,8 +161,8 @@ def mean_std(values: list) -> str:
 def main(args) -> None:
     if not os.path.isdir(args.data_dir):
         sys.exit(f"error: {args.data_dir} does not exist; build it first (make demo, or emoji-dev's build.sh)")
-    if (args.epochs > 0) == (args.budget_minutes > 0):
-        sys.exit("error: give the work of every run as --epochs E or as --budget_minutes M (one of them)")
+    if sum(x > 0 for x in (args.epochs, args.budget_tflops, args.budget_minutes)) != 1:
+        sys.exit("error: give the work of every run as --epochs E, --budget_tflops T or --budget_minutes M (one)")
     plan = {}
     for item in args.variants:
         name, _, n = item.partition(":")
@@ -143,8 +170,7 @@ def main(args) -> None:
             sys.exit(f"error: unknown variant {item!r}; write NAME or NAME:SEEDS with NAME one of "
                      f"{', '.join(VARIANTS)}")
         plan[name] = int(n) if n else args.seeds
-    amount = f"{args.epochs} epochs" if args.epochs else f"{args.budget_minutes} min"
-    print(f"bench_recipes: {args.data_dir}, {amount} per run, "
+    print(f"bench_recipes: {args.data_dir}, {' '.join(amount(args))} per run, "
           + ", ".join(f"{v} x {n} seed(s)" for v, n in plan.items()), flush=True)
     first_name = next(iter(plan))
     rows = {v: [train_and_evaluate(args, v, s, untrained=(v == first_name and s == 0)) for s in range(n)]
@@ -171,7 +197,8 @@ def main(args) -> None:
     print("(steps, images and TFLOP: train.py's counts, the mean over a row's runs; minutes: on this machine)")
     out = os.path.join(results_dir(args), "table.json")
     with open(out, "w") as f:
-        json.dump({"epochs": args.epochs, "budget_minutes": args.budget_minutes, "seeds": args.seeds,
+        json.dump({"epochs": args.epochs, "budget_tflops": args.budget_tflops, "budget_minutes": args.budget_minutes,
+                   "seeds": args.seeds,
                    "torch_threads": torch.get_num_threads(), "table": table}, f, indent=1)
     print(f"\nwrote {out}")
 

@@ -171,8 +171,40 @@ def test_clips_activation_is_quick_gelu_and_an_older_clip_entry_reads_as_gelu():
     assert resnet.activation is None and resnet.to_dict()["format"] == 1 and "activation" not in resnet.to_dict()
     with pytest.raises(ValueError, match=r"unknown model field\(s\) activation \(format 1\)"):
         M.ModelConfig.from_dict({**CLIP_FORMAT1, "activation": "quick_gelu"})  # format 1 had no such field
-    with pytest.raises(ValueError, match="this version reads formats 1 to 3"):
-        M.ModelConfig.from_dict({**CLIP_FORMAT1, "format": 4})
+    with pytest.raises(ValueError, match="this version reads formats 1 to 4"):
+        M.ModelConfig.from_dict({**CLIP_FORMAT1, "format": 5})
+
+
+def test_test_flip_is_written_as_format_4_and_embeds_an_image_and_its_mirror_image():
+    """test_flip (format 4) is written only when on; older formats read as off and cannot hold it. In eval
+    mode the encoder's embedding is the normalised sum of the image's and its mirror image's, in training
+    the image's own; the other methods refuse it."""
+    flip = M.ModelConfig("resnet18", 16, 32, shared_trunk=True, test_flip=True)
+    d = flip.to_dict()
+    assert d["format"] == 4 and d["test_flip"] is True and d["method"] == "sbir"
+    assert M.ModelConfig.from_dict(d) == flip and "test_flip" not in M.ModelConfig("resnet18", 16, 32).to_dict()
+    with pytest.raises(ValueError, match=r"unknown model field\(s\) test_flip \(format 3\)"):
+        M.ModelConfig.from_dict({**d, "format": 3})
+    with pytest.raises(M.ModelConfigError) as e:
+        M.ModelConfig("clip_vit_b_32", 512, 64, shared_trunk=True, method="sketch_lvm", test_flip=True)
+    assert e.value.field == "test_flip"
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel.from_config(flip, start_weights=False).eval()
+    plain = M.ZSSBIRModel.from_config(M.ModelConfig("resnet18", 16, 32, shared_trunk=True), start_weights=False)
+    plain.load_state_dict(net.state_dict())
+    plain.eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        both = plain.photo_encoder(torch.cat([x, x.flip(3)]))  # the same kernels on the same batch: bit-exact
+        want = torch.nn.functional.normalize(both[:3] + both[3:], dim=1)
+        torch.testing.assert_close(net.photo_encoder(x), want, rtol=0, atol=0)
+        assert not torch.allclose(net.photo_encoder(x), plain.photo_encoder(x), atol=1e-3)
+        net.train()
+        plain.train()
+        torch.manual_seed(1)
+        a = net.photo_encoder(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(a, plain.photo_encoder(x), rtol=0, atol=0)
 
 
 def test_a_method_other_than_sbir_is_written_as_format_3_and_older_entries_keep_their_bytes():

@@ -102,7 +102,7 @@ def test_budget_ends_training_with_a_checkpoint_and_a_finished_run_is_not_traine
     done = last["work"]["steps"]
     demo = train.MEASURED_STEPS["scratch"]["the demo"]
     out = capsys.readouterr().out
-    assert f"budget of 0.5 min spent after {done} steps" in out
+    assert f"budget 0.5 min spent after {done} steps" in out
     assert f"{demo:,} steps on the demo (this run did {done / demo:.0%} of that)" in out
     steps = [r for r in utils.read_jsonl(os.path.join(ckpt, "log.jsonl")) if r["kind"] == "step"]
     assert all(r["seconds"] < 30 for r in steps[:-1]) and steps[-1]["seconds"] >= 30  # stopped at the budget
@@ -111,6 +111,73 @@ def test_budget_ends_training_with_a_checkpoint_and_a_finished_run_is_not_traine
     mtime = os.path.getmtime(os.path.join(ckpt, "last.pth"))
     train.main(train_args(tiny, ckpt, "--budget_minutes", "0.5", "--resume", os.path.join(ckpt, "last.pth")))
     assert os.path.getmtime(os.path.join(ckpt, "last.pth")) == mtime
+
+
+def test_compute_budget_plans_the_schedule_ends_training_and_resumes_exactly(tiny, tmp_path, monkeypatch, capsys):
+    """--budget_tflops: the schedule spans the budget in training FLOPs (planned from the first step's count),
+    training stops at the first step that reaches it, and a stop inside it resumes exactly as the straight run."""
+    probe = str(tmp_path / "probe")
+    train.main(train_args(tiny, probe, "--epochs", "1", "--domain_loss_ratio", "0.1"))
+    work = utils.load_checkpoint(os.path.join(probe, "last.pth"))["work"]
+    per_step = work["flops"] / work["steps"]  # every step of this run has one batch shape
+    budget = f"{7.5 * per_step / 1e12:.12g}"  # 7.5 steps: the 8th reaches it
+    common = ["--budget_tflops", budget, "--domain_loss_ratio", "0.1", "--grl_threshold_epoch", "1"]
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    capsys.readouterr()
+    train.main(train_args(tiny, straight, *common))
+    out = capsys.readouterr().out
+    assert f": 8 steps of {per_step / 1e9:.2f} GFLOP" in out and "TFLOP spent after 8 steps" in out
+    a = utils.load_checkpoint(os.path.join(straight, "last.pth"))
+    assert a["finished"] is True and a["step"] == 8 and a["work"]["flops"] == 8 * per_step
+    steps = [r for r in utils.read_jsonl(os.path.join(straight, "log.jsonl")) if r["kind"] == "step"]
+    lrs = [r["lr"] for r in steps]
+    assert lrs.index(max(lrs)) in (2, 3) and lrs[-1] < 0.2 * max(lrs)  # warm-up 0.3 of 7.5 steps, then the decay
+    assert steps[-1]["lambda"] > 0 and steps[0]["lambda"] == 0  # the ramp starts at epoch 2's first FLOP
+    train_with_sigterm_in_step_3(monkeypatch, tiny, stopped, *common, args_of=train_args)
+    train.main(train_args(tiny, stopped, *common, "--resume", os.path.join(stopped, "last.pth")))
+    b = utils.load_checkpoint(os.path.join(stopped, "last.pth"))
+    assert b["step"] == 8 and b["work"] == a["work"]
+    for name in a["models"]:
+        for key, value in a["models"][name].items():
+            torch.testing.assert_close(b["models"][name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+    capsys.readouterr()
+    train.main(train_args(tiny, stopped, *common, "--resume", os.path.join(stopped, "last.pth")))
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_weight_average_is_the_saved_model_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """--ema: last.pth's "models" is the average of the trained weights (its decay warmed up as documented),
+    "trained_models" the weights themselves, and a stop inside an epoch resumes both exactly."""
+    common = ["--epochs", "2", "--ema", "0.5"]
+    straight, stopped, plain = str(tmp_path / "straight"), str(tmp_path / "stopped"), str(tmp_path / "plain")
+    train.main(train_args(tiny, straight, *common))
+    train.main(train_args(tiny, plain, "--epochs", "2"))
+    a, p = (utils.load_checkpoint(os.path.join(d, "last.pth")) for d in (straight, plain))
+    for name in p["models"]:  # the same training: only what is saved as the model differs
+        for key, value in p["models"][name].items():
+            torch.testing.assert_close(a["trained_models"][name][key], value, rtol=0, atol=0)
+    w = a["models"]["encoder"]["head.1.weight"]
+    assert not torch.equal(w, a["trained_models"]["encoder"]["head.1.weight"])
+    train_with_sigterm_in_step_3(monkeypatch, tiny, stopped, *common, args_of=train_args)
+    train.main(train_args(tiny, stopped, *common, "--resume", os.path.join(stopped, "last.pth")))
+    b = utils.load_checkpoint(os.path.join(stopped, "last.pth"))
+    for kind in ("models", "trained_models"):
+        for name in a[kind]:
+            for key, value in a[kind][name].items():
+                torch.testing.assert_close(b[kind][name][key], value, rtol=0, atol=0, msg=f"{kind} {name}.{key}")
+
+
+def test_weight_average_follows_its_decay():
+    """WeightAverage.update: average <- d * average + (1 - d) * weights, d = min(decay, (1 + t) / (10 + t))."""
+    net = torch.nn.Linear(2, 1)
+    avg = train.WeightAverage(net, 0.5)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    avg.update(1)  # d = min(0.5, 2 / 11)
+    torch.testing.assert_close(avg.model.weight, start + (1 - 2 / 11), rtol=1e-6, atol=1e-6)
+    avg.update(100)  # d = 0.5
+    torch.testing.assert_close(avg.model.weight, start + (1 - 2 / 11) + 0.5 * (2 / 11), rtol=1e-6, atol=1e-6)
 
 
 def test_sigterm_mid_epoch_then_resume_matches_a_straight_run_with_pairs(tiny, tmp_path, monkeypatch):
@@ -137,6 +204,8 @@ def test_sigterm_mid_epoch_then_resume_matches_a_straight_run_with_pairs(tiny, t
     (["--class_loss_ratio", "0"], "learns nothing"),
     (["--warmup", "1.5"], "--warmup must be in [0, 1]"),
     (["--budget_minutes", "1", "--warmup_epochs", "1"], "with --budget_minutes give --warmup"),
+    (["--budget_tflops", "1", "--warmup_epochs", "1"], "with --budget_tflops give --warmup"),
+    (["--budget_tflops", "1", "--budget_minutes", "1"], "give one budget"),
     (["--batch_size", "64"], "larger than the 22 training photos"),
 ])
 def test_cli_recipe_mistakes_get_one_line(tiny, tmp_path, flags, fragment):
