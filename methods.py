@@ -120,8 +120,7 @@ class SBIR(Method):
                 {"name": "class proxies", "params": proxies, "lr_mult": args.proxy_lr_mult}]
 
     def losses(self, model: nn.Module, batch: Pairs | Triplets, lambd: float, args) -> dict:
-        out = sbir_losses(model, batch, lambd, args.margin, args.domain_label_smoothing, args.class_temperature,
-                          args.class_label_smoothing)
+        out = sbir_losses(model, batch, lambd, args.margin, args.domain_label_smoothing)
         loss = args.triplet_loss_ratio * out["triplet"] + args.domain_loss_ratio * out["domain"]
         if "class" in out and args.class_loss_ratio:
             loss = loss + args.class_loss_ratio * out["class"]

@@ -35,6 +35,9 @@ BACKBONES = {
     "resnet18": ("resnet18", "ResNet18_Weights", 512),
     "resnet34": ("resnet34", "ResNet34_Weights", 512),
     "resnet50": ("resnet50", "ResNet50_Weights", 2048),
+    # resnet18's layout for small inputs, built here (small_input_resnet), without published weights
+    "resnet18_w16": ("small_input_resnet", None, 128),
+    "resnet18_w32": ("small_input_resnet", None, 256),
     "mobilenet_v3_small": ("mobilenet_v3_small", "MobileNet_V3_Small_Weights", 576),
     "shufflenet_v2_x1_0": ("shufflenet_v2_x1_0", "ShuffleNet_V2_X1_0_Weights", 1024),
     "efficientnet_b0": ("efficientnet_b0", "EfficientNet_B0_Weights", 1280),
@@ -185,6 +188,9 @@ class ModelConfig:
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise ModelConfigError(name, f"{{{name}}} must be one of {', '.join(allowed)}, "
                                              f"got {getattr(self, name)!r}")
+        if not has_published_weights(self.backbone) and self.weights != "none":
+            raise ModelConfigError("weights", f"{{backbone}} {self.backbone} has no published weights ("
+                                              f"{self.weights} asked): train it from random ones (--no-pretrained)")
         if is_clip(self.backbone) and (not isinstance(self.activation, str) or self.activation not in CLIP_ACTIVATIONS):
             raise ModelConfigError("activation", f"{{activation}} must be one of {', '.join(CLIP_ACTIVATIONS)}, "
                                                  f"got {self.activation!r}")
@@ -283,6 +289,35 @@ class PretrainedWeightsUnavailable(RuntimeError):
     package it needs (open_clip) is not installed."""
 
 
+def has_published_weights(name: str) -> bool:
+    return BACKBONES[name][1] is not None
+
+
+def small_input_resnet(width: int) -> nn.Module:
+    """resnet18's layout (torchvision's BasicBlock, 2 per stage) for 32-64 px inputs: a 3x3 stride-2 convolution
+    and a 3x3 stride-2 max pool as the stem (resnet18's 7x7 one is sized for 224 px), then 4 stages of width,
+    2 width, 4 width and 8 width channels, global average pooling: images (B, 3, H, W) -> (B, 8 width). At base
+    width 32 it does a quarter of resnet18's FLOPs on an image of the same size, at 16 a sixteenth, so a budget
+    of training compute sees 4x or 16x the images (docs/results.md)."""
+    from torchvision.models.resnet import BasicBlock
+    layers = [nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+              nn.MaxPool2d(3, 2, 1)]
+    channels = width
+    for stage in range(4):
+        out = width * 2 ** stage
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            down = None if stride == 1 and channels == out else nn.Sequential(
+                nn.Conv2d(channels, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+            layers.append(BasicBlock(channels, out, stride, down))
+            channels = out
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    for m in net.modules():  # torchvision's ResNet initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
 def backbone_weights(name: str):
     """torchvision's default ImageNet weights enum member for a backbone name."""
     _, weights_name, _ = BACKBONES[name]
@@ -301,6 +336,8 @@ def build_trunk(name: str, pretrained: bool, image_size: int = 224, start_state:
     if name in CLIP_BACKBONES:
         return build_clip_trunk(name, pretrained, image_size, start_state, activation or "quick_gelu")
     builder, _, width = BACKBONES[name]
+    if not has_published_weights(name):  # ModelConfig allows it no weights but random ones
+        return small_input_resnet(width // 8), width
     weights = backbone_weights(name) if pretrained else None
     random_vit = name in PATCH_SIZE and weights is None and start_state is None
     try:
@@ -344,6 +381,8 @@ def backbone_stats(name: str) -> tuple:
     if name in CLIP_BACKBONES:
         open_clip = import_open_clip(name)
         return tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD)
+    if not has_published_weights(name):  # trained from scratch: any fixed statistics do; ImageNet's, as the others
+        return IMAGENET_STATS
     preset = backbone_weights(name).transforms()
     return tuple(preset.mean), tuple(preset.std)
 
@@ -531,14 +570,15 @@ class DomainClassifier(nn.Module):
 
 
 class ClassProxies(nn.Module):
-    """One learnable unit vector per seen class: unit embeddings (B, D) -> cosine logits (B, C) / temperature."""
+    """One learnable unit vector per seen class: embeddings (B, D) -> cosine logits (B, C) / T."""
 
-    def __init__(self, embedding_dim: int, num_classes: int):
+    def __init__(self, embedding_dim: int, num_classes: int, temperature: float = 0.1):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_classes, embedding_dim))
+        self.temperature = temperature
 
-    def forward(self, emb: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-        return emb @ F.normalize(self.weight, dim=1).t() / temperature  # (B, C)
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb @ F.normalize(self.weight, dim=1).t() / self.temperature  # (B, C)
 
 
 class ZSSBIRModel(nn.Module):
@@ -562,7 +602,9 @@ class ZSSBIRModel(nn.Module):
         super().__init__()
         # network: the rest of the ModelConfig (shared_trunk, domain_bn, domain_input, image_size, activation,
         # test_flip), by name
-        cfg = ModelConfig(backbone, embedding_dim, **{"image_size": 224, **network})  # its rules, or raise
+        start = "none" if pretrained is False else "file" if isinstance(pretrained, dict) else (
+            "openai" if is_clip(backbone) else "imagenet")
+        cfg = ModelConfig(backbone, embedding_dim, **{"image_size": 224, "weights": start, **network})  # or raise
         shared_trunk, domain_bn, domain_input = cfg.shared_trunk, cfg.domain_bn, cfg.domain_input
         image_size, activation, flip = cfg.image_size, cfg.activation, cfg.test_flip
         if shared_trunk:
@@ -1021,7 +1063,7 @@ class Quadruplets(NamedTuple):
 
 
 def sbir_losses(model: ZSSBIRModel, batch: Pairs | Triplets, lambd: float, margin: float,
-                smoothing: float = 0.0, temperature: float = 0.1, class_smoothing: float = 0.0) -> dict:
+                smoothing: float = 0.0) -> dict:
     """The losses of a named batch: Pairs (B sketches, B photos) or Triplets (B sketches, 2B photos).
 
     triplet: Pairs: hardest_negative_triplet (sketch i, photo i, the closest photo of another class);
@@ -1029,9 +1071,8 @@ def sbir_losses(model: ZSSBIRModel, batch: Pairs | Triplets, lambd: float, margi
     domain:  domain_loss of the domain classifier through the gradient reversal layer, over the sketches and
              all the photos (the two domains weighted equally), reading what ``model.domain_input`` says: the unit
              embeddings (B, D) or the trunk features (B, F).
-    class:   normalised-softmax loss (cross-entropy of cosine / ``temperature`` logits over one proxy per seen
-             class, shared by the domains, targets smoothed by ``class_smoothing``), only with class proxies and
-             labels. Pairs: the mean of the sketch and the photo
+    class:   normalised-softmax loss (cross-entropy of cosine / T logits over one proxy per seen class, shared
+             by the domains), only with class proxies and labels. Pairs: the mean of the sketch and the photo
              terms; Triplets: over all 3B embeddings.
     Also returns the domain classifier's accuracy and mean |logit|.
     """
@@ -1040,7 +1081,7 @@ def sbir_losses(model: ZSSBIRModel, batch: Pairs | Triplets, lambd: float, margi
     s, p, fs, fp = model.embed_pair(batch.sketch, photos)  # (B, D), (P, D), (B, F), (P, F); P = B or 2B
     out = {}
     if hasattr(model, "class_proxies") and batch.labels is not None:
-        out["class"] = class_loss(model.class_proxies, s, p, batch, temperature, class_smoothing)
+        out["class"] = class_loss(model.class_proxies, s, p, batch)
     if isinstance(batch, Pairs):
         out["triplet"] = hardest_negative_triplet(s, p, batch.labels, margin)
     else:
@@ -1052,11 +1093,10 @@ def sbir_losses(model: ZSSBIRModel, batch: Pairs | Triplets, lambd: float, margi
     return out
 
 
-def class_loss(proxies: ClassProxies, s: torch.Tensor, p: torch.Tensor, batch: Pairs | Triplets,
-               temperature: float = 0.1, smoothing: float = 0.0) -> torch.Tensor:
+def class_loss(proxies: ClassProxies, s: torch.Tensor, p: torch.Tensor, batch: Pairs | Triplets) -> torch.Tensor:
     """sbir_losses' normalised-softmax term of sketch embeddings s (B, D) and photo embeddings p (B or 2B, D)."""
-    def xent(emb, labels):
-        return F.cross_entropy(at_least_float32(proxies(emb, temperature)), labels, label_smoothing=smoothing)
     if isinstance(batch, Pairs):
-        return 0.5 * (xent(s, batch.labels) + xent(p, batch.labels))
-    return xent(torch.cat([s, p]), torch.cat([batch.labels, batch.labels, batch.neg_labels]))  # (3B, C)
+        return 0.5 * (F.cross_entropy(at_least_float32(proxies(s)), batch.labels)
+                      + F.cross_entropy(at_least_float32(proxies(p)), batch.labels))
+    logits = at_least_float32(proxies(torch.cat([s, p])))  # (3B, C)
+    return F.cross_entropy(logits, torch.cat([batch.labels, batch.labels, batch.neg_labels]))

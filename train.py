@@ -1,6 +1,6 @@
 """Train a zero-shot sketch-based image retrieval model (triplet loss + domain-adversarial loss).
 
-    python train.py --data_dir data/demo --checkpoint_dir runs/demo --no-pretrained --epochs 9   # make demo's run
+    python train.py --data_dir data/demo --checkpoint_dir runs/demo --no-pretrained --budget_tflops 4  # make demo
     python train.py --data_dir data/sketchy --config configs/original.yaml --checkpoint_dir ckpt --epochs 30
     python train.py --data_dir data/sketchy --checkpoint_dir ckpt --epochs 30 --resume ckpt/last.pth
     torchrun --standalone --nproc_per_node=4 train.py --data_dir data/sketchy --batch_size 128 --checkpoint_dir ckpt
@@ -24,7 +24,6 @@ shuffle, batch norm is synchronised across GPUs, and only rank 0 logs and writes
 Validation embeds its images sharded across the processes.
 """
 import argparse
-import copy
 import hashlib
 import math
 import os
@@ -269,10 +268,6 @@ def add_loss_args(g) -> None:
     g.add_argument("--margin", type=float, default=0.2, help="triplet margin on unit-norm embeddings")
     g.add_argument("--class_loss_ratio", type=float, default=1.0,
                    help="weight of the normalised-softmax loss on seen-class proxies shared by both domains")
-    g.add_argument("--class_temperature", type=float, default=0.1,
-                   help="the class loss's softmax temperature: logits are cosines to the proxies divided by it")
-    g.add_argument("--class_label_smoothing", type=float, default=0.0,
-                   help="the class loss's label smoothing: the true class gets 1 - s + s/C, the others s/C")
     g.add_argument("--domain_loss_ratio", type=float, default=0.0, help="weight of the domain loss (0 disables it)")
     g.add_argument("--grl_threshold_epoch", type=int, default=0,
                    help="epoch (0-based) from which the gradient reversal lambda ramps up from 0")
@@ -290,9 +285,6 @@ def add_optimizer_args(g) -> None:
                    help="fraction of the schedule with a linear LR warm-up, then cosine decay to 1%%")
     g.add_argument("--warmup_epochs", type=float, default=None,
                    help="the warm-up in epochs instead (not with --budget_minutes)")
-    g.add_argument("--ema", type=float, default=0.0,
-                   help="decay of an exponential moving average of the weights, updated every step, which is "
-                        "validated and saved as the model (0: off; e.g. 0.999)")
     g.add_argument("--grad_clip", type=float, default=10.0, help="clip the gradient norm (0: off)")
     g.add_argument("--prompt_lr", type=float, default=1e-4,
                    help="--method sketch_lvm: the prompts' learning rate (--lr is CLIP's)")
@@ -374,7 +366,7 @@ def check_args(args) -> None:
     for name in ("epochs", "batch_size", "print_every", "val_every", "quadruplets_per_epoch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "margin", "class_temperature"):
+    for name in ("lr", "margin"):
         if not getattr(args, name) > 0:
             raise utils.UserError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("triplet_loss_ratio", "domain_loss_ratio", "class_loss_ratio", "weight_decay", "grad_clip", "warmup",
@@ -382,11 +374,9 @@ def check_args(args) -> None:
                  "grl_max_lambda", "cache_gb"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if not 0 <= args.ema < 1:
-        raise utils.UserError(f"--ema must be in [0, 1) (a decay per step, e.g. 0.999; 0: off), got {args.ema}")
     if not 0 <= args.val_fraction < 1:
         raise utils.UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
-    for name in ("warmup", "thicken", "domain_label_smoothing", "class_label_smoothing", "crop_scale"):
+    for name in ("warmup", "thicken", "domain_label_smoothing", "crop_scale"):
         if not 0 <= getattr(args, name) <= 1:
             raise utils.UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     try:  # the model's own rules, checked where they live (ModelConfig), said in flags
@@ -454,27 +444,6 @@ def train_step(net: nn.Module, optimizer, scaler, batch: tuple, lambd: float, lr
     scaler.step(optimizer)
     scaler.update()
     return {k: v.detach() for k, v in out.items()}
-
-
-class WeightAverage:
-    """--ema: an exponential moving average of the model's weights and buffers, updated after every step. It is
-    the model that validation scores and that best.pth and last.pth hold as "models" (what evaluate.py,
-    retrieve.py and app.py read); last.pth keeps the trained weights too, as "trained_models", for --resume. Its
-    decay at step t is min(--ema, (1 + t) / (10 + t)), so the random start fades from the average early."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # the live tensors
-        self.floats = [list(x) for x in zip(*[(a, b) for a, b in pairs if a.is_floating_point()])]
-        self.others = [(a, b) for a, b in pairs if not a.is_floating_point()]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        """Move the average towards the trained weights after step ``step`` (1-based)."""
-        torch._foreach_lerp_(self.floats[0], self.floats[1], 1.0 - min(self.decay, (1 + step) / (10 + step)))
-        for a, b in self.others:  # counters (batch norm's num_batches_tracked) are copied
-            a.copy_(b)
 
 
 def global_mean(values: dict, count: int = 1) -> dict:
@@ -622,7 +591,7 @@ def load_resume_checkpoint(path: str, args, world: int) -> dict:
 def resume_from(ckpt: dict, path: str, model, optimizer, scaler, args) -> None:
     """Restore the weights and the optimizer and scaler states of a checkpoint (load_resume_checkpoint); the
     rest of it, where training stood, becomes the TrainState (TrainState.start)."""
-    utils.load_model_state(model, ckpt, path, "trained_models" if args.ema else "models")
+    utils.load_model_state(model, ckpt, path)
     try:
         optimizer.load_state_dict(ckpt["optimizers"][methods.get(args.method).optimizer_name])
         if ckpt["scaler"]:  # empty when saved without a float16 GradScaler (CPU, bfloat16): keep the fresh one
@@ -772,9 +741,6 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
         resume_from(resume, args.resume, model, optimizer, scaler, args)
         if nothing_left(resume, args):
             return
-    average = WeightAverage(model, args.ema) if args.ema else None
-    if average and resume is not None:
-        utils.load_model_state(average.model, resume, args.resume)
     if rank == 0:  # every input was read and fits: only now is anything written
         utils.ensure_dir(args.checkpoint_dir, "checkpoint folder")
         clear_run_folder(args, resume, stale)
@@ -786,7 +752,7 @@ def run_training(args, rank: int, world: int, device: torch.device) -> None:
     net = TrainingLosses(model, args.method)
     if world > 1:  # after loading: DDP copies rank 0's weights to every process
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    trainer = Trainer(args, model, net, optimizer, scaler, device, dtype, info["config"], data_record, average)
+    trainer = Trainer(args, model, net, optimizer, scaler, device, dtype, info["config"], data_record)
     with StopRequest() as stop:
         fit(trainer, loader, val, data.seen, TrainState.start(args, len(loader), resume), stop)
 
@@ -1051,12 +1017,6 @@ class Trainer:
     dtype: torch.dtype | None
     config: dict
     data: dict  # what it trains and validates on (training_data_record), which --resume checks
-    average: WeightAverage | None = None  # --ema
-
-    @property
-    def used_model(self) -> nn.Module:
-        """The model validated and saved as "models": the weight average with --ema, else the trained one."""
-        return self.average.model if self.average else self.model
 
     @property
     def method(self) -> methods.Method:
@@ -1120,8 +1080,6 @@ def train_one_epoch(t: Trainer, loader, state: TrainState, stop: StopRequest) ->
         vals = state.work.step(lambda: train_step(t.net, t.optimizer, t.scaler, batch, lambd, lr, args, t.dtype), batch)
         stopping, state.seconds = agree(stop.signal is not None, schedule.seconds())
         state.step, state.epoch_step = state.step + 1, i
-        if t.average:
-            t.average.update(state.step)
         losses.add(vals)
         state.finished = schedule.over(state)
         if schedule.unit == "flops" and not schedule.planned:  # the first step's count is known
@@ -1171,7 +1129,7 @@ def end_epoch(t: Trainer, val: dict, classes: list, state: TrainState, stats: di
     val_map, val_s, improved, val_text = None, 0.0, False, f"(validation every {args.val_every} epochs)"
     if state.finished or state.epoch == args.epochs or state.epoch % args.val_every == 0:
         t1 = time.time()
-        val_map = validate(t.used_model, val, classes, args, t.device)
+        val_map = validate(t.model, val, classes, args, t.device)
         val_s = time.time() - t1
         improved = val_map is None or val_map > state.best  # without a validation set, the last epoch is best
         state.best = state.best if val_map is None else max(val_map, state.best)  # -1: nothing validated
@@ -1202,7 +1160,7 @@ def make_checkpoint(t: Trainer, state: TrainState, seconds: float, classes: list
     scaler states, the arguments, the model's description, the config, the seen ``classes`` it trains on (their
     names, so that a cross-dataset evaluation knows them after the data has moved), and the state; epoch counts
     completed epochs, and epoch_step > 0 marks a stop inside the next one, with its loss sums and RNG states."""
-    ckpt = {"models": {name: m.state_dict() for name, m in t.used_model.named_children()},
+    ckpt = {"models": {name: m.state_dict() for name, m in t.model.named_children()},
             "optimizers": {t.method.optimizer_name: t.optimizer.state_dict()}, "scaler": t.scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "args": vars(t.args), "model": model_config(t.args).to_dict(),
             "config": t.config, "classes": list(classes), "best": state.best, "epoch_step": state.epoch_step,
@@ -1210,8 +1168,6 @@ def make_checkpoint(t: Trainer, state: TrainState, seconds: float, classes: list
             "grl_start": state.schedule.grl_start, "schedule_unit": state.schedule.unit,
             "finished": state.finished,
             "work": state.work.to_dict(), "data": t.data}
-    if t.average:  # what --resume trains on from (the average goes on from "models")
-        ckpt["trained_models"] = {name: m.state_dict() for name, m in t.model.named_children()}
     if state.epoch_step:
         ckpt["epoch_sums"], ckpt["rng_by_rank"] = dict(state.epoch_sums), state.rng_by_rank
     return ckpt

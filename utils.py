@@ -590,8 +590,6 @@ def load_checkpoint(path: str) -> dict:
         "epoch_sums": lambda d: isinstance(d, dict) and all(is_number(v) for v in d.values()),
         "rng_by_rank": lambda r: isinstance(r, list) and all(map(_is_rng_state, r)), "rng": _is_rng_state,
         "classes": is_str_list,  # the seen classes trained on; older checkpoints lack it
-        "trained_models": lambda m: isinstance(m, dict) and all(  # an --ema run's trained weights
-            isinstance(k, str) and is_state_dict(v) for k, v in m.items()),
         "work": lambda w: isinstance(w, dict) and all(is_int(w.get(k)) and w[k] >= 0
                                                       for k in ("steps", "images", "flops"))})
     if not bad:  # what evaluation reads of the training arguments; format 0 also describes the model there
@@ -681,13 +679,11 @@ def hash_tensors(h, state: dict, prefix: str = "") -> None:
         h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def load_model_state(model: torch.nn.Module, ckpt: dict, path: str, key: str = "models") -> None:
-    """Load the checkpoint's weights into ``model``: those it is used with ("models"; with --ema, the average), or
-    key "trained_models", the weights training goes on from (an --ema run's); a shape or key mismatch is a
-    UserError."""
+def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:
+    """Load the checkpoint's weights into ``model``; a shape or key mismatch is a UserError."""
     try:
         for name, module in model.named_children():
-            module.load_state_dict(ckpt[key][name])
+            module.load_state_dict(ckpt["models"][name])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"the weights in {path} do not fit a {checkpoint_model(ckpt).backbone} model "

@@ -1,6 +1,6 @@
 """The recipe ablation: train each variant for N seeds with a fixed amount of work, print one table.
 
-    python bench/bench_recipes.py --data_dir data/demo --epochs 9
+    python bench/bench_recipes.py --data_dir data/demo --budget_tflops 4
     python bench/bench_recipes.py --data_dir /tmp/emoji-dev --budget_tflops 73 --variants default domain_loss
     python bench/bench_recipes.py --data_dir /tmp/emoji-dev --budget_minutes 4 --variants default no_edge_maps:1
 
@@ -17,6 +17,7 @@ edge-matching baseline computed here, and the work behind each row: training ste
 (train.py's counts, in last.pth), with the minutes it took on this machine beside them.
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -34,6 +35,14 @@ import utils  # noqa: E402
 # variant name -> train.py flags added to the defaults (--no-pretrained: the from-scratch recipe)
 VARIANTS = {
     "default": [],
+    # issue 33's ablation (docs/results.md): the scratch recipe before it (resnet18 without test-time flips), each
+    # of its changes alone, and the ideas measured on the earlier recipe that it did not keep (their flags exist)
+    "resnet18": ["--backbone", "resnet18", "--no-test_flip"],
+    "resnet18_w32_no_flip": ["--no-test_flip"],
+    "resnet18_w16": ["--backbone", "resnet18_w16"],
+    "resnet18_lr_0.004": ["--backbone", "resnet18", "--no-test_flip", "--lr", "0.004"],
+    "resnet18_batch_32": ["--backbone", "resnet18", "--no-test_flip", "--batch_size", "32"],
+    # the recipe's parts and earlier ablations (the tables of docs/results.md name the recipe each was measured on)
     "domain_loss": ["--domain_loss_ratio", "0.1", "--domain_label_smoothing", "0.2"],
     "domain_loss_plain": ["--domain_loss_ratio", "0.1"],
     "no_edge_maps": ["--no-edge_maps"],
@@ -41,21 +50,6 @@ VARIANTS = {
     "domain_bn": ["--domain_bn"],
     "triplet": ["--triplet_loss_ratio", "1"],
     "thicken": ["--thicken", "0.5"],
-    "lr_0.004": ["--lr", "0.004"],
-    "lr_0.001": ["--lr", "0.001"],
-    "batch_32": ["--batch_size", "32"],
-    "batch_128": ["--batch_size", "128"],
-    "batch_16": ["--batch_size", "16"],
-    "batch_32_temperature_0.05": ["--batch_size", "32", "--class_temperature", "0.05"],
-    "warmup_0.15": ["--warmup", "0.15"],
-    "test_flip": ["--test_flip"],
-    "ema": ["--ema", "0.999"],
-    "ema_0.998": ["--ema", "0.998"],
-    "ema_0.99": ["--ema", "0.99"],
-    "temperature_0.05": ["--class_temperature", "0.05"],
-    "temperature_0.03": ["--class_temperature", "0.03"],
-    "temperature_0.07": ["--class_temperature", "0.07"],
-    "label_smoothing": ["--class_label_smoothing", "0.1"],
     # the paper's preset with what this machine forces: no ImageNet weights, so resnet18 at the scratch recipe's size
     "original": ["--recipe", "original", "--backbone", "resnet18", "--image_size", "32"],
 }
@@ -79,6 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="train.py and evaluate.py --workers")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--rerun", action="store_true", help="train again even where results exist")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each with an equal share of the CPU threads (another thread count may sum "
+                        "in another order, within the seed spread; the minutes then say little)")
     return p
 
 
@@ -90,9 +87,11 @@ def amount(args) -> list:
     return []
 
 
-def run(cmd: list, log: str) -> None:
+def run(cmd: list, log: str, threads: int = 0) -> None:
+    """Run ``cmd`` with its output in ``log``; ``threads`` > 0 caps its CPU threads (OMP_NUM_THREADS)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode:
         sys.exit(f"error: {' '.join(cmd[:2])} failed (exit {proc.returncode}); see {log}")
 
@@ -103,6 +102,11 @@ def results_dir(args) -> str:
     flag, value = amount(args)
     work = {"--epochs": "e", "--budget_tflops": "t", "--budget_minutes": "m"}[flag] + value
     return os.path.join(args.output_dir, os.path.basename(os.path.normpath(args.data_dir)), work)
+
+
+def threads(args) -> int:
+    """CPU threads per run: all of them for one run at a time (0: torch's default), else an equal share."""
+    return 0 if args.jobs == 1 else max(1, (os.cpu_count() or 1) // args.jobs)
 
 
 def train_and_evaluate(args, variant: str, seed: int, untrained: bool) -> dict:
@@ -116,11 +120,11 @@ def train_and_evaluate(args, variant: str, seed: int, untrained: bool) -> dict:
     common = ["--workers", str(args.workers), "--device", args.device]
     run([sys.executable, os.path.join(here, "train.py"), "--data_dir", args.data_dir, "--checkpoint_dir", folder,
          "--no-pretrained", *amount(args), "--seed", str(seed), "--print_every", "50",
-         *common, *VARIANTS[variant], *args.train_args.split()], os.path.join(folder, "train.log"))
+         *common, *VARIANTS[variant], *args.train_args.split()], os.path.join(folder, "train.log"), threads(args))
     run([sys.executable, os.path.join(here, "evaluate.py"), "--model", os.path.join(folder, "best.pth"),
          "--data_dir", args.data_dir, "--output_dir", os.path.join(folder, "eval"), "--num_sketches", "0",
          "--protocol", "standard", *(["--compare_untrained"] if untrained else []), *common],
-        os.path.join(folder, "eval.log"))
+        os.path.join(folder, "eval.log"), threads(args))
     last = torch.load(os.path.join(folder, "last.pth"), map_location="cpu", weights_only=False)
     doc = json.load(open(result))
     doc["training"] = {**last["work"], "minutes": last["seconds"] / 60}  # the whole run's work, and its time here
@@ -173,8 +177,10 @@ def main(args) -> None:
     print(f"bench_recipes: {args.data_dir}, {' '.join(amount(args))} per run, "
           + ", ".join(f"{v} x {n} seed(s)" for v, n in plan.items()), flush=True)
     first_name = next(iter(plan))
-    rows = {v: [train_and_evaluate(args, v, s, untrained=(v == first_name and s == 0)) for s in range(n)]
-            for v, n in plan.items()}
+    runs = [(v, s) for v, n in plan.items() for s in range(n)]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # each run is its own processes
+        done = dict(zip(runs, pool.map(lambda r: train_and_evaluate(args, *r, untrained=r == (first_name, 0)), runs)))
+    rows = {v: [done[(v, s)] for s in range(n)] for v, n in plan.items()}
     first = rows[first_name][0]
     keys = ("map_all", "p@100", "p@200")
     table = {"chance": {"map_all": [first["chance_map_all"]]}}

@@ -257,8 +257,9 @@ def test_a_clip_run_from_before_quickgelu_resumes_and_evaluates_as_it_was_traine
     """--resume of a CLIP checkpoint written before QuickGELU (its model entry without activation) goes on with
     GELU, says so, and writes GELU into its checkpoints; evaluate.py builds it with GELU and says so."""
     ckpt = str(tmp_path / "ckpt")
-    common = ["--data_dir", tiny_data, "--recipe", "scratch", "--backbone", "clip_vit_b_32", "--image_size", str(SIZE),
-              "--embedding_dim", "8", "--batch_size", "4", "--workers", "0", "--device", "cpu"]
+    common = ["--data_dir", tiny_data, "--recipe", "scratch", "--no-test_flip", "--backbone", "clip_vit_b_32",
+              "--image_size", str(SIZE), "--embedding_dim", "8", "--batch_size", "4", "--workers", "0",
+              "--device", "cpu"]
     proc = run_main("train.py", *common, "--checkpoint_dir", ckpt, "--epochs", "1")
     assert proc.returncode == 0, proc.stderr
     last = os.path.join(ckpt, "last.pth")
@@ -274,3 +275,25 @@ def test_a_clip_run_from_before_quickgelu_resumes_and_evaluates_as_it_was_traine
                     "--num_sketches", "0", "--output_dir", str(tmp_path / "e"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("uses GELU in its MLPs, as it was trained") == 1
+
+
+def test_the_small_input_resnets_do_a_quarter_and_a_sixteenth_of_resnet18s_flops_and_train_from_scratch():
+    """resnet18_w32 and resnet18_w16: resnet18's blocks at base width 32 and 16 behind a 3x3 stride-2 stem and
+    a max pool; at the same input size they do about 1/4 and 1/16 of resnet18's FLOPs (forward: 0.240 and
+    0.0614, their 3x3 first convolution being cheaper than its 7x7 one), and have no published weights."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(name):
+        trunk, width = M.build_trunk(name, pretrained=False, image_size=32)
+        with FlopCounterMode(display=False) as counter:
+            feats = trunk(torch.rand(2, 3, 32, 32))
+        assert feats.shape == (2, width) and width == M.BACKBONES[name][2]
+        return counter.get_total_flops()
+    base = flops("resnet18")
+    assert abs(flops("resnet18_w32") / base - 1 / 4) < 0.015 and abs(flops("resnet18_w16") / base - 1 / 16) < 0.0015
+    assert M.backbone_stats("resnet18_w32") == M.IMAGENET_STATS
+    for weights in ("imagenet", "file"):
+        with pytest.raises(M.ModelConfigError, match="has no published weights") as e:
+            M.ModelConfig("resnet18_w32", 16, 32, weights=weights)
+        assert e.value.field == "weights"
+    M.ModelConfig("resnet18_w32", 16, 32, weights="none")
