@@ -890,12 +890,16 @@ class Schedule:
     budget, at the position that epoch began: the first epoch at or past the threshold that has no start yet)
     and ends with the schedule."""
 
-    def __init__(self, args, steps_per_epoch: int, spent: float = 0.0, grl_start: float = -1.0):
+    def __init__(self, args, steps_per_epoch: int, spent: float = 0.0, grl_start: float = -1.0,
+                 grl_unit: str = "seconds"):
         self.unit = "flops" if args.budget_tflops else "seconds" if args.budget_minutes else "steps"
         self.budget = args.budget_tflops * 1e12 if self.unit == "flops" else args.budget_minutes * 60.0
         self.length = self.budget or args.epochs * steps_per_epoch
         self.grl_epoch, self.max_lambda = args.grl_threshold_epoch, args.grl_max_lambda
-        self.grl_start = args.grl_threshold_epoch * steps_per_epoch if self.unit == "steps" else grl_start
+        if self.unit == "steps":
+            self.grl_start = args.grl_threshold_epoch * steps_per_epoch
+        else:  # a resumed run's start, if it was recorded in this unit; else set anew (start_epoch)
+            self.grl_start = grl_start if grl_unit == self.unit else -1.0
         self.spent, self.t0, self.planned = spent, time.time(), False
 
     def seconds(self) -> float:
@@ -989,9 +993,8 @@ class TrainState:
         work was counted give steps only; before torchrun support, one process's RNG states under "rng"."""
         ckpt = ckpt or {}
         grl_start = ckpt.get("grl_start", ckpt.get("grl_start_seconds", -1.0))  # the latter: before --budget_tflops
-        schedule = Schedule(args, steps_per_epoch, ckpt.get("seconds", 0.0), grl_start)
-        if ckpt.get("schedule_unit", "seconds" if "grl_start_seconds" in ckpt else None) != schedule.unit:
-            schedule.grl_start = schedule.grl_start if schedule.unit == "steps" else -1.0  # anew in the new unit
+        schedule = Schedule(args, steps_per_epoch, ckpt.get("seconds", 0.0), grl_start,
+                            ckpt.get("schedule_unit", "seconds"))
         return cls(schedule, Work(**ckpt.get("work", {"steps": ckpt.get("step", 0)})), ckpt.get("epoch", 0),
                    ckpt.get("step", 0), ckpt.get("best", -1.0), epoch_step=ckpt.get("epoch_step", 0),
                    epoch_sums=ckpt.get("epoch_sums", {}),
