@@ -1,6 +1,6 @@
 """Train a zero-shot sketch-based image retrieval model (triplet loss + domain-adversarial loss).
 
-    python train.py --data_dir data/demo --checkpoint_dir runs/demo --no-pretrained --epochs 9   # make demo's run
+    python train.py --data_dir data/demo --checkpoint_dir runs/demo --no-pretrained --budget_tflops 4  # make demo's run
     python train.py --data_dir data/sketchy --config configs/original.yaml --checkpoint_dir ckpt --epochs 30
     python train.py --data_dir data/sketchy --checkpoint_dir ckpt --epochs 30 --resume ckpt/last.pth
     torchrun --standalone --nproc_per_node=4 train.py --data_dir data/sketchy --batch_size 128 --checkpoint_dir ckpt
