@@ -115,23 +115,43 @@ def threads(args) -> int:
     return 0 if args.jobs == 1 else max(1, (os.cpu_count() or 1) // args.jobs)
 
 
+def unfinished(last: dict, args) -> str:
+    """Why a run's last.pth fell short of the work asked (train.py stopped early, e.g. by SIGTERM, also exits 0
+    with a checkpoint), or "" when it did all of it."""
+    flag, value = amount(args)
+    if flag == "--budget_tflops" and last["work"]["flops"] < args.budget_tflops * 1e12:
+        return f"{utils.flops_text(last['work']['flops'])} of {flag} {value}"
+    if flag == "--epochs" and last["epoch"] < args.epochs:
+        return f"{last['epoch']} of {flag} {value}"
+    if flag == "--budget_minutes" and last["seconds"] < args.budget_minutes * 60:
+        return f"{last['seconds'] / 60:.1f} of {flag} {value}"
+    return ""
+
+
 def train_and_evaluate(args, variant: str, seed: int, untrained: bool) -> dict:
     """results.json of one run (trained now unless it exists)."""
     folder = os.path.join(results_dir(args), variant, f"seed{seed}")
     result = os.path.join(folder, "eval", "results.json")
     if os.path.isfile(result) and not args.rerun:
         return json.load(open(result))
+    if os.path.isfile(os.path.join(folder, "args.json")) and not args.rerun:
+        sys.exit(f"error: {folder} holds a run without results (running, stopped or failed): delete the folder, "
+                 "or pass --rerun to train it anew")
     os.makedirs(folder, exist_ok=True)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     common = ["--workers", str(args.workers), "--device", args.device]
     run([sys.executable, os.path.join(here, "train.py"), "--data_dir", args.data_dir, "--checkpoint_dir", folder,
-         "--no-pretrained", *amount(args), "--seed", str(seed), "--print_every", "50",
+         "--no-pretrained", *amount(args), "--seed", str(seed), "--print_every", "50", "--overwrite",
          *common, *VARIANTS[variant], *args.train_args.split()], os.path.join(folder, "train.log"), threads(args))
+    last = torch.load(os.path.join(folder, "last.pth"), map_location="cpu", weights_only=False)
+    short = unfinished(last, args)
+    if short:
+        sys.exit(f"error: {folder} stopped after {short}, so its figure would not be this work's: rerun it "
+                 "(--rerun)")
     run([sys.executable, os.path.join(here, "evaluate.py"), "--model", os.path.join(folder, "best.pth"),
          "--data_dir", args.data_dir, "--output_dir", os.path.join(folder, "eval"), "--num_sketches", "0",
          "--protocol", "standard", *(["--compare_untrained"] if untrained else []), *common],
         os.path.join(folder, "eval.log"), threads(args))
-    last = torch.load(os.path.join(folder, "last.pth"), map_location="cpu", weights_only=False)
     doc = json.load(open(result))
     doc["training"] = {**last["work"], "minutes": last["seconds"] / 60}  # the whole run's work, and its time here
     utils.write_json(result, doc)

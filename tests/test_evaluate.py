@@ -243,12 +243,39 @@ def test_data_dir_and_its_older_name_data_are_one_flag():
     assert "--data_dir DATA_DIR, --data DATA_DIR" in parser.format_help()
 
 
-def bench_parser(name: str):
-    """The argument parser of bench/<name>.py (the bench scripts are not a package)."""
+def bench_module(name: str):
+    """bench/<name>.py as a module (the bench scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_args_parser()
+    return module
+
+
+def bench_parser(name: str):
+    """The argument parser of bench/<name>.py."""
+    return bench_module(name).get_args_parser()
+
+
+def test_bench_recipes_reports_no_figure_for_a_run_that_stopped_short_or_is_not_its_own(tmp_path):
+    """A train.py stopped by SIGTERM exits 0 with a checkpoint; its model must not be evaluated as the work asked
+    for. A folder holding a run without results (another bench's, running or stopped) is refused before its log
+    is touched."""
+    bench = bench_module("bench_recipes")
+    parse = bench.get_args_parser().parse_args
+    budget = parse(["--budget_tflops", "73"])
+    assert bench.unfinished({"work": {"flops": 73.001e12}, "epoch": 99, "seconds": 60.0}, budget) == ""
+    assert bench.unfinished({"work": {"flops": 12.8e12}, "epoch": 8, "seconds": 60.0}, budget).endswith(
+        "of --budget_tflops 73")
+    assert bench.unfinished({"work": {"flops": 1e12}, "epoch": 8, "seconds": 60.0}, parse(["--epochs", "9"]))
+    assert not bench.unfinished({"work": {"flops": 1e12}, "epoch": 9, "seconds": 60.0}, parse(["--epochs", "9"]))
+    args = parse(["--budget_tflops", "73", "--output_dir", str(tmp_path), "--data_dir", "data/demo"])
+    folder = tmp_path / "demo" / "t73" / "default" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text("{}")
+    (folder / "train.log").write_text("the other run's log")
+    with pytest.raises(SystemExit, match="holds a run without results"):
+        bench.train_and_evaluate(args, "default", 0, untrained=False)
+    assert (folder / "train.log").read_text() == "the other run's log"
 
 
 def test_bench_recipes_output_dir_and_its_older_name_out_dir_are_one_flag():
