@@ -32,21 +32,24 @@ import dataset  # noqa: E402
 import metrics  # noqa: E402
 import utils  # noqa: E402
 
+# the scratch recipe before issue 33, and resnet18_w32 at the same input size: the bases of issue 33's variants
+RESNET18_32PX = ["--backbone", "resnet18", "--image_size", "32", "--no-test_flip"]
+W32_32PX = ["--backbone", "resnet18_w32", "--image_size", "32"]
+
 # variant name -> train.py flags added to the defaults (--no-pretrained: the from-scratch recipe)
 VARIANTS = {
     "default": [],
     # issue 33's ablation (docs/results.md): the scratch recipe before it (resnet18 at 32 px, no test-time flips),
     # the steps from it to today's (resnet18_w16 at 64 px with flips), and the ideas measured that it did not keep
-    "resnet18_32px": ["--backbone", "resnet18", "--image_size", "32", "--no-test_flip"],
-    "test_flip": ["--backbone", "resnet18", "--image_size", "32"],
-    "lr_0.004": ["--backbone", "resnet18", "--image_size", "32", "--no-test_flip", "--lr", "0.004"],
-    "batch_32": ["--backbone", "resnet18", "--image_size", "32", "--no-test_flip", "--batch_size", "32"],
-    "resnet18_w32": ["--backbone", "resnet18_w32", "--image_size", "32"],
-    "resnet18_w32_no_flip": ["--backbone", "resnet18_w32", "--image_size", "32", "--no-test_flip"],
+    "resnet18_32px": RESNET18_32PX,
+    "test_flip": [*RESNET18_32PX, "--test_flip"],
+    "lr_0.004": [*RESNET18_32PX, "--lr", "0.004"],
+    "batch_32": [*RESNET18_32PX, "--batch_size", "32"],
+    "resnet18_w32": W32_32PX,
+    "resnet18_w32_no_flip": [*W32_32PX, "--no-test_flip"],
     "resnet18_w16": ["--image_size", "32"],
-    "resnet18_w32_wd_0.05": ["--backbone", "resnet18_w32", "--image_size", "32", "--weight_decay", "0.05"],
-    "resnet18_w32_aug": ["--backbone", "resnet18_w32", "--image_size", "32", "--crop_scale", "0.25",
-                         "--thicken", "0.5"],
+    "resnet18_w32_wd_0.05": [*W32_32PX, "--weight_decay", "0.05"],
+    "resnet18_w32_aug": [*W32_32PX, "--crop_scale", "0.25", "--thicken", "0.5"],
     "resnet18_w16_128px": ["--image_size", "128"],
     # the recipe's parts and earlier ablations
     "domain_loss": ["--domain_loss_ratio", "0.1", "--domain_label_smoothing", "0.2"],
