@@ -67,11 +67,11 @@ WITHOUT_BATCH_NORM = {"convnext_tiny", "swin_t", "vit_b_16", "vit_b_32", "clip_v
 
 # The newest format of a checkpoint's "model" entry; this code reads every older one too. 0: no entry (the args
 # describe the model); 1: ModelConfig's fields but activation and method, whose absence means GELU for CLIP and
-# today's SBIR model; 2: format 1 plus activation; 3: format 2 plus method; 4: format 3 plus test_flip. to_dict
-# writes the oldest format that describes the network (2 only for QuickGELU, 3 only for a method other than "sbir",
-# 4 only with test_flip), so every entry an older format can describe keeps its bytes and its fingerprint
-# (utils.model_fingerprint).
-MODEL_FORMAT = 4
+# today's SBIR model; 2: format 1 plus activation; 3: format 2 plus method; 4: format 3 plus test_flip; 5: format 4
+# plus test_shift. to_dict writes the oldest format that describes the network (2 only for QuickGELU, 3 only for a
+# method other than "sbir", 4 only with test_flip, 5 only with test_shift), so every entry an older format can
+# describe keeps its bytes and its fingerprint (utils.model_fingerprint).
+MODEL_FORMAT = 5
 METHODS = ("sbir", "sketch_lvm", "zse_sbir")  # the networks methods.py builds (methods.METHODS: the methods)
 DOMAIN_INPUTS = ("embedding", "features")  # what the domain classifier reads: unit embeddings or trunk features
 WEIGHTS = ("imagenet", "openai", "file", "none")  # where a trunk starts: ImageNet's or CLIP's weights, a file, random
@@ -128,7 +128,9 @@ class ModelConfig:
     "zse_sbir" (ZSESBIRNet: vit_b_16 with cross-attention and a relation network; 768-d, a side divisible by 32).
     ``test_flip``: the SBIR model's encoders embed an image at test time (eval mode) as the normalised sum of the
     unit embeddings of the image and of its mirror image, wherever the model is used (validation, evaluate.py,
-    retrieve.py, app.py); training sees single images.
+    retrieve.py, app.py); training sees single images. ``test_shift`` (pixels, 0: off) adds the image shifted by
+    that many pixels up, down, left and right (its edge pixels repeated) to the images summed so: 5 views, 10 with
+    test_flip.
 
     The one place the rules of a network's description live: a config that breaks one raises
     ModelConfigError when it is made, whether by the model, by train.py's flags or from a checkpoint."""
@@ -144,6 +146,7 @@ class ModelConfig:
     activation: str | None = None  # None when built by hand: "quick_gelu" for CLIP; checkpoints hold the choice
     method: str = "sbir"
     test_flip: bool = False
+    test_shift: int = 0
 
     def __post_init__(self):
         self._check_sizes()
@@ -177,6 +180,9 @@ class ModelConfig:
         for name in ("shared_trunk", "domain_bn", "test_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelConfigError(name, f"{{{name}}} must be True or False, got {getattr(self, name)!r}")
+        if not is_int(self.test_shift) or not 0 <= self.test_shift <= self.image_size // 8:
+            raise ModelConfigError("test_shift", f"{{test_shift}} must be a whole number of pixels from 0 to an eighth "
+                                                 f"of {{image_size}} ({self.image_size // 8}), got {self.test_shift!r}")
         if self.domain_bn and self.backbone in WITHOUT_BATCH_NORM:
             raise ModelConfigError("domain_bn", f"{{domain_bn}} splits batch norms, and {{backbone}} {self.backbone} "
                                                 "has none (layer norm only); drop {domain_bn} or choose a CNN with "
@@ -204,9 +210,10 @@ class ModelConfig:
         """A known method, and the network it builds: Sketch_LVM's is one CLIP tower, its embedding CLIP's own."""
         if not isinstance(self.method, str) or self.method not in METHODS:
             raise ModelConfigError("method", f"{{method}} must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.test_flip and self.method != "sbir":
-            raise ModelConfigError("test_flip", f"{{test_flip}} is the SBIR model's (method sbir); {{method}} "
-                                                f"{self.method} embeds as its authors' code does: leave it out")
+        for name in ("test_flip", "test_shift"):
+            if getattr(self, name) and self.method != "sbir":
+                raise ModelConfigError(name, f"{{{name}}} is the SBIR model's (method sbir); {{method}} "
+                                             f"{self.method} embeds as its authors' code does: leave it out")
         if self.method == "zse_sbir":
             self._check_zse_sbir()
         if self.method != "sketch_lvm":
@@ -240,11 +247,14 @@ class ModelConfig:
                                                    "{shared_trunk} and no {domain_bn}")
 
     def to_dict(self) -> dict:
-        """{"format": 1 to 4, **fields}: the oldest format that describes the network (MODEL_FORMAT), so that an
-        entry written before activation, method or test_flip existed reads back to itself: format 1 without any
-        (every backbone but a QuickGELU CLIP, in the SBIR model), 2 with activation, 3 with method too, 4 with
-        test_flip too."""
+        """{"format": 1 to 5, **fields}: the oldest format that describes the network (MODEL_FORMAT), so that an
+        entry written before activation, method, test_flip or test_shift existed reads back to itself: format 1
+        without any (every backbone but a QuickGELU CLIP, in the SBIR model), 2 with activation, 3 with method
+        too, 4 with test_flip too, 5 with test_shift too."""
         d = asdict(self)
+        if self.test_shift:
+            return {"format": 5, **d}
+        del d["test_shift"]
         if self.test_flip:
             return {"format": 4, **d}
         del d["test_flip"]
@@ -266,15 +276,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """The inverse of to_dict, for formats 1 to 4 (an entry without activation: format1_activation; without
-        method: "sbir"; without test_flip: False);
+        """The inverse of to_dict, for formats 1 to 5 (an entry without activation: format1_activation; without
+        method: "sbir"; without test_flip: False; without test_shift: 0);
         ValueError for another format or a field its format does not have, ModelConfigError for a value that
         breaks a rule, TypeError for a missing field."""
         fmt = d.get("format")
         if not is_int(fmt) or not 1 <= fmt <= MODEL_FORMAT:
             raise ValueError(f"model format {fmt!r}; this version reads formats 1 to {MODEL_FORMAT}")
         known = {f.name for f in fields(cls)} - ({"activation"} if fmt == 1 else set()) - (
-            {"method"} if fmt < 3 else set()) - ({"test_flip"} if fmt < 4 else set())
+            {"method"} if fmt < 3 else set()) - ({"test_flip"} if fmt < 4 else set()) - (
+            {"test_shift"} if fmt < 5 else set())
         unknown = sorted(set(d) - known - {"format"})
         if unknown:
             raise ValueError(f"unknown model field(s) {', '.join(unknown)} (format {fmt})")
@@ -484,12 +495,13 @@ class Encoder(nn.Module):
     whole torchvision (or open_clip) network from those weights (build_trunk's ``start_state``). The images are
     normalised with the statistics the trunk's weights expect (backbone_stats). With ``domain_bn`` the trunk's
     batch norms are split into one per domain (0 sketch, 1 photo) and ``forward`` takes the domain of its batch.
-    With ``test_flip``, in eval mode an image's embedding is that of the image and its mirror image (ModelConfig)."""
+    With ``test_flip`` and ``test_shift``, in eval mode an image's embedding is the normalised sum of those of its
+    test views (ModelConfig, test_views)."""
 
     def __init__(self, backbone: str, embedding_dim: int, pretrained: bool | dict, domain_bn: bool = False,
-                 image_size: int = 224, activation: str | None = None, test_flip: bool = False):
+                 image_size: int = 224, activation: str | None = None, test_flip: bool = False, test_shift: int = 0):
         super().__init__()
-        self.test_flip = test_flip
+        self.test_flip, self.test_shift = test_flip, test_shift
         start_state = pretrained if isinstance(pretrained, dict) else None
         published = start_state is None and bool(pretrained)
         self.trunk, self.width = build_trunk(backbone, published, image_size, start_state, activation)
@@ -504,15 +516,30 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, domain: int = 0, with_features: bool = False):
         for m in self.domain_norms:
             m.domain = domain
-        flip = self.test_flip and not self.training
-        if flip:  # one batch of the images and their mirror images
-            x = torch.cat([x, x.flip(3)])
-        feats = self.trunk(self.normalize(x))  # (B, F), or (2B, F)
-        emb = F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D), or (2B, D)
-        if flip:
-            b = emb.shape[0] // 2
-            emb, feats = F.normalize(emb[:b] + emb[b:], dim=1), (feats[:b] + feats[b:]) / 2
+        views = 1 if self.training else (5 if self.test_shift else 1) * (2 if self.test_flip else 1)
+        if views > 1:  # one batch of all the views, the images first
+            x = test_views(x, self.test_flip, self.test_shift)
+        feats = self.trunk(self.normalize(x))  # (B, F), or (V B, F)
+        emb = F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D), or (V B, D)
+        if views > 1:
+            emb = F.normalize(emb.unflatten(0, (views, -1)).sum(0), dim=1)
+            feats = feats.unflatten(0, (views, -1)).sum(0) / views
         return (emb, feats) if with_features else emb
+
+
+def test_views(x: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
+    """Images (B, C, H, W) -> their test views (V B, C, H, W), view by view, the images first: with ``shift``
+    (pixels) the images moved that far right, left, down and up (the edge pixels repeated into the gap), then with
+    ``flip`` the mirror images of all of those."""
+    views = [x]
+    if shift:
+        h, w = x.shape[2:]
+        padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+        for dy, dx in ((0, -shift), (0, shift), (-shift, 0), (shift, 0)):
+            views.append(padded[:, :, shift + dy:shift + dy + h, shift + dx:shift + dx + w])
+    if flip:
+        views += [v.flip(3) for v in views]
+    return torch.cat(views)
 
 
 class DomainView(nn.Module):
@@ -601,22 +628,22 @@ class ZSSBIRModel(nn.Module):
                  num_classes: int = 0, **network):
         super().__init__()
         # network: the rest of the ModelConfig (shared_trunk, domain_bn, domain_input, image_size, activation,
-        # test_flip), by name
+        # test_flip, test_shift), by name
         start = "none" if pretrained is False else "file" if isinstance(pretrained, dict) else (
             "openai" if is_clip(backbone) else "imagenet")
         cfg = ModelConfig(backbone, embedding_dim, **{"image_size": 224, "weights": start, **network})  # or raise
         shared_trunk, domain_bn, domain_input = cfg.shared_trunk, cfg.domain_bn, cfg.domain_input
-        image_size, activation, flip = cfg.image_size, cfg.activation, cfg.test_flip
+        image_size, activation, flip, shift = cfg.image_size, cfg.activation, cfg.test_flip, cfg.test_shift
         if shared_trunk:
-            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size, activation, flip)
+            self.encoder = Encoder(backbone, embedding_dim, pretrained, domain_bn, image_size, activation, flip, shift)
             width = self.encoder.width
             object.__setattr__(self, "sketch_encoder", DomainView(self.encoder, 0))  # not registered: no
             object.__setattr__(self, "photo_encoder", DomainView(self.encoder, 1))   # second copy in state_dict
         else:
             self.sketch_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size,
-                                          activation=activation, test_flip=flip)
+                                          activation=activation, test_flip=flip, test_shift=shift)
             self.photo_encoder = Encoder(backbone, embedding_dim, pretrained, image_size=image_size,
-                                         activation=activation, test_flip=flip)
+                                         activation=activation, test_flip=flip, test_shift=shift)
             width = self.sketch_encoder.width
         self.domain_input = domain_input
         self.domain_classifier = DomainClassifier(embedding_dim if domain_input == "embedding" else width)
@@ -636,7 +663,7 @@ class ZSSBIRModel(nn.Module):
             start = start_state if config.weights == "file" else True
         model = cls(config.backbone, config.embedding_dim, start, num_classes, shared_trunk=config.shared_trunk,
                     domain_bn=config.domain_bn, domain_input=config.domain_input, image_size=config.image_size,
-                    activation=config.activation, test_flip=config.test_flip)
+                    activation=config.activation, test_flip=config.test_flip, test_shift=config.test_shift)
         if config.mean:
             for encoder in [m for m in model.modules() if isinstance(m, Encoder)]:
                 encoder.normalize = Normalize(config.mean, config.std)

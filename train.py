@@ -242,6 +242,10 @@ def add_model_args(g) -> None:
                    help="embed each image at test time as it and its mirror image (the sum of the two unit "
                         "embeddings, normalised); the model keeps it, so validation, evaluate.py, retrieve.py and "
                         "app.py all embed so (2x the test-time compute)")
+    g.add_argument("--test_shift", type=int, default=0,
+                   help="pixels (0: off, at most an eighth of --image_size): also embed each image at test time "
+                        "shifted that far right, left, down and up (5 views, 10 with --test_flip; 5x the test-time "
+                        "compute), kept by the model as --test_flip is")
     g.add_argument("--domain_input", type=str, default="embedding", choices=DOMAIN_INPUTS,
                    help="what the domain classifier reads: the unit embedding or the trunk's pooled features")
 
@@ -833,7 +837,7 @@ def model_config(args) -> ModelConfig:
     return ModelConfig(args.backbone, args.embedding_dim, args.image_size, args.shared_trunk, args.domain_bn,
                        args.domain_input, weights, *method.input_stats(args.backbone),
                        activation=getattr(args, "clip_activation", None),  # a resumed older CLIP run's: GELU
-                       method=args.method, test_flip=args.test_flip)
+                       method=args.method, test_flip=args.test_flip, test_shift=args.test_shift)
 
 
 def build_model_and_optimizer(args, num_classes: int, device: torch.device, world: int = 1):

@@ -171,8 +171,8 @@ def test_clips_activation_is_quick_gelu_and_an_older_clip_entry_reads_as_gelu():
     assert resnet.activation is None and resnet.to_dict()["format"] == 1 and "activation" not in resnet.to_dict()
     with pytest.raises(ValueError, match=r"unknown model field\(s\) activation \(format 1\)"):
         M.ModelConfig.from_dict({**CLIP_FORMAT1, "activation": "quick_gelu"})  # format 1 had no such field
-    with pytest.raises(ValueError, match="this version reads formats 1 to 4"):
-        M.ModelConfig.from_dict({**CLIP_FORMAT1, "format": 5})
+    with pytest.raises(ValueError, match="this version reads formats 1 to 5"):
+        M.ModelConfig.from_dict({**CLIP_FORMAT1, "format": 6})
 
 
 def test_test_flip_is_written_as_format_4_and_embeds_an_image_and_its_mirror_image():
@@ -199,6 +199,47 @@ def test_test_flip_is_written_as_format_4_and_embeds_an_image_and_its_mirror_ima
         want = torch.nn.functional.normalize(both[:3] + both[3:], dim=1)
         torch.testing.assert_close(net.photo_encoder(x), want, rtol=0, atol=0)
         assert not torch.allclose(net.photo_encoder(x), plain.photo_encoder(x), atol=1e-3)
+        net.train()
+        plain.train()
+        torch.manual_seed(1)
+        a = net.photo_encoder(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(a, plain.photo_encoder(x), rtol=0, atol=0)
+
+
+def test_test_shift_is_written_as_format_5_and_embeds_the_sum_of_the_shifted_views():
+    """test_shift (format 5) is written only when on; format 4 cannot hold it; it is a whole number of pixels up to
+    an eighth of the image. In eval mode the embedding is the normalised sum of the unit embeddings of the image,
+    of the image moved right, left, down and up by test_shift pixels (edge pixels repeated) and, with test_flip,
+    of the mirror images of all five; training embeds the image alone."""
+    shift = M.ModelConfig("resnet18", 16, 32, shared_trunk=True, test_flip=True, test_shift=2)
+    d = shift.to_dict()
+    assert d["format"] == 5 and d["test_shift"] == 2 and M.ModelConfig.from_dict(d) == shift
+    assert M.ModelConfig("resnet18", 16, 32, test_flip=True).to_dict()["format"] == 4
+    with pytest.raises(ValueError, match=r"unknown model field\(s\) test_shift \(format 4\)"):
+        M.ModelConfig.from_dict({**d, "format": 4})
+    for bad in (-1, 5, 1.5, True):
+        with pytest.raises(M.ModelConfigError) as e:
+            M.ModelConfig("resnet18", 16, 32, test_shift=bad)
+        assert e.value.field == "test_shift"
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel.from_config(shift, start_weights=False).eval()
+    plain = M.ZSSBIRModel.from_config(M.ModelConfig("resnet18", 16, 32, shared_trunk=True), start_weights=False)
+    plain.load_state_dict(net.state_dict())
+    plain.eval()
+    x = torch.rand(3, 3, 32, 32)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    moved = [x, padded[:, :, 2:34, :32], padded[:, :, 2:34, 4:], padded[:, :, :32, 2:34], padded[:, :, 4:, 2:34]]
+    assert torch.equal(moved[1][:, :, :, 2:], x[:, :, :, :30]) and torch.equal(moved[4][:, :, :30], x[:, :, 2:])
+    views = torch.cat(moved + [v.flip(3) for v in moved])
+    with torch.no_grad():
+        each = plain.photo_encoder(views)  # the same kernels on the same batch: bit-exact
+        want = torch.nn.functional.normalize(each.unflatten(0, (10, 3)).sum(0), dim=1)
+        torch.testing.assert_close(net.photo_encoder(x), want, rtol=0, atol=0)
+        flip_only = M.ZSSBIRModel.from_config(M.ModelConfig("resnet18", 16, 32, shared_trunk=True, test_flip=True),
+                                              start_weights=False)
+        flip_only.load_state_dict(net.state_dict())
+        assert not torch.allclose(net.photo_encoder(x), flip_only.eval().photo_encoder(x), atol=1e-3)
         net.train()
         plain.train()
         torch.manual_seed(1)
