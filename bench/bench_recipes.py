@@ -32,25 +32,37 @@ import dataset  # noqa: E402
 import metrics  # noqa: E402
 import utils  # noqa: E402
 
-# the scratch recipe before issue 33, and resnet18_w32 at the same input size: the bases of issue 33's variants
-RESNET18_32PX = ["--backbone", "resnet18", "--image_size", "32", "--no-test_flip"]
-W32_32PX = ["--backbone", "resnet18_w32", "--image_size", "32"]
+# issue 33's steps: the scratch recipe before it (resnet18 at 32 px), resnet18_w32 at the same input size, and its
+# first recipe (resnet18_w16 at 64 px with flips, lr 2e-3), the bases of its variants
+RESNET18_32PX = ["--backbone", "resnet18", "--image_size", "32", "--no-test_flip", "--test_shift", "0", "--lr", "0.002"]
+W32_32PX = ["--backbone", "resnet18_w32", "--image_size", "32", "--test_shift", "0", "--lr", "0.002"]
+W16_64PX = ["--test_shift", "0", "--lr", "0.002"]
 
 # variant name -> train.py flags added to the defaults (--no-pretrained: the from-scratch recipe)
 VARIANTS = {
     "default": [],
-    # issue 33's ablation (docs/results.md): the scratch recipe before it (resnet18 at 32 px, no test-time flips),
-    # the steps from it to today's (resnet18_w16 at 64 px with flips), and the ideas measured that it did not keep
+    # issue 33's ablation (docs/results.md): the scratch recipe before it, the steps from it to today's
+    # (resnet18_w16 at 64 px with flips and shifts, lr 8e-3), and the ideas measured that it did not keep
     "resnet18_32px": RESNET18_32PX,
     "test_flip": [*RESNET18_32PX, "--test_flip"],
     "lr_0.004": [*RESNET18_32PX, "--lr", "0.004"],
     "batch_32": [*RESNET18_32PX, "--batch_size", "32"],
     "resnet18_w32": W32_32PX,
     "resnet18_w32_no_flip": [*W32_32PX, "--no-test_flip"],
-    "resnet18_w16": ["--image_size", "32"],
+    "resnet18_w16": [*W16_64PX, "--image_size", "32"],
     "resnet18_w32_wd_0.05": [*W32_32PX, "--weight_decay", "0.05"],
     "resnet18_w32_aug": [*W32_32PX, "--crop_scale", "0.25", "--thicken", "0.5"],
-    "resnet18_w16_128px": ["--image_size", "128"],
+    "resnet18_w16_128px": [*W16_64PX, "--image_size", "128"],
+    "resnet18_w16_64px": W16_64PX,
+    "w16_96px": [*W16_64PX, "--image_size", "96"],
+    "w16_batch_32": [*W16_64PX, "--batch_size", "32"],
+    "w16_lr_0.004": [*W16_64PX, "--lr", "0.004"],
+    "w16_lr_0.004_warmup_0.1": [*W16_64PX, "--lr", "0.004", "--warmup", "0.1"],
+    "w16_lr_0.004_batch_32": [*W16_64PX, "--lr", "0.004", "--batch_size", "32"],
+    "w16_lr_0.008": ["--test_shift", "0"],
+    "w16_lr_0.008_batch_32": ["--test_shift", "0", "--batch_size", "32"],
+    "w16_lr_0.016": ["--test_shift", "0", "--lr", "0.016"],
+    "w16_shift_2": ["--lr", "0.002"],
     # the recipe's parts and earlier ablations
     "domain_loss": ["--domain_loss_ratio", "0.1", "--domain_label_smoothing", "0.2"],
     "domain_loss_plain": ["--domain_loss_ratio", "0.1"],

@@ -15,7 +15,7 @@ SCRATCH = dict(backbone="resnet18", pretrained=False, image_size=32, batch_size=
                class_loss_ratio=1.0, domain_loss_ratio=0.0, grl_threshold_epoch=0, proxy_lr_mult=10.0, crop_scale=0.5)
 RECIPES = {
     # issue 33: resnet18's blocks at a quarter of the width behind a small-input stem, at 64 px, and test-time flips
-    "scratch": {**SCRATCH, "backbone": "resnet18_w16", "image_size": 64, "test_flip": True},
+    "scratch": {**SCRATCH, "backbone": "resnet18_w16", "image_size": 64, "test_flip": True, "test_shift": 2, "lr": 8e-3},
     "finetune": {**SCRATCH, "backbone": "resnet50", "pretrained": True, "image_size": 224, "lr": 1e-4, "warmup": 0.1},
     "original": {"pretrained": True} | dict(backbone="vgg16", image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4,
                      warmup=0.5 / 30, shared_trunk=False, domain_bn=False, edge_maps=False, sampling="triplets",
@@ -103,7 +103,7 @@ def test_help_shows_real_defaults_in_groups():
     for group in ("data, outputs and schedule:", "model:", "sampling and losses:", "optimiser:", "speed"):
         assert group in text
     scratch = " ".join(run_main("train.py", "--no-pretrained", "--help").stdout.split())
-    assert f"{lr_help} (default: 0.002)" in scratch and "(default: resnet18_w16)" in scratch
+    assert f"{lr_help} (default: 0.008)" in scratch and "(default: resnet18_w16)" in scratch
     original = " ".join(run_main("train.py", "--recipe", "original", "--help").stdout.split())
     assert "(default: vgg16)" in original and "(default: triplets)" in original
 
