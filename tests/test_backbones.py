@@ -257,7 +257,8 @@ def test_a_clip_run_from_before_quickgelu_resumes_and_evaluates_as_it_was_traine
     """--resume of a CLIP checkpoint written before QuickGELU (its model entry without activation) goes on with
     GELU, says so, and writes GELU into its checkpoints; evaluate.py builds it with GELU and says so."""
     ckpt = str(tmp_path / "ckpt")
-    common = ["--data_dir", tiny_data, "--recipe", "scratch", "--no-test_flip", "--backbone", "clip_vit_b_32",
+    common = ["--data_dir", tiny_data, "--recipe", "scratch", "--no-test_flip", "--test_shift", "0", "--backbone",
+              "clip_vit_b_32",
               "--image_size", str(SIZE), "--embedding_dim", "8", "--batch_size", "4", "--workers", "0",
               "--device", "cpu"]
     proc = run_main("train.py", *common, "--checkpoint_dir", ckpt, "--epochs", "1")
