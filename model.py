@@ -516,11 +516,12 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, domain: int = 0, with_features: bool = False):
         for m in self.domain_norms:
             m.domain = domain
-        views = 1 if self.training else (5 if self.test_shift else 1) * (2 if self.test_flip else 1)
-        if views > 1:  # one batch of all the views, the images first
+        b = x.shape[0]
+        if not self.training:  # one batch of all the test views, the images first
             x = test_views(x, self.test_flip, self.test_shift)
         feats = self.trunk(self.normalize(x))  # (B, F), or (V B, F)
         emb = F.normalize(at_least_float32(self.head(feats)), dim=1)  # (B, D), or (V B, D)
+        views = x.shape[0] // b
         if views > 1:
             emb = F.normalize(emb.unflatten(0, (views, -1)).sum(0), dim=1)
             feats = feats.unflatten(0, (views, -1)).sum(0) / views
@@ -539,7 +540,7 @@ def test_views(x: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
             views.append(padded[:, :, shift + dy:shift + dy + h, shift + dx:shift + dx + w])
     if flip:
         views += [v.flip(3) for v in views]
-    return torch.cat(views)
+    return torch.cat(views) if len(views) > 1 else x
 
 
 class DomainView(nn.Module):

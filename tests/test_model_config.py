@@ -175,6 +175,25 @@ def test_clips_activation_is_quick_gelu_and_an_older_clip_entry_reads_as_gelu():
         M.ModelConfig.from_dict({**CLIP_FORMAT1, "format": 6})
 
 
+def with_and_without_test_views(config):
+    """The network ``config`` describes at seed 0 and the same weights without test views, both in eval mode."""
+    torch.manual_seed(0)
+    net = M.ZSSBIRModel.from_config(config, start_weights=False).eval()
+    plain = M.ZSSBIRModel.from_config(M.ModelConfig("resnet18", 16, 32, shared_trunk=True), start_weights=False)
+    plain.load_state_dict(net.state_dict())
+    return net, plain.eval()
+
+
+def assert_training_embeds_the_image_alone(net, plain, x):
+    """In training mode (same dropout draws) the network with test views embeds as the one without."""
+    net.train()
+    plain.train()
+    torch.manual_seed(1)
+    a = net.photo_encoder(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, plain.photo_encoder(x), rtol=0, atol=0)
+
+
 def test_test_flip_is_written_as_format_4_and_embeds_an_image_and_its_mirror_image():
     """test_flip (format 4) is written only when on; older formats read as off and cannot hold it. In eval
     mode the encoder's embedding is the normalised sum of the image's and its mirror image's, in training
@@ -188,23 +207,14 @@ def test_test_flip_is_written_as_format_4_and_embeds_an_image_and_its_mirror_ima
     with pytest.raises(M.ModelConfigError) as e:
         M.ModelConfig("clip_vit_b_32", 512, 64, shared_trunk=True, method="sketch_lvm", test_flip=True)
     assert e.value.field == "test_flip"
-    torch.manual_seed(0)
-    net = M.ZSSBIRModel.from_config(flip, start_weights=False).eval()
-    plain = M.ZSSBIRModel.from_config(M.ModelConfig("resnet18", 16, 32, shared_trunk=True), start_weights=False)
-    plain.load_state_dict(net.state_dict())
-    plain.eval()
+    net, plain = with_and_without_test_views(flip)
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         both = plain.photo_encoder(torch.cat([x, x.flip(3)]))  # the same kernels on the same batch: bit-exact
         want = torch.nn.functional.normalize(both[:3] + both[3:], dim=1)
         torch.testing.assert_close(net.photo_encoder(x), want, rtol=0, atol=0)
         assert not torch.allclose(net.photo_encoder(x), plain.photo_encoder(x), atol=1e-3)
-        net.train()
-        plain.train()
-        torch.manual_seed(1)
-        a = net.photo_encoder(x)
-        torch.manual_seed(1)
-        torch.testing.assert_close(a, plain.photo_encoder(x), rtol=0, atol=0)
+        assert_training_embeds_the_image_alone(net, plain, x)
 
 
 def test_test_shift_is_written_as_format_5_and_embeds_the_sum_of_the_shifted_views():
@@ -222,11 +232,7 @@ def test_test_shift_is_written_as_format_5_and_embeds_the_sum_of_the_shifted_vie
         with pytest.raises(M.ModelConfigError) as e:
             M.ModelConfig("resnet18", 16, 32, test_shift=bad)
         assert e.value.field == "test_shift"
-    torch.manual_seed(0)
-    net = M.ZSSBIRModel.from_config(shift, start_weights=False).eval()
-    plain = M.ZSSBIRModel.from_config(M.ModelConfig("resnet18", 16, 32, shared_trunk=True), start_weights=False)
-    plain.load_state_dict(net.state_dict())
-    plain.eval()
+    net, plain = with_and_without_test_views(shift)
     x = torch.rand(3, 3, 32, 32)
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
     moved = [x, padded[:, :, 2:34, :32], padded[:, :, 2:34, 4:], padded[:, :, :32, 2:34], padded[:, :, 4:, 2:34]]
@@ -240,12 +246,7 @@ def test_test_shift_is_written_as_format_5_and_embeds_the_sum_of_the_shifted_vie
                                               start_weights=False)
         flip_only.load_state_dict(net.state_dict())
         assert not torch.allclose(net.photo_encoder(x), flip_only.eval().photo_encoder(x), atol=1e-3)
-        net.train()
-        plain.train()
-        torch.manual_seed(1)
-        a = net.photo_encoder(x)
-        torch.manual_seed(1)
-        torch.testing.assert_close(a, plain.photo_encoder(x), rtol=0, atol=0)
+        assert_training_embeds_the_image_alone(net, plain, x)
 
 
 def test_a_method_other_than_sbir_is_written_as_format_3_and_older_entries_keep_their_bytes():
