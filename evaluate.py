@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -380,16 +380,34 @@ def hash_embeddings(emb: "Embedded", args) -> tuple["Embedded", dict]:
     return replace(emb, q=q, g=g, untrained=untrained), info
 
 
-def embed_split(model, sketches, photos, image_size: int, args, device) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Embed the query sketches (Q, D) and gallery photos (N, D); also images per second."""
+@dataclass
+class EmbeddingCache:
+    """One network's embeddings in one evaluate.py run, by (side, path): a --task reuses what an earlier one
+    embedded (zs, gzs and fg share the unseen-class images). Also how many images it embedded, in how long."""
+    rows: dict = field(default_factory=dict)
+    images: int = 0
+    seconds: float = 0.0
+
+
+def embed_split(model, sketches, photos, image_size: int, args, device,
+                cache: EmbeddingCache | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Embed the query sketches (Q, D) and gallery photos (N, D), those not in the cache only; also the images
+    per second of the cache's embedding so far."""
     model.to(device)
+    cache = EmbeddingCache() if cache is None else cache
     common = dict(image_size=image_size, batch_size=args.batch_size, workers=args.workers, device=device,
                   amp=args.amp)
-    start = time.perf_counter()
-    q = utils.embed_images(model.sketch_encoder, sketches[0], desc="embed sketches", **common)  # (Q, D)
-    g = utils.embed_images(model.photo_encoder, photos[0], desc="embed photos", **common)      # (N, D)
-    seconds = time.perf_counter() - start
-    return q, g, (len(sketches[0]) + len(photos[0])) / max(seconds, 1e-9)
+    rows, out = cache.rows, []
+    for side, encoder, paths in (("sketches", model.sketch_encoder, sketches[0]),
+                                 ("photos", model.photo_encoder, photos[0])):
+        new = [p for p in dict.fromkeys(paths) if (side, p) not in rows]
+        start = time.perf_counter()
+        if new:
+            rows.update(zip([(side, p) for p in new], utils.embed_images(encoder, new, desc=f"embed {side}", **common)))
+        cache.seconds += time.perf_counter() - start
+        cache.images += len(new)
+        out.append(torch.stack([rows[side, p] for p in paths]) if paths else torch.empty(0, 0))
+    return out[0], out[1], cache.images / max(cache.seconds, 1e-9)
 
 
 def token_batches(encoder, paths: list, image_size: int, args, device, desc: str):
@@ -692,9 +710,10 @@ def embeddings_from_file(args, run: dict, ckpt: dict | None) -> Embedded:
                     info=info, targets=run.get("query_targets"))
 
 
-def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> Embedded | None:
+def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device, caches: dict) -> Embedded | None:
     """Embed the split's images with the checkpoint's network (under torchrun each process its share; only
-    rank 0 gets the result, the others None); --save_embeddings keeps them."""
+    rank 0 gets the result, the others None), those the run's earlier tasks embedded taken from caches (an
+    EmbeddingCache for "trained" and one for "untrained"); --save_embeddings keeps them."""
     a, cfg = ckpt["args"], utils.checkpoint_model(ckpt)  # how it was trained; the network it holds
     print(f"model {args.model}: {utils.network_text(cfg)}, {cfg.embedding_dim}-d, {cfg.image_size}px, trained "
           f"{ckpt['epoch']} epoch(s)" + (f" ({ckpt['work']['steps']:,} steps, {ckpt['work']['images']:,} images, "
@@ -723,22 +742,25 @@ def embeddings_from_model(args, ckpt: dict, rank: int, device: torch.device) -> 
     if args.score == "relation" and not hasattr(model, "relation_scores"):
         raise utils.UserError(f"--score relation needs a model with a relation network (--method zse_sbir); "
                               f"{args.model} is {utils.network_text(cfg)}: leave out --score")
-    scores = None
+    scores, reused = None, 0
     if args.score == "relation":
         q, g, scores, throughput = relation_split(model, sketches, photos, cfg.image_size, args, device)
     else:
-        q, g, throughput = embed_split(model, sketches, photos, cfg.image_size, args, device)
+        before = caches["trained"].images
+        q, g, throughput = embed_split(model, sketches, photos, cfg.image_size, args, device, caches["trained"])
+        reused = len(sketches[0]) + len(photos[0]) - (caches["trained"].images - before)
     untrained = ()
     if args.compare_untrained:  # embedded here, while every process still takes part
         untrained = embed_split(utils.build_model(ckpt, args.model, trained=False), sketches, photos, cfg.image_size,
-                                args, device)[:2]
+                                args, device, caches["untrained"])[:2]
     if rank != 0:
         return None
     targets = None if images.targets is None else torch.tensor(images.targets, dtype=torch.int64)
     emb = Embedded(classes, q, torch.tensor(sketches[1], dtype=torch.int64), g,
                    torch.tensor(photos[1], dtype=torch.int64), throughput, args.model, args.data_dir, class_split,
                    sketches, photos, untrained, images.info, targets, scores)
-    print(f"embedded {len(sketches[0]) + len(photos[0])} images at {throughput:.1f} images/s")
+    print(f"embedded {len(sketches[0]) + len(photos[0])} images at {throughput:.1f} images/s"
+          + (f" ({reused} of them embedded for an earlier --task)" if reused else ""))
     if args.save_embeddings:
         save_embeddings(args.save_embeddings, embeddings_record(args, emb, ckpt, trained))
         print(f"saved embeddings to {args.save_embeddings}")
@@ -800,6 +822,7 @@ def run_evaluation(args, rank: int, device: torch.device) -> None:
         return
     several = len(args.task) * len(args.hash_bits) > 1
     settings, cleared = {}, False
+    caches = {"trained": EmbeddingCache(), "untrained": EmbeddingCache()}  # each image embedded once a network
     for task in args.task:
         task_args = argparse.Namespace(**{**vars(args), "task": task, "hash_bits": 0,
                                           "save_embeddings": task_file(args.save_embeddings, task, len(args.task))})
@@ -808,7 +831,7 @@ def run_evaluation(args, rank: int, device: torch.device) -> None:
         if args.embeddings:
             emb = embeddings_from_file(task_args, run, ckpt)
         else:
-            emb = embeddings_from_model(task_args, ckpt, rank, device)
+            emb = embeddings_from_model(task_args, ckpt, rank, device, caches)
             if emb is None:
                 continue
         if not cleared:  # every input of the first setting checked: only now is anything removed or written

@@ -11,7 +11,8 @@ import torch
 import dataset
 import evaluate
 import train
-from conftest import make_tiny_dataset, run_main
+import utils
+from conftest import U32, U64, make_tiny_dataset, reordering_rtol, run_main
 from test_train import TINY, assert_one_line_error
 
 
@@ -189,7 +190,10 @@ def test_fg_from_the_model_and_from_its_saved_embeddings(run, tmp_path):
 
 def test_several_settings_in_one_call_give_each_single_calls_numbers(run, tmp_path):
     """--task zs gzs fg --hash_bits 0 16: six settings, each in its own sub-folder with the numbers a call of its
-    own gives, a table of all six printed and in results.json, and one embeddings file per task."""
+    own gives, a table of all six printed and in results.json, and one embeddings file per task. Each image is
+    embedded once: gzs and fg take the unseen-class images zs embedded, so their embeddings come from other
+    batches than a call of their own makes; they agree with that call's to the reordering bound, and the
+    settings' numbers are those of their own embeddings files."""
     proc = evaluate_run(run, tmp_path / "all", "--task", "zs", "gzs", "fg", "--hash_bits", "0", "16",
                         "--save_embeddings", str(tmp_path / "emb.pt"))
     assert proc.returncode == 0, proc.stderr
@@ -198,8 +202,10 @@ def test_several_settings_in_one_call_give_each_single_calls_numbers(run, tmp_pa
     assert list(table["settings"]) == names and table["tasks"] == ["zs", "gzs", "fg"]
     for name in names:
         task, _, bits = name.partition("_")
-        alone = tmp_path / f"alone_{name}"
-        one = evaluate_run(run, alone, "--task", task, *(["--hash_bits", bits[:-3]] if bits else []))
+        alone, hashing = tmp_path / f"alone_{name}", (["--hash_bits", bits[:-3]] if bits else [])
+        one = (evaluate_run(run, alone, "--task", task, *hashing) if task == "zs" else
+               run_main("evaluate.py", "--embeddings", str(tmp_path / f"emb_{task}.pt"), "--task", task, *hashing,
+                        "--output_dir", str(alone)))
         assert one.returncode == 0, one.stderr
         a, b = results(str(tmp_path / "all" / name)), results(str(alone))
         keys = ("gallery_all", "gallery_class") if task == "fg" else ("protocols",)
@@ -210,12 +216,36 @@ def test_several_settings_in_one_call_give_each_single_calls_numbers(run, tmp_pa
                                                                 else a["protocols"]["standard"]["map_all"])
         line = next(x for x in proc.stdout.splitlines() if x.startswith(f"{name} "))
         assert f"{row['acc@1' if task == 'fg' else 'map_all']:9.4f}" in line
+    assert_each_image_embedded_once(run, tmp_path, proc.stdout)
     for task in ("zs", "gzs", "fg"):  # each task's file evaluates again on its own
         again = run_main("evaluate.py", "--embeddings", str(tmp_path / f"emb_{task}.pt"), "--task", task,
                          "--output_dir", str(tmp_path / f"again_{task}"))
         assert again.returncode == 0, again.stderr
     proc = run_main("evaluate.py", "--embeddings", str(tmp_path / "emb_zs.pt"), "--task", "zs", "gzs")
     assert_one_line_error(proc, "an --embeddings file holds the images of one task", "not zs gzs")
+
+
+def assert_each_image_embedded_once(run, tmp_path, stdout: str) -> None:
+    """gzs and fg of one call reuse zs's rows (the same tensors) and say so; a call of their own embeds the same
+    rows to within float32 reordering (other batches: other sums)."""
+    saved = {t: torch.load(tmp_path / f"emb_{t}.pt", weights_only=False) for t in ("zs", "gzs", "fg")}
+    row_of = {(side, p): e for side in ("query", "gallery")
+              for p, e in zip(saved["zs"][f"{side}_paths"], saved["zs"]["queries" if side == "query" else "gallery"])}
+    ckpt = torch.load(run["model"], map_location="cpu", weights_only=False)
+    atol = reordering_rtol(utils.build_model(ckpt, run["model"], trained=True), 0) * U32 / U64
+    for task in ("gzs", "fg"):
+        mine = saved[task]
+        shared = [(side, i, p) for side in ("query", "gallery") for i, p in enumerate(mine[f"{side}_paths"])
+                  if (side, p) in row_of]
+        assert shared and f"({len(shared)} of them embedded for an earlier --task)" in stdout, task
+        for side, i, p in shared:
+            assert torch.equal(mine["queries" if side == "query" else "gallery"][i], row_of[side, p])
+        one = evaluate_run(run, tmp_path / f"own_{task}", "--task", task, "--save_embeddings",
+                           str(tmp_path / f"own_{task}.pt"))
+        assert one.returncode == 0, one.stderr
+        own = torch.load(tmp_path / f"own_{task}.pt", weights_only=False)
+        for key in ("queries", "gallery"):
+            torch.testing.assert_close(mine[key], own[key], rtol=0, atol=atol)
 
 
 def test_fg_on_a_dataset_without_pairs_is_one_line(run, tmp_path):
