@@ -805,37 +805,47 @@ def plot_training_curves(records: list, path: str) -> None:
     save_figure(fig, path, dpi=90)
 
 
+GRID_TILE, GRID_GAP, GRID_TEXT = 176, 14, 13  # a hit's square (px), the space between squares, the font size
+
+
 def save_retrieval_grid(query, query_title: str, hits: list, out_path: str, per_row: int = 0) -> None:
     """The one retrieval grid: the query image (PIL) on the left, then its ranked hits, each (photo path, title,
-    frame colour or None), in rows of ``per_row`` (0: all in one row). A photo that cannot be read (changed
-    or deleted since it was ranked) shows as "unreadable"."""
+    frame colour or None), in rows of ``per_row`` (0: all in one row), each titled above its square. A photo
+    that cannot be read (changed or deleted since it was ranked) shows as "unreadable". Drawn with PIL: a
+    matplotlib figure took 0.3 s a grid, a tenth of make demo's evaluation."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
     from dataset import IMAGE_ERRORS, load_image
 
-    plt = pyplot()
+    font = ImageFont.load_default(size=GRID_TEXT)
     per_row = per_row or max(1, len(hits))
     n_rows = max(1, -(-len(hits) // per_row))
-    fig = plt.figure(figsize=(1.9 * (per_row + 1.4), 2.1 * n_rows + 0.2))
-    grid = fig.add_gridspec(n_rows, per_row + 1, width_ratios=[1.4] + [1] * per_row)
-    ax = fig.add_subplot(grid[:, 0])
-    ax.imshow(query)
-    ax.set_title(query_title, fontsize=9)
-    ax.axis("off")
+    title_h = 2 * (GRID_TEXT + 4) + 6  # two lines of text above each square
+    cell_w, cell_h = GRID_TILE + GRID_GAP, title_h + GRID_TILE + GRID_GAP
+    query_w = GRID_TILE + 4 * GRID_GAP  # the query's column, the rows' height
+    grid = Image.new("RGB", (query_w + per_row * cell_w + GRID_GAP, n_rows * cell_h + GRID_GAP), "white")
+    draw = ImageDraw.Draw(grid)
+
+    def titled(x: int, y: int, width: int, text: str, colour: str) -> None:  # centred above (x, y + title_h)
+        draw.multiline_text((x + width // 2, y + title_h - 6), text, fill=colour, font=font, anchor="md",
+                            align="center")
+
+    top = (grid.height - GRID_TILE - title_h) // 2
+    titled(GRID_GAP, top, GRID_TILE, query_title, "black")
+    grid.paste(ImageOps.contain(query.convert("RGB"), (GRID_TILE, GRID_TILE)), (GRID_GAP, top + title_h))
     for rank, (path, title, colour) in enumerate(hits):
-        ax = fig.add_subplot(grid[rank // per_row, 1 + rank % per_row])
+        x, y = query_w + (rank % per_row) * cell_w, GRID_GAP + (rank // per_row) * cell_h
+        titled(x, y, GRID_TILE, title, colour or "black")
+        box = (x, y + title_h, x + GRID_TILE - 1, y + title_h + GRID_TILE - 1)
         try:
-            photo = load_image(path)
-            photo.thumbnail((256, 256))
-            ax.imshow(photo)
+            photo = ImageOps.contain(load_image(path).convert("RGB"), (GRID_TILE, GRID_TILE))
+            grid.paste(photo, (x + (GRID_TILE - photo.width) // 2, y + title_h + (GRID_TILE - photo.height) // 2))
         except IMAGE_ERRORS:
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=8)
-        ax.set_title(title, fontsize=8, color=colour or "black")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():  # the frame: green right, red wrong; none when there is no truth
-            spine.set_edgecolor(colour or "white")
-            spine.set_linewidth(4 if colour else 0)
-    fig.tight_layout()
-    save_figure(fig, out_path)
+            draw.text((x + GRID_TILE // 2, y + title_h + GRID_TILE // 2), "unreadable", fill="black", font=font,
+                      anchor="mm")
+        if colour:  # the frame: green right, red wrong; none when there is no truth
+            draw.rectangle(box, outline=colour, width=5)
+    atomic_write(out_path, lambda f: grid.save(f, format="png"))
 
 
 # ----------------------------------------------------------------------------------- embedding

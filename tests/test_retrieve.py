@@ -608,3 +608,32 @@ def test_bench_retrieve_data_dir_and_its_older_name_data_are_one_flag():
     assert parser.parse_args(["--data", "d2"]).data_dir == "d2"
     assert not hasattr(parser.parse_args(["--data", "d2"]), "data")  # one setting, not two
     assert "--data_dir DATA_DIR, --data DATA_DIR" in parser.format_help()
+
+
+def test_a_retrieval_grid_shows_the_query_and_each_hit_framed_by_its_truth(tmp_path):
+    """save_retrieval_grid: the query, then the hits in rows of per_row, each photo in its square inside a frame of
+    its colour (green right, red wrong, none without a truth); a photo gone since it was ranked is "unreadable"."""
+    red, blue = str(tmp_path / "red.png"), str(tmp_path / "blue.png")
+    Image.new("RGB", (40, 20), (200, 0, 0)).save(red)
+    Image.new("RGB", (20, 20), (0, 0, 200)).save(blue)
+    hits = [(red, "1. a\n0.9", "green"), (blue, "2. b\n0.8", "red"), (str(tmp_path / "gone.png"), "3. c", None)]
+    out = str(tmp_path / "grid.png")
+    utils.save_retrieval_grid(Image.new("RGB", (30, 30), "black"), "query: a", hits, out, per_row=2)
+    grid = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    tile, gap = utils.GRID_TILE, utils.GRID_GAP
+    rows, cols = utils.GRID_TEXT * 2 + 14 + tile + gap, tile + gap  # two rows of two squares beside the query
+    assert grid.shape == (2 * rows + gap, tile + 4 * gap + 2 * cols + gap, 3)
+
+    def square(row, col):  # a hit's square: (x0, y0), its width
+        return tile + 4 * gap + col * cols, gap + row * rows + rows - tile - gap
+
+    for (row, col), frame, inside in (((0, 0), (0, 128, 0), (200, 0, 0)), ((0, 1), (255, 0, 0), (0, 0, 200))):
+        x, y = square(row, col)
+        assert tuple(grid[y + 1, x + tile // 2]) == frame and tuple(grid[y + tile - 2, x + 2]) == frame
+        assert tuple(grid[y + tile // 2, x + tile // 2]) == inside
+    x, y = square(1, 0)  # no frame, no photo: white but for the word "unreadable" in the middle
+    middle = grid[y + tile // 2 - 8:y + tile // 2 + 8, x:x + tile]
+    assert (grid[y:y + 3, x:x + tile] == 255).all() and (middle < 128).any() and (middle[:, :20] == 255).all()
+    title = rows - tile - gap  # the query: black, scaled up to a square, centred beside the rows below its title
+    top = (grid.shape[0] - tile - title) // 2 + title
+    assert (grid[top:top + tile, gap:gap + tile] == 0).all() and (grid[top - 1, gap:gap + tile] != 0).any()
