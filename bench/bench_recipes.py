@@ -63,6 +63,9 @@ VARIANTS = {
     "w16_lr_0.008_batch_32": ["--test_shift", "0", "--batch_size", "32"],
     "w16_lr_0.016": ["--test_shift", "0", "--lr", "0.016"],
     "w16_shift_2": ["--lr", "0.002"],
+    # the third step's candidates: more network for the budget at today's lr and shifts
+    "w32_64px": ["--backbone", "resnet18_w32"],
+    "w16_128px_shift_4": ["--image_size", "128", "--test_shift", "4"],
     # the recipe's parts and earlier ablations
     "domain_loss": ["--domain_loss_ratio", "0.1", "--domain_label_smoothing", "0.2"],
     "domain_loss_plain": ["--domain_loss_ratio", "0.1"],
