@@ -822,7 +822,7 @@ def save_retrieval_grid(query, query_title: str, hits: list, out_path: str, per_
     n_rows = max(1, -(-len(hits) // per_row))
     title_h = 2 * (GRID_TEXT + 4) + 6  # two lines of text above each square
     cell_w, cell_h = GRID_TILE + GRID_GAP, title_h + GRID_TILE + GRID_GAP
-    query_w = GRID_TILE + 4 * GRID_GAP  # the query's column, the rows' height
+    query_w = GRID_TILE + 4 * GRID_GAP  # the query's column: a gap, its square, three gaps
     grid = Image.new("RGB", (query_w + per_row * cell_w + GRID_GAP, n_rows * cell_h + GRID_GAP), "white")
     draw = ImageDraw.Draw(grid)
 

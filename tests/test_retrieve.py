@@ -624,7 +624,7 @@ def test_a_retrieval_grid_shows_the_query_and_each_hit_framed_by_its_truth(tmp_p
     rows, cols = utils.GRID_TEXT * 2 + 14 + tile + gap, tile + gap  # two rows of two squares beside the query
     assert grid.shape == (2 * rows + gap, tile + 4 * gap + 2 * cols + gap, 3)
 
-    def square(row, col):  # a hit's square: (x0, y0), its width
+    def square(row, col):  # a hit's square: its top-left corner (x0, y0)
         return tile + 4 * gap + col * cols, gap + row * rows + rows - tile - gap
 
     for (row, col), frame, inside in (((0, 0), (0, 128, 0), (200, 0, 0)), ((0, 1), (255, 0, 0), (0, 0, 200))):
