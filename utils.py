@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -240,6 +241,21 @@ def atomic_write(path: str, write) -> None:
 def save_checkpoint(ckpt: dict, path: str) -> None:
     """torch.save a checkpoint dict atomically."""
     atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def atomic_link(src: str, path: str) -> None:
+    """Make ``path`` hold what ``src`` holds, atomically: a hard link to src's file (its bytes are on the disk
+    once; atomic_write gives src a new file later and leaves path's as it is), or a copy where the file system
+    has no hard links."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.link.tmp")
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        with open(src, "rb") as source:
+            atomic_write(path, lambda f: shutil.copyfileobj(source, f))
 
 
 def check_user_path(path: str, what: str, hint: str) -> None:

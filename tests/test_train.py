@@ -306,6 +306,22 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
     assert os.listdir(tmp_path) == ["last.pth"]
 
 
+@pytest.mark.parametrize("links", [True, False])
+def test_best_pth_is_the_epochs_checkpoint_linked_and_keeps_it_when_last_pth_moves_on(tmp_path, monkeypatch, links):
+    """train.py writes an improving epoch's checkpoint once, as last.pth, and links best.pth to it (a copy where
+    the file system has no hard links); last.pth's next write leaves best.pth as it was."""
+    if not links:
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no hard links here")))
+    last, best = str(tmp_path / "last.pth"), str(tmp_path / "best.pth")
+    utils.save_checkpoint({"epoch": 1}, best)
+    utils.save_checkpoint({"epoch": 2}, last)
+    utils.atomic_link(last, best)
+    assert os.path.samefile(last, best) is links and torch.load(best)["epoch"] == 2
+    utils.save_checkpoint({"epoch": 3}, last)
+    assert torch.load(best)["epoch"] == 2 and torch.load(last)["epoch"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth"]
+
+
 # ----------------------------------------------------------------------------------- data pipeline and loop
 
 def test_the_disk_cache_and_the_loader_processes_train_exactly_as_decoding_in_this_process(tiny_data, tmp_path):
