@@ -226,6 +226,10 @@ def add_model_args(g) -> None:
                         "and original); sketch_lvm, Sain et al. CVPR 2023 (configs/sketch_lvm_clip_vit_b32.yaml)")
     g.add_argument("--backbone", type=str, default="resnet50", choices=sorted(BACKBONES),
                    help="image encoder: a torchvision CNN or ViT, or a CLIP image encoder")
+    g.add_argument("--backbone_from_tflops", type=str, default="",
+                   help="T:NAME: with --budget_tflops T or more, NAME instead of --backbone, unless --backbone is on "
+                        "the command line (configs/scratch.yaml: a wider network once the budget gives it enough "
+                        "steps; '': off)")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from the backbone's published weights (torchvision's ImageNet ones; OpenAI's for CLIP)")
     g.add_argument("--weights", type=str, default="",
@@ -324,9 +328,10 @@ def start_weights(path: str) -> dict:
 
 def apply_recipe(args) -> None:
     """Resolve what follows from other flags once the config and the command line are read (in place; a second
-    call changes nothing): a warm-up given in epochs as a fraction of the schedule, and 30 epochs when neither
-    --epochs nor --budget_minutes ends training."""
+    call changes nothing): the backbone that --backbone_from_tflops chooses for the budget, a warm-up given in
+    epochs as a fraction of the schedule, and 30 epochs when neither --epochs nor --budget_minutes ends training."""
     budget = budget_flag(args)
+    args.backbone = budget_backbone(args) or args.backbone
     if args.warmup_epochs is not None:
         if budget:
             raise utils.UserError(f"--warmup_epochs needs an epoch schedule; with {budget} give --warmup "
@@ -336,9 +341,28 @@ def apply_recipe(args) -> None:
         args.epochs = 30
 
 
-# The training steps behind each recipe's figures in docs/results.md (the demo's make demo, emoji-dev's longest run),
-# which a run that a --budget_minutes ends is compared with: a slower machine does fewer steps in the same minutes.
-MEASURED_STEPS = {"scratch": {"the demo": 279, "emoji-dev": 2570}}
+def budget_backbone(args) -> str:
+    """The backbone --backbone_from_tflops T:NAME chooses: NAME for a new run with --budget_tflops T or more and
+    no --backbone on the command line (a resumed run keeps its own), else ''."""
+    if not args.backbone_from_tflops:
+        return ""
+    tflops, _, name = args.backbone_from_tflops.partition(":")
+    try:
+        tflops = float(tflops)
+    except ValueError:
+        tflops = -1.0
+    if tflops < 0 or name not in BACKBONES:
+        raise utils.UserError(f"--backbone_from_tflops must be T:NAME, a budget in TFLOP and a --backbone choice "
+                              f"(e.g. 48:resnet18_w32), got {args.backbone_from_tflops!r}")
+    given = getattr(args, "given", vars(args))
+    chosen = args.budget_tflops >= tflops and "backbone" not in given and not args.resume
+    return name if chosen else ""
+
+
+# The training steps behind each recipe's figures in docs/results.md (the demo's make demo, emoji-dev's longest run of
+# resnet18_w16, what the scratch recipe trains without --budget_tflops), which a run that a --budget_minutes ends is
+# compared with: a slower machine does fewer steps in the same minutes.
+MEASURED_STEPS = {"scratch": {"the demo": 564, "emoji-dev": 9845}}
 
 
 def measured_against(recipe: str, work: "Work") -> str:
@@ -775,6 +799,9 @@ def print_setup(args, world: int, saved_config: dict | None = None) -> dict:
           end="")
     print(f"recipe: {args.recipe}: {methods.get(args.method).describe(args)}, "
           + budget_text(args))
+    if budget_backbone(args):
+        print(f"backbone {args.backbone}: --backbone_from_tflops {args.backbone_from_tflops} at --budget_tflops "
+              f"{args.budget_tflops:g} (give --backbone to choose another)")
     if world > 1:
         print(f"distributed: {world} processes ({dist.get_backend()}), "
               f"{args.batch_size // world} {args.sampling} each per step")

@@ -36,7 +36,8 @@ import utils  # noqa: E402
 # first recipe (resnet18_w16 at 64 px with flips, lr 2e-3), the bases of its variants
 RESNET18_32PX = ["--backbone", "resnet18", "--image_size", "32", "--no-test_flip", "--test_shift", "0", "--lr", "0.002"]
 W32_32PX = ["--backbone", "resnet18_w32", "--image_size", "32", "--test_shift", "0", "--lr", "0.002"]
-W16_64PX = ["--test_shift", "0", "--lr", "0.002"]
+W16 = ["--backbone", "resnet18_w16"]  # the default below 48 TFLOP (configs/scratch.yaml's --backbone_from_tflops)
+W16_64PX = [*W16, "--test_shift", "0", "--lr", "0.002"]
 
 # variant name -> train.py flags added to the defaults (--no-pretrained: the from-scratch recipe)
 VARIANTS = {
@@ -59,13 +60,14 @@ VARIANTS = {
     "w16_lr_0.004": [*W16_64PX, "--lr", "0.004"],
     "w16_lr_0.004_warmup_0.1": [*W16_64PX, "--lr", "0.004", "--warmup", "0.1"],
     "w16_lr_0.004_batch_32": [*W16_64PX, "--lr", "0.004", "--batch_size", "32"],
-    "w16_lr_0.008": ["--test_shift", "0"],
-    "w16_lr_0.008_batch_32": ["--test_shift", "0", "--batch_size", "32"],
-    "w16_lr_0.016": ["--test_shift", "0", "--lr", "0.016"],
-    "w16_shift_2": ["--lr", "0.002"],
+    "w16_lr_0.008": [*W16, "--test_shift", "0"],
+    "w16_lr_0.008_batch_32": [*W16, "--test_shift", "0", "--batch_size", "32"],
+    "w16_lr_0.016": [*W16, "--test_shift", "0", "--lr", "0.016"],
+    "w16_shift_2": [*W16, "--lr", "0.002"],
     # the third step's candidates: more network for the budget at today's lr and shifts
     "w32_64px": ["--backbone", "resnet18_w32"],
-    "w16_128px_shift_4": ["--image_size", "128", "--test_shift", "4"],
+    "w16": W16,
+    "w16_128px_shift_4": [*W16, "--image_size", "128", "--test_shift", "4"],
     # the recipe's parts and earlier ablations
     "domain_loss": ["--domain_loss_ratio", "0.1", "--domain_label_smoothing", "0.2"],
     "domain_loss_plain": ["--domain_loss_ratio", "0.1"],

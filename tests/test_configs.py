@@ -17,7 +17,7 @@ RECIPES = {
     # issue 33: resnet18's blocks at a quarter of the width behind a small-input stem, at 64 px, test-time flips and
     # shifts, 4x the learning rate
     "scratch": {**SCRATCH, "backbone": "resnet18_w16", "image_size": 64, "test_flip": True, "test_shift": 2,
-                "lr": 8e-3},
+                "lr": 8e-3, "backbone_from_tflops": "48:resnet18_w32"},
     "finetune": {**SCRATCH, "backbone": "resnet50", "pretrained": True, "image_size": 224, "lr": 1e-4, "warmup": 0.1},
     "original": {"pretrained": True} | dict(backbone="vgg16", image_size=224, batch_size=32, lr=1e-4, weight_decay=1e-4,
                      warmup=0.5 / 30, shared_trunk=False, domain_bn=False, edge_maps=False, sampling="triplets",
@@ -58,6 +58,29 @@ def test_each_recipe_chooses_its_initial_weights_and_a_flag_wins():
         train.model_config(parse("--recipe", "scratch", "--pretrained"))  # its own backbone has none
     assert train.model_config(parse("--recipe", "finetune")).weights == "imagenet"
     assert train.model_config(parse("--recipe", "finetune", "--no-pretrained")).weights == "none"
+
+
+def test_the_scratch_recipe_widens_its_backbone_from_48_tflops_unless_a_backbone_is_given():
+    assert parse("--no-pretrained").backbone == "resnet18_w16"  # an epoch schedule: no budget to choose by
+    assert parse("--no-pretrained", "--budget_tflops", "47.9").backbone == "resnet18_w16"
+    assert parse("--no-pretrained", "--budget_tflops", "48").backbone == "resnet18_w32"
+    assert parse("--no-pretrained", "--budget_tflops", "73", "--backbone", "resnet18_w16").backbone == "resnet18_w16"
+    assert parse("--no-pretrained", "--budget_tflops", "73", "--backbone_from_tflops", "").backbone == "resnet18_w16"
+    assert parse("--no-pretrained", "--budget_tflops", "9", "--backbone_from_tflops", "8:resnet18").backbone == \
+        "resnet18"
+    assert parse("--budget_tflops", "73").backbone == "resnet50"  # finetune has no such rule
+    for bad in ("48", "x:resnet18_w32", "48:resnet19", "-1:resnet18"):
+        with pytest.raises(utils.UserError, match="--backbone_from_tflops must be T:NAME"):
+            parse("--no-pretrained", "--budget_tflops", "73", f"--backbone_from_tflops={bad}")
+
+
+@pytest.mark.parametrize("planned, resumed_with", [("40", ["--budget_tflops", "73"]), ("73", [])])
+def test_a_resumed_run_keeps_the_backbone_its_budget_chose(planned, resumed_with, capsys):
+    saved = vars(parse("--no-pretrained", "--budget_tflops", planned))
+    args = parse("--no-pretrained", "--resume", "ckpt/last.pth", *resumed_with)
+    train.resume_args(args, {"args": saved, "step": 100}, "ckpt/last.pth")
+    train.apply_recipe(args)
+    assert args.backbone == saved["backbone"] == ("resnet18_w16" if planned == "40" else "resnet18_w32")
 
 
 def test_config_and_recipe_name_the_same_file_and_a_flag_wins(tmp_path):
