@@ -205,10 +205,10 @@ def zse_args(data: str, ckpt: str, *extra: str):
     return args
 
 
-def test_zse_sbir_trains_and_evaluates_by_its_retrieval_token_end_to_end(tmp_path, capsys):
+def test_zse_sbir_trains_and_evaluates_by_its_retrieval_token_end_to_end(tmp_path):
     """Two steps of the method at 32 px (a 2 x 2 patch grid, one relation anchor): both losses are logged, every
     parameter moves (AdamW over all of them), the checkpoint names the method, and evaluate.py ranks by the
-    retrieval token (called in this process: two fewer imports of torch)."""
+    retrieval token."""
     data, ckpt = make_tiny_dataset(str(tmp_path / "data")), str(tmp_path / "run")
     train.main(zse_args(data, ckpt, "--epochs", "1"))
     last = utils.load_checkpoint(os.path.join(ckpt, "last.pth"))
@@ -218,14 +218,15 @@ def test_zse_sbir_trains_and_evaluates_by_its_retrieval_token_end_to_end(tmp_pat
     start, trained = (utils.build_model(last, "last.pth", t).state_dict() for t in (False, True))
     moved = [k for k in start if not torch.equal(start[k], trained[k])]
     assert len(moved) == len(start)
-    common = ["--model", os.path.join(ckpt, "best.pth"), "--data_dir", data, "--workers", "0", "--device", "cpu"]
-    capsys.readouterr()
-    evaluate.main(evaluate.get_args_parser().parse_args([*common, "--output_dir", str(tmp_path / "eval")]))
-    assert "zse_sbir (vit_b_16), 768-d, 32px" in capsys.readouterr().out
-    evaluate.main(evaluate.get_args_parser().parse_args([
-        *common, "--output_dir", str(tmp_path / "rel"), "--score", "relation", "--task", "zs", "gzs",
-        "--num_sketches", "1"]))
-    pairs = re.findall(r"relation scores: ([\d,]+) sketch-photo pairs", capsys.readouterr().out)
+    out = run_main("evaluate.py", "--model", os.path.join(ckpt, "best.pth"), "--data_dir", data, "--workers", "0",
+                   "--device", "cpu", "--output_dir", str(tmp_path / "eval"))
+    assert out.returncode == 0, out.stderr
+    assert "zse_sbir (vit_b_16), 768-d, 32px" in out.stdout
+    out = run_main("evaluate.py", "--model", os.path.join(ckpt, "best.pth"), "--data_dir", data, "--workers", "0",
+                   "--device", "cpu", "--output_dir", str(tmp_path / "rel"), "--score", "relation", "--task", "zs",
+                   "gzs", "--num_sketches", "1")
+    assert out.returncode == 0, out.stderr
+    pairs = re.findall(r"relation scores: ([\d,]+) sketch-photo pairs", out.stdout)
     assert [int(n.replace(",", "")) for n in pairs] == [12 * 12, 14 * 14]  # zs; gzs with its drawn seen images
     for task in ("zs", "gzs"):
         with open(tmp_path / "rel" / task / "results.json") as f:
