@@ -593,8 +593,10 @@ def _is_rng_state(v) -> bool:
 
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint written by train.py onto the CPU and check its structure; anything else is a
-    UserError (load_user_file). The network it describes is checked by ModelConfig's own rules."""
-    ckpt = load_user_file(path, "checkpoint", CHECKPOINT_HINT)
+    UserError (load_user_file). The network it describes is checked by ModelConfig's own rules. The file is
+    mapped, not read: its tensors are read when used (evaluation reads the weights, not the optimizer's state, a
+    training checkpoint's larger part), copy-on-write (the file never changes)."""
+    ckpt = load_user_file(path, "checkpoint", CHECKPOINT_HINT, mmap=True)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise UserError(f"{path} is not a checkpoint written by train.py (keys {CHECKPOINT_KEYS} expected)")
     bad = wrong_fields(ckpt, {
