@@ -75,7 +75,7 @@ def test_the_scratch_recipe_widens_its_backbone_from_48_tflops_unless_a_backbone
 
 
 @pytest.mark.parametrize("planned, resumed_with", [("40", ["--budget_tflops", "73"]), ("73", [])])
-def test_a_resumed_run_keeps_the_backbone_its_budget_chose(planned, resumed_with, capsys):
+def test_a_resumed_run_keeps_the_backbone_its_budget_chose(planned, resumed_with):
     saved = vars(parse("--no-pretrained", "--budget_tflops", planned))
     args = parse("--no-pretrained", "--resume", "ckpt/last.pth", *resumed_with)
     train.resume_args(args, {"args": saved, "step": 100}, "ckpt/last.pth")
