@@ -62,6 +62,7 @@ VARIANTS = {
     "w16_lr_0.004_batch_32": [*W16_64PX, "--lr", "0.004", "--batch_size", "32"],
     "w16_lr_0.008": [*W16, "--test_shift", "0"],
     "w16_lr_0.008_batch_32": [*W16, "--test_shift", "0", "--batch_size", "32"],
+    "w16_batch_32_shift_2": [*W16, "--batch_size", "32"],  # today's recipe below 48 TFLOP with batches of 32
     "w16_lr_0.016": [*W16, "--test_shift", "0", "--lr", "0.016"],
     "w16_shift_2": [*W16, "--lr", "0.002"],
     # the third step's candidates: more network for the budget at today's lr and shifts
