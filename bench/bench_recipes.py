@@ -51,6 +51,7 @@ VARIANTS = {
     "resnet18_w32": W32_32PX,
     "resnet18_w32_no_flip": [*W32_32PX, "--no-test_flip"],
     "resnet18_w16": [*W16_64PX, "--image_size", "32"],
+    "resnet18_w16_no_flip": [*W16_64PX, "--image_size", "32", "--no-test_flip"],
     "resnet18_w32_wd_0.05": [*W32_32PX, "--weight_decay", "0.05"],
     "resnet18_w32_aug": [*W32_32PX, "--crop_scale", "0.25", "--thicken", "0.5"],
     "resnet18_w16_128px": [*W16_64PX, "--image_size", "128"],
