@@ -65,6 +65,8 @@ VARIANTS = {
     "w16_lr_0.008_batch_32": [*W16, "--test_shift", "0", "--batch_size", "32"],
     "w16_batch_32_shift_2": [*W16, "--batch_size", "32"],  # today's recipe below 48 TFLOP with batches of 32
     "w16_lr_0.016": [*W16, "--test_shift", "0", "--lr", "0.016"],
+    "w16_wd_0.05": [*W16, "--weight_decay", "0.05"],  # today's recipe below 48 TFLOP with AdamW's decay at 0.05
+    "wd_0.05": ["--weight_decay", "0.05"],  # today's recipe at any budget with AdamW's decay at 0.05
     "w16_shift_2": [*W16, "--lr", "0.002"],
     # the third step's candidates: more network for the budget at today's lr and shifts
     "w32_64px": ["--backbone", "resnet18_w32"],
